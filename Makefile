@@ -1,0 +1,31 @@
+# `make demo`: set up (idempotent) and run the whole pipeline on the embedded demo with `dvc repro`.
+# `make test`: set up (idempotent) and run the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+# Stages are invoked by DVC as `python -m stages.<name>`: the venv must come first on PATH.
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+
+.PHONY: setup demo test bench clean-outputs
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	dvc repro
+
+test: setup
+	pytest
+
+bench: setup
+	python -m benchmarks.run

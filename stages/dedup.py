@@ -1,0 +1,160 @@
+"""dedup: drop eval leaks, contradictions, exact and near duplicates, each with a reason and a pointer.
+
+    python -m stages.dedup        # what dvc.yaml runs
+
+Order matters and is deliberate:
+1. contamination: a row containing an eval item's prompt (word n-grams; whole text for short items)
+   is dropped, naming the eval task and item, so no eval item leaks into training;
+2. contradictions: the same normalised prompt with materially different answers is resolved by
+   `dedup.contradictions` (keep_majority / keep_first / drop_all) before duplicates are collapsed,
+   so the majority vote still counts every copy;
+3. exact duplicates after case / whitespace / punctuation / unicode normalisation;
+4. near duplicates: MinHash LSH on word n-grams, candidates verified by real Jaccard, union-find.
+Sources are processed in params order, so rows of an earlier source (domain) win over later ones.
+For every source: in = kept + dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from tunegate.config import Dedup, load_config
+from tunegate.dedup import ContaminationIndex, exact_key, near_duplicates
+from tunegate.formats import prompt_and_answer, row_text
+from tunegate.io import read_jsonl, write_json, write_jsonl, write_text
+from tunegate.runtime import stage_main
+
+log = logging.getLogger(__name__)
+
+PROMPT_FIELDS = ("prompt", "message", "question", "query", "input", "text")
+ANSWER_FIELDS = ("answer", "target", "output")
+DROPPED = "dropped.jsonl"
+
+
+def eval_items(eval_data: Path) -> list[tuple[str, str, str]]:
+    """(task file, item id, text) for every prompt and correct answer in evals/data/*.jsonl."""
+    items = []
+    for path in sorted(eval_data.glob("*.jsonl")):
+        for n, row in enumerate(read_jsonl(path), 1):
+            item = f"{path.stem}:{row.get('id', n)}"
+            texts = [row[f] for f in PROMPT_FIELDS + ANSWER_FIELDS if isinstance(row.get(f), str)]
+            if isinstance(row.get("choices"), list) and isinstance(row.get("label"), int):
+                texts.append(str(row["choices"][row["label"]]))
+            items += [(path.stem, item, t) for t in texts]
+    return items
+
+
+def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[str, str, str]]:
+    """{row index: (reason, other row id, detail)} for rows losing a same-prompt, different-answer conflict."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        prompt, _ = prompt_and_answer(row)
+        groups[f"{row['kind']}|{exact_key(prompt)}"].append(i)
+    out: dict[int, tuple[str, str, str]] = {}
+    for members in groups.values():
+        answers = [exact_key(prompt_and_answer(rows[i])[1]) for i in members]
+        votes = Counter(answers)
+        if len(votes) < 2:
+            continue
+        ranked = votes.most_common()
+        if policy == "keep_first":
+            winner = answers[0]
+        elif policy == "keep_majority" and ranked[0][1] > ranked[1][1]:
+            winner = ranked[0][0]
+        else:
+            winner = None
+        keeper = next((members[k] for k, a in enumerate(answers) if a == winner), None)
+        for k, i in enumerate(members):
+            if answers[k] != winner:
+                other = rows[keeper]["id"] if keeper is not None else rows[members[0 if k else 1]]["id"]
+                detail = f"{len(votes)} different answers to this prompt; policy {policy}" + ("" if winner else " (no majority: all dropped)")
+                out[i] = ("contradiction", other, detail)
+    return out
+
+
+def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, str]], seed: int) -> tuple[dict[str, list], list[dict], dict]:
+    """Returns (kept rows per source, dropped rows with reasons, metrics)."""
+    index = ContaminationIndex(cfg.contamination_ngram)
+    for _, item, text in evals:
+        index.add(text, item)
+    rows = [r for name in sources for r in sources[name]]
+    verdict: dict[int, tuple[str, str, str]] = {}
+
+    for i, row in enumerate(rows):
+        if hit := index.match(row_text(row)):
+            verdict[i] = ("eval_leak", hit[0], f"contains eval text: '{hit[1]}'")
+
+    live = [i for i in range(len(rows)) if i not in verdict]
+    for k, v in _contradictions([rows[i] for i in live], cfg.contradictions).items():
+        verdict[live[k]] = v
+
+    first_of: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if i in verdict:
+            continue
+        key = f"{row['kind']}|{exact_key(row_text(row))}"
+        if key in first_of:
+            verdict[i] = ("exact_duplicate", rows[first_of[key]]["id"], "identical after normalisation")
+        else:
+            first_of[key] = i
+
+    live = [i for i in range(len(rows)) if i not in verdict]
+    near = near_duplicates([row_text(rows[i]) for i in live], cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed)
+    for k, (rep, sim) in near.items():
+        verdict[live[k]] = ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
+
+    kept: dict[str, list] = {name: [] for name in sources}
+    dropped = []
+    for i, row in enumerate(rows):
+        if i in verdict:
+            reason, of, detail = verdict[i]
+            dropped.append({"id": row["id"], "source": row["source"], "line": row["line"], "reason": reason, "of": of, "detail": detail})
+        else:
+            kept[row["source"]].append(row)
+
+    metrics: dict[str, Any] = {"sources": {}}
+    for name, src_rows in sources.items():
+        reasons = Counter(d["reason"] for d in dropped if d["source"] == name)
+        metrics["sources"][name] = {"in": len(src_rows), "kept": len(kept[name]), "dropped": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+    totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "dropped")}
+    metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["dropped"])
+    return kept, dropped, metrics
+
+
+def _report(m: dict[str, Any], dropped: list[dict]) -> str:
+    lines = ["# dedup", "", f"in {m['in']} = kept {m['kept']} + dropped {m['dropped']} (conserved: {m['conserved']})", ""]
+    lines += ["| source | in | kept | dropped | reasons |", "|---|---|---|---|---|"]
+    for name, s in m["sources"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
+        lines.append(f"| {name} | {s['in']} | {s['kept']} | {s['dropped']} | {reasons} |")
+    lines += ["", "## First drops of each kind", "", "| row | reason | of | detail |", "|---|---|---|---|"]
+    shown: Counter[str] = Counter()
+    for d in dropped:
+        if shown[d["reason"]] < 3:
+            shown[d["reason"]] += 1
+            lines.append(f"| {d['source']}:{d['line']} | {d['reason']} | {d['of']} | {d['detail']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    def body() -> None:
+        cfg = load_config()
+        src = Path(cfg.paths.validated)
+        sources = {name: read_jsonl(src / f"{name}.jsonl") for name in cfg.data.sources}
+        kept, dropped, metrics = run(cfg.dedup, sources, eval_items(Path(cfg.paths.evals) / "data"), cfg.seed)
+        out = Path(cfg.paths.dedup)
+        for name, rows in kept.items():
+            write_jsonl(out / f"{name}.jsonl", rows)
+        write_jsonl(out / DROPPED, dropped)
+        write_text(out / "report.md", _report(metrics, dropped))
+        write_json(Path(cfg.paths.metrics) / "dedup.json", metrics)
+        log.info("dedup: in %d = kept %d + dropped %d", metrics["in"], metrics["kept"], metrics["dropped"])
+
+    stage_main("dedup", body)
+
+
+if __name__ == "__main__":
+    main()

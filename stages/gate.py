@@ -1,0 +1,103 @@
+"""gate: decide whether the candidate may be promoted, from paired per-sample eval results and evals/gates.yaml.
+
+    python -m stages.gate        # what dvc.yaml runs
+
+Writes verdict.json (one line per check with estimate and bounds), report.md and chart.png (base vs
+candidate per task with intervals). A failing gate does not stop `dvc repro`: `register` still
+records the candidate, tagged with the failed checks and without the champion alias, and the run
+ends with an unmissable FAILED banner (see README: "Gate failures").
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunegate.config import Gate, load_config
+from tunegate.errors import UserError
+from tunegate.evaluation import SAMPLES
+from tunegate.gate import Policy, Samples, decide
+from tunegate.io import atomic_path, read_jsonl, sha256_file, write_json, write_text
+from tunegate.runtime import stage_main
+
+log = logging.getLogger(__name__)
+
+VERDICT = "verdict.json"
+
+
+def load_policy(path: Path) -> Policy:
+    from pydantic import ValidationError
+
+    try:
+        return Policy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UserError(f"{path}: gate policy not found (gate.policy in params.yaml)") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+
+
+def load_samples(eval_dir: Path) -> Samples:
+    return {p.stem: read_jsonl(p) for p in sorted((eval_dir / SAMPLES).glob("*.jsonl"))}
+
+
+def run(cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int) -> dict[str, Any]:
+    return decide(base, candidate, policy, cfg.bootstrap, seed)
+
+
+def _chart(verdict: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    checks = [c for c in verdict["checks"] if c["against"] == "base"]
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.55 * len(checks)))
+    for y, c in enumerate(checks):
+        color = "tab:green" if c["passed"] else "tab:red"
+        ax.plot([c["reference"]], [y + 0.15], "o", color="grey", label="base" if y == 0 else None)
+        ax.errorbar([c["candidate"]], [y - 0.15], xerr=[[c["diff"] - c["lower"]], [c["upper"] - c["diff"]]], fmt="o", color=color,
+                    capsize=4, label="candidate (paired bounds)" if y == 0 else None)
+    ax.set_yticks(range(len(checks)), [f"{c['task']}/{c['metric']}\n({c['role']})" for c in checks])
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_xlabel("score")
+    ax.set_title(f"gate {'PASSED' if verdict['passed'] else 'FAILED'}: base vs candidate")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def report(verdict: dict[str, Any]) -> str:
+    head = "PASSED" if verdict["passed"] else f"FAILED ({', '.join(verdict['failed'])})"
+    rows = ["| check | role | base | candidate | diff | bounds | need | n | result |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in verdict["checks"]:
+        rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
+                    f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {'pass' if c['passed'] else 'FAIL: ' + c['why']} |")
+    return "\n".join([f"# Gate {head}", "", f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.", "", *rows, "", "![base vs candidate](chart.png)", ""])
+
+
+def main() -> None:
+    def body() -> None:
+        cfg = load_config()
+        policy_path = Path(cfg.gate.policy)
+        verdict = run(cfg.gate, load_policy(policy_path), load_samples(Path(cfg.paths.eval_base)), load_samples(Path(cfg.paths.eval_candidate)), cfg.seed)
+        verdict["policy_sha256"] = sha256_file(policy_path)
+        with atomic_path(cfg.paths.gate) as tmp:
+            tmp.mkdir()
+            write_json(tmp / VERDICT, verdict)
+            write_text(tmp / "report.md", report(verdict))
+            _chart(verdict, tmp / "chart.png")
+        metrics = {"passed": verdict["passed"], **{f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"]}}
+        write_json(Path(cfg.paths.metrics) / "gate.json", metrics)
+        for line in verdict["lines"]:
+            log.info("%s", line)
+
+    stage_main("gate", body)
+
+
+if __name__ == "__main__":
+    main()

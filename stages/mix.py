@@ -1,0 +1,154 @@
+"""mix: combine deduplicated domain rows with general rows at the configured ratio (seeded).
+
+    python -m stages.mix        # what dvc.yaml runs
+
+General data in the training set is the usual guard against forgetting (10-20%). With
+`mix.general_ratio: r`, general rows make up r of the training set, counted in examples or in tokens
+of the base tokenizer (`mix.by`). Several general sources share the general budget by `weight`.
+Sampling rules: a source with more rows than its share is downsampled without replacement; a source
+with fewer is repeated whole and the remainder drawn without replacement (and the manifest says so).
+Preference rows are passed on for DPO in their own file. The manifest records per-source counts,
+tokens and sha256, and the sha256 of the training file: the dataset hash used for provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from tunegate.config import Mix, Source, load_config
+from tunegate.io import read_jsonl, sha256_file, write_json, write_jsonl
+from tunegate.runtime import stage_main
+
+log = logging.getLogger(__name__)
+
+TRAIN = "train.jsonl"
+PREFERENCES = "preferences.jsonl"
+MANIFEST = "manifest.json"
+PROBE = "probe.jsonl"
+PROBE_ROWS = 64
+
+
+def _sample(rows: list[dict], k: int, rng: random.Random) -> list[dict]:
+    """k rows: without replacement when possible, otherwise whole repeats plus a sampled remainder."""
+    if not rows or k <= 0:
+        return []
+    repeats, rest = divmod(k, len(rows))
+    return rows * repeats + rng.sample(rows, rest)
+
+
+def _take_tokens(rows: list[dict], tokens: list[int], budget: int, rng: random.Random) -> list[dict]:
+    """Rows in a seeded order (repeating the source if needed) until `budget` tokens are reached."""
+    out, used = [], 0
+    while rows and used < budget:
+        for i in rng.sample(range(len(rows)), len(rows)):
+            if used >= budget:
+                break
+            out.append(rows[i])
+            used += tokens[i]
+    return out
+
+
+def run(cfg: Mix, sources: dict[str, Source], rows: dict[str, list[dict]], n_tokens, seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Returns (training rows, preference rows, probe rows, manifest without file hashes). n_tokens(row) -> int.
+
+    The probe is up to PROBE_ROWS general rows that were *not* mixed in: the trainer's held-out
+    forgetting probe.
+    """
+    rng = random.Random(seed)
+    domain = [n for n, s in sources.items() if s.role == "domain"]
+    general = [n for n, s in sources.items() if s.role == "general"]
+    prefs = [r for n, s in sources.items() if s.role == "preference" for r in rows[n]]
+    tokens = {n: [n_tokens(r) for r in rows[n]] for n in domain + general}
+
+    chosen: dict[str, list[dict]] = {}
+    for n in domain:
+        chosen[n] = list(rows[n])
+    if cfg.max_rows is not None:
+        domain_cap = round(cfg.max_rows * (1 - cfg.general_ratio))
+        total_domain = sum(len(chosen[n]) for n in domain)
+        for n in domain:
+            keep = round(domain_cap * len(chosen[n]) / max(1, total_domain))
+            chosen[n] = rng.sample(chosen[n], min(keep, len(chosen[n])))
+
+    weights = {n: sources[n].weight for n in general if rows[n]}
+    total_w = sum(weights.values())
+    upsampled = {}
+    if cfg.by == "examples":
+        budget = round(sum(len(chosen[n]) for n in domain) * cfg.general_ratio / (1 - cfg.general_ratio))
+        for n, w in weights.items():
+            k = round(budget * w / total_w)
+            chosen[n] = _sample(rows[n], k, rng)
+            upsampled[n] = k > len(rows[n])
+    else:
+        domain_tokens = sum(n_tokens(r) for n in domain for r in chosen[n])
+        budget = round(domain_tokens * cfg.general_ratio / (1 - cfg.general_ratio))
+        for n, w in weights.items():
+            chosen[n] = _take_tokens(rows[n], tokens[n], round(budget * w / total_w), rng)
+            upsampled[n] = len(chosen[n]) > len(rows[n])
+    for n in general:
+        chosen.setdefault(n, [])
+
+    used_ids = {r["id"] for n in general for r in chosen[n]}
+    unused = [r for n in general for r in rows[n] if r["id"] not in used_ids]
+    probe = [{"id": r["id"], "source": r["source"], "messages": r["messages"]} for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))]
+    train = [{"id": r["id"], "source": r["source"], "messages": r["messages"]} for n in domain + general for r in chosen[n]]
+    rng.shuffle(train)
+    per_source = {}
+    for n in domain + general:
+        tok = sum(n_tokens(r) for r in chosen[n])
+        per_source[n] = {"role": sources[n].role, "available": len(rows[n]), "used": len(chosen[n]), "tokens": tok, "upsampled": upsampled.get(n, False)}
+        if upsampled.get(n):
+            log.warning("mix: general source %s has %d rows, repeated to %d to reach its share", n, len(rows[n]), len(chosen[n]))
+    total = len(train)
+    total_tokens = sum(s["tokens"] for s in per_source.values())
+    gen_rows = sum(per_source[n]["used"] for n in general)
+    gen_tokens = sum(per_source[n]["tokens"] for n in general)
+    manifest = {
+        "by": cfg.by,
+        "general_ratio_target": cfg.general_ratio,
+        "general_share_examples": round(gen_rows / total, 4) if total else 0.0,
+        "general_share_tokens": round(gen_tokens / total_tokens, 4) if total_tokens else 0.0,
+        "rows": total,
+        "tokens": total_tokens,
+        "preference_rows": len(prefs),
+        "probe_rows": len(probe),
+        "sources": per_source,
+    }
+    return train, prefs, probe, manifest
+
+
+def main() -> None:
+    def body() -> None:
+        from tunegate.models import load_manifest, load_tokenizer
+
+        cfg = load_config()
+        tok = load_tokenizer(load_manifest(cfg.paths.base), cfg.base.trust_remote_code)
+        src = Path(cfg.paths.dedup)
+        inputs = {n: src / f"{n}.jsonl" for n in cfg.data.sources}
+        rows = {n: read_jsonl(p) for n, p in inputs.items()}
+
+        def n_tokens(row: dict) -> int:
+            return len(tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+
+        train, prefs, probe, manifest = run(cfg.mix, cfg.data.sources, rows, n_tokens, cfg.seed)
+        out = Path(cfg.paths.mix)
+        write_jsonl(out / TRAIN, train)
+        write_jsonl(out / PREFERENCES, prefs)
+        write_jsonl(out / PROBE, probe)
+        for n, p in inputs.items():
+            manifest["sources"].setdefault(n, {"role": cfg.data.sources[n].role, "used": len(rows[n])})["sha256"] = sha256_file(p)
+        manifest["train_sha256"] = sha256_file(out / TRAIN)
+        manifest["preferences_sha256"] = sha256_file(out / PREFERENCES)
+        write_json(out / MANIFEST, manifest)
+        write_json(Path(cfg.paths.metrics) / "mix.json", {k: v for k, v in manifest.items() if not isinstance(v, dict)})
+        log.info("mix: %d rows (%.0f%% general by examples, %.0f%% by tokens), train sha256 %s", manifest["rows"],
+                 100 * manifest["general_share_examples"], 100 * manifest["general_share_tokens"], manifest["train_sha256"][:12])
+
+    stage_main("mix", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""register: one MLflow run per pipeline run, the model version with its provenance, and the gated alias.
+
+    python -m stages.register        # what dvc.yaml runs
+
+Logs every hyperparameter (flattened), data-stage and training metrics, eval scores base vs
+candidate, the gate verdict and the reports; the training set and each source as MLflow dataset
+inputs with their real sha256 as digest; the model with `mlflow.transformers.log_model` as adapter +
+tokenizer pointing at its base (`base_model_path` for local bases). The version carries the full
+provenance record as tags. Re-running for the same adapter reuses its version (fingerprint =
+adapter sha256). `champion` moves only when the gate passed; otherwise the version is tagged with the
+failed checks and the run ends with a FAILED banner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunegate.config import Config, flatten, load_config
+from tunegate.errors import UserError
+from tunegate.io import read_json, sha256_file, sha256_of, write_json
+from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact
+from tunegate.runtime import stage_main
+from stages.train import ADAPTER
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "lm-eval", "datasets", "mlflow", "tunegate")
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def lock_sha256(lock: Path) -> str:
+    """sha256 of dvc.lock's upstream stages (register's own entry excluded: it is written after this runs)."""
+    if not lock.exists():
+        return "none"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return sha256_of({k: v for k, v in stages.items() if k != "register"})
+
+
+def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, fingerprint: str) -> dict[str, Any]:
+    """The provenance record (DESIGN.md) as flat tags."""
+    tags: dict[str, Any] = {
+        "base_model": base["model"],
+        "base_revision": base["resolved_revision"],
+        "base_weights_sha256": sha256_of(base["weights_sha256"]),
+        "tokenizer_sha256": sha256_of(base["tokenizer_sha256"]),
+        "chat_template_sha256": base.get("chat_template_sha256"),
+        "train_sha256": mix["train_sha256"],
+        "train_rows": mix["rows"],
+        "general_share": mix["general_share_examples"],
+        "method": cfg.train.method,
+        "adapter": cfg.train.adapter,
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+        "dvc_lock_sha256": lock_sha256(Path("dvc.lock")),
+        "gate_passed": str(verdict["passed"]).lower(),
+        "gate_policy_sha256": verdict.get("policy_sha256"),
+        "adapter_sha256": fingerprint,
+    }
+    if not verdict["passed"]:
+        tags["gate_failed"] = "; ".join(verdict["failed"])
+    for name, s in mix["sources"].items():
+        tags[f"source.{name}.sha256"] = s.get("sha256")
+        tags[f"source.{name}.rows"] = s.get("used")
+    for pkg in PACKAGES:
+        try:
+            tags[f"pkg.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    for side, by_task in scores.items():
+        for task, metrics in by_task.items():
+            for m, v in metrics.items():
+                if m != "n":
+                    tags[f"eval.{side}.{task}.{m}"] = v
+    tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
+    return tags
+
+
+def _log_datasets(cfg: Config, mix: dict) -> None:
+    """Training set, sources and eval sets as MLflow dataset inputs, with the real sha256 as digest."""
+    import mlflow
+    import pandas as pd
+
+    files = [(Path(cfg.paths.mix) / "train.jsonl", "training", "train", mix["train_sha256"])]
+    files += [(Path(cfg.paths.dedup) / f"{n}.jsonl", "source", n, s.get("sha256")) for n, s in mix["sources"].items()]
+    files += [(p, "eval", p.stem, None) for p in sorted((Path(cfg.paths.evals) / "data").glob("*.jsonl"))]
+    for path, context, name, digest in files:
+        if not path.exists():
+            continue
+        frame = pd.read_json(path, lines=True)
+        # MLflow's own digest ignores list columns such as `messages`: pass the file's sha256 instead.
+        ds = mlflow.data.from_pandas(frame.head(0) if len(frame) == 0 else frame, source=str(path), name=name, digest=(digest or sha256_file(path))[:36])
+        mlflow.log_input(ds, context=context)
+
+
+def _log_model(cfg: Config, base: dict, adapter_dir: Path):
+    """adapter + tokenizer via mlflow.transformers, pointing at the base weights it needs."""
+    import mlflow
+    from peft import PeftModel
+
+    from tunegate.models import load_model, load_tokenizer
+
+    model = PeftModel.from_pretrained(load_model(base, cfg.base.trust_remote_code), str(adapter_dir))
+    tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
+    local_base = Path(base["path"]).is_dir() and base["resolved_revision"] in ("local",) or base["model"] == "demo"
+    requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")]
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task="text-generation",
+        pip_requirements=requirements,
+        base_model_path=base["path"] if local_base else None,
+    )
+
+
+def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path]) -> dict[str, Any]:
+    import mlflow
+
+    reachable(cfg.register_.tracking_uri)
+    c = client(cfg.register_.tracking_uri)
+    name = cfg.register_.model_name
+    fingerprint = adapter_fingerprint(adapter_dir)
+    existing = find_version(c, name, fingerprint)
+    if existing is not None:
+        log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
+        version, run_id = existing.version, existing.run_id
+    else:
+        exp = c.get_experiment_by_name(cfg.register_.experiment)
+        exp_id = exp.experiment_id if exp else c.create_experiment(cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri())
+        tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint))
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}") as active:
+            run_id = active.info.run_id
+            params = redact(flatten(cfg))
+            for start in range(0, len(params), 100):
+                mlflow.log_params(dict(list(params.items())[start : start + 100]))
+            numeric = {f"train.{k}": v for k, v in train_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric.update({f"eval.{side}.{t}.{m}": v for side, by_task in scores.items() for t, ms in by_task.items() for m, v in ms.items()})
+            numeric["gate.passed"] = float(verdict["passed"])
+            mlflow.log_metrics(numeric)
+            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
+            _log_datasets(cfg, mix)
+            for path in reports:
+                if path.is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
+                elif path.exists():
+                    mlflow.log_artifact(str(path), artifact_path="provenance")
+            info = _log_model(cfg, base, adapter_dir)
+        mv = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id})
+        version = mv.version
+        log.info("register: %s v%s (run %s)", name, version, run_id)
+
+    promoted = None
+    if verdict["passed"]:
+        promoted = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
+    current = champion(c, name, cfg.register_.alias)
+    return {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint, "gate_passed": verdict["passed"],
+            "champion": current.version if current else None, "previous_champion": promoted}
+
+
+def banner(result: dict[str, Any], verdict: dict[str, Any]) -> str:
+    if result["gate_passed"]:
+        return f"tunegate: gate PASSED; {result['model_name']} v{result['version']} is champion"
+    bar = "!" * 72
+    return "\n".join([bar, f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
+                      *[f"!!   {line}" for line in verdict["lines"] if line.startswith("FAIL")],
+                      f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md", bar])
+
+
+def main() -> None:
+    def body() -> None:
+        from tunegate.models import load_manifest
+
+        cfg = load_config()
+        paths = cfg.paths
+        verdict = read_json(Path(paths.gate) / "verdict.json")
+        scores = {"base": read_json(Path(paths.eval_base) / "results.json")["scores"], "candidate": read_json(Path(paths.eval_candidate) / "results.json")["scores"]}
+        reports = [Path(paths.validated) / "report.md", Path(paths.dedup) / "report.md", Path(paths.gate), Path("params.yaml"), Path("dvc.lock"), Path(paths.base) / "base.json"]
+        result = run(cfg, load_manifest(paths.base), read_json(Path(paths.mix) / "manifest.json"), read_json(Path(paths.metrics) / "train.json"),
+                     verdict, scores, Path(paths.train) / ADAPTER, reports)
+        write_json(paths.register_, result)
+        print(banner(result, verdict), file=sys.stderr)
+
+    stage_main("register", body)
+
+
+if __name__ == "__main__":
+    main()

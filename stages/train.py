@@ -1,0 +1,222 @@
+"""train: fine-tune the base on the mixed training set with TRL + PEFT (SFT or DPO; LoRA, QLoRA, DoRA, full).
+
+    python -m stages.train        # what dvc.yaml runs
+
+A thin wrapper: the trainer is TRL's, adapters are PEFT's, 4-bit is bitsandbytes' NF4. `train.args` is
+passed to TRL's SFTConfig / DPOConfig unchanged, so every TRL knob is available and TRL validates it.
+SFT rows are given to TRL as conversational prompt/completion pairs, so the loss is on the
+assistant's answer only, whatever the base's chat template. A small held-out general set is
+evaluated every `eval_steps` as a cheap forgetting probe (`eval_loss` beside the training loss).
+Checkpoints go to a persistent folder; a killed run resumes from the last one on the next repro.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tunegate.config import Train, load_config
+from tunegate.errors import UserError
+from tunegate.io import atomic_path, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
+from tunegate.runtime import record_timing, seed_everything, stage_main
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "adapter"
+PLOT_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "probe_loss")
+
+
+def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """messages -> {"prompt": all turns before the last, "completion": [the last assistant turn]}."""
+    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+
+
+def peft_config(cfg: Train):
+    if cfg.adapter == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        use_rslora=cfg.lora.use_rslora,
+        use_dora=cfg.adapter == "dora",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _plot_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class PlotRows(TrainerCallback):
+        """Append each logged step to a CSV that `dvc plots show` draws (loss, lr, grad norm, probe)."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if state.global_step == 0 or not path.exists():
+                with path.open("w", newline="") as fh:
+                    csv.writer(fh).writerow(PLOT_FIELDS)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs and "eval_loss" not in logs:
+                return
+            row = [state.global_step, logs.get("loss", ""), logs.get("learning_rate", ""), logs.get("grad_norm", ""), logs.get("eval_loss", "")]
+            with path.open("a", newline="") as fh:
+                csv.writer(fh).writerow(row)
+
+    return PlotRows()
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def run(
+    cfg: Train,
+    seed: int,
+    manifest: dict[str, Any],
+    trust_remote_code: bool,
+    train_rows: list[dict[str, Any]],
+    pref_rows: list[dict[str, Any]],
+    probe_rows: list[dict[str, Any]],
+    out_dir: Path,
+    ckpt_dir: Path,
+    plot_path: Path,
+) -> dict[str, Any]:
+    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics."""
+    data = pref_rows if cfg.method == "dpo" else train_rows
+    if not data:
+        raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
+    seed_everything(seed)
+    import torch
+    from datasets import Dataset
+
+    from tunegate.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(manifest, trust_remote_code)
+    model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
+    if cfg.adapter == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.args.get("gradient_checkpointing")))
+
+    common = {
+        "output_dir": str(ckpt_dir),
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": [],
+        "use_cpu": not torch.cuda.is_available(),
+        "save_strategy": "steps",
+        "save_total_limit": 2,
+        "logging_steps": 10,
+        "full_determinism": True,
+        "dataloader_num_workers": 0,
+    }
+    args = {**common, **cfg.args}
+    if probe_rows:
+        args.setdefault("eval_strategy", "steps")
+        args.setdefault("eval_steps", args.get("save_steps", 50))
+    else:
+        args["eval_strategy"] = "no"
+    try:
+        if cfg.method == "dpo":
+            from trl import DPOConfig, DPOTrainer
+
+            trainer_cls, trainer_args = DPOTrainer, DPOConfig(**args)
+            train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])
+            probe_ds = None
+            trainer_args.eval_strategy = "no"
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            trainer_cls, trainer_args = SFTTrainer, SFTConfig(**args)
+            train_ds = Dataset.from_list(to_prompt_completion(data))
+            probe_ds = Dataset.from_list(to_prompt_completion(probe_rows)) if probe_rows else None
+    except TypeError as err:  # an unknown key in train.args
+        raise UserError(f"train.args: {err}") from None
+    except ValueError as err:
+        raise UserError(f"train.args: {err}") from None
+
+    trainer = trainer_cls(
+        model=model,
+        args=trainer_args,
+        train_dataset=train_ds,
+        eval_dataset=probe_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg),
+        callbacks=[_plot_callback(plot_path)],
+    )
+    resume = _last_checkpoint(ckpt_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+
+    with atomic_path(out_dir) as tmp:
+        trainer.save_model(str(tmp / ADAPTER))
+        tokenizer.save_pretrained(tmp / ADAPTER)
+        write_json(tmp / "training_args.json", json.loads(trainer_args.to_json_string()))
+        write_json(tmp / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
+    history = trainer.state.log_history
+    probe = [h["eval_loss"] for h in history if "eval_loss" in h]
+    effective_batch = trainer_args.per_device_train_batch_size * trainer_args.gradient_accumulation_steps * max(1, trainer_args.world_size)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "method": cfg.method,
+        "adapter": cfg.adapter,
+        "steps": trainer.state.global_step,
+        "effective_batch_size": effective_batch,
+        "train_loss": round(result.training_loss, 4),
+        "final_loss": next((round(h["loss"], 4) for h in reversed(history) if "loss" in h), None),
+        "probe_loss_first": round(probe[0], 4) if probe else None,
+        "probe_loss_last": round(probe[-1], 4) if probe else None,
+        "trainable_parameters": trainable,
+        "resumed_from": Path(resume).name if resume else None,
+        "adapter_sha256": sha256_tree(out_dir / ADAPTER, "*.safetensors"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def main() -> None:
+    def body() -> None:
+        from tunegate.models import load_manifest
+
+        cfg = load_config()
+        mix = Path(cfg.paths.mix)
+        manifest = load_manifest(cfg.paths.base)
+        # Checkpoints are keyed by everything that defines the run, so a resume never mixes two configs.
+        run_key = sha256_of([cfg.train.model_dump(), cfg.seed, sha256_file(mix / "train.jsonl"), sha256_file(mix / "preferences.jsonl"), manifest["weights_sha256"]])
+        metrics = run(
+            cfg.train,
+            cfg.seed,
+            manifest,
+            cfg.base.trust_remote_code,
+            read_jsonl(mix / "train.jsonl"),
+            read_jsonl(mix / "preferences.jsonl"),
+            read_jsonl(mix / "probe.jsonl"),
+            Path(cfg.paths.train),
+            Path(cfg.paths.checkpoints) / f"train-{run_key[:12]}",
+            Path(cfg.paths.plots) / "train.csv",
+        )
+        seconds = metrics.pop("seconds")
+        write_json(Path(cfg.paths.metrics) / "train.json", metrics)
+        record_timing("train", seconds)
+        log.info("train: %d steps, loss %.3f, %.0fs", metrics["steps"], metrics["final_loss"] or 0, seconds)
+
+    stage_main("train", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The `tunegate` command: user actions that are not pipeline stages (the stages run under `dvc repro`).
+
+    tunegate check                 # validate params.yaml and the gate policy, without running anything
+    tunegate status                # registered versions, gate verdicts, base revisions, champion
+    tunegate show VERSION          # the full provenance record of a version
+    tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
+    tunegate rollback              # move `champion` back to the previous champion
+    tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
+
+Heavy libraries are imported inside the commands, so `tunegate --help` starts instantly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunegate.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reproducible, gated fine-tuning: registry and project commands.")
+
+PARAMS = typer.Option(None, "--params", "-p", help="params.yaml to read (default: ./params.yaml or $TUNEGATE_PARAMS)")
+
+
+def _fail(err: UserError) -> None:
+    typer.echo(f"tunegate: error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _registry(params: Optional[Path]):
+    from tunegate.config import load_config
+    from tunegate.registry import client
+    from tunegate.runtime import configure
+
+    configure()
+    cfg = load_config(params)
+    return cfg, client(cfg.register_.tracking_uri)
+
+
+@app.command()
+def check(params: Optional[Path] = PARAMS) -> None:
+    """Validate params.yaml and the gate policy (fast; no model, no data)."""
+    try:
+        from stages.gate import load_policy
+        from tunegate.config import load_config
+
+        cfg = load_config(params)
+        policy = load_policy(Path(cfg.gate.policy))
+    except UserError as err:
+        _fail(err)
+    typer.echo(f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, {len(policy.checks)} gate checks")
+
+
+@app.command()
+def status(params: Optional[Path] = PARAMS) -> None:
+    """Registered versions with gate verdict, base revision, data hash; * marks the champion."""
+    from tunegate.registry import versions_table
+
+    try:
+        cfg, c = _registry(params)
+        rows = versions_table(c, cfg.register_.model_name, cfg.register_.alias)
+    except UserError as err:
+        _fail(err)
+    if not rows:
+        typer.echo(f"{cfg.register_.model_name}: no versions registered yet (run `dvc repro`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.register_.model_name} ({cfg.register_.tracking_uri})")
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+
+
+@app.command()
+def show(version: str, params: Optional[Path] = PARAMS) -> None:
+    """The provenance record of one version: base, data, hyperparameters, evals, gate, code."""
+    try:
+        cfg, c = _registry(params)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            v = c.get_model_version(cfg.register_.model_name, version)
+        except MlflowException:
+            raise UserError(f"{cfg.register_.model_name} v{version}: no such version (see `tunegate status`)") from None
+    except UserError as err:
+        _fail(err)
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for key, value in sorted(v.tags.items()):
+        group = key.split(".")[0] if "." in key else "model"
+        groups.setdefault(group, []).append((key, value))
+    typer.echo(f"{cfg.register_.model_name} v{v.version}  run {v.run_id}  source {v.source}")
+    titles = {"model": "identity", "source": "data sources", "hp": "hyperparameters", "eval": "evaluation", "pkg": "packages", "promotion_log": "promotions"}
+    for group in ("model", "source", "eval", "hp", "pkg", "promotion_log"):
+        if group in groups:
+            typer.echo(f"\n[{titles[group]}]")
+            for key, value in groups[group]:
+                typer.echo(f"  {key:44} {value}")
+
+
+@app.command()
+def promote(version: str, reason: str = typer.Option("manual promotion", help="recorded with the move"), params: Optional[Path] = PARAMS) -> None:
+    """Make VERSION the champion (refused unless its gate passed and its files match the recorded sha256)."""
+    from tunegate.registry import move_champion
+
+    try:
+        cfg, c = _registry(params)
+        prev = move_champion(c, cfg.register_.model_name, version, reason, cfg.register_.alias)
+    except UserError as err:
+        _fail(err)
+    typer.echo(f"{cfg.register_.alias}: v{prev or '-'} -> v{version}")
+
+
+@app.command()
+def rollback(reason: str = typer.Option("rollback", help="recorded with the move"), params: Optional[Path] = PARAMS) -> None:
+    """Move the champion back to the version it replaced."""
+    from tunegate.registry import champion, move_champion
+
+    try:
+        cfg, c = _registry(params)
+        current = champion(c, cfg.register_.model_name, cfg.register_.alias)
+        if current is None or not current.tags.get("previous_champion"):
+            raise UserError(f"{cfg.register_.model_name}: no previous champion recorded; use `tunegate promote VERSION`")
+        target = current.tags["previous_champion"]
+        move_champion(c, cfg.register_.model_name, target, f"{reason} (from v{current.version})", cfg.register_.alias)
+    except UserError as err:
+        _fail(err)
+    typer.echo(f"{cfg.register_.alias}: v{current.version} -> v{target}")
+
+
+@app.command("demo-data")
+def demo_data(root: Path = typer.Option(Path("."), help="project root to write data/ and evals/data/ into"), seed: int = 1234) -> None:
+    """Regenerate the embedded demo data (deterministic: the committed files are its output)."""
+    from tunegate.demo.data import write
+
+    for path, sha in write(root, seed).items():
+        typer.echo(f"{sha[:12]}  {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

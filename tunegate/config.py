@@ -1,0 +1,225 @@
+"""Typed configuration: one pydantic model per section of params.yaml.
+
+`load_config()` reads params.yaml once and fails with one line naming the offending key
+(`params.yaml: train.lora.r: Input should be greater than 0`) instead of a traceback deep in a stage.
+Every model forbids unknown keys, so a typo is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunegate.errors import UserError
+
+DEFAULT_PARAMS = "params.yaml"
+DEMO_BASE = "demo"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Every file and folder the pipeline reads or writes, named once (dvc.yaml interpolates these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    raw: str = "data/raw"
+    pretrain: str = "data/pretrain/general.jsonl"
+    evals: str = "evals"
+    base: str = "models/base"
+    validated: str = "data/validated"
+    dedup: str = "data/dedup"
+    mix: str = "data/mix"
+    train: str = "models/candidate"
+    checkpoints: str = "checkpoints"
+    eval_base: str = "reports/eval_base"
+    eval_candidate: str = "reports/eval_candidate"
+    gate: str = "reports/gate"
+    register_: str = Field("reports/register.json", alias="register")
+    metrics: str = "metrics"
+    plots: str = "plots"
+
+
+class DemoBase(_Section):
+    """Shape and pretraining budget of the embedded demo base model (used when base.model is 'demo')."""
+
+    vocab_size: int = Field(1024, ge=300)
+    hidden_size: int = Field(192, ge=16)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=16)
+    max_position: int = Field(128, ge=32)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> DemoBase:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class Base(_Section):
+    model: str = Field(DEMO_BASE, description="'demo', a Hugging Face hub id, or a local model folder")
+    revision: str = Field("main", description="hub branch, tag or commit; resolved to a commit sha")
+    trust_remote_code: bool = False
+    demo: DemoBase = DemoBase()
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_BASE
+
+
+class Source(_Section):
+    path: str
+    role: Literal["domain", "general", "preference"]
+    weight: float = Field(1.0, gt=0, description="share among sources of the same role when mixing")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference"] = "auto"
+
+
+class Data(_Section):
+    sources: dict[str, Source]
+
+    @field_validator("sources")
+    @classmethod
+    def _one_domain(cls, sources: dict[str, Source]) -> dict[str, Source]:
+        if not any(s.role == "domain" for s in sources.values()):
+            raise ValueError("at least one source must have role 'domain'")
+        return sources
+
+
+class Validate(_Section):
+    min_tokens: int = Field(2, ge=0, description="fewest tokens (base tokenizer) in a row")
+    max_tokens: int = Field(512, ge=1, description="most tokens (base tokenizer) in a row, template included")
+    max_invalid_share: float = Field(0.1, ge=0, le=1, description="fail the stage above this share of bad rows")
+    pii: Literal["report", "mask", "quarantine"] = "mask"
+    pii_patterns: dict[str, str] = {
+        "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+        "phone": r"(?<!\w)\+?\d[\d ()-]{8,}\d(?!\w)",
+        "api_key": r"\b(?:sk|hf|ghp|xox[bp])[-_][A-Za-z0-9_-]{16,}\b",
+    }
+
+
+class Dedup(_Section):
+    num_perm: int = Field(128, ge=16, description="MinHash permutations")
+    bands: int = Field(32, ge=1, description="LSH bands (num_perm / bands rows per band)")
+    ngram: int = Field(3, ge=1, description="word n-gram size for near-duplicate shingles")
+    threshold: float = Field(0.7, gt=0, le=1, description="verified Jaccard at or above which rows are near duplicates")
+    contamination_ngram: int = Field(13, ge=3, description="shared word n-gram that marks an eval leak; shorter eval texts must appear whole")
+    contradictions: Literal["keep_majority", "keep_first", "drop_all"] = "keep_majority"
+
+    @model_validator(mode="after")
+    def _bands_divide_perm(self) -> Dedup:
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be divisible by bands ({self.bands})")
+        return self
+
+
+class Mix(_Section):
+    general_ratio: float = Field(0.2, ge=0, lt=1, description="share of general rows in the training set")
+    by: Literal["examples", "tokens"] = "examples"
+    max_rows: int | None = Field(None, ge=1, description="cap on training rows (None: all domain rows)")
+
+
+class Lora(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_rslora: bool = False
+
+
+class Train(_Section):
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "qlora", "dora", "full"] = "lora"
+    lora: Lora = Lora()
+    # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
+    args: dict[str, Any] = {}
+    merge: bool = Field(False, description="also write a merged full model (safetensors)")
+
+
+class Eval(_Section):
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, ge=1, description="items per task (None: all); for quick looks, not for gates")
+    batch_size: int = Field(32, ge=1)
+    max_gen_toks: int = Field(48, ge=1)
+
+
+class Gate(_Section):
+    policy: str = "evals/gates.yaml"
+    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples")
+
+
+class Register(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "tunegate"
+    model_name: str = "tunegate-demo"
+    alias: str = "champion"
+
+
+class Config(_Section):
+    seed: int = 1234
+    paths: Paths = Paths()
+    base: Base = Base()
+    data: Data
+    validate_: Validate = Field(Validate(), alias="validate")
+    dedup: Dedup = Dedup()
+    mix: Mix = Mix()
+    train: Train = Train()
+    eval: Eval
+    gate: Gate = Gate()
+    register_: Register = Field(Register(), alias="register")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {first['msg']}{more}"
+
+
+def parse_config(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(source, err)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate params.yaml (path from the argument, $TUNEGATE_PARAMS, or ./params.yaml)."""
+    path = Path(path or os.environ.get("TUNEGATE_PARAMS", DEFAULT_PARAMS))
+    if not path.exists():
+        raise UserError(f"{path}: not found (run from the project root or set TUNEGATE_PARAMS)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(raw, str(path))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lora': {'r': 16}}} -> {'train.lora.r': 16}; lists become JSON-ish strings."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(by_alias=True)
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        if not obj and prefix:
+            out[prefix[:-1]] = "{}"
+        return out
+    out[prefix[:-1]] = obj if isinstance(obj, (int, float, str, bool)) or obj is None else str(obj)
+    return out

@@ -1,0 +1,179 @@
+"""Duplicate, near-duplicate, contradiction and eval-contamination detection (pure functions, no I/O).
+
+The near-duplicate path is staged so each step could run sharded on a cluster engine:
+`signatures()` (per row, embarrassingly parallel) -> `candidate_pairs()` (group by band key) ->
+`verify()` (per pair, real Jaccard) -> `clusters()` (union-find over verified pairs).
+
+MinHash is vectorised with numpy: universal hashing (a*x + b) mod (2^31 - 1) on 31-bit shingle hashes
+keeps every product inside uint64, so there is no overflow and no Python loop per permutation.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PRIME = (1 << 31) - 1
+_PUNCT = re.compile(r"[^\w\s]+")
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Case-, whitespace-, punctuation- and unicode-insensitive form used for exact matching."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+
+
+def words(text: str) -> list[str]:
+    return normalise_text(text).split()
+
+
+def shingles(text: str, n: int) -> set[str]:
+    """Word n-grams; a text shorter than n words is one shingle (so short rows still compare)."""
+    w = words(text)
+    if len(w) <= n:
+        return {" ".join(w)}
+    return {" ".join(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def exact_key(text: str) -> str:
+    return normalise_text(text)
+
+
+@dataclass(frozen=True)
+class MinHasher:
+    num_perm: int = 128
+    seed: int = 1
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        a = rng.integers(1, PRIME, size=self.num_perm, dtype=np.uint64)
+        b = rng.integers(0, PRIME, size=self.num_perm, dtype=np.uint64)
+        return a, b
+
+    def signatures(self, shingle_sets: Sequence[Iterable[str]], chunk: int = 4096) -> np.ndarray:
+        """(n_docs, num_perm) uint32 signatures; docs are processed in chunks to bound memory."""
+        a, b = self.params()
+        out = np.empty((len(shingle_sets), self.num_perm), dtype=np.uint32)
+        for start in range(0, len(shingle_sets), chunk):
+            block = shingle_sets[start : start + chunk]
+            hashes = [np.fromiter((zlib.crc32(s.encode()) & PRIME for s in sh), dtype=np.uint64) for sh in block]
+            lengths = np.array([len(h) for h in hashes])
+            flat = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+            # (num_perm, total_shingles): every permutation of every shingle, then min per document.
+            permuted = (flat[None, :] * a[:, None] + b[:, None]) % PRIME
+            offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+            out[start : start + len(block)] = np.minimum.reduceat(permuted, offsets, axis=1).T.astype(np.uint32)
+        return out
+
+
+def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) -> set[tuple[int, int]]:
+    """LSH: rows that agree on every value of at least one band become candidate pairs.
+
+    Buckets larger than max_bucket (a shared template, say) are linked as a star to their first row
+    instead of all-pairs, which bounds the work; verification then decides each pair.
+    """
+    n, num_perm = signatures.shape
+    rows = num_perm // bands
+    mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
+    pairs: set[tuple[int, int]] = set()
+    for band in range(bands):
+        keys = (signatures[:, band * rows : (band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        bounds = np.flatnonzero(np.diff(sorted_keys)) + 1
+        for group in np.split(order, bounds):
+            if len(group) < 2:
+                continue
+            group = np.sort(group)
+            if len(group) <= max_bucket:
+                pairs.update((int(group[i]), int(group[j])) for i in range(len(group)) for j in range(i + 1, len(group)))
+            else:
+                pairs.update((int(group[0]), int(g)) for g in group[1:])
+    return pairs
+
+
+def jaccard(x: set[str], y: set[str]) -> float:
+    return len(x & y) / len(x | y) if x or y else 1.0
+
+
+def verify(pairs: Iterable[tuple[int, int]], shingle_sets: Sequence[set[str]], threshold: float) -> list[tuple[int, int, float]]:
+    """Keep the candidate pairs whose real Jaccard similarity reaches the threshold."""
+    out = []
+    for i, j in sorted(pairs):
+        sim = jaccard(shingle_sets[i], shingle_sets[j])
+        if sim >= threshold:
+            out.append((i, j, sim))
+    return out
+
+
+def clusters(n: int, edges: Iterable[tuple[int, int, float]]) -> list[int]:
+    """Union-find; returns each item's cluster representative (the smallest index, i.e. the first seen)."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j, _ in edges:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    return [find(i) for i in range(n)]
+
+
+def near_duplicates(texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
+    """{index: (representative index, best verified similarity)} for every row that is a near copy of an earlier one."""
+    sets = [shingles(t, ngram) for t in texts]
+    sigs = MinHasher(num_perm, seed).signatures(sets)
+    edges = verify(candidate_pairs(sigs, bands), sets, threshold)
+    rep = clusters(len(texts), edges)
+    best: dict[int, float] = defaultdict(float)
+    for i, j, sim in edges:
+        best[j] = max(best[j], sim)
+        best[i] = max(best[i], sim)
+    return {i: (r, round(best[i], 4)) for i, r in enumerate(rep) if r != i}
+
+
+class ContaminationIndex:
+    """Eval texts indexed as word n-grams; texts shorter than n words must appear whole (contiguously).
+
+    Whole-text matching for short items avoids the false positives that short n-grams of a shared
+    prompt template ("what is the capital of") would cause.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.long: dict[tuple[str, ...], str] = {}
+        self.short: dict[tuple[str, ...], str] = {}
+
+    def add(self, text: str, item_id: str) -> None:
+        w = tuple(words(text))
+        if not w:
+            return
+        if len(w) >= self.n:
+            for i in range(len(w) - self.n + 1):
+                self.long.setdefault(w[i : i + self.n], item_id)
+        else:
+            self.short.setdefault(w, item_id)
+
+    def match(self, text: str) -> tuple[str, str] | None:
+        """(eval item id, the matching words) if text contains an indexed eval text, else None."""
+        w = tuple(words(text))
+        for i in range(max(0, len(w) - self.n + 1)):
+            if (hit := self.long.get(w[i : i + self.n])) is not None:
+                return hit, " ".join(w[i : i + self.n])
+        lengths = {len(k) for k in self.short}
+        for size in sorted(lengths, reverse=True):
+            for i in range(len(w) - size + 1):
+                if (hit := self.short.get(w[i : i + size])) is not None:
+                    return hit, " ".join(w[i : i + size])
+        return None

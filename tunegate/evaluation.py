@@ -1,0 +1,94 @@
+"""Run lm-eval on a model (base, or base + adapter) and keep what the gate needs: scores and per-sample outcomes.
+
+The model is loaded once and every task is evaluated in one `simple_evaluate` call, batched. Prompts
+go through the model's chat template (`apply_chat_template=True`), the same rendering the trainer
+used. Only deterministic content is written (no timestamps, no host info), so DVC sees identical
+outputs for identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tunegate.config import Eval
+from tunegate.errors import UserError
+from tunegate.io import atomic_path, write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results.json"
+SAMPLES = "samples"
+NON_METRIC_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"}
+
+
+def _per_sample(sample: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
+    row = {"doc_id": sample["doc_id"]}
+    for m in metrics:
+        value = sample.get(m)
+        if isinstance(value, (int, float, bool)):
+            row[m] = float(value)
+    resp = sample.get("filtered_resps")
+    if resp and isinstance(resp[0], str):
+        row["output"] = resp[0][:200]
+    return row
+
+
+def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path, seed: int, adapter: Path | None = None, full_model: Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks_dir.resolve()))
+    unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})")
+    pretrained = str(full_model) if full_model else manifest["path"]
+    started = time.perf_counter()
+    lm = HFLM(
+        pretrained=pretrained,
+        tokenizer=str(adapter) if adapter else pretrained,
+        peft=str(adapter) if adapter else None,
+        batch_size=cfg.batch_size,
+        max_length=None,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        trust_remote_code=trust_remote_code,
+    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(cfg.tasks),
+            task_manager=manager,
+            limit=cfg.limit,
+            log_samples=True,
+            apply_chat_template=True,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
+        )
+    except (ConnectionError, OSError) as err:
+        raise UserError(f"eval.tasks: a task's data could not be loaded ({err}); built-in tasks need their dataset in the local HF cache when offline") from None
+    seconds = time.perf_counter() - started
+
+    scores: dict[str, dict[str, float]] = {}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for task in cfg.tasks:
+        raw = results["results"][task]
+        metrics = sorted({k.split(",")[0] for k in raw if "," in k and not k.split(",")[0].endswith("_stderr")})
+        scores[task] = {m: round(float(raw[f"{m},none"]), 6) for m in metrics if f"{m},none" in raw}
+        samples[task] = sorted((_per_sample(s, metrics) for s in results["samples"][task]), key=lambda r: r["doc_id"])
+        scores[task]["n"] = len(samples[task])
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_json(tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores})
+        for task, rows in samples.items():
+            write_jsonl(tmp / SAMPLES / f"{task}.jsonl", rows)
+    log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
+    return {"scores": scores, "seconds": round(seconds, 1)}

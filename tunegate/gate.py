@@ -1,0 +1,115 @@
+"""Gate decisions as a pure function of (base samples, candidate samples, policy).
+
+Base and candidate answer the same items, so each check uses the paired per-item differences and a
+one-sided paired bootstrap bound on their mean, rather than comparing two means. A general-skill
+check passes when the lower bound stays above -margin (non-inferiority: the candidate did not
+forget); a target check passes when the lower bound is above zero and the gain reaches min_gain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Samples = dict[str, list[dict[str, Any]]]  # task -> [{"doc_id": int, metric: value}]
+
+
+class Check(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: str
+    metric: str
+    role: Literal["general", "target"]
+    direction: Literal["higher", "lower"] = "higher"
+    margin: float = Field(0.0, ge=0)
+    min_gain: float = Field(0.0, ge=0)
+
+
+class ChampionRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    beat_on_target: bool = False
+    margin: float = Field(0.0, ge=0)
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    min_items: int = Field(30, ge=1)
+    checks: list[Check] = Field(min_length=1)
+    champion: ChampionRule = ChampionRule()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    task: str
+    metric: str
+    role: str
+    against: str
+    n: int
+    reference: float
+    candidate: float
+    diff: float
+    lower: float
+    upper: float
+    threshold: str
+    passed: bool
+    why: str
+
+    def line(self) -> str:
+        mark = "PASS" if self.passed else "FAIL"
+        return (f"{mark} {self.role:7} {self.task}/{self.metric} vs {self.against}: {self.reference:.3f} -> {self.candidate:.3f} "
+                f"(diff {self.diff:+.3f}, bounds [{self.lower:+.3f}, {self.upper:+.3f}], need {self.threshold}; n={self.n}){'' if self.passed else ' — ' + self.why}")
+
+
+def paired_bootstrap(diffs: np.ndarray, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
+    """One-sided bounds (lower at 1-confidence, upper at confidence) of the mean paired difference."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
+    means = diffs[idx].mean(axis=1)
+    return float(np.quantile(means, 1 - confidence)), float(np.quantile(means, confidence))
+
+
+def _paired(ref: list[dict], cand: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+    r = {s["doc_id"]: s[metric] for s in ref if metric in s}
+    c = {s["doc_id"]: s[metric] for s in cand if metric in s}
+    common = sorted(r.keys() & c.keys())
+    return np.array([r[i] for i in common], dtype=float), np.array([c[i] for i in common], dtype=float)
+
+
+def judge(check: Check, ref: Samples, cand: Samples, policy: Policy, resamples: int, seed: int, against: str = "base", margin: float | None = None) -> Outcome:
+    """One check: paired difference candidate - reference (sign flipped for lower-is-better metrics)."""
+    a, b = _paired(ref.get(check.task, []), cand.get(check.task, []), check.metric)
+    sign = 1.0 if check.direction == "higher" else -1.0
+    n = len(a)
+    if n == 0:
+        return Outcome(check.task, check.metric, check.role, against, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), "-", False, "no paired samples (task missing from eval results?)")
+    diffs = sign * (b - a)
+    lower, upper = paired_bootstrap(diffs, policy.confidence, resamples, seed)
+    diff = float(diffs.mean())
+    if check.role == "general" or against != "base":
+        m = check.margin if margin is None else margin
+        threshold, passed = f"lower >= {-m:+.3f}", lower >= -m
+        why = f"candidate may have lost up to {-lower:.3f} (margin {m:.3f})"
+    else:
+        threshold = f"lower > 0 and diff >= {check.min_gain:.3f}"
+        passed = lower > 0 and diff >= check.min_gain
+        why = "no significant gain" if lower <= 0 else f"gain {diff:.3f} below min_gain {check.min_gain:.3f}"
+    if n < policy.min_items:
+        passed, why = False, f"only {n} paired items (< min_items {policy.min_items}): too little evidence"
+    return Outcome(check.task, check.metric, check.role, against, n, float(a.mean()), float(b.mean()), diff, lower, upper, threshold, bool(passed), why if not passed else "")
+
+
+def decide(base: Samples, candidate: Samples, policy: Policy, resamples: int = 2000, seed: int = 0, champion: Samples | None = None) -> dict[str, Any]:
+    """The verdict: every check against the base, plus target checks against the champion if asked."""
+    outcomes = [judge(c, base, candidate, policy, resamples, seed) for c in policy.checks]
+    if champion is not None and policy.champion.beat_on_target:
+        outcomes += [judge(c, champion, candidate, policy, resamples, seed, "champion", policy.champion.margin) for c in policy.checks if c.role == "target"]
+    return {
+        "passed": all(o.passed for o in outcomes),
+        "failed": [f"{o.task}/{o.metric} vs {o.against}" for o in outcomes if not o.passed],
+        "confidence": policy.confidence,
+        "checks": [asdict(o) for o in outcomes],
+        "lines": [o.line() for o in outcomes],
+    }

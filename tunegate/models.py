@@ -1,0 +1,101 @@
+"""Resolve and load base models: the demo model, a local folder, or a Hugging Face hub id.
+
+Weights are only ever read from safetensors (no pickle), and `trust_remote_code` is off unless
+`base.trust_remote_code: true`. The manifest (`base.json`) written by the `base` stage is what every
+later stage loads from, so they all see the same resolved revision and files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunegate.errors import UserError
+from tunegate.io import read_json, sha256_file
+
+MANIFEST = "base.json"
+WEIGHT_GLOBS = ("*.safetensors",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+SNAPSHOT_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+def snapshot(model: str, revision: str) -> tuple[Path, str]:
+    """A local folder with the model's files and the commit sha it came from (downloads if needed)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local.resolve(), "local"
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = Path(snapshot_download(model, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
+        if isinstance(err, RepositoryNotFoundError):
+            raise UserError(f"base.model {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)") from None
+        raise UserError(
+            f"base.model {model!r} (revision {revision!r}): cannot reach the Hugging Face hub and it is not in the local cache "
+            f"({type(err).__name__}); download it once with network access, or set base.model to a local folder or 'demo'"
+        ) from None
+    return path, path.name  # snapshot folders are named by the resolved commit sha
+
+
+def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, Any]:
+    """The manifest: identity of the base model down to the sha256 of every weight and tokenizer file."""
+    weights = sorted(p for g in WEIGHT_GLOBS for p in path.glob(g))
+    if not weights:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(found)}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""
+        raise UserError(f"base.model {model!r}: no .safetensors weights in {path}{hint}")
+    tokenizer = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).exists()}
+    if not tokenizer:
+        raise UserError(f"base.model {model!r}: no tokenizer files in {path}")
+    cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+    template = cfg.get("chat_template") or ((path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else "")
+    from tunegate.io import sha256_of
+
+    return {
+        "model": model,
+        "revision": revision,
+        "resolved_revision": resolved,
+        "path": str(path),
+        "weights_sha256": {p.name: sha256_file(p) for p in weights},
+        "tokenizer_sha256": tokenizer,
+        "chat_template_sha256": sha256_of(template) if template else None,
+    }
+
+
+def load_manifest(base_dir: str | Path) -> dict[str, Any]:
+    path = Path(base_dir) / MANIFEST
+    if not path.exists():
+        raise UserError(f"{path}: missing; run the base stage first (dvc repro base)")
+    manifest = read_json(path)
+    if manifest["path"] == ".":  # the demo model lives inside the stage output itself
+        manifest["path"] = str(Path(base_dir).resolve())
+    return manifest
+
+
+def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(manifest: dict[str, Any], trust_remote_code: bool = False, quantize_4bit: bool = False, dtype: Any = None):
+    """Load the base causal LM from safetensors; optionally as bitsandbytes NF4 with double quantisation."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(manifest["path"], **kwargs)

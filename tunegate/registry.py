@@ -1,0 +1,139 @@
+"""MLflow registry operations shared by the `register` stage and the `tunegate` CLI.
+
+Provenance lives on the model version as tags (see DESIGN.md's provenance record), so "which model is
+this and what was it trained on?" is one `tunegate show VERSION` away. The champion alias only moves
+to versions whose gate passed and whose adapter files still match the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from tunegate.errors import UserError
+from tunegate.io import sha256_tree
+
+SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.I)
+SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
+PROMOTIONS = "promotion_log"
+
+
+def redact(items: dict[str, Any]) -> dict[str, str]:
+    """Stringify values for MLflow, dropping anything that is, or looks like, a secret."""
+    out = {}
+    for key, value in items.items():
+        text = "" if value is None else str(value)
+        if SECRET_KEY.search(key) or SECRET_VALUE.search(text):
+            text = "[redacted]"
+        out[key] = text[:5000]
+    return out
+
+
+def client(tracking_uri: str, timeout_s: int = 10, retries: int = 3):
+    """An MlflowClient with bounded HTTP retries (exponential backoff in MLflow's own HTTP layer)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def reachable(tracking_uri: str) -> None:
+    """Fail in one line, before any write, when an HTTP tracking server cannot be reached."""
+    if not tracking_uri.startswith("http"):
+        return
+    import requests
+
+    try:
+        requests.get(tracking_uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as err:
+        raise UserError(f"register.tracking_uri {tracking_uri}: MLflow server not reachable ({type(err).__name__}); nothing was registered") from None
+
+
+def find_version(c, name: str, fingerprint: str):
+    """The existing version of `name` with this adapter fingerprint, if any (idempotent registration)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("adapter_sha256") == fingerprint), None)
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """sha256 over the adapter's safetensors files by file name, so the trained folder and the copy in
+    the MLflow artifact store (laid out differently) have the same fingerprint."""
+    from tunegate.io import sha256_of
+
+    files = {Path(rel).name: sha for rel, sha in sha256_tree(adapter_dir, "*.safetensors").items()}
+    if not files:
+        raise UserError(f"{adapter_dir}: no .safetensors files to fingerprint")
+    return sha256_of(files)
+
+
+def champion(c, name: str, alias: str = "champion"):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def move_champion(c, name: str, version: str, reason: str, alias: str = "champion", check_files: bool = True) -> str | None:
+    """Point `alias` at `version` after the gate and tamper checks; returns the previous champion version."""
+    v = c.get_model_version(name, version)
+    if v.tags.get("gate_passed") != "true":
+        raise UserError(f"{name} v{version}: gate did not pass ({v.tags.get('gate_failed', 'no verdict')}); refusing to promote")
+    if check_files:
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
+        except Exception as err:
+            raise UserError(f"{name} v{version}: model files at {v.source} cannot be read ({type(err).__name__}); refusing to promote") from None
+        if adapter_fingerprint(local) != v.tags.get("adapter_sha256"):
+            raise UserError(f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 (tampered?); refusing to promote")
+    previous = champion(c, name, alias)
+    prev = previous.version if previous else None
+    if prev == str(version):
+        return prev
+    c.set_registered_model_alias(name, alias, str(version))
+    stamp = _now()
+    c.set_model_version_tag(name, str(version), f"{PROMOTIONS}.{stamp}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}")
+    c.set_model_version_tag(name, str(version), "previous_champion", str(prev or ""))
+    return prev
+
+
+def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise UserError(f"registered model {name!r}: {err.message}") from None
+    current = champion(c, name, alias)
+    rows = []
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        t = v.tags
+        rows.append({
+            "version": v.version,
+            "champion": "*" if current and current.version == v.version else "",
+            "gate": "pass" if t.get("gate_passed") == "true" else f"FAIL ({t.get('gate_failed', '?')})",
+            "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
+            "train_sha256": t.get("train_sha256", "")[:12],
+            "adapter_sha256": t.get("adapter_sha256", "")[:12],
+            "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        })
+    return rows
