@@ -34,16 +34,16 @@ ANSWER_FIELDS = ("answer", "target", "output")
 DROPPED = "dropped.jsonl"
 
 
-def eval_items(eval_data: Path) -> list[tuple[str, str, str]]:
-    """(task file, item id, text) for every prompt and correct answer in evals/data/*.jsonl."""
+def eval_items(eval_data: Path) -> list[tuple[str, str, bool]]:
+    """(item id, text, is_prompt) for every prompt and correct answer in evals/data/*.jsonl."""
     items = []
     for path in sorted(eval_data.glob("*.jsonl")):
         for n, row in enumerate(read_jsonl(path), 1):
             item = f"{path.stem}:{row.get('id', n)}"
-            texts = [row[f] for f in PROMPT_FIELDS + ANSWER_FIELDS if isinstance(row.get(f), str)]
+            items += [(item, row[f], True) for f in PROMPT_FIELDS if isinstance(row.get(f), str)]
+            items += [(item, row[f], False) for f in ANSWER_FIELDS if isinstance(row.get(f), str)]
             if isinstance(row.get("choices"), list) and isinstance(row.get("label"), int):
-                texts.append(str(row["choices"][row["label"]]))
-            items += [(path.stem, item, t) for t in texts]
+                items.append((item, str(row["choices"][row["label"]]), False))
     return items
 
 
@@ -75,11 +75,11 @@ def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[
     return out
 
 
-def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, str]], seed: int) -> tuple[dict[str, list], list[dict], dict]:
+def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, bool]], seed: int) -> tuple[dict[str, list], list[dict], dict]:
     """Returns (kept rows per source, dropped rows with reasons, metrics)."""
     index = ContaminationIndex(cfg.contamination_ngram)
-    for _, item, text in evals:
-        index.add(text, item)
+    for item, text, is_prompt in evals:
+        index.add(text, item, whole=is_prompt)
     rows = [r for name in sources for r in sources[name]]
     verdict: dict[int, tuple[str, str, str]] = {}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -68,6 +69,7 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
         "seed": cfg.seed,
         "git_commit": git_commit(),
         "dvc_lock_sha256": lock_sha256(Path("dvc.lock")),
+        "orchestrated_by": os.environ.get("TUNEGATE_ORCHESTRATOR", "dvc"),
         "gate_passed": str(verdict["passed"]).lower(),
         "gate_policy_sha256": verdict.get("policy_sha256"),
         "adapter_sha256": fingerprint,

@@ -122,6 +122,9 @@ def run(
         "logging_steps": 10,
         "full_determinism": True,
         "dataloader_num_workers": 0,
+        # TRL's SFTConfig turns these on by default; on CPU both slow training down, so opt in via train.args.
+        "gradient_checkpointing": False,
+        "bf16": False,
     }
     args = {**common, **cfg.args}
     if probe_rows:

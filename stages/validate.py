@@ -27,9 +27,10 @@ from tunegate.runtime import stage_main
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = r"\{[A-Za-z_][A-Za-z0-9_]*\}|\{\{[^}]*\}\}"
-SFT_ROLES = r"^(system,)?(user,assistant,)*user,assistant$"
-PREF_ROLES = r"^(system,)?(user,assistant,)*user\|assistant\|assistant$"
+SFT_ROLES = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
+PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
 QUARANTINE = "quarantine.jsonl"
+DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
 
 def _roles(msgs: list[dict[str, str]]) -> str:
@@ -129,7 +130,10 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
     """Validate every source; write <source>.jsonl (valid rows), quarantine.jsonl and report.md to out_dir."""
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     pii = {name: re.compile(p) for name, p in cfg.pii_patterns.items()}
     metrics: dict[str, Any] = {"sources": {}}
     quarantine: list[dict[str, Any]] = []
@@ -192,14 +196,14 @@ def _data_docs(ctx, docs_dir: Path) -> None:
     """Render GX Data Docs (HTML) for the suites just run; a human-readable view, not a DVC output."""
     try:
         ctx.add_data_docs_site(
-            site_name="tunegate",
+            site_name=DOCS_SITE,
             site_config={
                 "class_name": "SiteBuilder",
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
             },
         )
-        ctx.build_data_docs(site_names=["tunegate"])
+        ctx.build_data_docs(site_names=[DOCS_SITE])
     except Exception as err:  # docs are a convenience; never fail validation because HTML rendering did
         log.warning("data docs not built: %s", err)
 

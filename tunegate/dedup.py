@@ -155,14 +155,16 @@ class ContaminationIndex:
         self.long: dict[tuple[str, ...], str] = {}
         self.short: dict[tuple[str, ...], str] = {}
 
-    def add(self, text: str, item_id: str) -> None:
+    def add(self, text: str, item_id: str, whole: bool = True) -> None:
+        """Index an eval text. whole=False for answers: a short answer ("Paris", "42") is common
+        training text, not a leak, so only answers of n words or more are indexed."""
         w = tuple(words(text))
         if not w:
             return
         if len(w) >= self.n:
             for i in range(len(w) - self.n + 1):
                 self.long.setdefault(w[i : i + self.n], item_id)
-        else:
+        elif whole:
             self.short.setdefault(w, item_id)
 
     def match(self, text: str) -> tuple[str, str] | None:

@@ -1,0 +1,62 @@
+"""dedup drops exactly the planted duplicates, near duplicates, eval leaks and contradictions, with pointers."""
+
+import pytest
+
+from stages import dedup
+from tunegate.io import read_jsonl
+
+from tests.conftest import ROOT, sft
+
+
+@pytest.fixture(scope="module")
+def result(cfg, validated):
+    out, _ = validated
+    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
+    return dedup.run(cfg.dedup, sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed)
+
+
+@pytest.mark.parametrize("reason", ["exact_duplicate", "near_duplicate", "eval_leak", "contradiction"])
+def test_planted_drops_found_exactly(result, ledger, reason):
+    kept, dropped, metrics = result
+    for source in ("domain", "general", "preferences"):
+        planted = ledger[f"{source}.jsonl"].get(reason, {"lines": []})
+        got = sorted(d["line"] for d in dropped if d["source"] == source and d["reason"] == reason)
+        assert got == sorted(planted["lines"]), (source, reason)
+
+
+def test_drops_point_at_what_they_duplicate(result, ledger):
+    kept, dropped, _ = result
+    by_id = {r["id"]: r for rows in kept.values() for r in rows}
+    planted = ledger["domain.jsonl"]
+    of_line = dict(zip(planted["exact_duplicate"]["lines"], planted["exact_duplicate"]["of_lines"]))
+    for d in dropped:
+        if d["reason"] == "exact_duplicate" and d["source"] == "domain":
+            assert by_id[d["of"]]["line"] == of_line[d["line"]]
+    leaks = {d["line"]: d["of"] for d in dropped if d["reason"] == "eval_leak" and d["source"] == "domain"}
+    expected = dict(zip(planted["eval_leak"]["lines"], planted["eval_leak"]["eval_ids"]))
+    assert {line: of.split(":")[1] for line, of in leaks.items()} == expected
+
+
+def test_counts_conserved(result):
+    kept, dropped, metrics = result
+    assert metrics["conserved"]
+    for name, m in metrics["sources"].items():
+        assert m["in"] == m["kept"] + m["dropped"] == len(kept[name]) + sum(d["source"] == name for d in dropped)
+
+
+@pytest.mark.parametrize("policy, kept_answers", [("keep_majority", ["A", "A"]), ("keep_first", ["B"]), ("drop_all", [])])
+def test_contradiction_policies(cfg, policy, kept_answers):
+    rows = [sft("Cancel order 12345", "B", "r0", line=1), sft("Cancel order 12345", "A", "r1", line=2), sft("cancel ORDER 12345!", "A", "r2", line=3)]
+    kept, dropped, _ = dedup.run(cfg.dedup.model_copy(update={"contradictions": policy}), {"domain": rows}, [], 0)
+    answers = [r["messages"][-1]["content"] for r in kept["domain"]]
+    if policy == "keep_majority":
+        assert answers == ["A"]  # the majority answer survives; its normalised copy is then an exact duplicate
+        assert {d["reason"] for d in dropped} == {"contradiction", "exact_duplicate"}
+    else:
+        assert answers == kept_answers
+
+
+def test_tie_without_majority_drops_all(cfg):
+    rows = [sft("Where is 55555", "A", "r0"), sft("Where is 55555", "B", "r1")]
+    kept, dropped, _ = dedup.run(cfg.dedup, {"domain": rows}, [], 0)
+    assert kept["domain"] == [] and all("no majority" in d["detail"] for d in dropped)

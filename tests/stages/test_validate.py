@@ -1,0 +1,63 @@
+"""validate catches every planted defect, conserves rows, and fails in one line on broken sources."""
+
+import json
+
+import pytest
+
+from stages import validate
+from tunegate.config import Source, Validate
+from tunegate.errors import UserError
+from tunegate.io import read_jsonl
+
+REASONS = ["malformed_json", "missing_field", "empty_content", "wrong_role", "template_leftover", "chosen_equals_rejected"]
+
+
+def test_planted_defects_are_quarantined(validated, ledger):
+    out, metrics = validated
+    quarantine = read_jsonl(out / validate.QUARANTINE)
+    for source in ("domain", "general", "preferences"):
+        planted = ledger[f"{source}.jsonl"]
+        got = {}
+        for q in quarantine:
+            if q["source"] == source:
+                got.setdefault(q["reason"], set()).add(q["line"])
+        for reason in REASONS:
+            if reason in planted:
+                assert got.get(reason, set()) == set(planted[reason]["lines"]), (source, reason)
+        assert set(got) <= set(REASONS), got
+
+
+def test_rows_are_conserved(validated, ledger):
+    out, metrics = validated
+    assert metrics["conserved"]
+    for source, m in metrics["sources"].items():
+        assert m["in"] == ledger[f"{source}.jsonl"]["total_lines"]
+        assert m["in"] == m["kept"] + m["quarantined"]
+        assert len(read_jsonl(out / f"{source}.jsonl")) == m["kept"]
+
+
+def test_pii_is_masked_not_lost(validated, ledger):
+    out, metrics = validated
+    assert metrics["sources"]["domain"]["pii_masked"] == {"pii_email": ledger["domain.jsonl"]["pii_email"]["count"]}
+    text = (out / "domain.jsonl").read_text()
+    assert "@example.com" not in text and "[EMAIL]" in text
+
+
+def test_bad_lines_report_file_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "Cancel order 12345 please", "completion": "ok"})
+    path.write_bytes((good + "\n").encode() * 20 + b"\xff\xfe broken\n" + b'{"prompt": "trunc')
+    with pytest.raises(UserError) as err:
+        validate.run(Validate(max_invalid_share=0.05), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+    msg = str(err.value)
+    assert "bad.jsonl" in msg and "2/22 rows invalid" in msg and "\n" not in msg
+    q = read_jsonl(tmp_path / "out" / validate.QUARANTINE)
+    assert [(r["line"], r["reason"]) for r in q] == [(21, "encoding"), (22, "malformed_json")]
+    assert "file ends mid-record" in q[1]["detail"]
+
+
+def test_wrong_schema_fails_clearly(tmp_path, tokenizer):
+    path = tmp_path / "odd.jsonl"
+    path.write_text('{"question": "a", "reply": "b"}\n')
+    with pytest.raises(UserError, match="odd.jsonl: no record has a known shape"):
+        validate.run(Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
