@@ -74,7 +74,7 @@ def status(params: Optional[Path] = PARAMS) -> None:
     for col in rows[0]:
         table.add_column(col)
     for row in rows:
-        table.add_row(*row.values())
+        table.add_row(*map(str, row.values()))
     Console().print(table)
 
 

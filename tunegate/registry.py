@@ -128,9 +128,9 @@ def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]
     for v in sorted(versions, key=lambda v: int(v.version)):
         t = v.tags
         rows.append({
-            "version": v.version,
-            "champion": "*" if current and current.version == v.version else "",
-            "gate": "pass" if t.get("gate_passed") == "true" else f"FAIL ({t.get('gate_failed', '?')})",
+            "version": str(v.version),
+            "champion": "*" if current and str(current.version) == str(v.version) else "",
+            "gate": "pass" if t.get("gate_passed") == "true" else f"FAIL {t.get('gate_failed', '?').split(' vs ')[0]}",
             "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
             "train_sha256": t.get("train_sha256", "")[:12],
             "adapter_sha256": t.get("adapter_sha256", "")[:12],

@@ -1,0 +1,108 @@
+"""The real pipeline on the demo: dvc repro end to end, caching, the gate's three outcomes, provenance."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import edit_params, sh
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["base", "validate", "dedup", "mix", "train", "eval_base", "eval_candidate", "gate", "register"]
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def client(project):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_first_run_registers_a_champion_with_provenance(project):
+    log = (project / "first_repro.log").read_text()
+    assert ran(log) == STAGES
+    assert "gate PASSED" in log
+    c = client(project)
+    versions = c.search_model_versions("name = 'tunegate-demo'")
+    assert len(versions) == 1
+    v = c.get_model_version("tunegate-demo", versions[0].version)
+    mix = json.loads((project / "data/mix/manifest.json").read_text())
+    base = json.loads((project / "models/base/base.json").read_text())
+    assert v.tags["base_model"] == "demo" and v.tags["base_revision"] == base["resolved_revision"]
+    assert v.tags["train_sha256"] == mix["train_sha256"]
+    assert v.tags["hp.lora.r"] == "16" and v.tags["hp.args.learning_rate"]
+    assert v.tags["gate_passed"] == "true" and len(v.tags["adapter_sha256"]) == 64
+    assert re.fullmatch(r"[0-9a-f]{40}", v.tags["git_commit"])
+    assert c.get_model_version_by_alias("tunegate-demo", "champion").version == v.version
+
+
+def test_default_gate_passes_target_and_general(project):
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    assert verdict["passed"], verdict["lines"]
+    roles = {c["role"] for c in verdict["checks"] if c["passed"]}
+    assert roles == {"general", "target"}
+
+
+def test_identical_candidate_fails_target(project):
+    from stages.gate import load_policy, load_samples
+    from tunegate.gate import decide
+
+    base = load_samples(project / "reports/eval_base")
+    verdict = decide(base, base, load_policy(project / "evals/gates.yaml"))
+    failed = [c for c in verdict["checks"] if not c["passed"]]
+    assert failed and {c["role"] for c in failed} == {"target"}
+
+
+def test_second_repro_does_nothing(project):
+    started = time.time()
+    proc = sh(project, "dvc", "repro")
+    assert ran(proc.stdout) == []
+    assert time.time() - started < 30
+    assert "up to date" in sh(project, "dvc", "status").stdout
+
+
+def test_gate_policy_change_reruns_only_gate_and_register(project):
+    policy = project / "evals/gates.yaml"
+    original = policy.read_text()
+    try:
+        doc = yaml.safe_load(original)
+        doc["checks"][0]["margin"] = 0.06
+        policy.write_text(yaml.safe_dump(doc, sort_keys=False))
+        status = sh(project, "dvc", "status").stdout
+        assert "gate:" in status and "train:" not in status
+        proc = sh(project, "dvc", "repro")
+        assert ran(proc.stdout) == ["gate", "register"]
+        # the adapter did not change, so register reused the version instead of creating another
+        assert len(client(project).search_model_versions("name = 'tunegate-demo'")) == 1
+    finally:
+        policy.write_text(original)
+        sh(project, "dvc", "repro")
+
+
+def test_forgetting_profile_is_blocked(project):
+    c = client(project)
+    champion = c.get_model_version_by_alias("tunegate-demo", "champion").version
+    edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.006, "train.args.max_steps": 500})
+    proc = sh(project, "dvc", "repro")
+    assert ran(proc.stdout) == ["mix", "train", "eval_candidate", "gate", "register"]  # eval_base is cached
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    failed_roles = {c["role"] for c in verdict["checks"] if not c["passed"]}
+    assert not verdict["passed"] and failed_roles == {"general"}, verdict["lines"]
+    assert "GATE FAILED" in proc.stderr
+    versions = c.search_model_versions("name = 'tunegate-demo'")
+    assert len(versions) == 2
+    newest = max(versions, key=lambda v: int(v.version))
+    assert newest.tags["gate_passed"] == "false" and "general" in newest.tags["gate_failed"]
+    assert c.get_model_version_by_alias("tunegate-demo", "champion").version == champion
+    # the CLI refuses to promote it
+    out = sh(project, "tunegate", "promote", newest.version, check=False)
+    assert out.returncode == 2 and "gate did not pass" in out.stderr

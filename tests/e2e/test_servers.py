@@ -1,0 +1,108 @@
+"""Registration against a real `mlflow server` and the pipeline flow against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.e2e.conftest import BIN, edit_params, env_for, free_port, sh, wait_http
+
+pytestmark = pytest.mark.slow
+
+SECRET = "hf_" + "S3cr3tT0kenThatMustNeverLeak0123456789"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
+    original = (project / "params.yaml").read_text()
+    try:
+        edit_params(project, **{"register.tracking_uri": mlflow_server, "register.artifact_root": str(tmp_path / "art")})
+        # a token in the environment must never reach MLflow
+        proc = sh(project, sys.executable, "-m", "stages.register", HF_TOKEN=SECRET, MY_API_KEY=SECRET)
+        result = json.loads((project / "reports/register.json").read_text())
+        again = sh(project, sys.executable, "-m", "stages.register")  # idempotent: same adapter, same version
+        assert json.loads((project / "reports/register.json").read_text())["version"] == result["version"]
+        assert "reusing it" in again.stderr
+
+        api = f"{mlflow_server}/api/2.0/mlflow"
+        model = requests.get(f"{api}/registered-models/get", params={"name": "tunegate-demo"}, timeout=10).json()["registered_model"]
+        assert {"alias": "champion", "version": result["version"]} in model["aliases"]
+        versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10).json()["model_versions"]
+        assert len(versions) == 1
+        tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+        assert tags["base_model"] == "demo" and tags["gate_passed"] == "true"
+
+        run = requests.get(f"{api}/runs/get", params={"run_id": result["run_id"]}, timeout=10).json()["run"]
+        everything = json.dumps(run) + json.dumps(versions) + proc.stdout + proc.stderr
+        artifacts = (tmp_path / "art").rglob("*")
+        everything += "".join(p.read_text(errors="ignore") for p in artifacts if p.is_file() and p.stat().st_size < 5_000_000)
+        assert SECRET not in everything
+
+        status = sh(project, "tunegate", "status")
+        assert "tunegate-demo" in status.stdout and "pass" in status.stdout
+        show = sh(project, "tunegate", "show", result["version"])
+        assert "train_sha256" in show.stdout and "hp.lora.r" in show.stdout
+        assert sh(project, "tunegate", "promote", result["version"]).returncode == 0
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_unreachable_server_fails_cleanly(project):
+    original = (project / "params.yaml").read_text()
+    try:
+        edit_params(project, **{"register.tracking_uri": f"http://127.0.0.1:{free_port()}"})
+        proc = sh(project, sys.executable, "-m", "stages.register", check=False)
+        assert proc.returncode == 2
+        assert "MLflow server not reachable" in proc.stderr and "nothing was registered" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def test_prefect_flow_runs_each_dvc_stage_as_a_task(project, tmp_path):
+    import yaml
+
+    from flows.pipeline import dvc_stages
+
+    assert dvc_stages(project) == list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    port = free_port()
+    env = {**env_for(project), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
+        lock_before = (project / "dvc.lock").read_text()
+        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (project / "dvc.lock").read_text() == lock_before  # same lock as a manual dvc repro
+        api = f"http://127.0.0.1:{port}/api"
+        runs = requests.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+        tasks = requests.post(f"{api}/task_runs/filter", json={}, timeout=10).json()
+        assert sorted(t["name"] for t in tasks) == sorted(dvc_stages(project))
+        assert all(t["state_type"] == "COMPLETED" for t in tasks)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
