@@ -91,7 +91,7 @@ def test_gate_policy_change_reruns_only_gate_and_register(project):
 def test_forgetting_profile_is_blocked(project):
     c = client(project)
     champion = c.get_model_version_by_alias("tunegate-demo", "champion").version
-    edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.006, "train.args.max_steps": 500})
+    edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.005, "train.args.max_steps": 400})
     proc = sh(project, "dvc", "repro")
     assert ran(proc.stdout) == ["mix", "train", "eval_candidate", "gate", "register"]  # eval_base is cached
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
