@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from tunegate.config import Config, flatten, load_config
+from tunegate.evaluation import SAMPLES
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
 from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact
@@ -33,6 +34,7 @@ from stages.train import ADAPTER
 
 log = logging.getLogger(__name__)
 
+EVAL_ARTIFACTS = "eval/candidate_samples"  # the champion comparison of later candidates reads these
 PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "lm-eval", "datasets", "mlflow", "tunegate")
 
 
@@ -130,7 +132,8 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     )
 
 
-def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path]) -> dict[str, Any]:
+def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path],
+        candidate_samples: dict, policy) -> dict[str, Any]:
     import mlflow
 
     reachable(cfg.register_.tracking_uri)
@@ -141,6 +144,10 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
     if existing is not None:
         log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
         version, run_id = existing.version, existing.run_id
+        # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
+        c.set_model_version_tag(name, str(version), "gate_passed", str(verdict["passed"]).lower())
+        c.set_model_version_tag(name, str(version), "gate_failed", "; ".join(verdict["failed"]))
+        c.set_model_version_tag(name, str(version), "gate_policy_sha256", str(verdict.get("policy_sha256")))
     else:
         exp = c.get_experiment_by_name(cfg.register_.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri())
@@ -156,6 +163,7 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
             mlflow.log_metrics(numeric)
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
             _log_datasets(cfg, mix)
+            mlflow.log_artifacts(str(Path(cfg.paths.eval_candidate) / SAMPLES), artifact_path=EVAL_ARTIFACTS)
             for path in reports:
                 if path.is_dir():
                     mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
@@ -167,19 +175,47 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
         log.info("register: %s v%s (run %s)", name, version, run_id)
 
     promoted = None
-    if verdict["passed"]:
+    beats = beats_champion(c, cfg, version, candidate_samples, policy) if verdict["passed"] else (True, [])
+    if not beats[0]:
+        c.set_model_version_tag(name, str(version), "champion_check_failed", "; ".join(beats[1]))
+        verdict = {**verdict, "passed": False, "lines": verdict["lines"] + beats[1]}
+    elif verdict["passed"]:
         promoted = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
     current = champion(c, name, cfg.register_.alias)
     return {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint, "gate_passed": verdict["passed"],
-            "champion": current.version if current else None, "previous_champion": promoted}
+            "champion": str(current.version) if current else None, "previous_champion": promoted, "lines": verdict["lines"]}
 
 
-def banner(result: dict[str, Any], verdict: dict[str, Any]) -> str:
+def beats_champion(c, cfg: Config, version, candidate: dict, policy) -> tuple[bool, list[str]]:
+    """When the policy asks, the candidate must also be non-inferior to the current champion on the
+    target tasks (paired on the same items, with the champion's logged per-sample results)."""
+    import mlflow
+
+    from stages.gate import load_samples
+    from tunegate.gate import decide
+
+    current = champion(c, cfg.register_.model_name, cfg.register_.alias)
+    if not policy.champion.beat_on_target or current is None or str(current.version) == str(version):
+        return True, []
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=current.run_id, artifact_path=EVAL_ARTIFACTS))
+    except Exception:
+        log.warning("champion v%s has no logged eval samples; skipping the champion comparison", current.version)
+        return True, []
+    verdict = decide(candidate, candidate, policy, cfg.gate.bootstrap, cfg.seed, champion=load_samples(local))
+    against = [(ch, line) for ch, line in zip(verdict["checks"], verdict["lines"]) if ch["against"] == "champion"]
+    failed = [line for ch, line in against if not ch["passed"]]
+    for line in (line for _, line in against):
+        log.info("%s", line)
+    return not failed, failed
+
+
+def banner(result: dict[str, Any]) -> str:
     if result["gate_passed"]:
         return f"tunegate: gate PASSED; {result['model_name']} v{result['version']} is champion"
     bar = "!" * 72
     return "\n".join([bar, f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
-                      *[f"!!   {line}" for line in verdict["lines"] if line.startswith("FAIL")],
+                      *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
                       f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md", bar])
 
 
@@ -192,10 +228,12 @@ def main() -> None:
         verdict = read_json(Path(paths.gate) / "verdict.json")
         scores = {"base": read_json(Path(paths.eval_base) / "results.json")["scores"], "candidate": read_json(Path(paths.eval_candidate) / "results.json")["scores"]}
         reports = [Path(paths.validated) / "report.md", Path(paths.dedup) / "report.md", Path(paths.gate), Path("params.yaml"), Path("dvc.lock"), Path(paths.base) / "base.json"]
+        from stages.gate import load_policy, load_samples
+
         result = run(cfg, load_manifest(paths.base), read_json(Path(paths.mix) / "manifest.json"), read_json(Path(paths.metrics) / "train.json"),
-                     verdict, scores, Path(paths.train) / ADAPTER, reports)
+                     verdict, scores, Path(paths.train) / ADAPTER, reports, load_samples(Path(paths.eval_candidate)), load_policy(Path(cfg.gate.policy)))
         write_json(paths.register_, result)
-        print(banner(result, verdict), file=sys.stderr)
+        print(banner(result), file=sys.stderr)
 
     stage_main("register", body)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ def _plot_callback(path: Path):
     return PlotRows()
 
 
+def _portable(adapter: Path, base_ref: str) -> None:
+    """Make the saved folder reproducible and pickle-free: no pickled TrainingArguments (the JSON copy
+    is kept), no generated model card, and the base referenced by id / project-relative path rather
+    than this machine's absolute path."""
+    for name in ("training_args.bin", "README.md"):
+        (adapter / name).unlink(missing_ok=True)
+    config = adapter / "adapter_config.json"
+    if config.exists():
+        doc = json.loads(config.read_text())
+        doc["base_model_name_or_path"] = base_ref
+        config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -91,6 +105,7 @@ def run(
     out_dir: Path,
     ckpt_dir: Path,
     plot_path: Path,
+    base_ref: str | None = None,
 ) -> dict[str, Any]:
     """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics."""
     data = pref_rows if cfg.method == "dpo" else train_rows
@@ -102,6 +117,7 @@ def run(
 
     from tunegate.models import load_model, load_tokenizer
 
+    base_ref = base_ref or manifest["model"]
     tokenizer = load_tokenizer(manifest, trust_remote_code)
     model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -170,8 +186,10 @@ def run(
     with atomic_path(out_dir) as tmp:
         trainer.save_model(str(tmp / ADAPTER))
         tokenizer.save_pretrained(tmp / ADAPTER)
+        _portable(tmp / ADAPTER, base_ref)
         write_json(tmp / "training_args.json", json.loads(trainer_args.to_json_string()))
         write_json(tmp / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     history = trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]
     effective_batch = trainer_args.per_device_train_batch_size * trainer_args.gradient_accumulation_steps * max(1, trainer_args.world_size)
@@ -212,6 +230,7 @@ def main() -> None:
             Path(cfg.paths.train),
             Path(cfg.paths.checkpoints) / f"train-{run_key[:12]}",
             Path(cfg.paths.plots) / "train.csv",
+            base_ref=cfg.paths.base if cfg.base.is_demo else cfg.base.model,
         )
         seconds = metrics.pop("seconds")
         write_json(Path(cfg.paths.metrics) / "train.json", metrics)

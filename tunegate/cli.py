@@ -5,6 +5,7 @@
     tunegate show VERSION          # the full provenance record of a version
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
+    tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
     tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
 
 Heavy libraries are imported inside the commands, so `tunegate --help` starts instantly.
@@ -132,6 +133,31 @@ def rollback(reason: str = typer.Option("rollback", help="recorded with the move
     except UserError as err:
         _fail(err)
     typer.echo(f"{cfg.register_.alias}: v{current.version} -> v{target}")
+
+
+@app.command()
+def reproduce(
+    version: str,
+    workdir: Optional[Path] = typer.Option(None, help="empty folder for the re-run (default: a new temp folder)"),
+    from_scratch: bool = typer.Option(False, help="rebuild every stage instead of restoring upstream stages from the DVC cache"),
+    params: Optional[Path] = PARAMS,
+) -> None:
+    """Re-run VERSION's training from its recorded commit and params; report whether the adapter sha256 matches."""
+    import tempfile
+
+    from tunegate.registry import reproduce as reproduce_version
+
+    try:
+        cfg, c = _registry(params)
+        folder = workdir or Path(tempfile.mkdtemp(prefix=f"tunegate-v{version}-"))
+        typer.echo(f"reproducing {cfg.register_.model_name} v{version} in {folder} ...")
+        result = reproduce_version(c, cfg.register_.model_name, version, Path.cwd(), folder, share_cache=not from_scratch)
+    except UserError as err:
+        _fail(err)
+    verdict = "MATCH" if result["match"] else "MISMATCH"
+    typer.echo(f"{verdict}: recorded adapter {result['recorded'][:16]}  reproduced {result['reproduced'][:16]}  (commit {result['commit'][:12]})")
+    if not result["match"]:
+        raise typer.Exit(1)
 
 
 @app.command("demo-data")

@@ -137,3 +137,43 @@ def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]
             "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         })
     return rows
+
+
+def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_cache: bool = True) -> dict[str, Any]:
+    """Re-create a version's training run from its recorded commit and params, and compare adapters.
+
+    The project is cloned at the recorded git commit into `workdir`, the params.yaml logged with the
+    run replaces the checkout's (so `dvc exp run -S ...` runs reproduce too), and `train` is re-run.
+    With share_cache the upstream stages are restored from this project's DVC cache (their hashes are
+    checked by DVC) and only training is forced to run again.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    import mlflow
+
+    v = c.get_model_version(name, version)
+    commit = v.tags.get("git_commit", "unknown")
+    if commit in ("", "unknown"):
+        raise UserError(f"{name} v{version}: no git commit recorded; cannot reproduce")
+    clean = commit.removesuffix("-dirty")
+    if workdir.exists() and any(workdir.iterdir()):
+        raise UserError(f"{workdir}: not empty; choose a new folder for the reproduction")
+    run = lambda *args, cwd=workdir: subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)  # noqa: E731
+    if run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode or run("git", "checkout", "--quiet", clean).returncode:
+        raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
+    params = Path(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="provenance/params.yaml"))
+    shutil.copy(params, workdir / "params.yaml")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
+    if share_cache:
+        dvc("cache", "dir", "--local", str((project / ".dvc" / "cache").resolve()))
+    for args in (["repro", "mix"], ["repro", "--force", "--single-item", "train"]):
+        proc = dvc(*args)
+        if proc.returncode:
+            raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    fingerprint = adapter_fingerprint(workdir / "models/candidate/adapter")
+    return {"version": str(version), "commit": commit, "workdir": str(workdir), "recorded": v.tags.get("adapter_sha256"),
+            "reproduced": fingerprint, "match": fingerprint == v.tags.get("adapter_sha256")}

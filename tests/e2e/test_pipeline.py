@@ -91,8 +91,14 @@ def test_gate_policy_change_reruns_only_gate_and_register(project):
 def test_forgetting_profile_is_blocked(project):
     c = client(project)
     champion = c.get_model_version_by_alias("tunegate-demo", "champion").version
+    original = (project / "params.yaml").read_text()
     edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.005, "train.args.max_steps": 400})
-    proc = sh(project, "dvc", "repro")
+    try:
+        proc = sh(project, "dvc", "repro")
+    finally:
+        (project / "params.yaml").write_text(original)
+    restore = sh(project, "dvc", "repro")  # back to the default run: DVC's run cache restores it without training
+    assert "train" not in ran(restore.stdout)
     assert ran(proc.stdout) == ["mix", "train", "eval_candidate", "gate", "register"]  # eval_base is cached
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
     failed_roles = {c["role"] for c in verdict["checks"] if not c["passed"]}
@@ -106,3 +112,9 @@ def test_forgetting_profile_is_blocked(project):
     # the CLI refuses to promote it
     out = sh(project, "tunegate", "promote", newest.version, check=False)
     assert out.returncode == 2 and "gate did not pass" in out.stderr
+
+
+def test_reproduce_from_registry_matches(project, tmp_path):
+    version = client(project).get_model_version_by_alias("tunegate-demo", "champion").version
+    proc = sh(project, "tunegate", "reproduce", str(version), "--workdir", str(tmp_path / "again"))
+    assert "MATCH" in proc.stdout and "MISMATCH" not in proc.stdout
