@@ -65,7 +65,7 @@ def _chart(verdict: dict[str, Any], path: Path) -> None:
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("score")
     ax.set_title(f"gate {'PASSED' if verdict['passed'] else 'FAILED'}: base vs candidate")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)

@@ -16,7 +16,7 @@ from typing import Any
 from tunegate.errors import UserError
 from tunegate.io import sha256_tree
 
-SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.I)
+SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
 PROMOTIONS = "promotion_log"
 
@@ -106,7 +106,7 @@ def move_champion(c, name: str, version: str, reason: str, alias: str = "champio
         if adapter_fingerprint(local) != v.tags.get("adapter_sha256"):
             raise UserError(f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 (tampered?); refusing to promote")
     previous = champion(c, name, alias)
-    prev = previous.version if previous else None
+    prev = str(previous.version) if previous else None
     if prev == str(version):
         return prev
     c.set_registered_model_alias(name, alias, str(version))
