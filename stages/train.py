@@ -88,6 +88,24 @@ def _portable(adapter: Path, base_ref: str) -> None:
         config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
+    """Refuse, before training starts, a run whose estimated peak memory does not fit the device."""
+    from tunegate.preflight import GIB, Plan, Shape, available_bytes, check
+
+    c = model.config
+    params = sum(p.numel() for p in model.parameters())
+    shape = Shape(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size)
+    per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(c, "intermediate_size", 4 * c.hidden_size)
+    trainable = params if cfg.adapter == "full" else c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size)
+    plan = Plan(cfg.adapter, trainable, int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length", 1024)),
+                bool(args.get("gradient_checkpointing")), str(args.get("optim", "adamw_torch")), bool(args.get("bf16")))
+    device, free = available_bytes()
+    est = check(shape, plan, device, free)
+    log.info("preflight: estimated peak %.2f GiB (weights %.2f, trainable+optimizer %.2f, activations %.2f) of %.1f GiB free on %s",
+             est["total"] / GIB, est["weights"] / GIB, est["trainable"] / GIB, est["activations"] / GIB, free / GIB, device)
+    return est
+
+
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -122,6 +140,7 @@ def run(
     model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
+    estimate = _preflight(cfg, model, cfg.args)
     if cfg.adapter == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -205,6 +224,7 @@ def run(
         "probe_loss_last": round(probe[-1], 4) if probe else None,
         "trainable_parameters": trainable,
         "resumed_from": Path(resume).name if resume else None,
+        "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
         "adapter_sha256": sha256_tree(out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),
     }

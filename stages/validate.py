@@ -224,7 +224,7 @@ def main() -> None:
         cfg = load_config()
         tokenizer = load_tokenizer(load_manifest(cfg.paths.base), cfg.base.trust_remote_code)
         out = Path(cfg.paths.validated)
-        metrics = run(cfg.validate_, cfg.data.sources, tokenizer, out, Path("reports/data_docs"))
+        metrics = run(cfg.validate_, cfg.data.sources, tokenizer, out, Path(cfg.paths.data_docs))
         write_json(Path(cfg.paths.metrics) / "validate.json", metrics)
 
     stage_main("validate", body)

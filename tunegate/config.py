@@ -34,6 +34,7 @@ class Paths(_Section):
     evals: str = "evals"
     base: str = "models/base"
     validated: str = "data/validated"
+    data_docs: str = "reports/data_docs"
     dedup: str = "data/dedup"
     mix: str = "data/mix"
     train: str = "models/candidate"

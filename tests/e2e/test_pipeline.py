@@ -118,3 +118,21 @@ def test_reproduce_from_registry_matches(project, tmp_path):
     version = client(project).get_model_version_by_alias("tunegate-demo", "champion").version
     proc = sh(project, "tunegate", "reproduce", str(version), "--workdir", str(tmp_path / "again"))
     assert "MATCH" in proc.stdout and "MISMATCH" not in proc.stdout
+
+
+def test_logged_model_reloads_with_the_trained_weights(project):
+    """mlflow.transformers round trip: the registered champion gives the same logits as base + adapter."""
+    import mlflow
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    logged = mlflow.transformers.load_model("models:/tunegate-demo@champion", return_type="components")["model"].eval()
+    adapter = project / "models/candidate/adapter"
+    ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project / "models/base"), str(adapter)).eval()
+    tok = AutoTokenizer.from_pretrained(adapter)
+    ids = tok.apply_chat_template([{"role": "user", "content": "My lamp from order 12345 is broken, refund please"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(logged(ids).logits, ours(ids).logits, atol=1e-6)

@@ -125,3 +125,49 @@ def test_empty_training_set_is_refused(base, tmp_path):
 def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.args: .*learnin_rate"):
         train.run(Train(args={"learnin_rate": 1e-3}), 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+
+
+def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
+    cfg = Train(args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
+    with pytest.raises(UserError, match="estimated peak memory .* exceeds .* try per_device_train_batch_size 100000 -> 50000"):
+        train.run(cfg, 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+
+
+RESUME_SCRIPT = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from stages import train
+from tunegate.config import Lora, Train
+from tunegate.formats import load_source
+base, out, ckpt = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+rows = [r for r in load_source("domain", "data/raw/domain.jsonl")[0] if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
+args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 5, "max_length": 64}
+train.run(Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args), 1, base, False, rows, [], [], out, ckpt, out.parent / (out.name + ".csv"))
+"""
+
+
+def test_killed_run_resumes_to_the_same_adapter(base, tmp_path):
+    """SIGKILL mid-run, run again: it resumes from the last checkpoint and ends byte-identical."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(base), str(tmp_path / name), str(tmp_path / f"ckpt-{name}")],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    assert start("straight").wait(timeout=600) == 0
+    killed = start("killed")
+    deadline = time.time() + 600
+    while not list((tmp_path / "ckpt-killed").glob("checkpoint-1[05]")) and time.time() < deadline:
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed").exists()  # nothing half-written where the adapter goes
+    resumed = start("killed")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming from" in err
+    assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(tmp_path / "straight" / train.ADAPTER, "*.safetensors")

@@ -61,3 +61,11 @@ def test_wrong_schema_fails_clearly(tmp_path, tokenizer):
     path.write_text('{"question": "a", "reply": "b"}\n')
     with pytest.raises(UserError, match="odd.jsonl: no record has a known shape"):
         validate.run(Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+
+
+def test_data_docs_are_built(tmp_path, tokenizer):
+    path = tmp_path / "ok.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Track order {10000 + i}", "completion": "ok"}) + "\n" for i in range(5)))
+    validate.run(Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out", tmp_path / "docs")
+    assert (tmp_path / "docs" / "index.html").exists()
+    assert list((tmp_path / "docs").rglob("*.html"))
