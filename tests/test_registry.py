@@ -8,3 +8,44 @@ def test_secrets_are_redacted_by_key_and_by_value():
                   "note": "use hf_" + "a" * 30 + " here", "api_key": "k", "max_tokens": 5})
     assert out["hf_token"] == out["db.password"] == out["hub_token"] == out["note"] == out["api_key"] == "[redacted]"
     assert out["tokenizer_sha256"] == "abc" and out["max_tokens"] == "5"
+
+
+import pytest
+
+from tunegate.errors import UserError
+from tunegate.registry import adapter_fingerprint, champion, client, move_champion
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real local MLflow registry (SQLite) with two passing versions and one failing version."""
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    c.create_registered_model("m")
+    versions = []
+    for n, passed in enumerate(["true", "true", "false"]):
+        folder = tmp_path / f"model{n}" / "peft"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights %d" % n)
+        tags = {"gate_passed": passed, "adapter_sha256": adapter_fingerprint(folder.parent)}
+        versions.append(c.create_model_version("m", str(folder.parent), tags=tags).version)
+    return c, versions, tmp_path
+
+
+def test_promote_and_rollback_are_recorded(registry):
+    c, (v1, v2, _), _ = registry
+    assert move_champion(c, "m", str(v1), "first") is None
+    assert move_champion(c, "m", str(v2), "better") == str(v1)
+    assert str(champion(c, "m").version) == str(v2)
+    tags = c.get_model_version("m", str(v2)).tags
+    assert tags["previous_champion"] == str(v1)
+    assert any(k.startswith("promotion_log.") and "better" in v for k, v in tags.items())
+
+
+def test_failed_gate_and_tampered_files_are_refused(registry):
+    c, (v1, _, v3), tmp = registry
+    with pytest.raises(UserError, match="gate did not pass"):
+        move_champion(c, "m", str(v3), "no")
+    (tmp / "model0" / "peft" / "adapter_model.safetensors").write_bytes(b"swapped")
+    with pytest.raises(UserError, match="no longer match the registered adapter sha256"):
+        move_champion(c, "m", str(v1), "tampered")
+    assert champion(c, "m") is None
