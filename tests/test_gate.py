@@ -86,3 +86,15 @@ def test_bootstrap_bounds_bracket_mean():
     lower, upper = paired_bootstrap(diffs, 0.95, 2000, 0)
     assert lower < 0.5 < upper
     assert upper - lower == pytest.approx(0.16, abs=0.05)
+
+
+def test_per_check_confidence_widens_bounds():
+    rng = np.random.default_rng(4)
+    gen = rng.random(200) < 0.6
+    dom_b, dom_c = np.zeros(200), (rng.random(200) < 0.3)
+    base, cand = world(gen, gen, dom_b, dom_c)
+    strict = Policy.model_validate({**POLICY.model_dump(), "checks": [
+        {**POLICY.checks[1].model_dump(), "confidence": 0.999}]})
+    loose = decide(base, cand, POLICY)["checks"][1]
+    tight = decide(base, cand, strict)["checks"][0]
+    assert tight["lower"] < loose["lower"]

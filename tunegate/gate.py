@@ -25,6 +25,7 @@ class Check(BaseModel):
     direction: Literal["higher", "lower"] = "higher"
     margin: float = Field(0.0, ge=0)
     min_gain: float = Field(0.0, ge=0)
+    confidence: float | None = Field(None, gt=0.5, lt=1, description="overrides the policy's confidence for this check")
 
 
 class ChampionRule(BaseModel):
@@ -86,7 +87,7 @@ def judge(check: Check, ref: Samples, cand: Samples, policy: Policy, resamples: 
     if n == 0:
         return Outcome(check.task, check.metric, check.role, against, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), "-", False, "no paired samples (task missing from eval results?)")
     diffs = sign * (b - a)
-    lower, upper = paired_bootstrap(diffs, policy.confidence, resamples, seed)
+    lower, upper = paired_bootstrap(diffs, check.confidence or policy.confidence, resamples, seed)
     diff = float(diffs.mean())
     if check.role == "general" or against != "base":
         m = check.margin if margin is None else margin
