@@ -121,7 +121,7 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
 
     model = PeftModel.from_pretrained(load_model(base, cfg.base.trust_remote_code), str(adapter_dir))
     tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
-    local_base = Path(base["path"]).is_dir() and base["resolved_revision"] in ("local",) or base["model"] == "demo"
+    local_base = base["resolved_revision"] == "local" or base["model"] == "demo"  # no hub id to refer to
     requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")]
     return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},

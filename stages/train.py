@@ -162,7 +162,7 @@ def run(
         "bf16": False,
     }
     args = {**common, **cfg.args}
-    if probe_rows:
+    if probe_rows and cfg.method == "sft":  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", args.get("save_steps", 50))
     else:
@@ -174,7 +174,6 @@ def run(
             trainer_cls, trainer_args = DPOTrainer, DPOConfig(**args)
             train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])
             probe_ds = None
-            trainer_args.eval_strategy = "no"
         else:
             from trl import SFTConfig, SFTTrainer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.errors import UserError
-from tunegate.io import read_json, sha256_file
+from tunegate.io import read_json, sha256_file, sha256_of
 
 MANIFEST = "base.json"
 WEIGHT_GLOBS = ("*.safetensors",)
@@ -51,8 +51,6 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
         raise UserError(f"base.model {model!r}: no tokenizer files in {path}")
     cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
     template = cfg.get("chat_template") or ((path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else "")
-    from tunegate.io import sha256_of
-
     return {
         "model": model,
         "revision": revision,
