@@ -2,6 +2,7 @@
 
     python -m flows.retrain                        # check once, retrain if the base moved
     python -m flows.retrain --serve --cron "0 3 * * *"   # a deployment in the Prefect UI, on a schedule
+    tunegate serve --cron "0 3 * * *"                    # the same
 
 The watch resolves `base.model`@`base.revision` (a hub branch such as `main`, or a local folder) to
 its current revision and compares it with the last built `base.json`. When it moved, the pipeline

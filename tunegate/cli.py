@@ -6,6 +6,7 @@
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
+    tunegate serve --cron "0 3 * * *"   # scheduled retrain when the base model gets a new revision
     tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
 
 Heavy libraries are imported inside the commands, so `tunegate --help` starts instantly.
@@ -158,6 +159,18 @@ def reproduce(
     typer.echo(f"{verdict}: recorded adapter {result['recorded'][:16]}  reproduced {result['reproduced'][:16]}  (commit {result['commit'][:12]})")
     if not result["match"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(cron: str = typer.Option("0 3 * * *", help="when to check the base model for a new revision"),
+          root: Path = typer.Option(Path("."), help="project root")) -> None:
+    """Serve the scheduled retrain-on-base-update deployment (needs PREFECT_API_URL or a local Prefect server)."""
+    from tunegate.runtime import configure
+
+    configure()
+    from flows.retrain import retrain_on_base_update
+
+    retrain_on_base_update.serve(name="base-watch", cron=cron, parameters={"root": str(root.resolve())}, tags=["tunegate"], global_limit=1)
 
 
 @app.command("demo-data")
