@@ -18,6 +18,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,23 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
     return tags
 
 
+def _log_curves(path: Path) -> None:
+    """The training curves (loss, learning rate, grad norm, forgetting probe) as stepped MLflow metrics."""
+    import csv
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    if not path.exists():
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"curve.{key}", float(value), now, int(row["step"]))
+               for row in csv.DictReader(path.open()) for key, value in row.items() if key != "step" and value]
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):
+        mlflow.tracking.MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
 def _log_datasets(cfg: Config, mix: dict) -> None:
     """Training set, sources and eval sets as MLflow dataset inputs, with the real sha256 as digest."""
     import mlflow
@@ -161,6 +179,7 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
             numeric.update({f"eval.{side}.{t}.{m}": v for side, by_task in scores.items() for t, ms in by_task.items() for m, v in ms.items()})
             numeric["gate.passed"] = float(verdict["passed"])
             mlflow.log_metrics(numeric)
+            _log_curves(Path(cfg.paths.plots) / "train.csv")
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
             _log_datasets(cfg, mix)
             mlflow.log_artifacts(str(Path(cfg.paths.eval_candidate) / SAMPLES), artifact_path=EVAL_ARTIFACTS)

@@ -28,6 +28,7 @@ from tunegate.runtime import record_timing, seed_everything, stage_main
 log = logging.getLogger(__name__)
 
 ADAPTER = "adapter"
+MERGED = "merged"
 PLOT_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "probe_loss")
 
 
@@ -73,6 +74,22 @@ def _plot_callback(path: Path):
                 csv.writer(fh).writerow(row)
 
     return PlotRows()
+
+
+def merge(manifest: dict[str, Any], adapter: Path, out: Path, trust_remote_code: bool = False) -> None:
+    """Fold the adapter into a full-precision copy of the base and save it as plain safetensors.
+
+    The base is always loaded unquantised here, so a QLoRA adapter is merged into de-quantised
+    weights (merging into 4-bit layers would round the update away); the result loads in plain
+    transformers or any runner that reads safetensors, with no PEFT needed.
+    """
+    from peft import PeftModel
+
+    from tunegate.models import load_model, load_tokenizer
+
+    model = PeftModel.from_pretrained(load_model(manifest, trust_remote_code), str(adapter)).merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer({"path": str(adapter)}, trust_remote_code).save_pretrained(out)
 
 
 def _portable(adapter: Path, base_ref: str) -> None:
@@ -207,6 +224,8 @@ def run(
         _portable(tmp / ADAPTER, base_ref)
         write_json(tmp / "training_args.json", json.loads(trainer_args.to_json_string()))
         write_json(tmp / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
+        if cfg.merge and cfg.adapter != "full":
+            merge(manifest, tmp / ADAPTER, tmp / MERGED, trust_remote_code)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     history = trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]

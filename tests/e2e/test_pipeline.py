@@ -43,6 +43,7 @@ def test_first_run_registers_a_champion_with_provenance(project):
     assert v.tags["gate_passed"] == "true" and len(v.tags["adapter_sha256"]) == 64
     assert re.fullmatch(r"[0-9a-f]{40}", v.tags["git_commit"])
     assert c.get_model_version_by_alias("tunegate-demo", "champion").version == v.version
+    assert len(c.get_metric_history(v.run_id, "curve.loss")) >= 10  # the training curve, step by step
 
 
 def test_default_gate_passes_target_and_general(project):

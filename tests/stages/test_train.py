@@ -171,3 +171,22 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path):
     assert resumed.returncode == 0, err[-2000:]
     assert "resuming from" in err
     assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(tmp_path / "straight" / train.ADAPTER, "*.safetensors")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_merged_model_matches_base_plus_adapter(base, rows, tmp_path, adapter):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunegate.models import load_model
+
+    cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS, merge=True)
+    train.run(cfg, 1, base, False, rows[0], [], [], tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    merged_dir = tmp_path / "out" / train.MERGED
+    assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
+    with_adapter = PeftModel.from_pretrained(load_model(base), str(tmp_path / "out" / train.ADAPTER)).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
