@@ -170,7 +170,14 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
         exp = c.get_experiment_by_name(cfg.register_.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri())
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint))
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}") as active:
+        # A registration cut off earlier (server gone after the run was created) left a run with no
+        # version: remove it, so that one adapter ends with exactly one run and one version.
+        stale = f"tags.adapter_sha256 = '{fingerprint}' and tags.registration = 'started'"
+        for old in c.search_runs([exp_id], filter_string=stale):
+            log.warning("register: removing incomplete registration run %s of this adapter", old.info.run_id)
+            c.delete_run(old.info.run_id)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
+                              tags={"adapter_sha256": fingerprint, "registration": "started"}) as active:
             run_id = active.info.run_id
             params = redact(flatten(cfg))
             for start in range(0, len(params), 100):
@@ -191,6 +198,7 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
             info = _log_model(cfg, base, adapter_dir)
         mv = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id})
         version = mv.version
+        c.set_tag(run_id, "registration", "complete")
         log.info("register: %s v%s (run %s)", name, version, run_id)
 
     promoted = None
