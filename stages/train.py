@@ -124,9 +124,19 @@ def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    """The newest *complete* checkpoint. The trainer writes trainer_state.json last, so a checkpoint
+    without a readable one was cut off mid-save (a kill during saving): it is removed, not resumed."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def run(

@@ -147,8 +147,10 @@ train.run(Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args), 1, base, Fa
 """
 
 
-def test_killed_run_resumes_to_the_same_adapter(base, tmp_path):
-    """SIGKILL mid-run, run again: it resumes from the last checkpoint and ends byte-identical."""
+@pytest.mark.parametrize("kill_at", ["checkpoint-10", "checkpoint-1[05]/trainer_state.json"])
+def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, kill_at):
+    """SIGKILL mid-run (also while a checkpoint is being written), run again: it resumes from the last
+    complete checkpoint and ends byte-identical to an uninterrupted run."""
     import signal
     import subprocess
     import sys
@@ -161,8 +163,8 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path):
     assert start("straight").wait(timeout=600) == 0
     killed = start("killed")
     deadline = time.time() + 600
-    while not list((tmp_path / "ckpt-killed").glob("checkpoint-1[05]")) and time.time() < deadline:
-        time.sleep(0.2)
+    while not list((tmp_path / "ckpt-killed").glob(kill_at)) and time.time() < deadline:
+        time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed").exists()  # nothing half-written where the adapter goes
@@ -190,3 +192,13 @@ def test_merged_model_matches_base_plus_adapter(base, rows, tmp_path, adapter):
     ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-4)
+
+
+def test_incomplete_checkpoint_is_skipped(tmp_path):
+    good, cut = tmp_path / "checkpoint-5", tmp_path / "checkpoint-10"
+    good.mkdir()
+    (good / "trainer_state.json").write_text('{"global_step": 5}')
+    cut.mkdir()
+    (cut / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert train._last_checkpoint(tmp_path) == str(good)
+    assert not cut.exists()
