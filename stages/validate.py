@@ -30,6 +30,7 @@ PLACEHOLDER = r"\{[A-Za-z_][A-Za-z0-9_]*\}|\{\{[^}]*\}\}"
 SFT_ROLES = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
 PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
 QUARANTINE = "quarantine.jsonl"
+PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
 
@@ -162,15 +163,15 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
             kept.append(_mask(row, pii) if cfg.pii == "mask" and reasons else row)
         valid[name] = kept
         n_in = len(rows) + len(problems) + len(wrong_kind)
-        n_quarantined = n_in - len(kept)
         reasons = Counter(q["reason"] for q in quarantine if q["source"] == name)
+        n_quarantined = sum(reasons.values())  # counted from the quarantine itself, so `conserved` is a real check
         metrics["sources"][name] = {
             "format": fmt,
             "in": n_in,
             "kept": len(kept),
             "quarantined": n_quarantined,
             "reasons": dict(sorted(reasons.items())),
-            f"pii_{cfg.pii}ed" if cfg.pii != "report" else "pii_reported": dict(sorted(pii_masked.items())),
+            PII_KEY[cfg.pii]: dict(sorted(pii_masked.items())),
         }
         share = n_quarantined / n_in if n_in else 1.0
         if share > cfg.max_invalid_share:
