@@ -44,3 +44,28 @@ def test_local_tasks_score_and_keep_per_sample_outcomes(manifest, tmp_path, monk
     assert set(result["scores"]) == {"general_mc", "support_gen"}
     samples = read_jsonl(tmp_path / "out" / "samples" / "support_gen.jsonl")
     assert len(samples) == 8 and {"doc_id", "json_exact", "json_fields"} <= set(samples[0])
+
+
+def test_adapter_merged_in_memory_scores_like_lm_eval_peft(manifest, tmp_path, monkeypatch):
+    """eval.merge_adapter (the default, faster) gives the same per-sample outcomes as lm-eval's peft=."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model, load_tokenizer
+
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    # init_lora_weights=False: random A and B, so the adapter really changes the outputs
+    model = get_peft_model(load_model(manifest), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    load_tokenizer(manifest).save_pretrained(adapter)
+    tasks = ["general_mc", "support_gen"]
+    base = evaluate(Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "base", 1)
+    merged = evaluate(Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "merged", 1, adapter=adapter)
+    peft = evaluate(Eval(tasks=tasks, limit=8, merge_adapter=False), manifest, ROOT / "evals/tasks", tmp_path / "peft", 1, adapter=adapter)
+    assert merged["scores"] == peft["scores"]
+    for task in tasks:
+        assert read_jsonl(tmp_path / "merged" / "samples" / f"{task}.jsonl") == read_jsonl(tmp_path / "peft" / "samples" / f"{task}.jsonl")
+    base_samples = [read_jsonl(tmp_path / "base" / "samples" / f"{t}.jsonl") for t in tasks]
+    assert base_samples != [read_jsonl(tmp_path / "merged" / "samples" / f"{t}.jsonl") for t in tasks]

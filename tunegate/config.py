@@ -152,6 +152,7 @@ class Eval(_Section):
     limit: int | None = Field(None, ge=1, description="items per task (None: all); for quick looks, not for gates")
     batch_size: int = Field(32, ge=1)
     max_gen_toks: int = Field(48, ge=1)
+    merge_adapter: bool = Field(True, description="score base + adapter with the adapter merged in memory (faster); false: lm-eval's peft=")
 
 
 class Gate(_Section):
