@@ -38,16 +38,75 @@ def _roles(msgs: list[dict[str, str]]) -> str:
     return ",".join(m["role"] for m in msgs)
 
 
-def _table(rows: list[dict[str, Any]], tokenizer) -> Any:
-    """One line per row with the derived columns the expectations check."""
-    import pandas as pd
+class TokenCounter:
+    """Token counts under the base tokenizer, checked against [min_tokens, max_tokens] at the least cost.
 
-    def render(msgs: list[dict[str, str]]) -> str:
-        try:
+    For a byte-level BPE tokenizer with no normaliser (GPT-2, Llama 3, Qwen, Mistral Nemo and the
+    demo's), every token covers at least one byte and at most `longest` bytes, so
+    ceil(bytes / longest) <= tokens <= bytes. A row whose byte bounds already lie inside the limits
+    cannot fail the length check and is not tokenised; the rest (and every row of any other kind of
+    tokenizer) get an exact count from the Rust tokenizer in one batch. The `n_tokens` column then
+    holds the exact count or, for rows decided by the bounds, the upper bound.
+    """
+
+    use_bounds = True  # benchmarks/validate_cost.py turns it off to show what it saves
+
+    def __init__(self, tokenizer, min_tokens: int, max_tokens: int):
+        self.tokenizer, self.min_tokens, self.max_tokens = tokenizer, min_tokens, max_tokens
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.longest = None
+        if self.use_bounds and backend is not None and backend.normalizer is None and type(backend.pre_tokenizer).__name__ == "ByteLevel":
+            pieces = list(backend.get_vocab()) + [t.content for t in tokenizer.added_tokens_decoder.values()]
+            self.longest = max(len(p.encode()) for p in pieces)  # byte-level vocab: one char per byte
+
+    def count(self, texts: list[str]) -> list[int]:
+        counts = [len(t.encode()) for t in texts]
+        if self.longest:
+            todo = [i for i, b in enumerate(counts) if b > self.max_tokens or -(-b // self.longest) < self.min_tokens]
+        else:
+            todo = list(range(len(texts)))
+        if todo:
+            exact = self._exact([texts[i] for i in todo])
+            for i, n in zip(todo, exact):
+                counts[i] = n
+        return counts
+
+    def _exact(self, texts: list[str]) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch_fast"):
+            return [len(e) for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _renderer(tokenizer) -> Any:
+    """messages -> the text the trainer will see. The template is compiled once (transformers'
+    per-call apply_chat_template re-prepares it for every row); any other template falls back."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled = _compile_jinja_template(tokenizer.chat_template)
+        special = dict(tokenizer.special_tokens_map)
+
+        def render(msgs: list[dict[str, str]]) -> str:
+            return compiled.render(messages=msgs, add_generation_prompt=False, **special)
+    except Exception:  # no template string, or a transformers without the helper: the public API
+        def render(msgs: list[dict[str, str]]) -> str:
             return tokenizer.apply_chat_template(msgs, tokenize=False)
+
+    def safe(msgs: list[dict[str, str]]) -> str:
+        try:
+            return render(msgs)
         except Exception:  # a template that rejects the role order; the roles check reports it
             return "\n".join(m["content"] for m in msgs)
 
+    return safe
+
+
+def _table(rows: list[dict[str, Any]], tokenizer, counter: TokenCounter) -> Any:
+    """One line per row with the derived columns the expectations check."""
+    import pandas as pd
+
+    render = _renderer(tokenizer)
     records, rendered = [], []
     for row in rows:
         if row["kind"] == "sft":
@@ -70,8 +129,7 @@ def _table(rows: list[dict[str, Any]], tokenizer) -> Any:
             }
         )
         rendered.append(texts)
-    flat = [t for texts in rendered for t in texts]
-    lengths = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    lengths = iter(counter.count([t for texts in rendered for t in texts]))
     for rec, texts in zip(records, rendered):
         rec["n_tokens"] = max(next(lengths) for _ in texts)
     return pd.DataFrame.from_records(records)
@@ -136,6 +194,7 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     pii = {name: re.compile(p) for name, p in cfg.pii_patterns.items()}
+    counter = TokenCounter(tokenizer, cfg.min_tokens, cfg.max_tokens)
     metrics: dict[str, Any] = {"sources": {}}
     quarantine: list[dict[str, Any]] = []
     valid: dict[str, list[dict[str, Any]]] = {}
@@ -150,7 +209,7 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
             {"source": name, "line": r["line"], "id": r["id"], "reason": "wrong_format", "detail": f"{r['kind']} row in a {source.role} source"}
             for r in wrong_kind
         ]
-        failed = _run_suite(ctx, name, _table(rows, tokenizer), _expectations(cfg, expected_kind)) if rows else {}
+        failed = _run_suite(ctx, name, _table(rows, tokenizer, counter), _expectations(cfg, expected_kind)) if rows else {}
         kept, pii_masked = [], Counter()
         for row in rows:
             reasons = failed.get(row["id"], [])

@@ -15,7 +15,7 @@ import re
 import unicodedata
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,14 +58,18 @@ class MinHasher:
         b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
         return a, b
 
-    def signatures(self, shingle_sets: Sequence[Iterable[str]], chunk: int = 65536) -> np.ndarray:
-        """(n_docs, num_perm) uint32 signatures. One vectorised pass per permutation over a chunk of
-        documents keeps the temporaries small (memory bandwidth, not arithmetic, is the limit)."""
+    def signatures(self, items: Sequence, chunk: int = 65536, shingle: Callable[[str], Iterable[str]] | None = None) -> np.ndarray:
+        """(n_docs, num_perm) uint32 signatures of shingle sets, or of texts with `shingle` given (then
+        each chunk's shingles are made, hashed and freed: only the signatures stay in memory). One
+        vectorised pass per permutation over a chunk keeps the temporaries small (memory bandwidth,
+        not arithmetic, is the limit)."""
         a, b = self.params()
         shift = np.uint64(32)
-        out = np.empty((len(shingle_sets), self.num_perm), dtype=np.uint32)
-        for start in range(0, len(shingle_sets), chunk):
-            block = shingle_sets[start : start + chunk]
+        out = np.empty((len(items), self.num_perm), dtype=np.uint32)
+        for start in range(0, len(items), chunk):
+            block = items[start : start + chunk]
+            if shingle is not None:
+                block = [shingle(t) for t in block]
             hashes = [np.fromiter((zlib.crc32(s.encode()) for s in sh), dtype=np.uint64) for sh in block]
             lengths = np.array([len(h) for h in hashes])
             flat = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
@@ -154,9 +158,21 @@ def leaders(n: int, edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[
 
 def near_duplicates(texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
     """{index: (representative index, best verified similarity)} for every row that is a near copy of an earlier one."""
-    sets = [shingles(t, ngram) for t in texts]
-    sigs = MinHasher(num_perm, seed).signatures(sets)
-    return leaders(len(texts), verify(candidate_pairs(sigs, bands), sets, threshold, sigs))
+    sigs = MinHasher(num_perm, seed).signatures(texts, shingle=lambda t: shingles(t, ngram))
+    return leaders(len(texts), verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))
+
+
+class _ShingleCache:
+    """Shingle sets made on first use: verification touches only the rows in plausible pairs, so the
+    sets of all rows never sit in memory together (on 1M short rows they would take ~3 GiB)."""
+
+    def __init__(self, texts: Sequence[str], ngram: int):
+        self.texts, self.ngram, self.sets = texts, ngram, {}
+
+    def __getitem__(self, i: int) -> set[str]:
+        if (found := self.sets.get(i)) is None:
+            found = self.sets[i] = shingles(self.texts[i], self.ngram)
+        return found
 
 
 class ContaminationIndex:

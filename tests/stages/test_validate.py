@@ -69,3 +69,25 @@ def test_data_docs_are_built(tmp_path, tokenizer):
     validate.run(Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out", tmp_path / "docs")
     assert (tmp_path / "docs" / "index.html").exists()
     assert list((tmp_path / "docs").rglob("*.html"))
+
+
+def test_token_bounds_decide_exactly_like_counting(tokenizer):
+    """The byte-bound shortcut never changes a length verdict; rows near a limit are really tokenised."""
+    import random
+
+    rng = random.Random(0)
+    words = ["ok", "order", "12345", "refund", "été", "🙂", "the", "a", "\n", "   "]
+    texts = [" ".join(rng.choices(words, k=rng.randint(0, 120))) for _ in range(400)] + ["", "x", "xy"]
+    exact = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for low, high in [(2, 256), (1, 40), (10, 12), (0, 1000)]:
+        counter = validate.TokenCounter(tokenizer, low, high)
+        assert counter.longest, "the demo tokenizer is byte-level BPE: the bounds apply"
+        counts = counter.count(texts)
+        assert [low <= c <= high for c in counts] == [low <= e <= high for e in exact], (low, high)
+        assert all(c == e for c, e in zip(counts, exact) if not low <= e <= high)
+
+
+def test_compiled_template_renders_like_apply_chat_template(tokenizer):
+    render = validate._renderer(tokenizer)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {x}"}, {"role": "assistant", "content": "Hello."}]
+    assert render(msgs) == tokenizer.apply_chat_template(msgs, tokenize=False)
