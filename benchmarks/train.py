@@ -126,6 +126,13 @@ def _rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _weights_gib(model_dir: Path, four_bit: bool) -> float:
+    """Bytes of the loaded model's weights (transformers' get_memory_footprint), loaded as train loads it."""
+    from tunegate.models import load_model
+
+    return load_model({"path": str(model_dir)}, quantize_4bit=four_bit).get_memory_footprint() / 2**30
+
+
 def memory_child(model_dir: str, name: str) -> None:
     """One configuration in this process: print {estimate, peak} as JSON."""
     configure()
@@ -158,12 +165,14 @@ def memory() -> None:
             if done.returncode:
                 raise SystemExit(f"{name}: failed\n{done.stderr[-3000:]}")
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[name]["weights_gib"] = _weights_gib(model_dir, MEMORY_CONFIGS[name][0] == "qlora")  # in this process, after the child's peak
     print("~100M-parameter Llama (hidden 1024, 8 layers), batch 8 x 128 tokens, 3 steps, CPU; peak RSS per fresh process")
-    print("| config | preflight estimate (GiB) | measured: peak RSS - RSS after imports (GiB) | peak RSS (GiB) |\n|---|---|---|---|")
+    print("| config | preflight estimate (GiB) | measured: peak RSS - RSS after imports (GiB) | peak RSS (GiB) | weights (GiB) |\n|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['estimate_gib']:.2f} | {r['peak_gib'] - r['baseline_gib']:.2f} | {r['peak_gib']:.2f} |")
+        print(f"| {name} | {r['estimate_gib']:.2f} | {r['peak_gib'] - r['baseline_gib']:.2f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} |")
     q, l16 = results["qlora (NF4, bf16 compute)"], results["lora bf16 (16-bit)"]
-    print(f"QLoRA / 16-bit LoRA peak RSS: {q['peak_gib'] / l16['peak_gib']:.2f}x (training share: {(q['peak_gib'] - q['baseline_gib']) / (l16['peak_gib'] - l16['baseline_gib']):.2f}x)")
+    print(f"QLoRA / 16-bit LoRA: peak RSS {q['peak_gib'] / l16['peak_gib']:.2f}x, training share {(q['peak_gib'] - q['baseline_gib']) / (l16['peak_gib'] - l16['baseline_gib']):.2f}x, "
+          f"weights {q['weights_gib'] / l16['weights_gib']:.2f}x")
 
 
 # -- packing ---------------------------------------------------------------------------------------
