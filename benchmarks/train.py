@@ -54,8 +54,10 @@ def plain_trl(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Pa
     model = AutoModelForCausalLM.from_pretrained(manifest["path"])
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     lora = cfg.train.lora
-    args = SFTConfig(output_dir=str(out), seed=cfg.seed, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10,
-                     gradient_checkpointing=False, bf16=False, **{k: v for k, v in cfg.train.args.items() if k not in ("save_steps", "eval_steps", "per_device_eval_batch_size")})
+    settings = {"output_dir": str(out), "seed": cfg.seed, "data_seed": cfg.seed, "report_to": [], "use_cpu": True, "save_strategy": "no",
+                "gradient_checkpointing": False, "bf16": False, "full_determinism": True, "dataloader_num_workers": 0}
+    settings.update((k, v) for k, v in cfg.train.args.items() if k not in ("save_steps", "eval_steps", "per_device_eval_batch_size"))
+    args = SFTConfig(**settings)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     started = time.perf_counter()
