@@ -107,6 +107,8 @@ def _portable(adapter: Path, base_ref: str) -> None:
 
 def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
     """Refuse, before training starts, a run whose estimated peak memory does not fit the device."""
+    import torch
+
     from tunegate.preflight import GIB, Plan, Shape, available_bytes, check
 
     c = model.config
@@ -115,7 +117,8 @@ def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
     per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(c, "intermediate_size", 4 * c.hidden_size)
     trainable = params if cfg.adapter == "full" else c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size)
     plan = Plan(cfg.adapter, trainable, int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length", 1024)),
-                bool(args.get("gradient_checkpointing")), str(args.get("optim", "adamw_torch")), bool(args.get("bf16")))
+                bool(args.get("gradient_checkpointing")), str(args.get("optim", "adamw_torch")),
+                bool(args.get("bf16") or args.get("fp16")), model.dtype in (torch.bfloat16, torch.float16))
     device, free = available_bytes()
     est = check(shape, plan, device, free)
     log.info("preflight: estimated peak %.2f GiB (weights %.2f, trainable+optimizer %.2f, activations %.2f) of %.1f GiB free on %s",

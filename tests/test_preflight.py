@@ -30,3 +30,10 @@ def test_refusal_names_what_to_change():
 def test_small_run_fits():
     est = check(Shape(1_000_000, 4, 128, 1031), Plan("lora", 160_000, 16, 128), "cpu", 8 * GIB)
     assert est["total"] < 1 * GIB
+
+
+def test_a_16bit_checkpoint_halves_the_weights_not_the_activations():
+    fp32 = estimate(LLAMA_8B, Plan("lora", 40_000_000, 1, 1024))
+    bf16_weights = estimate(LLAMA_8B, Plan("lora", 40_000_000, 1, 1024, weights_16bit=True))
+    assert bf16_weights["weights"] == pytest.approx(fp32["weights"] / 2)
+    assert bf16_weights["activations"] == fp32["activations"]  # no mixed precision: norms and softmax run in fp32

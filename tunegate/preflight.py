@@ -3,6 +3,8 @@
 The estimate is the usual accounting for a decoder-only transformer (all in bytes):
 
     weights      params x bytes/param (fp32 4, bf16 2, NF4 0.5 + 1/64 for block scales)
+                 (a bf16 checkpoint without mixed precision: 16-bit weights, fp32-sized
+                 activations, since norms and softmax upcast; measured in benchmarks/train.py)
     trainable    trainable params x (weight 4 + grad 4 + optimizer states: AdamW 8, 8-bit AdamW 2)
     activations  batch x seq x layers x hidden x k, k = 34 bytes (fp32 ~2x) without gradient
                  checkpointing, 2 x bytes/value with it (one hidden state kept per layer)
@@ -37,13 +39,14 @@ class Plan:
     seq: int
     gradient_checkpointing: bool = False
     optim: str = "adamw_torch"
-    bf16: bool = False
+    bf16: bool = False  # mixed-precision training (train.args bf16 / fp16): 16-bit activations
+    weights_16bit: bool = False  # the base itself is loaded in bf16 / fp16
 
 
 def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     """Bytes per component and in total."""
     value_bytes = 2 if plan.bf16 else 4
-    weight_bytes = 0.5 + 1 / 64 if plan.adapter == "qlora" else value_bytes
+    weight_bytes = 0.5 + 1 / 64 if plan.adapter == "qlora" else 2 if plan.weights_16bit else value_bytes
     weights = shape.params * weight_bytes
     optimizer = 2 if "8bit" in plan.optim else 8
     trainable = plan.trainable * (4 + 4 + optimizer)
