@@ -9,7 +9,8 @@ Order matters and is deliberate:
    `dedup.contradictions` (keep_majority / keep_first / drop_all) before duplicates are collapsed,
    so the majority vote still counts every copy;
 3. exact duplicates after case / whitespace / punctuation / unicode normalisation;
-4. near duplicates: MinHash LSH on word n-grams, candidates verified by real Jaccard, union-find.
+4. near duplicates: MinHash LSH on word n-grams, candidates verified by real Jaccard, greedy leader
+   clustering (a row is dropped only for a verified resemblance to a row that is kept).
 Sources are processed in params order, so rows of an earlier source (domain) win over later ones.
 For every source: in = kept + dropped.
 """
