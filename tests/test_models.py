@@ -26,3 +26,18 @@ def test_local_folder_is_fingerprinted(tmp_path):
     path, rev = snapshot(str(tmp_path), "main")
     m = describe(path, str(tmp_path), "main", rev)
     assert rev == "local" and set(m["weights_sha256"]) == {"model.safetensors"} and m["chat_template_sha256"]
+
+
+def test_tokenizer_without_chat_template_gets_the_documented_default(tmp_path):
+    from tunegate.demo.model import train_tokenizer
+    from tunegate.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+
+    tok = train_tokenizer(["hello there", "general kenobi"] * 50, 300)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer({"path": str(tmp_path)})
+    assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+    prompt = [{"role": "user", "content": "Hi"}]
+    full = loaded.apply_chat_template(prompt + [{"role": "assistant", "content": "Hello."}], tokenize=False)
+    head = loaded.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert full.startswith(head) and full == f"user: Hi\nassistant: Hello.{loaded.eos_token}\n"

@@ -57,6 +57,13 @@ def _tokenizer(path: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
+def _base_tokenizer(pretrained: str, manifest: dict[str, Any], trust_remote_code: bool) -> Any:
+    """The base's tokenizer as training saw it (with the default chat template if it has none)."""
+    from tunegate.models import load_tokenizer
+
+    return load_tokenizer({**manifest, "path": pretrained}, trust_remote_code)
+
+
 def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path, seed: int, adapter: Path | None = None, full_model: Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
     import torch
@@ -79,7 +86,7 @@ def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path
     else:
         lm = HFLM(
             pretrained=pretrained,
-            tokenizer=str(adapter) if adapter else pretrained,
+            tokenizer=str(adapter) if adapter else _base_tokenizer(pretrained, manifest, trust_remote_code),
             peft=str(adapter) if adapter else None,
             batch_size=cfg.batch_size,
             max_length=None,

@@ -7,16 +7,27 @@ later stage loads from, so they all see the same resolved revision and files.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "base.json"
 WEIGHT_GLOBS = ("*.safetensors",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt"]
+# For a base whose tokenizer has no chat template (most pretrained-only checkpoints): plain role
+# prefixes, and the tokenizer's own EOS after each assistant turn so the model learns to stop. Saved
+# with the adapter's tokenizer, so evaluation and serving render exactly what training saw.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 def snapshot(model: str, revision: str) -> tuple[Path, str]:
@@ -78,6 +89,9 @@ def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        log.warning("%s: the tokenizer has no chat template; using tunegate's default (role: content, EOS after answers)", manifest["path"])
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
 
 
