@@ -76,6 +76,36 @@ def _plot_callback(path: Path):
     return PlotRows()
 
 
+def _probe_stop_callback(max_rise: float, state: dict[str, Any]):
+    """Stop training when the forgetting probe's loss rises more than max_rise above its lowest value.
+
+    The probe is held-out general data, so a rising probe loss while the training loss falls is
+    forgetting in progress; stopping keeps the adapter from the moment it was noticed.
+    """
+    from transformers import TrainerCallback
+
+    class ProbeStop(TrainerCallback):
+        def on_train_begin(self, args, trainer_state, control, **kwargs):
+            # a resumed run remembers the lowest probe loss from the checkpoint's log history
+            seen = [h["eval_loss"] for h in trainer_state.log_history if "eval_loss" in h]
+            if seen:
+                state["best"] = min(seen)
+
+        def on_evaluate(self, args, trainer_state, control, metrics=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None:
+                return
+            best = state.setdefault("best", loss)
+            state["best"] = min(best, loss)
+            if loss > state["best"] * (1 + max_rise):
+                state["stopped_at"] = trainer_state.global_step
+                log.warning("train: forgetting probe loss %.4f is %.0f%% above its lowest %.4f (train.probe_max_rise %.0f%%); stopping at step %d",
+                            loss, 100 * (loss / state["best"] - 1), state["best"], 100 * max_rise, trainer_state.global_step)
+                control.should_training_stop = True
+
+    return ProbeStop()
+
+
 def merge(manifest: dict[str, Any], adapter: Path, out: Path, trust_remote_code: bool = False) -> None:
     """Fold the adapter into a full-precision copy of the base and save it as plain safetensors.
 
@@ -215,6 +245,7 @@ def run(
     except ValueError as err:
         raise UserError(f"train.args: {err}") from None
 
+    probe_state: dict[str, Any] = {}
     trainer = trainer_cls(
         model=model,
         args=trainer_args,
@@ -222,7 +253,7 @@ def run(
         eval_dataset=probe_ds,
         processing_class=tokenizer,
         peft_config=peft_config(cfg),
-        callbacks=[_plot_callback(plot_path)],
+        callbacks=[_plot_callback(plot_path)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
     )
     resume = _last_checkpoint(ckpt_dir)
     if resume:
@@ -255,6 +286,7 @@ def run(
         "probe_loss_last": round(probe[-1], 4) if probe else None,
         "trainable_parameters": trainable,
         "resumed_from": Path(resume).name if resume else None,
+        "stopped_early_at": probe_state.get("stopped_at"),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
         "adapter_sha256": sha256_tree(out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),

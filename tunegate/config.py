@@ -145,6 +145,7 @@ class Train(_Section):
     # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
     args: dict[str, Any] = {}
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
+    probe_max_rise: float | None = Field(None, gt=0, description="stop early when the forgetting probe's loss rises this share above its lowest value (0.25 = 25%); None: never")
 
 
 class Eval(_Section):

@@ -202,3 +202,24 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (cut / "trainer_state.json").write_text('{"global_st')  # killed mid-write
     assert train._last_checkpoint(tmp_path) == str(good)
     assert not cut.exists()
+
+
+def test_probe_rise_stops_training_early(base, rows, tmp_path):
+    """A learning rate far too high makes the held-out probe loss climb: the run stops and says where."""
+    general = [r for r in __import__("tunegate.formats", fromlist=["load_source"]).load_source("general", ROOT / "data/raw/general.jsonl")[0]
+               if [m["role"] for m in r.get("messages", [])] == ["user", "assistant"]][:16]
+    args = {**ARGS, "max_steps": 12, "learning_rate": 0.05, "eval_steps": 1, "save_steps": 100, "per_device_eval_batch_size": 16}
+    stopped = train.run(Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2), 1, base, False, rows[0], [], general,
+                        tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv")
+    assert stopped["stopped_early_at"] is not None and stopped["steps"] == stopped["stopped_early_at"] < 12
+    assert (tmp_path / "a" / train.ADAPTER / "adapter_model.safetensors").exists()
+    full = train.run(Train(lora=Lora(r=4, alpha=8), args=args), 1, base, False, rows[0], [], general,
+                     tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv")
+    assert full["stopped_early_at"] is None and full["steps"] == 12
+
+
+def test_probe_max_rise_must_be_positive():
+    from tunegate.config import parse_config
+
+    with pytest.raises(UserError, match="train.probe_max_rise"):
+        parse_config({"data": {"sources": {"d": {"path": "x", "role": "domain"}}}, "eval": {"tasks": ["t"]}, "train": {"probe_max_rise": 0}})
