@@ -184,8 +184,15 @@ def run(
     ckpt_dir: Path,
     plot_path: Path,
     base_ref: str | None = None,
+    init_adapter: Path | None = None,
 ) -> dict[str, Any]:
-    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics."""
+    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
+
+    init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
+    DPO, TRL then uses a frozen copy of it as the reference model.
+    """
+    if cfg.method == "sft+dpo":
+        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref)
     data = pref_rows if cfg.method == "dpo" else train_rows
     if not data:
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
@@ -205,6 +212,10 @@ def run(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.args.get("gradient_checkpointing")))
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     common = {
         "output_dir": str(ckpt_dir),
@@ -252,7 +263,7 @@ def run(
         train_dataset=train_ds,
         eval_dataset=probe_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(cfg),
+        peft_config=None if init_adapter is not None else peft_config(cfg),
         callbacks=[_plot_callback(plot_path)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
     )
     resume = _last_checkpoint(ckpt_dir)
@@ -262,6 +273,8 @@ def run(
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
+    if "ref" in getattr(trainer.model, "peft_config", {}):
+        trainer.model.delete_adapter("ref")  # TRL's frozen DPO reference copy: not part of the result
     with atomic_path(out_dir) as tmp:
         trainer.save_model(str(tmp / ADAPTER))
         tokenizer.save_pretrained(tmp / ADAPTER)
@@ -287,10 +300,47 @@ def run(
         "trainable_parameters": trainable,
         "resumed_from": Path(resume).name if resume else None,
         "stopped_early_at": probe_state.get("stopped_at"),
+        **_dpo_rewards(history),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
         "adapter_sha256": sha256_tree(out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),
     }
+
+
+def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged DPO reward margin and accuracy (chosen over rejected), when there are any."""
+    last = next((h for h in reversed(history) if "rewards/margins" in h), None)
+    return {"dpo_reward_margin": round(last["rewards/margins"], 4), "dpo_reward_accuracy": round(last["rewards/accuracies"], 4)} if last else {}
+
+
+def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_code: bool, train_rows: list[dict[str, Any]],
+                  pref_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]], out_dir: Path, ckpt_dir: Path, plot_path: Path,
+                  base_ref: str | None) -> dict[str, Any]:
+    """SFT on the mixed set, then DPO on the preference rows starting from (and referenced to) that adapter.
+
+    Each phase checkpoints in its own folder under ckpt_dir; the SFT result is kept there until the
+    chain completes, so a run killed during DPO resumes DPO without redoing SFT. The output is one
+    adapter relative to the base, like any other run.
+    """
+    if cfg.adapter == "full":
+        raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
+    if not pref_rows:
+        raise UserError("train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)")
+    sft_dir = ckpt_dir / "sft-result"
+    done = sft_dir / "metrics.json"
+    if done.exists():
+        sft = json.loads(done.read_text())
+        log.info("train: SFT phase already complete (%s); continuing with DPO", sft_dir)
+    else:
+        sft_cfg = cfg.model_copy(update={"method": "sft"})
+        sft = run(sft_cfg, seed, manifest, trust_remote_code, train_rows, [], probe_rows, sft_dir, ckpt_dir / "sft", plot_path.with_name(plot_path.stem + "-sft.csv"), base_ref)
+        write_json(done, sft)
+    dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {**cfg.args, **cfg.dpo_args}})
+    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, ckpt_dir / "dpo", plot_path, base_ref, init_adapter=sft_dir / ADAPTER)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    write_json(out_dir / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
+    phase = ("steps", "train_loss", "final_loss", "probe_loss_first", "probe_loss_last", "stopped_early_at", "adapter_sha256", "seconds")
+    return {**dpo, "method": "sft+dpo", "sft": {k: sft.get(k) for k in phase}, "seconds": round(sft["seconds"] + dpo["seconds"], 1)}
 
 
 def main() -> None:

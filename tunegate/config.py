@@ -139,11 +139,12 @@ class Lora(_Section):
 
 
 class Train(_Section):
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference")
     adapter: Literal["lora", "qlora", "dora", "full"] = "lora"
     lora: Lora = Lora()
     # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
     args: dict[str, Any] = {}
+    dpo_args: dict[str, Any] = Field({}, description="sft+dpo only: overrides of `args` for the DPO phase (beta, loss_type, learning_rate, max_steps, ...)")
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
     probe_max_rise: float | None = Field(None, gt=0, description="stop early when the forgetting probe's loss rises this share above its lowest value (0.25 = 25%); None: never")
 

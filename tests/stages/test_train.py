@@ -142,22 +142,28 @@ from tunegate.config import Lora, Train
 from tunegate.formats import load_source
 base, out, ckpt = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 rows = [r for r in load_source("domain", "data/raw/domain.jsonl")[0] if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
+prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] if r["chosen"] != r["rejected"]][:32]
 args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 5, "max_length": 64}
-train.run(Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args), 1, base, False, rows, [], [], out, ckpt, out.parent / (out.name + ".csv"))
+if sys.argv[4] == "sft+dpo":
+    cfg = Train(method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, dpo_args={"max_steps": 20, "beta": 0.1})
+else:
+    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+train.run(cfg, 1, base, False, rows, prefs, [], out, ckpt, out.parent / (out.name + ".csv"))
 """
 
 
-@pytest.mark.parametrize("kill_at", ["checkpoint-10", "checkpoint-1[05]/trainer_state.json"])
-def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, kill_at):
-    """SIGKILL mid-run (also while a checkpoint is being written), run again: it resumes from the last
-    complete checkpoint and ends byte-identical to an uninterrupted run."""
+@pytest.mark.parametrize("method, kill_at", [("sft", "checkpoint-10"), ("sft", "checkpoint-1[05]/trainer_state.json"), ("sft+dpo", "dpo/checkpoint-10")])
+def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
+    """SIGKILL mid-run (also while a checkpoint is being written, and in the DPO phase of the SFT -> DPO
+    chain), run again: it resumes from the last complete checkpoint and ends byte-identical to an
+    uninterrupted run."""
     import signal
     import subprocess
     import sys
     import time
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(base), str(tmp_path / name), str(tmp_path / f"ckpt-{name}")],
+        return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(base), str(tmp_path / name), str(tmp_path / f"ckpt-{name}"), method],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     assert start("straight").wait(timeout=600) == 0
@@ -172,6 +178,8 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, kill_at):
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert "resuming from" in err
+    if method == "sft+dpo":
+        assert "SFT phase already complete" in err
     assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(tmp_path / "straight" / train.ADAPTER, "*.safetensors")
 
 
@@ -223,3 +231,48 @@ def test_probe_max_rise_must_be_positive():
 
     with pytest.raises(UserError, match="train.probe_max_rise"):
         parse_config({"data": {"sources": {"d": {"path": "x", "role": "domain"}}}, "eval": {"tasks": ["t"]}, "train": {"probe_max_rise": 0}})
+
+
+def _dpo_margin(base, prefs, adapter) -> float:
+    """Mean log-probability margin of chosen over rejected answers under base + adapter."""
+    import torch
+    from peft import PeftModel
+
+    from tunegate.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(base)
+    model = PeftModel.from_pretrained(load_model(base), str(adapter))
+    total = 0.0
+    for r in prefs[:16]:
+        prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        scores = []
+        for answer in (r["chosen"][0]["content"], r["rejected"][0]["content"]):
+            ids = tok(prompt + answer + tok.eos_token, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None])[:, 0]
+            scores.append(logp[n_prompt - 1 :].sum().item())
+        total += scores[0] - scores[1]
+    return total / 16
+
+
+def test_sft_then_dpo_continues_the_sft_adapter(base, rows, tmp_path):
+    sft_rows, prefs = rows
+    lora = Lora(r=8, alpha=16)
+    sft_only = train.run(Train(lora=lora, args=ARGS), 1, base, False, sft_rows, [], [], tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv")
+    cfg = Train(method="sft+dpo", lora=lora, args=ARGS, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
+    chain = train.run(cfg, 1, base, False, sft_rows, prefs, [], tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv")
+    assert chain["method"] == "sft+dpo" and chain["steps"] == 12 and chain["sft"]["steps"] == 4
+    assert chain["sft"]["adapter_sha256"] == sft_only["adapter_sha256"]  # the same SFT phase, deterministically
+    assert chain["adapter_sha256"] != sft_only["adapter_sha256"] and "dpo_reward_margin" in chain
+    adapter = tmp_path / "chain" / train.ADAPTER
+    assert sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []  # no leftover DPO reference adapter
+    assert not (tmp_path / "ck2").exists()
+    assert _dpo_margin(base, prefs, adapter) > _dpo_margin(base, prefs, tmp_path / "sft" / train.ADAPTER)
+
+
+def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
+    with pytest.raises(UserError, match="train.method sft\\+dpo: needs an adapter"):
+        train.run(Train(method="sft+dpo", adapter="full", args=ARGS), 1, base, False, rows[0], rows[1], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+    with pytest.raises(UserError, match="no preference rows"):
+        train.run(Train(method="sft+dpo", args=ARGS), 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
