@@ -349,6 +349,9 @@ def main() -> None:
 
         cfg = load_config()
         mix = Path(cfg.paths.mix)
+        for name in ("train.jsonl", "preferences.jsonl", "probe.jsonl"):
+            if not (mix / name).exists():
+                raise UserError(f"{mix / name}: missing; run the mix stage first (dvc repro mix)")
         manifest = load_manifest(cfg.paths.base)
         # Checkpoints are keyed by everything that defines the run, so a resume never mixes two configs.
         run_key = sha256_of([cfg.train.model_dump(), cfg.seed, sha256_file(mix / "train.jsonl"), sha256_file(mix / "preferences.jsonl"), manifest["weights_sha256"]])

@@ -276,3 +276,14 @@ def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
         train.run(Train(method="sft+dpo", adapter="full", args=ARGS), 1, base, False, rows[0], rows[1], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
     with pytest.raises(UserError, match="no preference rows"):
         train.run(Train(method="sft+dpo", args=ARGS), 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+
+
+def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "tunegate train: error: data/mix/train.jsonl: missing; run the mix stage first (dvc repro mix)"
