@@ -152,9 +152,27 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
 
 def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path],
         candidate_samples: dict, policy) -> dict[str, Any]:
+    from mlflow.exceptions import MlflowException
+    from requests import RequestException
+
+    uri = cfg.register_.tracking_uri
+    reachable(uri)
+    try:
+        return _register(cfg, base, mix, train_metrics, verdict, scores, adapter_dir, reports, candidate_samples, policy)
+    except (MlflowException, RequestException, ConnectionError) as err:
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        try:
+            reachable(uri)
+        except UserError:  # the server went away mid-registration
+            raise UserError(f"register.tracking_uri {uri}: lost the MLflow server during registration ({detail}); run `dvc repro` again once it is "
+                            "back: a cut-off registration is completed or cleaned up, and the adapter ends registered exactly once") from None
+        raise UserError(f"register: MLflow refused a request ({detail})") from None
+
+
+def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path],
+              candidate_samples: dict, policy) -> dict[str, Any]:
     import mlflow
 
-    reachable(cfg.register_.tracking_uri)
     c = client(cfg.register_.tracking_uri)
     name = cfg.register_.model_name
     fingerprint = adapter_fingerprint(adapter_dir)
@@ -162,6 +180,8 @@ def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, 
     if existing is not None:
         log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
         version, run_id = existing.version, existing.run_id
+        if c.get_run(run_id).data.tags.get("registration") != "complete":  # cut off right after the version was created
+            c.set_tag(run_id, "registration", "complete")
         # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
         c.set_model_version_tag(name, str(version), "gate_passed", str(verdict["passed"]).lower())
         c.set_model_version_tag(name, str(version), "gate_failed", "; ".join(verdict["failed"]))

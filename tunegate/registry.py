@@ -58,12 +58,8 @@ def reachable(tracking_uri: str) -> None:
 
 def find_version(c, name: str, fingerprint: str):
     """The existing version of `name` with this adapter fingerprint, if any (idempotent registration)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = c.search_model_versions(f"name = '{name}'")
-    except MlflowException:
-        return None
+    # No except here: a server error must not read as "not registered yet" (that would register twice).
+    versions = c.search_model_versions(f"name = '{name}'")
     return next((v for v in versions if v.tags.get("adapter_sha256") == fingerprint), None)
 
 
@@ -109,10 +105,12 @@ def move_champion(c, name: str, version: str, reason: str, alias: str = "champio
     prev = str(previous.version) if previous else None
     if prev == str(version):
         return prev
-    c.set_registered_model_alias(name, alias, str(version))
+    # The record is written before the move: a move cut off in between is retried and recorded again,
+    # but an alias never moves without a record of where it came from.
     stamp = _now()
     c.set_model_version_tag(name, str(version), f"{PROMOTIONS}.{stamp}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}")
     c.set_model_version_tag(name, str(version), "previous_champion", str(prev or ""))
+    c.set_registered_model_alias(name, alias, str(version))
     return prev
 
 

@@ -80,6 +80,48 @@ def test_unreachable_server_fails_cleanly(project):
         (project / "params.yaml").write_text(original)
 
 
+@pytest.mark.parametrize("cut_after", [
+    "runs/log-batch",          # the run exists, its params are half logged, no model version yet
+    "model-versions/create",   # the version exists, the run is not marked complete, no alias
+    "model-versions/set-tag",  # the promotion record is written, the alias has not moved
+])
+def test_server_dying_mid_registration_then_registers_exactly_once(project, mlflow_server, tmp_path, cut_after):
+    """The real server is cut off (a proxy in front of it goes away) at three points of a registration:
+    one clear line, no traceback; once it is back, the next run leaves exactly one version, with its
+    provenance tags, the champion alias, one complete run, and no run left marked incomplete."""
+    from tests.e2e.proxy import DyingProxy
+
+    original = (project / "params.yaml").read_text()
+    proxy = DyingProxy(int(mlflow_server.rsplit(":", 1)[1]), cut_after)
+    fast_fail = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    try:
+        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art")})
+        cut = sh(project, sys.executable, "-m", "stages.register", check=False, **fast_fail)
+        assert proxy.dead.is_set() and any(cut_after in p for p in proxy.paths), (proxy.paths, cut.stderr[-2000:])
+        assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
+        last = cut.stderr.strip().splitlines()[-1]
+        assert last.startswith("tunegate register: error: register.tracking_uri") and "lost the MLflow server during registration" in last
+
+        edit_params(project, **{"register.tracking_uri": mlflow_server})
+        sh(project, sys.executable, "-m", "stages.register")
+        result = json.loads((project / "reports/register.json").read_text())
+        api = f"{mlflow_server}/api/2.0/mlflow"
+        versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10).json()["model_versions"]
+        assert len(versions) == 1 and versions[0]["version"] == result["version"]
+        tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+        assert {"base_model", "base_revision", "train_sha256", "adapter_sha256", "git_commit", "dvc_lock_sha256", "gate_passed"} <= set(tags)
+        assert tags["adapter_sha256"] == result["adapter_sha256"] and tags["previous_champion"] == ""
+        model = requests.get(f"{api}/registered-models/get", params={"name": "tunegate-demo"}, timeout=10).json()["registered_model"]
+        assert model["aliases"] == [{"alias": "champion", "version": result["version"]}]
+        exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tunegate"}, timeout=10).json()["experiment"]
+        runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
+        assert [{t["key"]: t["value"] for t in r["data"]["tags"]}["registration"] for r in runs] == ["complete"]
+        assert runs[0]["info"]["run_id"] == result["run_id"]
+    finally:
+        proxy.kill()
+        (project / "params.yaml").write_text(original)
+
+
 def test_prefect_flow_runs_each_dvc_stage_as_a_task(project, tmp_path):
     import yaml
 

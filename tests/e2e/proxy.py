@@ -1,0 +1,77 @@
+"""A TCP proxy in front of a real server that "dies" after a set number of HTTP requests.
+
+Used to cut the MLflow server off in the middle of a registration at a chosen point: after the
+N-th request is forwarded, every connection is closed and new ones are refused, exactly what a
+client sees when the server process goes away. No MLflow code is replaced or mocked.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+
+REQUEST_LINE = re.compile(rb"(?:GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/1\.[01]\r\n")
+
+
+class DyingProxy:
+    """Forwards to target_port until the first request whose path contains `cut_after` has been
+    forwarded; the next request finds the server gone."""
+
+    def __init__(self, target_port: int, cut_after: str | None = None):
+        self.target_port, self.cut_after = target_port, cut_after
+        self.paths: list[str] = []
+        self.dead = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.dead.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while not self.dead.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_client:
+                    for match in REQUEST_LINE.finditer(data):
+                        with self._lock:
+                            if self.cut_after is not None and any(self.cut_after in path for path in self.paths):
+                                self.kill()
+                                return
+                            self.paths.append(match.group(1).decode())
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def kill(self) -> None:
+        """The server is gone: close everything and refuse new connections."""
+        self.dead.set()
+        for s in [self.listener, *self._conns]:
+            try:
+                s.close()
+            except OSError:
+                pass
