@@ -31,7 +31,7 @@ from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
 from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact
 from tunegate.runtime import stage_main
-from stages.train import ADAPTER
+from stages.train import ADAPTER, THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
 
 
 def _log_curves(path: Path) -> None:
-    """The training curves (loss, learning rate, grad norm, forgetting probe) as stepped MLflow metrics."""
+    """Training curves (loss, learning rate, grad norm, forgetting probe; tokens/s) as stepped MLflow metrics."""
     import csv
 
     import mlflow
@@ -207,6 +207,7 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
             numeric["gate.passed"] = float(verdict["passed"])
             mlflow.log_metrics(numeric)
             _log_curves(Path(cfg.paths.plots) / "train.csv")
+            _log_curves(Path(THROUGHPUT))
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
             _log_datasets(cfg, mix)
             mlflow.log_artifacts(str(Path(cfg.paths.eval_candidate) / SAMPLES), artifact_path=EVAL_ARTIFACTS)

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 ADAPTER = "adapter"
 MERGED = "merged"
 PLOT_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "probe_loss")
+THROUGHPUT = "reports/train_throughput.csv"  # step, tokens so far, tokens/s since the previous log (untracked)
+SPEED_FIELDS = ("step", "tokens", "tokens_per_second")
 
 
 def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,20 +55,34 @@ def peft_config(cfg: Train):
     )
 
 
-def _plot_callback(path: Path):
+def _plot_callback(path: Path, speed_path: Path | None = None):
     from transformers import TrainerCallback
 
     class PlotRows(TrainerCallback):
-        """Append each logged step to a CSV that `dvc plots show` draws (loss, lr, grad norm, probe)."""
+        """Append each logged step to a CSV that `dvc plots show` draws (loss, lr, grad norm, probe).
+
+        Tokens per second go to a separate, untracked CSV: a timing would make the DVC-tracked
+        plot differ between two otherwise identical runs."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if state.global_step == 0 or not path.exists():
-                with path.open("w", newline="") as fh:
-                    csv.writer(fh).writerow(PLOT_FIELDS)
+            for p, fields in ((path, PLOT_FIELDS), (speed_path, SPEED_FIELDS)):
+                if p is None:
+                    continue
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if state.global_step == 0 or not p.exists():
+                    with p.open("w", newline="") as fh:
+                        csv.writer(fh).writerow(fields)
+            self.last = (time.perf_counter(), None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
+            if "num_tokens" in logs and speed_path is not None:
+                now, tokens = time.perf_counter(), float(logs["num_tokens"])
+                since, before = self.last
+                if before is not None and tokens > before:
+                    with speed_path.open("a", newline="") as fh:
+                        csv.writer(fh).writerow([state.global_step, int(tokens), round((tokens - before) / (now - since), 1)])
+                self.last = (now, tokens)
             if "loss" not in logs and "eval_loss" not in logs:
                 return
             row = [state.global_step, logs.get("loss", ""), logs.get("learning_rate", ""), logs.get("grad_norm", ""), logs.get("eval_loss", "")]
@@ -185,6 +201,7 @@ def run(
     plot_path: Path,
     base_ref: str | None = None,
     init_adapter: Path | None = None,
+    speed_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
 
@@ -192,7 +209,7 @@ def run(
     DPO, TRL then uses a frozen copy of it as the reference model.
     """
     if cfg.method == "sft+dpo":
-        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref)
+        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref, speed_path)
     data = pref_rows if cfg.method == "dpo" else train_rows
     if not data:
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
@@ -264,7 +281,7 @@ def run(
         eval_dataset=probe_ds,
         processing_class=tokenizer,
         peft_config=None if init_adapter is not None else peft_config(cfg),
-        callbacks=[_plot_callback(plot_path)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
+        callbacks=[_plot_callback(plot_path, speed_path)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
     )
     resume = _last_checkpoint(ckpt_dir)
     if resume:
@@ -315,7 +332,7 @@ def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
 
 def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_code: bool, train_rows: list[dict[str, Any]],
                   pref_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]], out_dir: Path, ckpt_dir: Path, plot_path: Path,
-                  base_ref: str | None) -> dict[str, Any]:
+                  base_ref: str | None, speed_path: Path | None = None) -> dict[str, Any]:
     """SFT on the mixed set, then DPO on the preference rows starting from (and referenced to) that adapter.
 
     Each phase checkpoints in its own folder under ckpt_dir; the SFT result is kept there until the
@@ -336,7 +353,8 @@ def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_
         sft = run(sft_cfg, seed, manifest, trust_remote_code, train_rows, [], probe_rows, sft_dir, ckpt_dir / "sft", plot_path.with_name(plot_path.stem + "-sft.csv"), base_ref)
         write_json(done, sft)
     dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {**cfg.args, **cfg.dpo_args}})
-    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, ckpt_dir / "dpo", plot_path, base_ref, init_adapter=sft_dir / ADAPTER)
+    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, ckpt_dir / "dpo", plot_path, base_ref, init_adapter=sft_dir / ADAPTER,
+              speed_path=speed_path)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     write_json(out_dir / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
     phase = ("steps", "train_loss", "final_loss", "probe_loss_first", "probe_loss_last", "stopped_early_at", "adapter_sha256", "seconds")
@@ -367,6 +385,7 @@ def main() -> None:
             Path(cfg.paths.checkpoints) / f"train-{run_key[:12]}",
             Path(cfg.paths.plots) / "train.csv",
             base_ref=cfg.paths.base if cfg.base.is_demo else cfg.base.model,
+            speed_path=Path(THROUGHPUT),
         )
         seconds = metrics.pop("seconds")
         write_json(Path(cfg.paths.metrics) / "train.json", metrics)

@@ -287,3 +287,14 @@ def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "tunegate train: error: data/mix/train.jsonl: missing; run the mix stage first (dvc repro mix)"
+
+
+def test_tokens_per_second_are_logged_apart_from_the_tracked_plot(base, rows, tmp_path):
+    import csv
+
+    train.run(Train(lora=Lora(r=4, alpha=8), args=ARGS), 1, base, False, rows[0], [], [], tmp_path / "out", tmp_path / "ckpt",
+              tmp_path / "train.csv", speed_path=tmp_path / "speed.csv")
+    speed = list(csv.DictReader((tmp_path / "speed.csv").open()))
+    assert len(speed) == ARGS["max_steps"] - 1 and all(float(r["tokens_per_second"]) > 0 for r in speed)
+    assert [int(r["tokens"]) for r in speed] == sorted(int(r["tokens"]) for r in speed)
+    assert "tokens" not in (tmp_path / "train.csv").read_text().splitlines()[0]  # the DVC plot holds no timings
