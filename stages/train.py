@@ -6,7 +6,9 @@ A thin wrapper: the trainer is TRL's, adapters are PEFT's, 4-bit is bitsandbytes
 passed to TRL's SFTConfig / DPOConfig unchanged, so every TRL knob is available and TRL validates it.
 SFT rows are given to TRL as conversational prompt/completion pairs, so the loss is on the
 assistant's answer only, whatever the base's chat template. A small held-out general set is
-evaluated every `eval_steps` as a cheap forgetting probe (`eval_loss` beside the training loss).
+evaluated every `eval_steps` as a cheap forgetting probe (`eval_loss` beside the training loss);
+`train.probe_max_rise` stops the run when that loss climbs. `train.method: sft+dpo` runs SFT, then
+DPO from the SFT adapter against a frozen copy of it, and still writes one adapter.
 Checkpoints go to a persistent folder; a killed run resumes from the last one on the next repro.
 """
 
@@ -55,23 +57,32 @@ def peft_config(cfg: Train):
     )
 
 
-def _plot_callback(path: Path, speed_path: Path | None = None):
+def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int = 0):
     from transformers import TrainerCallback
 
     class PlotRows(TrainerCallback):
         """Append each logged step to a CSV that `dvc plots show` draws (loss, lr, grad norm, probe).
 
         Tokens per second go to a separate, untracked CSV: a timing would make the DVC-tracked
-        plot differ between two otherwise identical runs."""
+        plot differ between two otherwise identical runs. step_offset continues the steps of an
+        earlier phase in the same file (the DPO phase of sft+dpo follows the SFT phase's rows)."""
 
         def on_train_begin(self, args, state, control, **kwargs):
+            start = step_offset + state.global_step
             for p, fields in ((path, PLOT_FIELDS), (speed_path, SPEED_FIELDS)):
                 if p is None:
                     continue
                 p.parent.mkdir(parents=True, exist_ok=True)
-                if state.global_step == 0 or not p.exists():
+                if start == 0 or not p.exists():
                     with p.open("w", newline="") as fh:
                         csv.writer(fh).writerow(fields)
+                else:
+                    # Rows logged after the checkpoint a resumed run starts from are logged again
+                    # (identically) as it catches up: drop them so the file matches an uninterrupted run.
+                    with p.open(newline="") as fh:
+                        kept = [r for i, r in enumerate(csv.reader(fh)) if i == 0 or (r and int(r[0]) <= start)]
+                    with p.open("w", newline="") as fh:
+                        csv.writer(fh).writerows(kept)
             self.last = (time.perf_counter(), None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -81,11 +92,11 @@ def _plot_callback(path: Path, speed_path: Path | None = None):
                 since, before = self.last
                 if before is not None and tokens > before:
                     with speed_path.open("a", newline="") as fh:
-                        csv.writer(fh).writerow([state.global_step, int(tokens), round((tokens - before) / (now - since), 1)])
+                        csv.writer(fh).writerow([step_offset + state.global_step, int(tokens), round((tokens - before) / (now - since), 1)])
                 self.last = (now, tokens)
             if "loss" not in logs and "eval_loss" not in logs:
                 return
-            row = [state.global_step, logs.get("loss", ""), logs.get("learning_rate", ""), logs.get("grad_norm", ""), logs.get("eval_loss", "")]
+            row = [step_offset + state.global_step, logs.get("loss", ""), logs.get("learning_rate", ""), logs.get("grad_norm", ""), logs.get("eval_loss", "")]
             with path.open("a", newline="") as fh:
                 csv.writer(fh).writerow(row)
 
@@ -188,51 +199,10 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
-def run(
-    cfg: Train,
-    seed: int,
-    manifest: dict[str, Any],
-    trust_remote_code: bool,
-    train_rows: list[dict[str, Any]],
-    pref_rows: list[dict[str, Any]],
-    probe_rows: list[dict[str, Any]],
-    out_dir: Path,
-    ckpt_dir: Path,
-    plot_path: Path,
-    base_ref: str | None = None,
-    init_adapter: Path | None = None,
-    speed_path: Path | None = None,
-) -> dict[str, Any]:
-    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
-
-    init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
-    DPO, TRL then uses a frozen copy of it as the reference model.
-    """
-    if cfg.method == "sft+dpo":
-        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref, speed_path)
-    data = pref_rows if cfg.method == "dpo" else train_rows
-    if not data:
-        raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
-    seed_everything(seed)
+def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> dict[str, Any]:
+    """The keyword arguments for TRL's SFTConfig / DPOConfig: the stage's fixed settings, then
+    train.args, then (DPO only) train.dpo_args."""
     import torch
-    from datasets import Dataset
-
-    from tunegate.models import load_model, load_tokenizer
-
-    base_ref = base_ref or manifest["model"]
-    tokenizer = load_tokenizer(manifest, trust_remote_code)
-    model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
-    estimate = _preflight(cfg, model, cfg.args)
-    if cfg.adapter == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.args.get("gradient_checkpointing")))
-    if init_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     common = {
         "output_dir": str(ckpt_dir),
@@ -249,29 +219,91 @@ def run(
         "gradient_checkpointing": False,
         "bf16": False,
     }
-    args = {**common, **cfg.args}
-    if probe_rows and cfg.method == "sft":  # the forgetting probe is an SFT-style held-out loss
+    args = {**common, **cfg.args, **(cfg.dpo_args if cfg.method == "dpo" else {})}
+    if with_probe and cfg.method == "sft":  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", args.get("save_steps", 50))
     else:
         args["eval_strategy"] = "no"
+    return args
+
+
+def _trainer_config(cfg: Train, args: dict[str, Any]):
+    """TRL's config for the method; a bad name or value in train.args / train.dpo_args ends in one line."""
+    if cfg.method == "dpo":
+        from trl import DPOConfig as config_cls
+    else:
+        from trl import SFTConfig as config_cls
+    keys = "train.args" + (" / train.dpo_args" if cfg.method == "dpo" and cfg.dpo_args else "")
     try:
-        if cfg.method == "dpo":
-            from trl import DPOConfig, DPOTrainer
+        return config_cls(**args)
+    except (TypeError, ValueError) as err:  # an unknown key, or a value TRL rejects
+        raise UserError(f"{keys}: {err}") from None
 
-            trainer_cls, trainer_args = DPOTrainer, DPOConfig(**args)
-            train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])
-            probe_ds = None
-        else:
-            from trl import SFTConfig, SFTTrainer
 
-            trainer_cls, trainer_args = SFTTrainer, SFTConfig(**args)
-            train_ds = Dataset.from_list(to_prompt_completion(data))
-            probe_ds = Dataset.from_list(to_prompt_completion(probe_rows)) if probe_rows else None
-    except TypeError as err:  # an unknown key in train.args
-        raise UserError(f"train.args: {err}") from None
-    except ValueError as err:
-        raise UserError(f"train.args: {err}") from None
+def run(
+    cfg: Train,
+    seed: int,
+    manifest: dict[str, Any],
+    trust_remote_code: bool,
+    train_rows: list[dict[str, Any]],
+    pref_rows: list[dict[str, Any]],
+    probe_rows: list[dict[str, Any]],
+    out_dir: Path,
+    ckpt_dir: Path,
+    plot_path: Path,
+    base_ref: str | None = None,
+    init_adapter: Path | None = None,
+    speed_path: Path | None = None,
+    step_offset: int = 0,
+    recorded: Train | None = None,
+) -> dict[str, Any]:
+    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
+
+    init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
+    DPO, TRL then uses a frozen copy of it as the reference model. step_offset: where this run's
+    steps start in the plot files (after an earlier phase's). recorded: the config written to
+    train_config.json when it is not cfg (the chain records itself, not its DPO phase).
+    """
+    if cfg.method == "sft+dpo":
+        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref, speed_path)
+    data = pref_rows if cfg.method == "dpo" else train_rows
+    if not data:
+        raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
+    if cfg.probe_max_rise and cfg.method == "sft" and not probe_rows:
+        log.warning("train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop")
+    args = _trainer_args(cfg, seed, ckpt_dir, bool(probe_rows))
+    trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
+    seed_everything(seed)
+    from datasets import Dataset
+
+    from tunegate.models import load_model, load_tokenizer
+
+    base_ref = base_ref or manifest["model"]
+    tokenizer = load_tokenizer(manifest, trust_remote_code)
+    model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
+    estimate = _preflight(cfg, model, args)
+    if cfg.adapter == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args["gradient_checkpointing"]))
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+
+    if cfg.method == "dpo":
+        from trl import DPOTrainer as trainer_cls
+
+        train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])
+        probe_ds = None
+    else:
+        from trl import SFTTrainer as trainer_cls
+
+        train_ds = Dataset.from_list(to_prompt_completion(data))
+        probe_ds = Dataset.from_list(to_prompt_completion(probe_rows)) if probe_rows else None
 
     probe_state: dict[str, Any] = {}
     trainer = trainer_cls(
@@ -281,7 +313,7 @@ def run(
         eval_dataset=probe_ds,
         processing_class=tokenizer,
         peft_config=None if init_adapter is not None else peft_config(cfg),
-        callbacks=[_plot_callback(plot_path, speed_path)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
+        callbacks=[_plot_callback(plot_path, speed_path, step_offset)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
     )
     resume = _last_checkpoint(ckpt_dir)
     if resume:
@@ -297,7 +329,7 @@ def run(
         tokenizer.save_pretrained(tmp / ADAPTER)
         _portable(tmp / ADAPTER, base_ref)
         write_json(tmp / "training_args.json", json.loads(trainer_args.to_json_string()))
-        write_json(tmp / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
+        write_json(tmp / "train_config.json", {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
         if cfg.merge and cfg.adapter != "full":
             merge(manifest, tmp / ADAPTER, tmp / MERGED, trust_remote_code)
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
@@ -335,28 +367,41 @@ def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_
                   base_ref: str | None, speed_path: Path | None = None) -> dict[str, Any]:
     """SFT on the mixed set, then DPO on the preference rows starting from (and referenced to) that adapter.
 
-    Each phase checkpoints in its own folder under ckpt_dir; the SFT result is kept there until the
-    chain completes, so a run killed during DPO resumes DPO without redoing SFT. The output is one
-    adapter relative to the base, like any other run.
+    The DPO phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then
+    train.dpo_args. Both phases' TRL configs are checked before any training, so a typo in dpo_args
+    does not surface after the SFT phase has spent its compute. Each phase checkpoints in its own
+    folder under ckpt_dir; the SFT result is kept there until the chain completes, so a run killed
+    during DPO resumes DPO without redoing SFT. The output is one adapter relative to the base, like
+    any other run; the plot continues the SFT phase's steps with the DPO phase's.
     """
+    import dataclasses
+
+    from trl import DPOConfig
+
     if cfg.adapter == "full":
         raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
     if not pref_rows:
         raise UserError("train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)")
-    sft_dir = ckpt_dir / "sft-result"
-    done = sft_dir / "metrics.json"
+    if not train_rows:
+        raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
+    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
+    dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None})
+    sft_dir, sft_ckpt, dpo_ckpt = ckpt_dir / "sft-result", ckpt_dir / "sft", ckpt_dir / "dpo"
+    for phase_cfg, phase_ckpt in ((sft_cfg, sft_ckpt), (dpo_cfg, dpo_ckpt)):
+        _trainer_config(phase_cfg, _trainer_args(phase_cfg, seed, phase_ckpt, bool(probe_rows)))
+    done = sft_dir / "metrics.json"  # written after the SFT adapter: its existence means the phase completed
     if done.exists():
         sft = json.loads(done.read_text())
         log.info("train: SFT phase already complete (%s); continuing with DPO", sft_dir)
     else:
-        sft_cfg = cfg.model_copy(update={"method": "sft"})
-        sft = run(sft_cfg, seed, manifest, trust_remote_code, train_rows, [], probe_rows, sft_dir, ckpt_dir / "sft", plot_path.with_name(plot_path.stem + "-sft.csv"), base_ref)
+        log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(train_rows))
+        sft = run(sft_cfg, seed, manifest, trust_remote_code, train_rows, [], probe_rows, sft_dir, sft_ckpt, plot_path, base_ref, speed_path=speed_path)
         write_json(done, sft)
-    dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {**cfg.args, **cfg.dpo_args}})
-    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, ckpt_dir / "dpo", plot_path, base_ref, init_adapter=sft_dir / ADAPTER,
-              speed_path=speed_path)
+    log.info("train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter", len(pref_rows))
+    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, dpo_ckpt, plot_path, base_ref, init_adapter=sft_dir / ADAPTER,
+              speed_path=speed_path, step_offset=sft["steps"], recorded=cfg)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    write_json(out_dir / "train_config.json", {**cfg.model_dump(), "seed": seed, "base": manifest["model"]})
     phase = ("steps", "train_loss", "final_loss", "probe_loss_first", "probe_loss_last", "stopped_early_at", "adapter_sha256", "seconds")
     return {**dpo, "method": "sft+dpo", "sft": {k: sft.get(k) for k in phase}, "seconds": round(sft["seconds"] + dpo["seconds"], 1)}
 

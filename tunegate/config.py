@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunegate.errors import UserError
 
@@ -144,9 +144,24 @@ class Train(_Section):
     lora: Lora = Lora()
     # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
     args: dict[str, Any] = {}
-    dpo_args: dict[str, Any] = Field({}, description="sft+dpo only: overrides of `args` for the DPO phase (beta, loss_type, learning_rate, max_steps, ...)")
+    dpo_args: dict[str, Any] = Field({}, description="dpo and sft+dpo: overrides of `args` for DPO training (beta, loss_type, learning_rate, max_steps, ...)")
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
     probe_max_rise: float | None = Field(None, gt=0, description="stop early when the forgetting probe's loss rises this share above its lowest value (0.25 = 25%); None: never")
+
+    # A setting the chosen method would ignore is reported, not skipped silently.
+    @field_validator("dpo_args")
+    @classmethod
+    def _dpo_args_need_dpo(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if value and info.data.get("method") == "sft":
+            raise ValueError("only used when train.method is dpo or sft+dpo (remove it, or move these keys to train.args)")
+        return value
+
+    @field_validator("probe_max_rise")
+    @classmethod
+    def _probe_needs_sft(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("method") == "dpo":
+            raise ValueError("the forgetting probe runs during SFT only (train.method sft or sft+dpo); set it to null for dpo")
+        return value
 
 
 class Eval(_Section):

@@ -94,8 +94,9 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
     from tunegate.models import load_model, load_tokenizer
 
     prefs = rows[1]
-    cfg = Train(method="dpo", adapter="lora", lora=Lora(r=8, alpha=16), args={**ARGS, "max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
-    train.run(cfg, 1, base, False, [], prefs, [], tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    cfg = Train(method="dpo", adapter="lora", lora=Lora(r=8, alpha=16), args={**ARGS, "learning_rate": 1e-2}, dpo_args={"max_steps": 12, "beta": 0.1})
+    metrics = train.run(cfg, 1, base, False, [], prefs, [], tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    assert metrics["steps"] == 12  # train.dpo_args overrides train.args
     tok = load_tokenizer(base)
 
     def margin(model) -> float:
@@ -181,6 +182,8 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at)
     if method == "sft+dpo":
         assert "SFT phase already complete" in err
     assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(tmp_path / "straight" / train.ADAPTER, "*.safetensors")
+    # rows logged between the last checkpoint and the kill are not doubled in the DVC plot
+    assert (tmp_path / "killed.csv").read_text() == (tmp_path / "straight.csv").read_text()
 
 
 @pytest.mark.parametrize("adapter", ["lora", "qlora"])
@@ -212,7 +215,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert not cut.exists()
 
 
-def test_probe_rise_stops_training_early(base, rows, tmp_path):
+def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
     """A learning rate far too high makes the held-out probe loss climb: the run stops and says where."""
     general = [r for r in __import__("tunegate.formats", fromlist=["load_source"]).load_source("general", ROOT / "data/raw/general.jsonl")[0]
                if [m["role"] for m in r.get("messages", [])] == ["user", "assistant"]][:16]
@@ -220,17 +223,27 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path):
     stopped = train.run(Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2), 1, base, False, rows[0], [], general,
                         tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv")
     assert stopped["stopped_early_at"] is not None and stopped["steps"] == stopped["stopped_early_at"] < 12
+    warned = [r.getMessage() for r in caplog.records if "forgetting probe loss" in r.getMessage()]
+    assert len(warned) == 1 and f"stopping at step {stopped['steps']}" in warned[0] and "train.probe_max_rise 20%" in warned[0]
     assert (tmp_path / "a" / train.ADAPTER / "adapter_model.safetensors").exists()
     full = train.run(Train(lora=Lora(r=4, alpha=8), args=args), 1, base, False, rows[0], [], general,
                      tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv")
     assert full["stopped_early_at"] is None and full["steps"] == 12
 
 
-def test_probe_max_rise_must_be_positive():
+@pytest.mark.parametrize("train_section, message", [
+    ({"probe_max_rise": 0}, "train.probe_max_rise: Input should be greater than 0"),
+    ({"method": "dpo", "probe_max_rise": 0.25}, "train.probe_max_rise: .*SFT only"),
+    ({"dpo_args": {"beta": 0.1}}, "train.dpo_args: .*only used when train.method is dpo or sft\\+dpo"),
+    ({"method": "sft+dpo", "dpo_args": [0.1]}, "train.dpo_args: Input should be a valid dictionary"),
+    ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo' or 'sft\\+dpo'"),
+    ({"method": "sft+dpo", "dpo": {"beta": 0.1}}, "train.dpo: Extra inputs are not permitted"),
+])
+def test_bad_train_settings_are_named(train_section, message):
     from tunegate.config import parse_config
 
-    with pytest.raises(UserError, match="train.probe_max_rise"):
-        parse_config({"data": {"sources": {"d": {"path": "x", "role": "domain"}}}, "eval": {"tasks": ["t"]}, "train": {"probe_max_rise": 0}})
+    with pytest.raises(UserError, match=f"^params.yaml: {message}"):
+        parse_config({"data": {"sources": {"d": {"path": "x", "role": "domain"}}}, "eval": {"tasks": ["t"]}, "train": train_section})
 
 
 def _dpo_margin(base, prefs, adapter) -> float:
@@ -257,18 +270,52 @@ def _dpo_margin(base, prefs, adapter) -> float:
 
 
 def test_sft_then_dpo_continues_the_sft_adapter(base, rows, tmp_path):
+    import csv
+
     sft_rows, prefs = rows
     lora = Lora(r=8, alpha=16)
-    sft_only = train.run(Train(lora=lora, args=ARGS), 1, base, False, sft_rows, [], [], tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv")
-    cfg = Train(method="sft+dpo", lora=lora, args=ARGS, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
+    args = {**ARGS, "completion_only_loss": True}  # an SFT-only key: the DPO phase goes without it
+    sft_only = train.run(Train(lora=lora, args=args), 1, base, False, sft_rows, [], [], tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv")
+    cfg = Train(method="sft+dpo", lora=lora, args=args, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
     chain = train.run(cfg, 1, base, False, sft_rows, prefs, [], tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv")
     assert chain["method"] == "sft+dpo" and chain["steps"] == 12 and chain["sft"]["steps"] == 4
     assert chain["sft"]["adapter_sha256"] == sft_only["adapter_sha256"]  # the same SFT phase, deterministically
-    assert chain["adapter_sha256"] != sft_only["adapter_sha256"] and "dpo_reward_margin" in chain
+    assert chain["adapter_sha256"] != sft_only["adapter_sha256"]
+    assert chain["sft"]["final_loss"] > 0 and isinstance(chain["dpo_reward_margin"], float) and 0 <= chain["dpo_reward_accuracy"] <= 1
     adapter = tmp_path / "chain" / train.ADAPTER
     assert sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []  # no leftover DPO reference adapter
+    assert json.loads((tmp_path / "chain" / "train_config.json").read_text())["method"] == "sft+dpo"
     assert not (tmp_path / "ck2").exists()
+    # one plot, the DPO phase's steps following the SFT phase's
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "b.csv").open())] == list(range(1, 17))
+    assert sorted(p.name for p in tmp_path.glob("*.csv")) == ["a.csv", "b.csv"]
     assert _dpo_margin(base, prefs, adapter) > _dpo_margin(base, prefs, tmp_path / "sft" / train.ADAPTER)
+
+
+@pytest.mark.parametrize("adapter", ["dora", "qlora"])
+def test_sft_then_dpo_with_other_adapters(base, rows, tmp_path, adapter):
+    """The chain works for every adapter kind: one adapter out, loadable on the base, not the SFT phase's."""
+    from peft import PeftModel
+
+    from tunegate.models import load_model
+
+    cfg = Train(method="sft+dpo", adapter=adapter, lora=Lora(r=4, alpha=8), args={**ARGS, "max_steps": 2}, dpo_args={"max_steps": 2, "learning_rate": 1e-2})
+    chain = train.run(cfg, 1, base, False, rows[0], rows[1], [], tmp_path / "out", tmp_path / "ck", tmp_path / "p.csv")
+    assert chain["steps"] == 2 and chain["sft"]["steps"] == 2 and chain["adapter_sha256"] != chain["sft"]["adapter_sha256"]
+    saved = tmp_path / "out" / train.ADAPTER
+    assert [p.name for p in saved.iterdir() if p.is_dir()] == []
+    assert json.loads((saved / "adapter_config.json").read_text())["use_dora"] is (adapter == "dora")
+    model = PeftModel.from_pretrained(load_model(base), str(saved))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_sft_then_dpo_checks_the_dpo_settings_before_training(base, rows, tmp_path):
+    """A typo in dpo_args (or an SFT-only key there) stops the chain before the SFT phase spends anything."""
+    for dpo_args, bad in (({"bta": 0.1}, "bta"), ({"packing": True}, "packing")):
+        cfg = Train(method="sft+dpo", args=ARGS, dpo_args=dpo_args)
+        with pytest.raises(UserError, match=f"train.args / train.dpo_args: .*'{bad}'"):
+            train.run(cfg, 1, base, False, rows[0], rows[1], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
@@ -298,3 +345,18 @@ def test_tokens_per_second_are_logged_apart_from_the_tracked_plot(base, rows, tm
     assert len(speed) == ARGS["max_steps"] - 1 and all(float(r["tokens_per_second"]) > 0 for r in speed)
     assert [int(r["tokens"]) for r in speed] == sorted(int(r["tokens"]) for r in speed)
     assert "tokens" not in (tmp_path / "train.csv").read_text().splitlines()[0]  # the DVC plot holds no timings
+
+
+def test_plot_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """A resumed run logs again the steps between its checkpoint and the kill: the plot keeps one copy."""
+    from types import SimpleNamespace
+
+    plot = tmp_path / "train.csv"
+    plot.write_text("step,loss,learning_rate,grad_norm,probe_loss\n" + "".join(f"{i},1.0,,,\n" for i in range(1, 9)))
+    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=5), None)
+    assert [line.split(",")[0] for line in plot.read_text().splitlines()] == ["step", "1", "2", "3", "4", "5"]
+    # the DPO phase of sft+dpo, resumed at its step 1, continues after the SFT phase's 3 steps
+    train._plot_callback(plot, step_offset=3).on_train_begin(None, SimpleNamespace(global_step=1), None)
+    assert [line.split(",")[0] for line in plot.read_text().splitlines()] == ["step", "1", "2", "3", "4"]
+    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=0), None)
+    assert plot.read_text() == "step,loss,learning_rate,grad_norm,probe_loss\n"  # a fresh run starts a fresh plot
