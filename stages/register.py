@@ -29,7 +29,7 @@ from tunegate.config import Config, flatten, load_config
 from tunegate.evaluation import SAMPLES
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
-from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact
+from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact, settle
 from tunegate.runtime import stage_main
 from stages.train import ADAPTER, THROUGHPUT
 
@@ -180,8 +180,6 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
     if existing is not None:
         log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
         version, run_id = existing.version, existing.run_id
-        if c.get_run(run_id).data.tags.get("registration") != "complete":  # cut off right after the version was created
-            c.set_tag(run_id, "registration", "complete")
         # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
         c.set_model_version_tag(name, str(version), "gate_passed", str(verdict["passed"]).lower())
         c.set_model_version_tag(name, str(version), "gate_failed", "; ".join(verdict["failed"]))
@@ -190,12 +188,6 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
         exp = c.get_experiment_by_name(cfg.register_.experiment)
         exp_id = exp.experiment_id if exp else c.create_experiment(cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri())
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint))
-        # A registration cut off earlier (server gone after the run was created) left a run with no
-        # version: remove it, so that one adapter ends with exactly one run and one version.
-        stale = f"tags.adapter_sha256 = '{fingerprint}' and tags.registration = 'started'"
-        for old in c.search_runs([exp_id], filter_string=stale):
-            log.warning("register: removing incomplete registration run %s of this adapter", old.info.run_id)
-            c.delete_run(old.info.run_id)
         with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
                               tags={"adapter_sha256": fingerprint, "registration": "started"}) as active:
             run_id = active.info.run_id
@@ -217,10 +209,9 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
                 elif path.exists():
                     mlflow.log_artifact(str(path), artifact_path="provenance")
             info = _log_model(cfg, base, adapter_dir)
-        mv = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id})
-        version = mv.version
-        c.set_tag(run_id, "registration", "complete")
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id}).version
         log.info("register: %s v%s (run %s)", name, version, run_id)
+    version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
 
     promoted = None
     beats = beats_champion(c, cfg, version, candidate_samples, policy) if verdict["passed"] else (True, [])

@@ -8,6 +8,8 @@ to versions whose gate passed and whose adapter files still match the recorded s
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -19,6 +21,8 @@ from tunegate.io import sha256_tree
 SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
 PROMOTIONS = "promotion_log"
+
+log = logging.getLogger(__name__)
 
 
 def redact(items: dict[str, Any]) -> dict[str, str]:
@@ -60,7 +64,47 @@ def find_version(c, name: str, fingerprint: str):
     """The existing version of `name` with this adapter fingerprint, if any (idempotent registration)."""
     # No except here: a server error must not read as "not registered yet" (that would register twice).
     versions = c.search_model_versions(f"name = '{name}'")
-    return next((v for v in versions if v.tags.get("adapter_sha256") == fingerprint), None)
+    # the oldest, should a retried request have left a duplicate (settle removes it)
+    return min((v for v in versions if v.tags.get("adapter_sha256") == fingerprint), key=lambda v: int(v.version), default=None)
+
+
+def settle(c, name: str, fingerprint: str, run_id: str) -> str:
+    """Leave this adapter with exactly one version and one complete run, whatever an earlier cut-off or a
+    retried request left behind; returns the version kept.
+
+    MLflow's HTTP layer retries a POST whose answer was lost, so a blip of the server can make one
+    registration create its run or its version twice; a registration cut off before this point left
+    its run marked `registration=started` (and runs of earlier cut-offs with no version at all).
+    Every step is idempotent, and the run is marked complete last: a cut-off here is settled next time.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    mine = sorted((v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("adapter_sha256") == fingerprint and v.run_id == run_id),
+                  key=lambda v: int(v.version))
+    kept = mine[0]
+    for extra in mine[1:]:
+        log.warning("register: removing %s v%s, a duplicate of v%s made by a retried request", name, extra.version, kept.version)
+        c.delete_model_version(name, str(extra.version))
+    # The logged model lists the versions made from it (the MLflow UI links them): none deleted above.
+    # The REST API leaves a version's model_id out; its source is models:/<model_id>.
+    source = kept.source or ""
+    model_id = kept.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+    if model_id:
+        links = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        if {str(link.get("version")) for link in links if link.get("name") == name} != {str(kept.version)}:
+            wanted = [link for link in links if link.get("name") != name] + [{"name": name, "version": str(kept.version)}]
+            c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
+    if not run_id:  # a version registered by hand, outside any run: nothing more to settle
+        return str(kept.version)
+    run = c.get_run(run_id)
+    stale = f"tags.adapter_sha256 = '{fingerprint}' and tags.registration = 'started'"
+    for old in c.search_runs([run.info.experiment_id], filter_string=stale):
+        if old.info.run_id != run_id:
+            log.warning("register: removing incomplete registration run %s of this adapter", old.info.run_id)
+            c.delete_run(old.info.run_id)
+    if run.data.tags.get("registration") != "complete":
+        c.set_tag(run_id, "registration", "complete")
+    return str(kept.version)
 
 
 def adapter_fingerprint(adapter_dir: Path) -> str:

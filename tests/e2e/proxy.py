@@ -2,7 +2,8 @@
 
 Used to cut the MLflow server off in the middle of a registration at a chosen point: after the
 N-th request is forwarded, every connection is closed and new ones are refused, exactly what a
-client sees when the server process goes away. No MLflow code is replaced or mocked.
+client sees when the server process goes away. It can also lose one answer and stay up (a blip:
+the server did the work, the client never heard). No MLflow code is replaced or mocked.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ REQUEST_LINE = re.compile(rb"(?:GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/1\.[0
 
 class DyingProxy:
     """Forwards to target_port until the first request whose path contains `cut_after` has been
-    forwarded; the next request finds the server gone."""
+    forwarded; the next request finds the server gone. The server's answers to the first request
+    whose path contains each of `lose_answers_to` are dropped (connection closed instead)."""
 
-    def __init__(self, target_port: int, cut_after: str | None = None):
+    def __init__(self, target_port: int, cut_after: str | None = None, lose_answers_to: tuple[str, ...] = ()):
         self.target_port, self.cut_after = target_port, cut_after
+        self.lose_answers_to = list(lose_answers_to)
+        self.lost: list[str] = []
         self.paths: list[str] = []
         self.dead = threading.Event()
         self._lock = threading.Lock()
@@ -41,10 +45,11 @@ class DyingProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            conn = {"lose": False}  # shared by the two directions of one connection
+            threading.Thread(target=self._pump, args=(client, upstream, True, conn), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool, conn: dict) -> None:
         try:
             while not self.dead.is_set():
                 data = src.recv(65536)
@@ -56,7 +61,17 @@ class DyingProxy:
                             if self.cut_after is not None and any(self.cut_after in path for path in self.paths):
                                 self.kill()
                                 return
-                            self.paths.append(match.group(1).decode())
+                            path = match.group(1).decode()
+                            self.paths.append(path)
+                            # HTTP/1.1 clients wait for an answer before the next request on a
+                            # connection, so the next bytes from the server are this request's answer
+                            lose = next((p for p in self.lose_answers_to if p in path), None)
+                            if lose is not None:
+                                self.lose_answers_to.remove(lose)
+                                self.lost.append(path)
+                                conn["lose"] = True
+                elif conn["lose"]:
+                    break  # the server answered; the client never hears it
                 dst.sendall(data)
         except OSError:
             pass

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.slow
 SECRET = "hf_" + "S3cr3tT0kenThatMustNeverLeak0123456789"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One real server for the module; tests that need an empty registry use a model name of their own."""
+    tmp_path = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -44,12 +46,10 @@ def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
         again = sh(project, sys.executable, "-m", "stages.register")  # idempotent: same adapter, same version
         assert json.loads((project / "reports/register.json").read_text())["version"] == result["version"]
         assert "reusing it" in again.stderr
+        assert_registered_once(mlflow_server, result, experiment="tunegate")  # what the MLflow UI shows
 
         api = f"{mlflow_server}/api/2.0/mlflow"
-        model = requests.get(f"{api}/registered-models/get", params={"name": "tunegate-demo"}, timeout=10).json()["registered_model"]
-        assert {"alias": "champion", "version": result["version"]} in model.get("aliases", []), model
         versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10).json()["model_versions"]
-        assert len(versions) == 1
         tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
         assert tags["base_model"] == "demo" and tags["gate_passed"] == "true"
 
@@ -94,8 +94,10 @@ def test_server_dying_mid_registration_then_registers_exactly_once(project, mlfl
     original = (project / "params.yaml").read_text()
     proxy = DyingProxy(int(mlflow_server.rsplit(":", 1)[1]), cut_after)
     fast_fail = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    name = "cut-" + cut_after.replace("/", "-")
     try:
-        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art")})
+        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art"),
+                                "register.model_name": name, "register.experiment": name})
         cut = sh(project, sys.executable, "-m", "stages.register", check=False, **fast_fail)
         assert proxy.dead.is_set() and any(cut_after in p for p in proxy.paths), (proxy.paths, cut.stderr[-2000:])
         assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
@@ -104,22 +106,51 @@ def test_server_dying_mid_registration_then_registers_exactly_once(project, mlfl
 
         edit_params(project, **{"register.tracking_uri": mlflow_server})
         sh(project, sys.executable, "-m", "stages.register")
-        result = json.loads((project / "reports/register.json").read_text())
-        api = f"{mlflow_server}/api/2.0/mlflow"
-        versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10).json()["model_versions"]
-        assert len(versions) == 1 and versions[0]["version"] == result["version"]
-        tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
-        assert {"base_model", "base_revision", "train_sha256", "adapter_sha256", "git_commit", "dvc_lock_sha256", "gate_passed"} <= set(tags)
-        assert tags["adapter_sha256"] == result["adapter_sha256"] and tags["previous_champion"] == ""
-        model = requests.get(f"{api}/registered-models/get", params={"name": "tunegate-demo"}, timeout=10).json()["registered_model"]
-        assert model["aliases"] == [{"alias": "champion", "version": result["version"]}]
-        exp = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tunegate"}, timeout=10).json()["experiment"]
-        runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
-        assert [{t["key"]: t["value"] for t in r["data"]["tags"]}["registration"] for r in runs] == ["complete"]
-        assert runs[0]["info"]["run_id"] == result["run_id"]
+        assert_registered_once(mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment=name)
     finally:
         proxy.kill()
         (project / "params.yaml").write_text(original)
+
+
+def test_lost_answers_leave_one_version_and_one_run(project, mlflow_server, tmp_path):
+    """A blip: the server creates the run and the version but the answers are lost, so MLflow's HTTP
+    layer retries the POSTs and creates each twice. The registration still ends with one version (the
+    duplicate removed), one complete run (the orphan removed) and the champion alias."""
+    from tests.e2e.proxy import DyingProxy
+
+    original = (project / "params.yaml").read_text()
+    proxy = DyingProxy(int(mlflow_server.rsplit(":", 1)[1]), lose_answers_to=("runs/create", "model-versions/create"))
+    try:
+        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art"),
+                                "register.model_name": "lost-answers", "register.experiment": "lost-answers"})
+        proc = sh(project, sys.executable, "-m", "stages.register", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
+        assert len(proxy.lost) == 2 and sum("model-versions/create" in p for p in proxy.paths) == 2, proxy.paths  # the retry happened
+        assert "a duplicate of v1 made by a retried request" in proc.stderr
+        assert_registered_once(mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment="lost-answers")
+    finally:
+        proxy.kill()
+        (project / "params.yaml").write_text(original)
+
+
+def assert_registered_once(server: str, result: dict, experiment: str) -> None:
+    """Read through the REST endpoints the MLflow UI reads: exactly one version of the adapter, with its
+    provenance tags, the champion alias, the logged model linked to it, and one run, complete."""
+    api, name = f"{server}/api/2.0/mlflow", result["model_name"]
+    get = lambda path, **params: requests.get(f"{api}/{path}", params=params, timeout=10).json()  # noqa: E731
+    versions = get("model-versions/search", filter=f"name='{name}'")["model_versions"]
+    assert [v["version"] for v in versions] == [result["version"]], versions
+    tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+    assert {"base_model", "base_revision", "train_sha256", "adapter_sha256", "git_commit", "dvc_lock_sha256", "gate_passed", "run_id"} <= set(tags)
+    assert tags["adapter_sha256"] == result["adapter_sha256"] and tags["previous_champion"] == "" and tags["run_id"] == result["run_id"]
+    model = get("registered-models/get", name=name)["registered_model"]
+    assert model["aliases"] == [{"alias": "champion", "version": result["version"]}]
+    assert get("registered-models/alias", name=name, alias="champion")["model_version"]["version"] == result["version"]
+    logged = get(f"logged-models/{versions[0]['source'].removeprefix('models:/')}")["model"]["info"]  # source: models:/<model id>
+    links = json.loads({t["key"]: t["value"] for t in logged["tags"]}["mlflow.modelVersions"])
+    assert {(link["name"], str(link["version"])) for link in links} == {(name, result["version"])}, links
+    exp = get("experiments/get-by-name", experiment_name=experiment)["experiment"]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
+    assert [(r["info"]["run_id"], {t["key"]: t["value"] for t in r["data"]["tags"]}["registration"]) for r in runs] == [(result["run_id"], "complete")]
 
 
 def test_prefect_flow_runs_each_dvc_stage_as_a_task(project, tmp_path):
