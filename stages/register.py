@@ -194,7 +194,7 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
             params = redact(flatten(cfg))
             for start in range(0, len(params), 100):
                 mlflow.log_params(dict(list(params.items())[start : start + 100]))
-            numeric = {f"train.{k}": v for k, v in train_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {f"train.{k}": v for k, v in flatten(train_metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # the chain: train.sft.*
             numeric.update({f"eval.{side}.{t}.{m}": v for side, by_task in scores.items() for t, ms in by_task.items() for m, v in ms.items()})
             numeric["gate.passed"] = float(verdict["passed"])
             mlflow.log_metrics(numeric)
