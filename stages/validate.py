@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
-from tunegate.formats import load_source, row_text
-from tunegate.io import write_json, write_jsonl, write_text
-from tunegate.runtime import stage_main
+from tunegate.formats import Message, Row, load_rows
+from tunegate.io import write_bytes, write_json, write_jsonl, write_text
+from tunegate.runtime import gc_paused, stage_main
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
 QUARANTINE = "quarantine.jsonl"
 PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
-
-
-def _roles(msgs: list[dict[str, str]]) -> str:
-    return ",".join(m["role"] for m in msgs)
 
 
 class TokenCounter:
@@ -60,15 +59,20 @@ class TokenCounter:
             self.longest = max(len(p.encode()) for p in pieces)  # byte-level vocab: one char per byte
 
     def count(self, texts: list[str]) -> list[int]:
-        counts = [len(t.encode()) for t in texts]
+        return self.count_bytes([len(t.encode()) for t in texts], texts.__getitem__).tolist()
+
+    def count_bytes(self, sizes, text: Callable[[int], str]):
+        """Counts (a numpy array) for texts of the given UTF-8 sizes; `text(i)` is asked only for the
+        texts the bounds cannot decide."""
+        import numpy as np
+
+        counts = np.array(sizes, np.int64)
         if self.longest:
-            todo = [i for i, b in enumerate(counts) if b > self.max_tokens or -(-b // self.longest) < self.min_tokens]
+            todo = np.flatnonzero((counts > self.max_tokens) | (-(-counts // self.longest) < self.min_tokens))
         else:
-            todo = list(range(len(texts)))
-        if todo:
-            exact = self._exact([texts[i] for i in todo])
-            for i, n in zip(todo, exact):
-                counts[i] = n
+            todo = np.arange(len(counts))
+        if todo.size:
+            counts[todo] = self._exact([text(i) for i in todo.tolist()])
         return counts
 
     def _exact(self, texts: list[str]) -> list[int]:
@@ -78,7 +82,7 @@ class TokenCounter:
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _renderer(tokenizer) -> Any:
+def _renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
     """messages -> the text the trainer will see. The template is compiled once (transformers'
     per-call apply_chat_template re-prepares it for every row); any other template falls back."""
     try:
@@ -102,37 +106,202 @@ def _renderer(tokenizer) -> Any:
     return safe
 
 
-def _table(rows: list[dict[str, Any]], tokenizer, counter: TokenCounter) -> Any:
-    """One line per row with the derived columns the expectations check."""
-    import pandas as pd
+# The characters str.strip() (and so Jinja's `trim`) removes, for Arrow's utf8_trim: equal results both ways.
+PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+ROLE_SEP = "\x1f"
 
-    render = _renderer(tokenizer)
-    records, rendered = [], []
-    for row in rows:
-        if row["kind"] == "sft":
-            msgs = row["messages"]
-            roles = _roles(msgs)
-            texts = [render(msgs)]
-            equal = False
-        else:
-            msgs = row["prompt"] + row["chosen"] + row["rejected"]
-            roles = f"{_roles(row['prompt'])}|{_roles(row['chosen'])}|{_roles(row['rejected'])}"
-            texts = [render(row["prompt"] + row["chosen"]), render(row["prompt"] + row["rejected"])]
-            equal = [m["content"].strip() for m in row["chosen"]] == [m["content"].strip() for m in row["rejected"]]
-        records.append(
-            {
-                "id": row["id"],
-                "roles": roles,
-                "min_chars": min((len(m["content"].strip()) for m in msgs), default=0),
-                "text": row_text(row),
-                "chosen_equals_rejected": equal,
-            }
-        )
-        rendered.append(texts)
-    lengths = iter(counter.count([t for texts in rendered for t in texts]))
-    for rec, texts in zip(records, rendered):
-        rec["n_tokens"] = max(next(lengths) for _ in texts)
-    return pd.DataFrame.from_records(records)
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
+
+
+class Flat:
+    """Groups of messages (rows or conversations) laid end to end as Arrow arrays, so that per-message
+    and per-group work runs in Arrow and numpy instead of a Python loop per row."""
+
+    def __init__(self, groups: list[list[Message]]):
+        import numpy as np
+        import pyarrow as pa
+
+        self.groups = groups
+        counts = np.fromiter(map(len, groups), np.int64, len(groups))
+        self.offsets = np.zeros(len(groups) + 1, np.int64)
+        np.cumsum(counts, out=self.offsets[1:])
+        self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
+        self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
+
+    def join(self, values, sep: str):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        lists = pa.LargeListArray.from_arrays(pa.array(self.offsets), values)
+        return pc.binary_join(lists, pa.scalar(sep, pa.large_string()))
+
+    def per_group(self, values, reduce, empty: int):
+        """reduce (a numpy ufunc) over each group's messages; `empty` for a group with none."""
+        import numpy as np
+
+        values = np.asarray(values, np.int64)
+        starts = self.offsets[:-1]
+        nonempty = self.offsets[1:] > starts
+        out = np.full(len(starts), empty, np.int64)
+        if values.size:
+            out[nonempty] = reduce.reduceat(values, starts[nonempty])
+        return out
+
+    def lengths(self, trimmed: bool, unit: str = "bytes"):
+        import pyarrow.compute as pc
+
+        values = pc.utf8_trim(self.contents, PY_WHITESPACE) if trimmed else self.contents
+        return (pc.binary_length(values) if unit == "bytes" else pc.utf8_length(values)).to_numpy()
+
+
+class RenderedSize:
+    """UTF-8 size of a conversation as the chat template renders it, without rendering every row.
+
+    Chat templates wrap each message's content in text that depends only on the roles
+    (`<|im_start|>user\\n` ... `<|im_end|>\\n`), and insert the content verbatim or trimmed. For each
+    distinct role sequence the template is rendered twice with marker contents of different lengths,
+    padded with whitespace. When both renders show every marker exactly once, in order, verbatim
+    or trimmed, with identical text around them, a row's rendered size is that text's size plus
+    its contents' sizes. A template that repeats, reorders or rewrites content fails the probe,
+    and rows with those roles are rendered one by one. The first rows of every probed role sequence
+    are rendered for real as a check; any difference turns the shortcut off for that sequence.
+    """
+
+    CHECK_ROWS = 16
+    # Content used other than whole or trimmed: a method or filter on it, indexing it, or testing
+    # what it contains (e.g. reasoning templates that cut `<think>` blocks out of earlier turns).
+    CONTENT_DEPENDENT = re.compile(
+        r"""content(?:['"]\])?\s*(?:\.(?!strip\s*\(\s*\))|\|(?!\s*trim\b)|\[)"""
+        r"""|\bin\s+(?:\w+\.content\b|\w+\[\s*['"]content['"]\s*\])"""
+    )
+
+    def __init__(self, tokenizer):
+        self.render = _renderer(tokenizer)
+        self.layouts: dict[tuple[str, ...], tuple[int, tuple[bool, ...]] | None] = {}
+        self.checked: dict[tuple[str, ...], int] = {}
+        template = getattr(tokenizer, "chat_template", None)
+        self.shortcut = isinstance(template, str) and not self.CONTENT_DEPENDENT.search(template)
+        if not self.shortcut:
+            log.info("validate: the chat template is rendered for every row (its output may depend on the content)")
+
+    def text(self, conv: list[Message]) -> str:
+        return self.render([{"role": m.role, "content": m.content} for m in conv])
+
+    def sizes(self, flat: Flat):
+        """Rendered size of every group of `flat` (each a whole conversation)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        groups = flat.groups
+        out = np.zeros(len(groups), np.int64)
+        if not groups:
+            return out
+        if pc.any(pc.match_substring(flat.roles, ROLE_SEP)).as_py():  # a role that would blur the keys below
+            out[:] = [self.size(c) for c in groups]
+            return out
+        encoded = pc.dictionary_encode(flat.join(flat.roles, ROLE_SEP))
+        keys, index = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+        summed: dict[bool, Any] = {}
+        for k, key in enumerate(keys):
+            members = np.flatnonzero(index == k)
+            roles = tuple(key.split(ROLE_SEP)) if key else ()
+            for i in members[: self.CHECK_ROWS]:
+                self.size(groups[i])  # probes the roles once, checks the first rows against real renders
+            layout = self.layouts[roles]
+            if layout is None or len(set(layout[1])) > 1:  # not probed, or trimmed in some places only
+                out[members] = [self.size(groups[i]) for i in members]
+                continue
+            fixed, trims = layout
+            trim = bool(trims and trims[0])
+            if trim not in summed:
+                summed[trim] = flat.per_group(flat.lengths(trim), np.add, 0)
+            out[members] = fixed + summed[trim][members]
+        return out
+
+    def size(self, conv: list[Message]) -> int:
+        """One conversation's rendered size (the general path)."""
+        roles = tuple([m.role for m in conv])
+        layout = self.layouts[roles] if roles in self.layouts else self._probe(roles)
+        if layout is not None and self.checked.get(roles, 0) < self.CHECK_ROWS:
+            layout = self._check(roles, conv, layout)
+        if layout is None:
+            return len(self.text(conv).encode())
+        fixed, trims = layout
+        return fixed + sum([_utf8_len(m.content.strip() if trim else m.content) for m, trim in zip(conv, trims)])
+
+    def _check(self, roles: tuple[str, ...], conv: list[Message], layout: tuple[int, tuple[bool, ...]]) -> tuple[int, tuple[bool, ...]] | None:
+        self.checked[roles] = self.checked.get(roles, 0) + 1
+        fixed, trims = layout
+        real = len(self.text(conv).encode())
+        if real != fixed + sum(_utf8_len(m.content.strip() if t else m.content) for m, t in zip(conv, trims)):
+            log.info("chat template: rows with roles %s are rendered one by one (its output depends on content)", ",".join(roles))
+            self.layouts[roles] = None
+            return None
+        return layout
+
+    def _probe(self, roles: tuple[str, ...]) -> tuple[int, tuple[bool, ...]] | None:
+        if not self.shortcut:
+            self.layouts[roles] = None
+            return None
+        layouts = [self._layout(roles, tag) for tag in ("tgMk", "tgMarkerLonger")]
+        layout = layouts[0] if layouts[0] is not None and layouts[0] == layouts[1] else None
+        self.layouts[roles] = layout
+        return layout
+
+    def _layout(self, roles: tuple[str, ...], tag: str) -> tuple[int, tuple[bool, ...]] | None:
+        markers = [f"{tag}{i}z" for i in range(len(roles))]
+        pad = " \n"
+        try:
+            out = self.render([{"role": r, "content": f"{pad}{m}{pad}"} for r, m in zip(roles, markers)])
+        except Exception:
+            return None
+        fixed, trims, pos = out, [], 0
+        for m in markers:
+            if out.count(m) != 1 or out.index(m) < pos:
+                return None
+            padded = f"{pad}{m}{pad}"
+            if out.count(padded) == 1:
+                trims.append(False)
+                fixed = fixed.replace(padded, "", 1)
+            elif pad + m not in out and m + pad not in out:
+                trims.append(True)
+                fixed = fixed.replace(m, "", 1)
+            else:
+                return None  # stripped on one side only, or otherwise changed
+            pos = out.index(m)
+        return len(fixed.encode()), tuple(trims)
+
+
+def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
+    """One line per row with the derived columns the expectations check, built column-wise in Arrow."""
+    import numpy as np
+    import pyarrow as pa
+
+    if all(row.kind == "sft" for row in rows):
+        flat = conv_flat = Flat([row.messages for row in rows])
+        roles = flat.join(flat.roles, ",")
+        equal = np.zeros(len(rows), bool)
+    else:
+        flat = Flat([row.prompt + row.chosen + row.rejected for row in rows])
+        conv_flat = Flat([conv for row in rows for conv in row.conversations()])
+        roles = pa.array(["|".join(",".join([m.role for m in part]) for part in (row.prompt, row.chosen, row.rejected)) for row in rows])
+        equal = np.array([[m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected] for row in rows], bool)
+    rendered = sizes.sizes(conv_flat)
+    counts = counter.count_bytes(rendered, lambda i: sizes.text(conv_flat.groups[i]))
+    n_tokens = counts if conv_flat is flat else counts.reshape(-1, 2).max(axis=1)  # preference: the longer pair
+    table = pa.table(
+        {
+            "id": pa.array([row.id for row in rows], pa.large_string()),
+            "roles": roles,
+            "min_chars": flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0),
+            "text": flat.join(flat.contents, "\n"),
+            "chosen_equals_rejected": equal,
+            "n_tokens": n_tokens,
+        }
+    )
+    return table.to_pandas()
 
 
 def _expectations(cfg: Validate, kind: str) -> list[Any]:
@@ -166,27 +335,40 @@ def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[str, list[str]]
     )
     result = definition.run(
         batch_parameters={"dataframe": frame},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["id"]},
+        # every failing row's id, and nothing else: the values themselves (whole texts) are not copied into the result
+        result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": ["id"],
+            "exclude_unexpected_values": True,
+            "partial_unexpected_count": 0,
+            "return_unexpected_index_query": False,
+        },
     )
     order = [c.meta["reason"] for c in checks]
     failed: dict[str, list[str]] = {}
     for res in result.results:
         reason = res.expectation_config.meta["reason"]
         for item in res.result.get("unexpected_index_list") or []:
-            failed.setdefault(item["id"], []).append(reason)
+            ids = item["id"]  # {"id": [ids...]} when values are excluded, {"id": id} per row otherwise
+            for rid in ids if isinstance(ids, list) else [ids]:
+                failed.setdefault(rid, []).append(reason)
     return {rid: sorted(set(rs), key=order.index) for rid, rs in failed.items()}
 
 
-def _mask(row: dict[str, Any], patterns: dict[str, re.Pattern[str]]) -> dict[str, Any]:
-    for key in ("messages", "prompt", "chosen", "rejected"):
-        for msg in row.get(key, ()):
-            for name, pattern in patterns.items():
-                msg["content"] = pattern.sub(f"[{name.upper()}]", msg["content"])
+def _mask(row: Row, patterns: dict[str, re.Pattern[str]]) -> Row:
+    for msg in row.all_messages():
+        for name, pattern in patterns.items():
+            msg.content = pattern.sub(f"[{name.upper()}]", msg.content)
     return row
 
 
 def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, docs_dir: Path | None = None) -> dict[str, Any]:
     """Validate every source; write <source>.jsonl (valid rows), quarantine.jsonl and report.md to out_dir."""
+    with gc_paused():  # the rows stay alive throughout; collections would walk them again and again
+        return _run(cfg, sources, tokenizer, out_dir, docs_dir)
+
+
+def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, docs_dir: Path | None) -> dict[str, Any]:
     import great_expectations as gx
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -195,27 +377,32 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     pii = {name: re.compile(p) for name, p in cfg.pii_patterns.items()}
     counter = TokenCounter(tokenizer, cfg.min_tokens, cfg.max_tokens)
+    sizes = RenderedSize(tokenizer)
     metrics: dict[str, Any] = {"sources": {}}
     quarantine: list[dict[str, Any]] = []
-    valid: dict[str, list[dict[str, Any]]] = {}
+    valid: dict[str, list[Row]] = {}
     failures: list[str] = []
     for name, source in sources.items():
-        rows, problems, fmt = load_source(name, source.path, source.format)
+        rows, problems, fmt = load_rows(name, source.path, source.format)
         expected_kind = "preference" if source.role == "preference" else "sft"
-        wrong_kind = [r for r in rows if r["kind"] != expected_kind]
-        rows = [r for r in rows if r["kind"] == expected_kind]
+        wrong_kind = [r for r in rows if r.kind != expected_kind]
+        if wrong_kind:
+            rows = [r for r in rows if r.kind == expected_kind]
         quarantine += [p.as_row() for p in problems]
         quarantine += [
-            {"source": name, "line": r["line"], "id": r["id"], "reason": "wrong_format", "detail": f"{r['kind']} row in a {source.role} source"}
+            {"source": name, "line": r.line, "id": r.id, "reason": "wrong_format", "detail": f"{r.kind} row in a {source.role} source"}
             for r in wrong_kind
         ]
-        failed = _run_suite(ctx, name, _table(rows, tokenizer, counter), _expectations(cfg, expected_kind)) if rows else {}
+        failed = _run_suite(ctx, name, _table(rows, counter, sizes), _expectations(cfg, expected_kind)) if rows else {}
         kept, pii_masked = [], Counter()
         for row in rows:
-            reasons = failed.get(row["id"], [])
+            reasons = failed.get(row.id)
+            if reasons is None:
+                kept.append(row)
+                continue
             blocking = [r for r in reasons if not r.startswith("pii_") or cfg.pii == "quarantine"]
             if blocking:
-                quarantine.append({"source": name, "line": row["line"], "id": row["id"], "reason": blocking[0], "detail": ", ".join(reasons)})
+                quarantine.append({"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": ", ".join(reasons)})
                 continue
             for r in reasons:
                 pii_masked[r] += 1
@@ -242,7 +429,7 @@ def run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, doc
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, kept in valid.items():
-        write_jsonl(out_dir / f"{name}.jsonl", kept)
+        write_bytes(out_dir / f"{name}.jsonl", msgspec.json.Encoder().encode_lines(kept))
     write_jsonl(out_dir / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
     write_text(out_dir / "report.md", _report(metrics))
     if docs_dir is not None:

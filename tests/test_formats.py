@@ -63,3 +63,64 @@ def test_hub_dataset_offline_is_one_line():
 def test_missing_file():
     with pytest.raises(UserError, match="not found"):
         load_source("s", "data/nope.jsonl")
+
+
+LINES = {
+    "messages": [
+        CHAT,
+        {"messages": [{"role": "user", "content": "hi", "name": "ann", "weight": 1}], "extra": {"k": [1, 2]}},
+        {"messages": "just a string"},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": [{"role": "user"}]},
+        {"messages": None},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "été 🙂 \u2028 \\u0000"}]},
+        ["not", "an", "object"],
+    ],
+    "prompt_completion": [
+        {"prompt": "p", "completion": "c"},
+        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}], "completion": "c"},
+        {"prompt": "p", "completion": None},
+        {"prompt": "p"},
+        {"prompt": 3, "completion": "c"},
+    ],
+    "alpaca": [
+        {"instruction": "i", "input": "x", "output": "o"},
+        {"instruction": "i", "input": "", "output": "o"},
+        {"instruction": "i", "output": "o"},
+        {"instruction": "i", "input": None, "output": "o"},
+        {"instruction": "i", "input": 1, "output": "o"},
+        {"instruction": None, "output": "o"},
+    ],
+    "preference": [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+        {"prompt": "q", "chosen": "a"},
+        {"prompt": "q", "chosen": {"role": "assistant"}, "rejected": "b"},
+    ],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(LINES))
+def test_fast_path_reads_exactly_like_the_general_path(tmp_path, fmt, monkeypatch):
+    """Lines of the usual shape are decoded and type-checked by msgspec; every other line takes the
+    general path. Forcing every line through the general path gives the same rows and problems."""
+    import msgspec
+
+    from tunegate import formats
+
+    path = tmp_path / "d.jsonl"
+    raw = [json.dumps(r, ensure_ascii=False) for r in LINES[fmt]]
+    path.write_bytes(("\n".join(raw) + "\r\n\n   \n" + raw[0] + "\n" + "{\"broken\n" + b"\xff\n".decode("latin-1")).encode("utf-8", "surrogateescape")
+                     + b"\xff\xfe\n" + raw[0].encode())
+    fast = formats.load_rows("s", path, fmt)
+
+    class Never(msgspec.Struct):
+        never_a_field: int
+
+    monkeypatch.setattr(formats, "FAST", {k: (Never, make) for k, (_, make) in formats.FAST.items()})
+    general = formats.load_rows("s", path, fmt)
+    assert msgspec.to_builtins(fast[0]) == msgspec.to_builtins(general[0])
+    assert fast[1] == general[1] and fast[2] == general[2] == fmt
+    assert len(fast[0]) + len(fast[1]) == len(LINES[fmt]) + 5  # every non-blank line is a row or a problem
+    assert fast[1][-1].reason == "encoding" and fast[1][-2].reason == "malformed_json"

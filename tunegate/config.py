@@ -102,9 +102,11 @@ class Validate(_Section):
     max_tokens: int = Field(512, ge=1, description="most tokens (base tokenizer) in a row, template included")
     max_invalid_share: float = Field(0.1, ge=0, le=1, description="fail the stage above this share of bad rows")
     pii: Literal["report", "mask", "quarantine"] = "mask"
+    # Checked by GX on Arrow strings, where a pattern without look-around or back-references runs on
+    # RE2 (about 10x faster than Python's re, which any other pattern falls back to).
     pii_patterns: dict[str, str] = {
         "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
-        "phone": r"(?<!\w)\+?\d[\d ()-]{8,}\d(?!\w)",
+        "phone": r"(?:\+|\b)\d[\d ()-]{8,}\d\b",
         "api_key": r"\b(?:sk|hf|ghp|xox[bp])[-_][A-Za-z0-9_-]{16,}\b",
     }
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from tunegate.errors import UserError
+from tunegate.runtime import gc_paused
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "preference")
 REQUIRED = {
@@ -53,16 +56,11 @@ class Problem:
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, Any, str]]:
-    """Yield (line_or_row_number, record_or_None, error_or_'') for every record in a file or dataset.
-
-    JSONL is read line by line so that a bad line (broken JSON, wrong encoding, a truncated tail) is
-    reported with its line number and the rest of the file still loads.
-    """
+    """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
+    or a hub dataset. JSONL goes through `_load_jsonl` instead, which reports bad lines one by one."""
     path_s = str(path)
     p = Path(path_s)
-    if p.suffix == ".jsonl":
-        yield from _read_jsonl(p)
-    elif p.suffix == ".json":
+    if p.suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -86,25 +84,6 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any, str]]:
         yield from _read_hub_dataset(path_s)
     else:
         raise UserError(f"{p}: not found or not a supported format (.jsonl, .json, .parquet, .csv, a saved dataset, a hub id)")
-
-
-def _read_jsonl(p: Path) -> Iterator[tuple[int, Any, str]]:
-    if not p.exists():
-        raise UserError(f"{p}: not found (check data.sources in params.yaml)")
-    with p.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield number, None, f"encoding: not UTF-8 ({err.reason} at byte {err.start})"
-                continue
-            try:
-                yield number, json.loads(text), ""
-            except json.JSONDecodeError as err:
-                truncated = not raw.endswith(b"\n")
-                yield number, text, f"malformed_json: {err.msg} at column {err.colno}" + (" (file ends mid-record)" if truncated else "")
 
 
 def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
@@ -203,38 +182,196 @@ def normalise(record: Any, fmt: str) -> dict[str, Any]:
     }
 
 
-def content_key(row: dict[str, Any]) -> str:
-    body = {k: row[k] for k in ("messages", "prompt", "chosen", "rejected") if k in row}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:12]
+class Message(msgspec.Struct, gc=False):
+    role: str
+    content: str
+
+
+class Row(msgspec.Struct, gc=False, omit_defaults=True):
+    """One normalised record, as validate writes it (sft rows carry `messages`, preference rows the other three)."""
+
+    id: str
+    source: str
+    line: int
+    kind: str
+    messages: list[Message] | None = None
+    prompt: list[Message] | None = None
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+
+    def conversations(self) -> list[list[Message]]:
+        """What the trainer renders: the messages, or prompt + chosen and prompt + rejected."""
+        if self.kind == "sft":
+            return [self.messages]
+        return [self.prompt + self.chosen, self.prompt + self.rejected]
+
+    def all_messages(self) -> list[Message]:
+        return self.messages if self.kind == "sft" else self.prompt + self.chosen + self.rejected
+
+
+# The usual shape of each format, decoded and type-checked in one C call per line. A line that does
+# not fit (a null, a string where messages were expected, broken JSON) takes the general path below.
+Turns = str | list[Message]
+
+
+class _Chat(msgspec.Struct, gc=False):
+    messages: list[Message]
+
+
+class _PromptCompletion(msgspec.Struct, gc=False):
+    prompt: Turns
+    completion: Turns
+
+
+class _Alpaca(msgspec.Struct, gc=False):
+    instruction: str
+    output: str
+    input: str = ""
+
+
+class _Preference(msgspec.Struct, gc=False):
+    prompt: Turns
+    chosen: Turns
+    rejected: Turns
+
+
+def _turns(value: Turns, role: str) -> list[Message]:
+    return [Message(role, value)] if type(value) is str else value
+
+
+def _from_chat(rec: _Chat, name: str, line: int) -> Row:
+    return Row("", name, line, "sft", rec.messages)
+
+
+def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int) -> Row:
+    return Row("", name, line, "sft", _turns(rec.prompt, "user") + _turns(rec.completion, "assistant"))
+
+
+def _from_alpaca(rec: _Alpaca, name: str, line: int) -> Row:
+    user = rec.instruction + (f"\n\n{rec.input}" if rec.input else "")
+    return Row("", name, line, "sft", [Message("user", user), Message("assistant", rec.output)])
+
+
+def _from_preference(rec: _Preference, name: str, line: int) -> Row:
+    return Row("", name, line, "preference", None, _turns(rec.prompt, "user"), _turns(rec.chosen, "assistant"), _turns(rec.rejected, "assistant"))
+
+
+FAST = {
+    "messages": (_Chat, _from_chat),
+    "prompt_completion": (_PromptCompletion, _from_prompt_completion),
+    "alpaca": (_Alpaca, _from_alpaca),
+    "preference": (_Preference, _from_preference),
+}
+INFER_SAMPLE = 1000  # `format: auto` on JSONL looks at the first this many records
+
+
+def _row(record: Any, fmt: str, name: str, line: int) -> Row:
+    """The general path: any record, through `normalise` (raises NormaliseError naming the field)."""
+    norm = normalise(record, fmt)
+    parts = {k: [Message(m["role"], m["content"]) for m in v] for k, v in norm.items() if k != "kind"}
+    return Row("", name, line, norm["kind"], **parts)
+
+
+def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row], list[Problem], str]:
+    """Read and normalise one source. Returns (rows, problems, format); every input record ends in one of the two lists.
+
+    Ids are `<source>-<content hash>` (and `-<n>` for the n-th repeat of the same content), so they
+    survive reordering of the input file and name the same row in every report.
+    """
+    with gc_paused():
+        p = Path(str(path))
+        if p.suffix == ".jsonl":
+            rows, problems, fmt = _load_jsonl(name, p, fmt)
+        else:
+            rows, problems, fmt = _load_records(name, path, fmt)
+        encode, seen = msgspec.json.encode, {}
+        for row in rows:
+            body = row.messages if row.kind == "sft" else (row.prompt, row.chosen, row.rejected)
+            key = hashlib.sha256(encode(body)).hexdigest()[:12]
+            n = seen[key] = seen.get(key, 0) + 1
+            row.id = f"{name}-{key}" if n == 1 else f"{name}-{key}-{n}"
+        return rows, problems, fmt
+
+
+def _infer(name: str, path: str | Path, records: Iterable[Any]) -> str:
+    try:
+        return infer_source_format([r for r in records if isinstance(r, dict)])
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def _load_records(name: str, path: str | Path, fmt: str) -> tuple[list[Row], list[Problem], str]:
+    records = list(read_records(path))
+    if fmt == "auto":
+        fmt = _infer(name, path, (r for _, r, _ in records))
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for line, record, _ in records:
+        try:
+            rows.append(_row(record, fmt, name, line))
+        except NormaliseError as e:
+            problems.append(Problem(name, line, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str)))
+    return rows, problems, fmt
+
+
+def _load_jsonl(name: str, p: Path, fmt: str) -> tuple[list[Row], list[Problem], str]:
+    """JSONL line by line: a bad line (broken JSON, wrong encoding, a truncated tail, a wrong type) is
+    reported with its line number and the rest of the file still loads."""
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{p}: not found (check data.sources in params.yaml)") from None
+    lines = data.split(b"\n")
+    if fmt == "auto":
+        fmt = _infer(name, p, _sample(lines))
+    shape, make = FAST[fmt]
+    decode = msgspec.json.Decoder(shape).decode
+    last_open = len(lines) if not data.endswith(b"\n") else -1
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            rows.append(make(decode(raw), name, number))
+        except msgspec.DecodeError:  # ValidationError included: not the usual shape, so the general path decides
+            if not raw.strip():
+                continue
+            row = _jsonl_line(name, number, raw, fmt, number == last_open)
+            (rows if isinstance(row, Row) else problems).append(row)
+    return rows, problems, fmt
+
+
+def _sample(lines: list[bytes]) -> Iterator[Any]:
+    n = 0
+    for raw in lines:
+        try:
+            yield msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            continue
+        n += 1
+        if n == INFER_SAMPLE:
+            return
+
+
+def _jsonl_line(name: str, number: int, raw: bytes, fmt: str, truncated: bool) -> Row | Problem:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Problem(name, number, "encoding", f"not UTF-8 ({err.reason} at byte {err.start})", "")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        detail = f"{err.msg.removesuffix(' at')} at column {err.colno}" + (" (file ends mid-record)" if truncated else "")
+        return Problem(name, number, "malformed_json", detail, text)
+    try:
+        return _row(record, fmt, name, number)
+    except NormaliseError as e:
+        return Problem(name, number, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str))
 
 
 def load_source(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[dict[str, Any]], list[Problem], str]:
-    """Read and normalise one source. Returns (rows, problems, format); every input record ends in one of the two lists."""
-    records = list(read_records(path))
-    if fmt == "auto":
-        try:
-            fmt = infer_source_format([r for _, r, err in records if not err])
-        except UserError as err:
-            raise UserError(f"{path}: {err}") from None
-    rows: list[dict[str, Any]] = []
-    problems: list[Problem] = []
-    seen: Counter[str] = Counter()
-    for line, record, err in records:
-        raw = record if isinstance(record, str) else json.dumps(record, ensure_ascii=False, default=str)
-        if err:
-            reason, _, detail = err.partition(": ")
-            problems.append(Problem(name, line, reason, detail, raw or ""))
-            continue
-        try:
-            row = normalise(record, fmt)
-        except NormaliseError as e:
-            problems.append(Problem(name, line, e.reason, e.detail, raw))
-            continue
-        key = content_key(row)
-        seen[key] += 1
-        rid = f"{name}-{key}" + (f"-{seen[key]}" if seen[key] > 1 else "")
-        rows.append({"id": rid, "source": name, "line": line, **row})
-    return rows, problems, fmt
+    """`load_rows` with plain dicts for rows (the internal schema as every later stage reads it)."""
+    rows, problems, fmt = load_rows(name, path, fmt)
+    return msgspec.to_builtins(rows), problems, fmt
 
 
 def row_text(row: dict[str, Any]) -> str:

@@ -91,3 +91,61 @@ def test_compiled_template_renders_like_apply_chat_template(tokenizer):
     render = validate._renderer(tokenizer)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {x}"}, {"role": "assistant", "content": "Hello."}]
     assert render(msgs) == tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+TEMPLATES = {
+    # verbatim content, fixed text per role (ChatML)
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}",
+    # trimmed content (Llama 3)
+    "trim": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}",
+    # text that depends on the whole role sequence (a default system prompt when there is none)
+    "default_system": "{% if messages[0]['role'] != 'system' %}{{ 'system: be kind\n' }}{% endif %}"
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
+    # repeats the last message: the probe fails and rows are rendered one by one
+    "repeats": "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages[-1]['content'] }}",
+    # rewrites content: a content-dependent template, rendered row by row
+    "rewrites": "{% for m in messages %}{{ m['content'] | replace('a', 'aa') }}{% endfor %}",
+    # rejects some role orders (the row keeps a joined-text size; the roles check quarantines it)
+    "strict": "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_rendered_sizes_equal_real_renders(name, tokenizer, monkeypatch):
+    """The size shortcut gives exactly the UTF-8 size of what the template renders, for every kind of template."""
+    import random
+
+    from tunegate.formats import Message
+
+    monkeypatch.setattr(tokenizer, "chat_template", TEMPLATES[name])
+    rng = random.Random(0)
+    words = ["ok", "a", "banana", "été", "🙂", "{x}", "\n", "  ", "\t", "\u3000", "\x1c"]
+    orders = [("user", "assistant"), ("system", "user", "assistant"), ("user", "assistant", "user", "assistant"), ("assistant", "user"), ("user",), ()]
+    convs = [
+        [Message(role, "".join(rng.choices(words, k=rng.randint(0, 12)))) for role in orders[i % len(orders)]]
+        for i in range(300)
+    ]
+    render = validate._renderer(tokenizer)
+    expected = [len(render([{"role": m.role, "content": m.content} for m in c]).encode()) for c in convs]
+    sizes = validate.RenderedSize(tokenizer)
+    assert sizes.sizes(validate.Flat(convs)).tolist() == expected
+    probed = {roles for roles, layout in sizes.layouts.items() if layout is not None and roles}
+    assert bool(probed) == (name in {"chatml", "trim", "default_system", "strict"}), sizes.layouts
+
+
+def test_whitespace_set_is_str_strip():
+    assert validate.PY_WHITESPACE == "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+
+def test_default_pii_patterns_run_on_the_fast_engine():
+    """Every default pattern compiles in RE2 (Arrow's engine); look-around would fall back to Python's re."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    texts = ["call +1 (555) 123-4567 today", "or 555-123-4567.", "order 12345 of 2024", "abc12345678901", "mail anna.berg@example.com",
+             "key sk-abcdefghijklmnop1234"]
+    got = {name: pc.match_substring_regex(pa.array(texts), p).to_pylist() for name, p in Validate().pii_patterns.items()}
+    assert got["phone"] == [True, True, False, False, False, False]
+    assert got["email"] == [False, False, False, False, True, False]
+    assert got["api_key"] == [False, False, False, False, False, True]
