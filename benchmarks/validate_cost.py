@@ -1,16 +1,18 @@
 """Validation cost against the floor: the validate stage vs merely parsing the same file, in one run.
 
-    python -m benchmarks.validate_cost                 # 200,000 rows
-    python -m benchmarks.validate_cost --rows 50000
+    python -m benchmarks.validate_cost                        # 200,000 chat rows
+    python -m benchmarks.validate_cost --source preferences   # 200,000 preference rows
+    python -m benchmarks.validate_cost --rows 50000 --repeat 5
 
-The file is the demo's domain source (chat `messages` rows, planted defects included) repeated to
---rows lines, each copy made unique by an order number so ids do not collide. Three timings,
+The file is a demo source (chat `messages` rows, or prompt/chosen/rejected rows; planted defects
+included) repeated to --rows lines, each copy made unique by a reference number. Four timings,
 interleaved, median of --repeat:
   floor        read the file and `json.loads` every line (try/except for the malformed ones)
   validate     stages.validate.run: read + normalise to the internal schema + content-hash ids,
-               chat-template rendering, token lengths, the Great Expectations suite, quarantine,
-               PII masking, writing the outputs (Data Docs HTML excluded: a one-off render)
-  validate, every row tokenised   the same with the byte-bound shortcut off (TokenCounter)
+               rendered sizes and token lengths, the Great Expectations suite, quarantine, PII
+               masking, writing the outputs (Data Docs HTML excluded: a one-off render)
+  validate, template rendered per row   the same with the probed template layout off (RenderedSize)
+  validate, every row rendered and tokenised   also without the byte bounds (TokenCounter)
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ from tunegate.config import Source, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_file(path: Path, n: int) -> None:
-    lines = (ROOT / "data/raw/domain.jsonl").read_text().splitlines()
+def make_file(path: Path, n: int, source: str = "domain") -> None:
+    lines = (ROOT / f"data/raw/{source}.jsonl").read_text().splitlines()
     with path.open("w") as fh:
         for i in range(n):
             line = lines[i % len(lines)]
             try:
                 row = json.loads(line)
-                row["messages"][0]["content"] = f"{row['messages'][0]['content']} (ref {i})"
+                if "messages" in row:
+                    row["messages"][0]["content"] = f"{row['messages'][0]['content']} (ref {i})"
+                else:
+                    row["prompt"] = f"{row['prompt']} (ref {i})"
                 line = json.dumps(row)
             except (ValueError, KeyError, IndexError, TypeError):
                 pass  # a planted defect: keep it as it is
@@ -58,6 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--source", choices=["domain", "preferences"], default="domain")
     args = parser.parse_args()
     from stages import validate
     from tunegate.demo.model import train_tokenizer
@@ -70,17 +76,26 @@ def main() -> None:
     tokenizer = train_tokenizer([r["prompt"] for r in pretrain] + [r["completion"] for r in pretrain], 1024)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "rows.jsonl"
-        make_file(data, args.rows)
-        sources = {"domain": Source(path=str(data), role="domain")}
+        make_file(data, args.rows, args.source)
+        sources = {args.source: Source(path=str(data), role="preference" if args.source == "preferences" else "domain")}
 
         def run_validate(out: Path) -> None:
             validate.run(cfg, sources, tokenizer, out)
 
-        def run_exact(out: Path) -> None:
-            with mock.patch.object(validate.TokenCounter, "use_bounds", False):
+        def run_rendered(out: Path) -> None:
+            with mock.patch.object(validate.RenderedSize, "use_layouts", False):
                 validate.run(cfg, sources, tokenizer, out)
 
-        runs = {"floor: json.loads per line": lambda out: floor(data), "validate": run_validate, "validate, every row tokenised": run_exact}
+        def run_exact(out: Path) -> None:
+            with mock.patch.object(validate.RenderedSize, "use_layouts", False), mock.patch.object(validate.TokenCounter, "use_bounds", False):
+                validate.run(cfg, sources, tokenizer, out)
+
+        runs = {
+            "floor: json.loads per line": lambda out: floor(data),
+            "validate": run_validate,
+            "validate, template rendered per row": run_rendered,
+            "validate, every row rendered and tokenised": run_exact,
+        }
         run_validate(Path(tmp) / "warm")  # imports (Great Expectations ~6 s) are paid once, outside the timings
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(args.repeat):

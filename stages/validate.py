@@ -24,7 +24,7 @@ import msgspec
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
 from tunegate.formats import Message, Row, load_rows
-from tunegate.io import write_bytes, write_json, write_jsonl, write_text
+from tunegate.io import write_chunks, write_json, write_jsonl, write_text
 from tunegate.runtime import gc_paused, stage_main
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ PLACEHOLDER = r"\{[A-Za-z_][A-Za-z0-9_]*\}|\{\{[^}]*\}\}"
 SFT_ROLES = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
 PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
 QUARANTINE = "quarantine.jsonl"
+WRITE_ROWS = 16384  # rows encoded per chunk while the previous chunk is written
+PII = "pii"  # the combined PII check; rows it flags get one `pii_<name>` reason per matching pattern
 PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
@@ -170,6 +172,7 @@ class RenderedSize:
     """
 
     CHECK_ROWS = 16
+    use_layouts = True  # benchmarks/validate_cost.py turns it off to show what it saves
     # Content used other than whole or trimmed: a method or filter on it, indexing it, or testing
     # what it contains (e.g. reasoning templates that cut `<think>` blocks out of earlier turns).
     CONTENT_DEPENDENT = re.compile(
@@ -182,8 +185,8 @@ class RenderedSize:
         self.layouts: dict[tuple[str, ...], tuple[int, tuple[bool, ...]] | None] = {}
         self.checked: dict[tuple[str, ...], int] = {}
         template = getattr(tokenizer, "chat_template", None)
-        self.shortcut = isinstance(template, str) and not self.CONTENT_DEPENDENT.search(template)
-        if not self.shortcut:
+        self.shortcut = self.use_layouts and isinstance(template, str) and not self.CONTENT_DEPENDENT.search(template)
+        if self.use_layouts and not self.shortcut:
             log.info("validate: the chat template is rendered for every row (its output may depend on the content)")
 
     def text(self, conv: list[Message]) -> str:
@@ -282,7 +285,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
     if all(row.kind == "sft" for row in rows):
         flat = conv_flat = Flat([row.messages for row in rows])
         roles = flat.join(flat.roles, ",")
-        equal = np.zeros(len(rows), bool)
+        equal = None
     else:
         flat = Flat([row.prompt + row.chosen + row.rejected for row in rows])
         conv_flat = Flat([conv for row in rows for conv in row.conversations()])
@@ -291,16 +294,16 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
     rendered = sizes.sizes(conv_flat)
     counts = counter.count_bytes(rendered, lambda i: sizes.text(conv_flat.groups[i]))
     n_tokens = counts if conv_flat is flat else counts.reshape(-1, 2).max(axis=1)  # preference: the longer pair
-    table = pa.table(
-        {
-            "id": pa.array([row.id for row in rows], pa.large_string()),
-            "roles": roles,
-            "min_chars": flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0),
-            "text": flat.join(flat.contents, "\n"),
-            "chosen_equals_rejected": equal,
-            "n_tokens": n_tokens,
-        }
-    )
+    columns = {
+        "id": pa.array([row.id for row in rows], pa.large_string()),
+        "roles": roles,
+        "min_chars": flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0),
+        "text": flat.join(flat.contents, "\n"),
+        "n_tokens": n_tokens,
+    }
+    if equal is not None:
+        columns["chosen_equals_rejected"] = equal
+    table = pa.table(columns)
     return table.to_pandas()
 
 
@@ -318,8 +321,21 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
     ]
     if kind == "preference":
         checks.append(("chosen_equals_rejected", E.ExpectColumnValuesToBeInSet, {"column": "chosen_equals_rejected", "value_set": [False]}))
-    checks += [(f"pii_{name}", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": p}) for name, p in cfg.pii_patterns.items()]
+    if cfg.pii_patterns:
+        # One pass over the text for all patterns; which of them matched is worked out afterwards for
+        # the flagged rows only (`_pii_reasons`). Patterns that cannot be combined get a pass each.
+        combined = "|".join(f"(?:{p})" for p in cfg.pii_patterns.values())
+        try:
+            re.compile(combined)
+            checks.append((PII, E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": combined}))
+        except re.error:  # e.g. the same group name in two patterns
+            checks += [(f"pii_{name}", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": p}) for name, p in cfg.pii_patterns.items()]
     return [cls(**kwargs, meta={"reason": reason}) for reason, cls, kwargs in checks]
+
+
+def _pii_reasons(row: Row, patterns: dict[str, re.Pattern[str]]) -> list[str]:
+    text = "\n".join(m.content for m in row.all_messages())
+    return [f"pii_{name}" for name, p in patterns.items() if p.search(text)] or [PII]
 
 
 def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[str, list[str]]:
@@ -394,19 +410,23 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
             for r in wrong_kind
         ]
         failed = _run_suite(ctx, name, _table(rows, counter, sizes), _expectations(cfg, expected_kind)) if rows else {}
-        kept, pii_masked = [], Counter()
+        kept, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
         for row in rows:
             reasons = failed.get(row.id)
             if reasons is None:
                 kept.append(row)
                 continue
-            blocking = [r for r in reasons if not r.startswith("pii_") or cfg.pii == "quarantine"]
+            if reasons[-1] == PII:
+                reasons = reasons[:-1] + _pii_reasons(row, pii)
+            hits = [r for r in reasons if r.startswith(PII)]
+            blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
             if blocking:
                 quarantine.append({"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": ", ".join(reasons)})
+                if cfg.pii == "quarantine":
+                    pii_hits.update(hits)
                 continue
-            for r in reasons:
-                pii_masked[r] += 1
-            kept.append(_mask(row, pii) if cfg.pii == "mask" and reasons else row)
+            pii_hits.update(hits)
+            kept.append(_mask(row, pii) if cfg.pii == "mask" else row)
         valid[name] = kept
         n_in = len(rows) + len(problems) + len(wrong_kind)
         reasons = Counter(q["reason"] for q in quarantine if q["source"] == name)
@@ -417,7 +437,7 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
             "kept": len(kept),
             "quarantined": n_quarantined,
             "reasons": dict(sorted(reasons.items())),
-            PII_KEY[cfg.pii]: dict(sorted(pii_masked.items())),
+            PII_KEY[cfg.pii]: dict(sorted(pii_hits.items())),
         }
         share = n_quarantined / n_in if n_in else 1.0
         if share > cfg.max_invalid_share:
@@ -429,7 +449,8 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, kept in valid.items():
-        write_bytes(out_dir / f"{name}.jsonl", msgspec.json.Encoder().encode_lines(kept))
+        encode = msgspec.json.Encoder().encode_lines
+        write_chunks(out_dir / f"{name}.jsonl", (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS)))
     write_jsonl(out_dir / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
     write_text(out_dir / "report.md", _report(metrics))
     if docs_dir is not None:

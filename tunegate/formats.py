@@ -284,13 +284,23 @@ def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row]
             rows, problems, fmt = _load_jsonl(name, p, fmt)
         else:
             rows, problems, fmt = _load_records(name, path, fmt)
-        encode, seen = msgspec.json.encode, {}
-        for row in rows:
-            body = row.messages if row.kind == "sft" else (row.prompt, row.chosen, row.rejected)
-            key = hashlib.sha256(encode(body)).hexdigest()[:12]
-            n = seen[key] = seen.get(key, 0) + 1
-            row.id = f"{name}-{key}" if n == 1 else f"{name}-{key}-{n}"
+        _assign_ids(name, rows)
         return rows, problems, fmt
+
+
+def _assign_ids(name: str, rows: list[Row]) -> None:
+    encode, sha = msgspec.json.encode, hashlib.sha256
+    keys = [sha(encode(r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected))).hexdigest()[:12] for r in rows]
+    prefix = f"{name}-"
+    ids = [prefix + key for key in keys]
+    if len(set(keys)) < len(keys):  # repeats of the same content: -2, -3, ... in file order
+        seen: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            n = seen[key] = seen.get(key, 0) + 1
+            if n > 1:
+                ids[i] = f"{prefix}{key}-{n}"
+    for row, rid in zip(rows, ids):
+        row.id = rid
 
 
 def _infer(name: str, path: str | Path, records: Iterable[Any]) -> str:

@@ -39,9 +39,19 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+def write_chunks(path: str | os.PathLike[str], chunks: Iterable[bytes]) -> None:
+    """Atomic write of the chunks an iterator produces. A thread writes each chunk (file writes
+    release the GIL) while the caller's iterator makes the next one, e.g. by encoding rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with atomic_path(path) as tmp, tmp.open("wb") as fh, ThreadPoolExecutor(1) as pool:
+        pending = None
+        for chunk in chunks:
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(fh.write, chunk)
+        if pending is not None:
+            pending.result()
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

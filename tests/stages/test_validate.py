@@ -149,3 +149,27 @@ def test_default_pii_patterns_run_on_the_fast_engine():
     assert got["phone"] == [True, True, False, False, False, False]
     assert got["email"] == [False, False, False, False, True, False]
     assert got["api_key"] == [False, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("mode", ["quarantine", "report"])
+def test_pii_checked_in_one_pass_named_per_pattern(tmp_path, tokenizer, mode):
+    """All PII patterns are one GX check; each flagged row still gets one reason per pattern that matched."""
+    rows = [
+        ("Mail me at ann@example.com about order 12345", "ok"),
+        ("Call +44 20 7946 0958 about order 12345", "ok"),
+        ("ann@example.com or +44 20 7946 0958, order 12345", "ok"),
+        ("Where is order 12345?", "It ships today."),
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    cfg = Validate(pii=mode, max_invalid_share=1.0)
+    assert len([c for c in validate._expectations(cfg, "sft") if c.meta["reason"].startswith("pii")]) == 1
+    metrics = validate.run(cfg, {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+    q = read_jsonl(tmp_path / "out" / validate.QUARANTINE)
+    if mode == "quarantine":
+        assert [(r["line"], r["reason"], r["detail"]) for r in q] == [
+            (1, "pii_email", "pii_email"), (2, "pii_phone", "pii_phone"), (3, "pii_email", "pii_email, pii_phone")]
+        assert metrics["sources"]["s"]["pii_quarantined"] == {"pii_email": 2, "pii_phone": 2} and metrics["sources"]["s"]["kept"] == 1
+    else:
+        assert not q and metrics["sources"]["s"]["pii_reported"] == {"pii_email": 2, "pii_phone": 2}
+        assert "ann@example.com" in (tmp_path / "out" / "s.jsonl").read_text()  # reported, not masked
