@@ -2,9 +2,10 @@
 
     python -m stages.validate        # what dvc.yaml runs
 
-Rows are read and normalised (tunegate.formats), then a GX 1.x suite runs over a table with one row
-per record: role order, non-empty content, token length under the base tokenizer, unfilled template
-placeholders, unique ids, chosen != rejected for preference rows, and PII patterns. A row failing any
+Rows are read and normalised (tunegate.formats), their derived columns are built in Arrow (`_table`),
+then a GX 1.x suite runs over that table, one row per record: role order, non-empty content, token
+length under the base tokenizer and its chat template, unfilled template placeholders, unique ids,
+chosen != rejected for preference rows, and PII patterns (one pass for all). A row failing any
 expectation is quarantined with the first failing check as its reason; unreadable lines are
 quarantined with file:line. For every source, in = kept + quarantined, and the stage fails in one
 line when a source's invalid share exceeds `validate.max_invalid_share`.
@@ -126,9 +127,10 @@ class Flat:
         import pyarrow as pa
 
         self.groups = groups
-        counts = np.fromiter(map(len, groups), np.int64, len(groups))
+        self.counts = np.fromiter(map(len, groups), np.int64, len(groups))
         self.offsets = np.zeros(len(groups) + 1, np.int64)
-        np.cumsum(counts, out=self.offsets[1:])
+        np.cumsum(self.counts, out=self.offsets[1:])
+        self._sums: dict[bool, Any] = {}
         self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
         self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
 
@@ -156,6 +158,28 @@ class Flat:
 
         values = pc.utf8_trim(self.contents, PY_WHITESPACE) if trimmed else self.contents
         return (pc.binary_length(values) if unit == "bytes" else pc.utf8_length(values)).to_numpy()
+
+    def byte_sums(self, trimmed: bool):
+        """UTF-8 size of each group's contents (as they are, or each trimmed), summed."""
+        import numpy as np
+
+        if trimmed not in self._sums:
+            self._sums[trimmed] = self.per_group(self.lengths(trimmed), np.add, 0)
+        return self._sums[trimmed]
+
+
+def _joined(parts: list[Flat], values: list[Any], sep: str):
+    """Per row, the non-empty parts' values joined with sep (as if each row's groups were one list)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out, seen = values[0], pa.array(parts[0].counts > 0)
+    for part, value in zip(parts[1:], values[1:]):
+        has = pa.array(part.counts > 0)
+        both = pc.binary_join_element_wise(out, value, pa.scalar(sep, pa.large_string()))
+        out = pc.if_else(has, pc.if_else(seen, both, value), out)
+        seen = pc.or_(seen, has)
+    return out
 
 
 class RenderedSize:
@@ -192,36 +216,40 @@ class RenderedSize:
     def text(self, conv: list[Message]) -> str:
         return self.render([{"role": m.role, "content": m.content} for m in conv])
 
-    def sizes(self, flat: Flat):
-        """Rendered size of every group of `flat` (each a whole conversation)."""
+    def sizes(self, *parts: Flat):
+        """Rendered size of every conversation, where conversation i is the i-th groups of `parts`
+        laid end to end (one part for chat rows; prompt and chosen, or prompt and rejected)."""
         import numpy as np
         import pyarrow.compute as pc
 
-        groups = flat.groups
-        out = np.zeros(len(groups), np.int64)
-        if not groups:
+        def conv(i: int) -> list[Message]:
+            return [m for part in parts for m in part.groups[i]]
+
+        n = len(parts[0].groups)
+        out = np.zeros(n, np.int64)
+        if not n:
             return out
-        if pc.any(pc.match_substring(flat.roles, ROLE_SEP)).as_py():  # a role that would blur the keys below
-            out[:] = [self.size(c) for c in groups]
+        if any(pc.any(pc.match_substring(part.roles, ROLE_SEP)).as_py() for part in parts):  # would blur the keys below
+            out[:] = [self.size(conv(i)) for i in range(n)]
             return out
-        encoded = pc.dictionary_encode(flat.join(flat.roles, ROLE_SEP))
+        encoded = pc.dictionary_encode(_joined(list(parts), [part.join(part.roles, ROLE_SEP) for part in parts], ROLE_SEP))
         keys, index = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
-        summed: dict[bool, Any] = {}
         for k, key in enumerate(keys):
             members = np.flatnonzero(index == k)
             roles = tuple(key.split(ROLE_SEP)) if key else ()
             for i in members[: self.CHECK_ROWS]:
-                self.size(groups[i])  # probes the roles once, checks the first rows against real renders
+                self.size(conv(i))  # probes the roles once, checks the first rows against real renders
             layout = self.layouts[roles]
             if layout is None or len(set(layout[1])) > 1:  # not probed, or trimmed in some places only
-                out[members] = [self.size(groups[i]) for i in members]
+                out[members] = [self.size(conv(i)) for i in members]
                 continue
             fixed, trims = layout
             trim = bool(trims and trims[0])
-            if trim not in summed:
-                summed[trim] = flat.per_group(flat.lengths(trim), np.add, 0)
-            out[members] = fixed + summed[trim][members]
+            out[members] = fixed + sum(part.byte_sums(trim)[members] for part in parts)
         return out
+
+    def text_of(self, *parts: Flat) -> Callable[[int], str]:
+        return lambda i: self.text([m for part in parts for m in part.groups[i]])
 
     def size(self, conv: list[Message]) -> int:
         """One conversation's rendered size (the general path)."""
@@ -281,30 +309,36 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
     """One line per row with the derived columns the expectations check, built column-wise in Arrow."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
 
+    columns: dict[str, Any] = {"id": pa.array([row.id for row in rows], pa.large_string())}
     if all(row.kind == "sft" for row in rows):
-        flat = conv_flat = Flat([row.messages for row in rows])
-        roles = flat.join(flat.roles, ",")
-        equal = None
+        flat = Flat([row.messages for row in rows])
+        columns["roles"] = flat.join(flat.roles, ",")
+        columns["min_chars"] = flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0)
+        columns["text"] = flat.join(flat.contents, "\n")
+        columns["n_tokens"] = counter.count_bytes(sizes.sizes(flat), sizes.text_of(flat))
     else:
-        flat = Flat([row.prompt + row.chosen + row.rejected for row in rows])
-        conv_flat = Flat([conv for row in rows for conv in row.conversations()])
-        roles = pa.array(["|".join(",".join([m.role for m in part]) for part in (row.prompt, row.chosen, row.rejected)) for row in rows])
-        equal = np.array([[m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected] for row in rows], bool)
-    rendered = sizes.sizes(conv_flat)
-    counts = counter.count_bytes(rendered, lambda i: sizes.text(conv_flat.groups[i]))
-    n_tokens = counts if conv_flat is flat else counts.reshape(-1, 2).max(axis=1)  # preference: the longer pair
-    columns = {
-        "id": pa.array([row.id for row in rows], pa.large_string()),
-        "roles": roles,
-        "min_chars": flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0),
-        "text": flat.join(flat.contents, "\n"),
-        "n_tokens": n_tokens,
-    }
-    if equal is not None:
+        parts = [Flat([row.prompt for row in rows]), Flat([row.chosen for row in rows]), Flat([row.rejected for row in rows])]
+        prompt, chosen, rejected = parts
+        roles = [part.join(part.roles, ",") for part in parts]
+        columns["roles"] = pc.binary_join_element_wise(*roles, pa.scalar("|", pa.large_string()))
+        none = np.iinfo(np.int64).max
+        shortest = np.minimum.reduce([part.per_group(part.lengths(trimmed=True, unit="chars"), np.minimum, none) for part in parts])
+        columns["min_chars"] = np.where(shortest == none, 0, shortest)
+        columns["text"] = _joined(parts, [part.join(part.contents, "\n") for part in parts], "\n")
+        columns["n_tokens"] = np.maximum(
+            counter.count_bytes(sizes.sizes(prompt, chosen), sizes.text_of(prompt, chosen)),
+            counter.count_bytes(sizes.sizes(prompt, rejected), sizes.text_of(prompt, rejected)),
+        )
+        # chosen == rejected (contents, trimmed): candidates by joined text, confirmed row by row
+        same = [part.join(pc.utf8_trim(part.contents, PY_WHITESPACE), ROLE_SEP) for part in (chosen, rejected)]
+        candidates = np.flatnonzero(pc.equal(*same).to_numpy(zero_copy_only=False) & (chosen.counts == rejected.counts))
+        equal = np.zeros(len(rows), bool)
+        for i in candidates.tolist():
+            equal[i] = [m.content.strip() for m in rows[i].chosen] == [m.content.strip() for m in rows[i].rejected]
         columns["chosen_equals_rejected"] = equal
-    table = pa.table(columns)
-    return table.to_pandas()
+    return pa.table(columns).to_pandas()
 
 
 def _expectations(cfg: Validate, kind: str) -> list[Any]:

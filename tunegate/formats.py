@@ -199,12 +199,6 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
     chosen: list[Message] | None = None
     rejected: list[Message] | None = None
 
-    def conversations(self) -> list[list[Message]]:
-        """What the trainer renders: the messages, or prompt + chosen and prompt + rejected."""
-        if self.kind == "sft":
-            return [self.messages]
-        return [self.prompt + self.chosen, self.prompt + self.rejected]
-
     def all_messages(self) -> list[Message]:
         return self.messages if self.kind == "sft" else self.prompt + self.chosen + self.rejected
 

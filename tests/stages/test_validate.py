@@ -173,3 +173,45 @@ def test_pii_checked_in_one_pass_named_per_pattern(tmp_path, tokenizer, mode):
     else:
         assert not q and metrics["sources"]["s"]["pii_reported"] == {"pii_email": 2, "pii_phone": 2}
         assert "ann@example.com" in (tmp_path / "out" / "s.jsonl").read_text()  # reported, not masked
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
+    """The Arrow-built columns equal what a plain loop over rows computes, edge cases included
+    (empty parts, padded and unicode content, chosen == rejected up to whitespace, odd roles)."""
+    import random
+
+    from tunegate.formats import Message, Row
+
+    rng = random.Random(1)
+    words = ["ok", "order", "12345", "été", "🙂", "{x}", " ", "\n", "\x1c", "ship it"]
+
+    def msgs(roles):
+        return [Message(r, "".join(rng.choices(words, k=rng.randint(0, 6)))) for r in roles]
+
+    rows = []
+    for i in range(400):
+        if kind == "sft":
+            rows.append(Row(f"s-{i}", "s", i, "sft", msgs(rng.choice([("user", "assistant"), ("system", "user", "assistant"), ("user",), (), ("bot", "user")]))))
+        else:
+            chosen = msgs(rng.choice([("assistant",), (), ("assistant", "assistant")]))
+            rejected = [Message(m.role, f" {m.content}\n") for m in chosen] if i % 5 == 0 else msgs(("assistant",))
+            rows.append(Row(f"p-{i}", "p", i, "preference", None, msgs(rng.choice([("user",), (), ("system", "user")])), chosen, rejected))
+    low, high = 3, 12
+    frame = validate._table(rows, validate.TokenCounter(tokenizer, low, high), validate.RenderedSize(tokenizer))
+    render = validate._renderer(tokenizer)
+
+    def tokens(conv):
+        return len(tokenizer(render([{"role": m.role, "content": m.content} for m in conv]), add_special_tokens=False)["input_ids"])
+
+    for row, got in zip(rows, frame.to_dict(orient="records")):
+        parts = [row.messages] if kind == "sft" else [row.prompt, row.chosen, row.rejected]
+        every = [m for part in parts for m in part]
+        assert got["roles"] == "|".join(",".join(m.role for m in part) for part in parts)
+        assert got["text"] == "\n".join(m.content for m in every)
+        assert got["min_chars"] == min((len(m.content.strip()) for m in every), default=0)
+        convs = [row.messages] if kind == "sft" else [row.prompt + row.chosen, row.prompt + row.rejected]
+        exact = max(tokens(c) for c in convs)
+        assert (low <= got["n_tokens"] <= high) == (low <= exact <= high), row
+        if kind == "preference":
+            assert got["chosen_equals_rejected"] == ([m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected])
