@@ -103,7 +103,13 @@ def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[
             first_of[key] = i
 
     live = [i for i in range(len(rows)) if i not in verdict]
-    near = near_duplicates([row_text(rows[i]) for i in live], cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed)
+    texts = [row_text(rows[i]) for i in live]
+    if cfg.engine == "ray":
+        from tunegate.dedup_ray import near_duplicates_ray
+
+        near = near_duplicates_ray(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address)
+    else:
+        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed)
     for k, (rep, sim) in near.items():
         verdict[live[k]] = ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
 

@@ -118,6 +118,8 @@ class Dedup(_Section):
     threshold: float = Field(0.7, gt=0, le=1, description="verified Jaccard at or above which rows are near duplicates")
     contamination_ngram: int = Field(13, ge=3, description="shared word n-gram that marks an eval leak; shorter eval texts must appear whole")
     contradictions: Literal["keep_majority", "keep_first", "drop_all"] = "keep_majority"
+    engine: Literal["local", "ray"] = Field("local", description="near duplicates on this machine, or sharded on Ray Data (same result)")
+    ray_address: str | None = Field(None, description="Ray cluster to join (e.g. auto); unset starts a local Ray")
 
     @model_validator(mode="after")
     def _bands_divide_perm(self) -> Dedup:

@@ -83,20 +83,38 @@ class MinHasher:
         return out
 
 
+def band_key(signatures: np.ndarray, band: int, bands: int) -> np.ndarray:
+    """One uint64 key per row for one LSH band: rows with equal keys share that band's bucket."""
+    rows = signatures.shape[1] // bands
+    mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
+    return (signatures[:, band * rows : (band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+
+
+_TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def bucket_pairs(members: np.ndarray, max_bucket: int) -> np.ndarray:
+    """The candidate pairs of one bucket whose rows are in ascending order: all pairs, or, for a bucket
+    larger than max_bucket (a shared template, say), a star on its first row, which bounds the work."""
+    size = len(members)
+    if size > max_bucket:
+        return np.stack([np.full(size - 1, members[0]), members[1:]], axis=1)
+    if size not in _TRIANGLES:
+        _TRIANGLES[size] = np.triu_indices(size, 1)
+    i, j = _TRIANGLES[size]
+    return np.stack([members[i], members[j]], axis=1)
+
+
 def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) -> np.ndarray:
     """LSH: rows that agree on every value of at least one band become candidate pairs, (k, 2) int64, i < j.
 
-    Buckets larger than max_bucket (a shared template, say) are linked as a star to their first row
-    instead of all-pairs, which bounds the work; verification then decides each pair. Pairs of
+    Each bucket gives its pairs by `bucket_pairs`; verification then decides each pair. Pairs of
     two-row buckets (the common case) are produced without a Python loop.
     """
-    n, num_perm = signatures.shape
-    rows = num_perm // bands
-    mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
-    triangles: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    n = signatures.shape[0]
     found: list[np.ndarray] = []
     for band in range(bands):
-        keys = (signatures[:, band * rows : (band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+        keys = band_key(signatures, band, bands)
         # A stable sort keeps equal keys in row order, so every bucket's members are already ascending.
         order = np.argsort(keys, kind="stable")
         starts = np.flatnonzero(np.concatenate(([True], np.diff(keys[order]) != 0)))
@@ -104,14 +122,7 @@ def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) ->
         two = starts[sizes == 2]
         found.append(np.stack([order[two], order[two + 1]], axis=1))
         for lo, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
-            group = order[lo : lo + size]
-            if size <= max_bucket:
-                if size not in triangles:
-                    triangles[size] = np.triu_indices(size, 1)
-                i, j = triangles[size]
-                found.append(np.stack([group[i], group[j]], axis=1))
-            else:
-                found.append(np.stack([np.full(size - 1, group[0]), group[1:]], axis=1))
+            found.append(bucket_pairs(order[lo : lo + size], max_bucket))
     if not found:
         return np.empty((0, 2), np.int64)
     return _unique_pairs(np.concatenate(found))
@@ -151,29 +162,27 @@ def verify(pairs: np.ndarray | Iterable[tuple[int, int]], shingle_sets: Sequence
     return out
 
 
-def leaders(n: int, edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[int, float]]:
-    """Greedy leader clustering in input order: a row is a duplicate when it is verified-similar to an
+def leaders(edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[int, float]]:
+    """Greedy leader clustering in row order: a row is a duplicate when it is verified-similar to an
     earlier *kept* row, and points at the most similar one. Unlike union-find over all edges, a chain
-    A~B~C never drops C for a resemblance to A that was never verified (no transitive blow-ups)."""
+    A~B~C never drops C for a resemblance to A that was never verified (no transitive blow-ups).
+    Only rows with edges are visited; every other row is kept."""
     earlier: dict[int, list[tuple[float, int]]] = defaultdict(list)
     for i, j, sim in edges:
         earlier[max(i, j)].append((sim, min(i, j)))
-    kept: set[int] = set()
     out: dict[int, tuple[int, float]] = {}
-    for j in range(n):
-        matches = [(sim, -i) for sim, i in earlier.get(j, ()) if i in kept]
+    for j in sorted(earlier):
+        matches = [(sim, -i) for sim, i in earlier[j] if i not in out]
         if matches:
             sim, neg_i = max(matches)
             out[j] = (-neg_i, round(sim, 4))
-        else:
-            kept.add(j)
     return out
 
 
 def near_duplicates(texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
     """{index: (representative index, best verified similarity)} for every row that is a near copy of an earlier one."""
     sigs = MinHasher(num_perm, seed).signatures(texts, shingle=lambda t: shingles(t, ngram))
-    return leaders(len(texts), verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))
+    return leaders(verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))
 
 
 class _ShingleCache:

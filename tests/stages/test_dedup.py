@@ -60,3 +60,16 @@ def test_tie_without_majority_drops_all(cfg):
     rows = [sft("Where is 55555", "A", "r0"), sft("Where is 55555", "B", "r1")]
     kept, dropped, _ = dedup.run(cfg.dedup, {"domain": rows}, [], 0)
     assert kept["domain"] == [] and all("no majority" in d["detail"] for d in dropped)
+
+
+def test_ray_engine_drops_the_same_rows(cfg, validated, result):
+    """dedup.engine: ray (a real local Ray) gives the single-machine result, row for row."""
+    ray = pytest.importorskip("ray")  # installed by `make setup` (the `ray` extra)
+    out, _ = validated
+    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
+    try:
+        kept, dropped, metrics = dedup.run(cfg.dedup.model_copy(update={"engine": "ray"}), sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed)
+    finally:
+        ray.shutdown()
+    assert dropped == result[1] and metrics == result[2]
+    assert any(d["reason"] == "near_duplicate" for d in dropped)

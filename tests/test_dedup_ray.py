@@ -1,0 +1,31 @@
+"""The Ray Data near-duplicate path on a real local Ray: the same result as the single-machine path."""
+
+import pytest
+
+from benchmarks.dedup import make_corpus
+from tunegate.dedup import near_duplicates
+from tunegate.dedup_ray import near_duplicates_ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")  # installed by `make setup` (the `ray` extra); skipped only outside it
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_equals_single_machine_on_the_labelled_corpus(ray_local):
+    corpus = make_corpus(1500, seed=3)
+    expected = near_duplicates(corpus.docs, ngram=2, num_perm=128, bands=32, threshold=0.4)
+    got = near_duplicates_ray(corpus.docs, ngram=2, num_perm=128, bands=32, threshold=0.4)
+    assert got == expected and len(expected) > 200
+
+
+def test_ray_dataset_input_and_big_buckets(ray_local):
+    """A Ray Dataset with row/text columns works, and a shared-template bucket larger than max_bucket
+    is linked as a star, as on one machine."""
+    docs = ["please refund the order now thanks"] * 80 + [f"unrelated words number {i} here" for i in range(40)]
+    ds = ray_local.data.from_items([{"row": i, "text": t} for i, t in enumerate(docs)]).repartition(4)
+    got = near_duplicates_ray(ds, ngram=3, num_perm=64, bands=16, threshold=0.7, max_bucket=16)
+    assert got == near_duplicates(docs, 3, 64, 16, 0.7) == {i: (0, 1.0) for i in range(1, 80)}
