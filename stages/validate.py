@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -131,8 +132,12 @@ class Flat:
         self.offsets = np.zeros(len(groups) + 1, np.int64)
         np.cumsum(self.counts, out=self.offsets[1:])
         self._sums: dict[bool, Any] = {}
-        self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
-        self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
+        if len(groups) and self.counts.min() == self.counts.max() == 1:  # one message each (string fields)
+            self.contents = pa.array([g[0].content for g in groups], pa.large_string())
+            self.roles = pa.array([g[0].role for g in groups], pa.large_string())
+        else:
+            self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
+            self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
 
     def join(self, values, sep: str):
         import pyarrow as pa
@@ -433,6 +438,7 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
     valid: dict[str, list[Row]] = {}
     failures: list[str] = []
     for name, source in sources.items():
+        started = time.perf_counter()
         rows, problems, fmt = load_rows(name, source.path, source.format)
         expected_kind = "preference" if source.role == "preference" else "sft"
         wrong_kind = [r for r in rows if r.kind != expected_kind]
@@ -477,7 +483,7 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
         if share > cfg.max_invalid_share:
             top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
             failures.append(f"{source.path}: {n_quarantined}/{n_in} rows invalid ({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top})")
-        log.info("validate %s (%s): in %d = kept %d + quarantined %d", name, fmt, n_in, len(kept), n_quarantined)
+        log.info("validate %s (%s): in %d = kept %d + quarantined %d (%.1f s)", name, fmt, n_in, len(kept), n_quarantined, time.perf_counter() - started)
 
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "quarantined")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])

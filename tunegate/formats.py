@@ -15,6 +15,10 @@ Internal schema (what `validate` writes and every later stage reads):
 
 `id` is stable: the source name plus a content hash (and an occurrence number for repeats), so it
 survives reordering of the input file and identifies the same row in every report.
+
+JSONL is read line by line: msgspec decodes and type-checks a line of the format's usual shape in one
+call; any other line takes the general path (`json.loads` + `normalise`), which gives the same row or
+names the problem. `load_rows` returns msgspec structs (what validate works on), `load_source` dicts.
 """
 
 from __future__ import annotations
@@ -247,7 +251,13 @@ def _from_alpaca(rec: _Alpaca, name: str, line: int) -> Row:
 
 
 def _from_preference(rec: _Preference, name: str, line: int) -> Row:
-    return Row("", name, line, "preference", None, _turns(rec.prompt, "user"), _turns(rec.chosen, "assistant"), _turns(rec.rejected, "assistant"))
+    prompt, chosen, rejected = rec.prompt, rec.chosen, rec.rejected  # _turns inlined: this runs once per row
+    return Row(
+        "", name, line, "preference", None,
+        [Message("user", prompt)] if type(prompt) is str else prompt,
+        [Message("assistant", chosen)] if type(chosen) is str else chosen,
+        [Message("assistant", rejected)] if type(rejected) is str else rejected,
+    )
 
 
 FAST = {
