@@ -27,5 +27,7 @@ demo: setup
 test: setup
 	pytest
 
+# The benchmarks that need no pipeline outputs (eval_cost and train need `make demo` first; see README).
 bench: setup
-	python -m benchmarks.run
+	python -m benchmarks.dedup
+	python -m benchmarks.validate_cost
