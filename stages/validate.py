@@ -173,6 +173,11 @@ class Flat:
         return self._sums[trimmed]
 
 
+def _conversation(parts: tuple[Flat, ...], i: int) -> list[Message]:
+    """Row i's groups of `parts` laid end to end (e.g. prompt + chosen)."""
+    return [m for part in parts for m in part.groups[i]]
+
+
 def _joined(parts: list[Flat], values: list[Any], sep: str):
     """Per row, the non-empty parts' values joined with sep (as if each row's groups were one list)."""
     import pyarrow as pa
@@ -185,6 +190,12 @@ def _joined(parts: list[Flat], values: list[Any], sep: str):
         out = pc.if_else(has, pc.if_else(seen, both, value), out)
         seen = pc.or_(seen, has)
     return out
+
+
+def _laid_out(layout: tuple[int, tuple[bool, ...]], conv: list[Message]) -> int:
+    """A conversation's rendered size from its template layout: the fixed text plus each content, trimmed where the template trims."""
+    fixed, trims = layout
+    return fixed + sum([_utf8_len(m.content.strip() if trim else m.content) for m, trim in zip(conv, trims)])
 
 
 class RenderedSize:
@@ -228,7 +239,7 @@ class RenderedSize:
         import pyarrow.compute as pc
 
         def conv(i: int) -> list[Message]:
-            return [m for part in parts for m in part.groups[i]]
+            return _conversation(parts, i)
 
         n = len(parts[0].groups)
         out = np.zeros(n, np.int64)
@@ -242,11 +253,11 @@ class RenderedSize:
         for k, key in enumerate(keys):
             members = np.flatnonzero(index == k)
             roles = tuple(key.split(ROLE_SEP)) if key else ()
-            for i in members[: self.CHECK_ROWS]:
-                self.size(conv(i))  # probes the roles once, checks the first rows against real renders
+            # probes the roles once and checks the first rows against real renders; their sizes stand
+            first = [self.size(conv(i)) for i in members[: self.CHECK_ROWS]]
             layout = self.layouts[roles]
             if layout is None or len(set(layout[1])) > 1:  # not probed, or trimmed in some places only
-                out[members] = [self.size(conv(i)) for i in members]
+                out[members] = first + [self.size(conv(i)) for i in members[self.CHECK_ROWS :]]
                 continue
             fixed, trims = layout
             trim = bool(trims and trims[0])
@@ -254,7 +265,7 @@ class RenderedSize:
         return out
 
     def text_of(self, *parts: Flat) -> Callable[[int], str]:
-        return lambda i: self.text([m for part in parts for m in part.groups[i]])
+        return lambda i: self.text(_conversation(parts, i))
 
     def size(self, conv: list[Message]) -> int:
         """One conversation's rendered size (the general path)."""
@@ -264,14 +275,11 @@ class RenderedSize:
             layout = self._check(roles, conv, layout)
         if layout is None:
             return len(self.text(conv).encode())
-        fixed, trims = layout
-        return fixed + sum([_utf8_len(m.content.strip() if trim else m.content) for m, trim in zip(conv, trims)])
+        return _laid_out(layout, conv)
 
     def _check(self, roles: tuple[str, ...], conv: list[Message], layout: tuple[int, tuple[bool, ...]]) -> tuple[int, tuple[bool, ...]] | None:
         self.checked[roles] = self.checked.get(roles, 0) + 1
-        fixed, trims = layout
-        real = len(self.text(conv).encode())
-        if real != fixed + sum(_utf8_len(m.content.strip() if t else m.content) for m, t in zip(conv, trims)):
+        if len(self.text(conv).encode()) != _laid_out(layout, conv):
             log.info("chat template: rows with roles %s are rendered one by one (its output depends on content)", ",".join(roles))
             self.layouts[roles] = None
             return None
@@ -488,8 +496,8 @@ def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out_dir: Path, do
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "quarantined")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    encode = msgspec.json.Encoder().encode_lines
     for name, kept in valid.items():
-        encode = msgspec.json.Encoder().encode_lines
         write_chunks(out_dir / f"{name}.jsonl", (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS)))
     write_jsonl(out_dir / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
     write_text(out_dir / "report.md", _report(metrics))

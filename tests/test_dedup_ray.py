@@ -7,6 +7,18 @@ from tunegate.dedup import near_duplicates
 from tunegate.dedup_ray import near_duplicates_ray
 
 
+def test_unreachable_cluster_is_one_line():
+    """Ray itself retries a dead address for half a minute and then exits the process; tunegate says so in one line."""
+    from tunegate.errors import UserError
+
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.raises(UserError, match="dedup.ray_address '127.0.0.1:1': no Ray cluster answers there") as err:
+        near_duplicates_ray(["a b c"], 3, 64, 16, 0.7, address="127.0.0.1:1")
+    assert "\n" not in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")  # installed by `make setup` (the `ray` extra); skipped only outside it

@@ -56,14 +56,16 @@ def near_duplicates_ray(data: Sequence[str] | Any, ngram: int, num_perm: int, ba
     entries = signed.map_batches(explode, batch_format="numpy").materialize()
     counts = entries.groupby(["band", "key"]).count()
     shared = counts.map_batches(lambda b: {k: v[b["count()"] >= 2] for k, v in b.items()}, batch_format="numpy").take_all()
-    wanted: dict[int, np.ndarray] = {b: np.array(sorted({int(r["key"]) for r in shared if r["band"] == b}), np.uint64) for b in range(bands)}
+    by_band: dict[int, set[int]] = {}
+    for r in shared:
+        by_band.setdefault(int(r["band"]), set()).add(int(r["key"]))
+    wanted = {b: np.array(sorted(keys), np.uint64) for b, keys in by_band.items()}
 
     def in_shared(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keep = np.zeros(len(batch["row"]), bool)
         for b, keys in wanted.items():
-            if len(keys):
-                sel = batch["band"] == b
-                keep[sel] = np.isin(batch["key"][sel], keys)
+            sel = batch["band"] == b
+            keep[sel] = np.isin(batch["key"][sel], keys)
         return {k: v[keep] for k, v in batch.items()}
 
     members = entries.map_batches(in_shared, batch_format="numpy").take_all()
@@ -103,9 +105,24 @@ def _ray(address: str | None):
     except ImportError:
         raise UserError("dedup.engine: ray needs Ray Data: pip install 'tunegate[ray]'") from None
     if not ray.is_initialized():
+        _reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except ConnectionError as err:
             raise UserError(f"dedup.ray_address {address!r}: no Ray cluster there ({err})") from None
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+def _reachable(address: str | None) -> None:
+    """A host:port (or ray://host:port) that does not answer ends in one line here: Ray itself retries
+    for about half a minute and then exits the process."""
+    if address in (None, "auto", "local"):
+        return
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except (OSError, ValueError) as err:
+        raise UserError(f"dedup.ray_address {address!r}: no Ray cluster answers there ({err})") from None

@@ -251,13 +251,7 @@ def _from_alpaca(rec: _Alpaca, name: str, line: int) -> Row:
 
 
 def _from_preference(rec: _Preference, name: str, line: int) -> Row:
-    prompt, chosen, rejected = rec.prompt, rec.chosen, rec.rejected  # _turns inlined: this runs once per row
-    return Row(
-        "", name, line, "preference", None,
-        [Message("user", prompt)] if type(prompt) is str else prompt,
-        [Message("assistant", chosen)] if type(chosen) is str else chosen,
-        [Message("assistant", rejected)] if type(rejected) is str else rejected,
-    )
+    return Row("", name, line, "preference", None, _turns(rec.prompt, "user"), _turns(rec.chosen, "assistant"), _turns(rec.rejected, "assistant"))
 
 
 FAST = {
@@ -307,7 +301,7 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
         row.id = rid
 
 
-def _infer(name: str, path: str | Path, records: Iterable[Any]) -> str:
+def _infer(path: str | Path, records: Iterable[Any]) -> str:
     try:
         return infer_source_format([r for r in records if isinstance(r, dict)])
     except UserError as err:
@@ -317,7 +311,7 @@ def _infer(name: str, path: str | Path, records: Iterable[Any]) -> str:
 def _load_records(name: str, path: str | Path, fmt: str) -> tuple[list[Row], list[Problem], str]:
     records = list(read_records(path))
     if fmt == "auto":
-        fmt = _infer(name, path, (r for _, r, _ in records))
+        fmt = _infer(path, (r for _, r, _ in records))
     rows: list[Row] = []
     problems: list[Problem] = []
     for line, record, _ in records:
@@ -337,7 +331,7 @@ def _load_jsonl(name: str, p: Path, fmt: str) -> tuple[list[Row], list[Problem],
         raise UserError(f"{p}: not found (check data.sources in params.yaml)") from None
     lines = data.split(b"\n")
     if fmt == "auto":
-        fmt = _infer(name, p, _sample(lines))
+        fmt = _infer(p, _sample(lines))
     shape, make = FAST[fmt]
     decode = msgspec.json.Decoder(shape).decode
     last_open = len(lines) if not data.endswith(b"\n") else -1
