@@ -14,34 +14,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunegate.config import Gate, load_config
-from tunegate.errors import UserError
-from tunegate.evaluation import SAMPLES
-from tunegate.gate import Policy, Samples, decide
-from tunegate.io import atomic_path, read_jsonl, sha256_file, write_json, write_text
+from tunegate.evaluation import load_samples
+from tunegate.gate import Policy, Samples, decide, load_policy
+from tunegate.io import atomic_path, sha256_file, write_json, write_text
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 VERDICT = "verdict.json"
-
-
-def load_policy(path: Path) -> Policy:
-    from pydantic import ValidationError
-
-    try:
-        return Policy.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
-        raise UserError(f"{path}: gate policy not found (gate.policy in params.yaml)") from None
-    except ValidationError as err:
-        e = err.errors()[0]
-        raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
-
-
-def load_samples(eval_dir: Path) -> Samples:
-    return {p.stem: read_jsonl(p) for p in sorted((eval_dir / SAMPLES).glob("*.jsonl"))}
 
 
 def run(cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int) -> dict[str, Any]:
@@ -54,7 +35,7 @@ def _chart(verdict: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    checks = [c for c in verdict["checks"] if c["against"] == "base"]
+    checks = [c for c in verdict["checks"] if c["against"] == "base" and c["n"]]
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.55 * len(checks)))
     for y, c in enumerate(checks):
         color = "tab:green" if c["passed"] else "tab:red"
@@ -75,8 +56,12 @@ def report(verdict: dict[str, Any]) -> str:
     head = "PASSED" if verdict["passed"] else f"FAILED ({', '.join(verdict['failed'])})"
     rows = ["| check | role | base | candidate | diff | bounds | need | n | result |", "|---|---|---|---|---|---|---|---|---|"]
     for c in verdict["checks"]:
+        result = "pass" if c["passed"] else "FAIL: " + c["why"]
+        if not c["n"]:
+            rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | – | – | – | – | {c['threshold']} | 0 | {result} |")
+            continue
         rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
-                    f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {'pass' if c['passed'] else 'FAIL: ' + c['why']} |")
+                    f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {result} |")
     return "\n".join([f"# Gate {head}", "", f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.", "", *rows, "", "![base vs candidate](chart.png)", ""])
 
 
@@ -91,7 +76,7 @@ def main() -> None:
             write_json(tmp / VERDICT, verdict)
             write_text(tmp / "report.md", report(verdict))
             _chart(verdict, tmp / "chart.png")
-        metrics = {"passed": verdict["passed"], **{f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"]}}
+        metrics = {"passed": verdict["passed"], **{f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]}}
         write_json(Path(cfg.paths.metrics) / "gate.json", metrics)
         for line in verdict["lines"]:
             log.info("%s", line)

@@ -26,10 +26,11 @@ from typing import Any
 import yaml
 
 from tunegate.config import Config, flatten, load_config
-from tunegate.evaluation import SAMPLES
+from tunegate.evaluation import SAMPLES, load_samples, read_samples
+from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
-from tunegate.registry import adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact, settle
+from tunegate.registry import ROLLED_BACK, adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact, settle
 from tunegate.runtime import stage_main
 from stages.train import ADAPTER, THROUGHPUT
 
@@ -213,48 +214,83 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
         log.info("register: %s v%s (run %s)", name, version, run_id)
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
 
-    promoted = None
-    beats = beats_champion(c, cfg, version, candidate_samples, policy) if verdict["passed"] else (True, [])
-    if not beats[0]:
-        c.set_model_version_tag(name, str(version), "champion_check_failed", "; ".join(beats[1]))
-        verdict = {**verdict, "passed": False, "lines": verdict["lines"] + beats[1]}
-    elif verdict["passed"]:
-        promoted = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
+    lines, notes, promoted = list(verdict["lines"]), [], None
+    check = champion_check(c, cfg, version, candidate_samples, policy) if verdict["passed"] else {"passed": False, "tag": "not run: gate failed", "lines": []}
+    c.set_model_version_tag(name, str(version), "champion_check", check["tag"])
+    lines += check["lines"]
+    notes += check.get("notes", [])
+    passed = verdict["passed"] and check["passed"]
+    rolled_back = c.get_model_version(name, str(version)).tags.get(ROLLED_BACK)
+    if passed and rolled_back:  # the same adapter registered again after a rollback from it: a person decides
+        notes.append(f"v{version} was rolled back ({rolled_back}); it becomes champion again only by `tunegate promote {version}`")
+    elif passed:
+        moved_from = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
+        promoted = moved_from if moved_from != str(version) else None
     current = champion(c, name, cfg.register_.alias)
-    return {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint, "gate_passed": verdict["passed"],
-            "champion": str(current.version) if current else None, "previous_champion": promoted, "lines": verdict["lines"]}
+    return {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint, "gate_passed": passed,
+            "champion": str(current.version) if current else None, "previous_champion": promoted, "champion_check": check["tag"],
+            "lines": lines, "notes": notes}
 
 
-def beats_champion(c, cfg: Config, version, candidate: dict, policy) -> tuple[bool, list[str]]:
+def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) -> dict[str, Any]:
     """When the policy asks, the candidate must also be non-inferior to the current champion on the
-    target tasks (paired on the same items, with the champion's logged per-sample results)."""
+    target tasks, paired item by item with the per-sample outcomes logged with the champion's run.
+
+    Returns {"passed", "tag" (one line for the version's `champion_check` tag), "lines" (gate-style
+    lines, FAIL lines reach the banner), "notes" (decisions worth stating that are not failures)}.
+    """
+    current = champion(c, cfg.register_.model_name, cfg.register_.alias)
+    rule = policy.champion
+    if not rule.beat_on_target:
+        return {"passed": True, "tag": "not required (champion.beat_on_target: false)", "lines": []}
+    if current is None:
+        return {"passed": True, "tag": "no champion yet", "lines": []}
+    if str(current.version) == str(version):
+        return {"passed": True, "tag": f"v{version} is the champion", "lines": []}
+    samples, problem = champion_samples(current)
+    if problem:
+        what = f"champion v{current.version}'s eval samples cannot be read ({problem})"
+        if rule.missing_samples == "skip":
+            note = f"champion comparison SKIPPED: {what}; decided on the checks against the base (champion.missing_samples: skip)"
+            return {"passed": True, "tag": f"skipped: {what}", "lines": [], "notes": [note]}
+        line = (f"FAIL champion comparison: {what}; the candidate cannot be compared with it "
+                f"(champion.missing_samples: block; `tunegate promote {version}` promotes it by name)")
+        return {"passed": False, "tag": f"blocked: {what}", "lines": [line]}
+    verdict = decide(candidate, candidate, policy, cfg.gate.bootstrap, cfg.seed, champion=samples)
+    against = [(ch, line) for ch, line in zip(verdict["checks"], verdict["lines"]) if ch["against"] == "champion"]
+    for _, line in against:
+        log.info("%s", line)
+    failed = [f"{ch['task']}/{ch['metric']}" for ch, _ in against if not ch["passed"]]
+    tag = f"failed vs v{current.version}: {', '.join(failed)}" if failed else f"passed vs v{current.version}"
+    return {"passed": not failed, "tag": tag, "lines": [line for _, line in against]}
+
+
+def champion_samples(current) -> tuple[Samples, str | None]:
+    """The per-sample outcomes logged with the champion's run, or the reason they cannot be had."""
     import mlflow
 
-    from stages.gate import load_samples
-    from tunegate.gate import decide
-
-    current = champion(c, cfg.register_.model_name, cfg.register_.alias)
-    if not policy.champion.beat_on_target or current is None or str(current.version) == str(version):
-        return True, []
+    if not current.run_id:
+        return {}, "registered outside a pipeline run"
     try:
         local = Path(mlflow.artifacts.download_artifacts(run_id=current.run_id, artifact_path=EVAL_ARTIFACTS))
-    except Exception:
-        log.warning("champion v%s has no logged eval samples; skipping the champion comparison", current.version)
-        return True, []
-    verdict = decide(candidate, candidate, policy, cfg.gate.bootstrap, cfg.seed, champion=load_samples(local))
-    against = [(ch, line) for ch, line in zip(verdict["checks"], verdict["lines"]) if ch["against"] == "champion"]
-    failed = [line for ch, line in against if not ch["passed"]]
-    for line in (line for _, line in against):
-        log.info("%s", line)
-    return not failed, failed
+        samples = read_samples(local)
+    except Exception as err:  # whatever the store says (missing, unreadable, bad JSON): stated, never skipped silently
+        return {}, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'no detail'}"
+    if not samples:
+        return {}, f"no <task>.jsonl under {EVAL_ARTIFACTS}"
+    return samples, None
 
 
 def banner(result: dict[str, Any]) -> str:
+    notes = [f"tunegate: {note}" for note in result.get("notes", [])]
+    if result["gate_passed"] and result["champion"] == result["version"]:
+        return "\n".join([*notes, f"tunegate: gate PASSED; {result['model_name']} v{result['version']} is champion"])
     if result["gate_passed"]:
-        return f"tunegate: gate PASSED; {result['model_name']} v{result['version']} is champion"
+        return "\n".join([*notes, f"tunegate: gate PASSED; {result['model_name']} v{result['version']} registered; champion stays at v{result['champion'] or '-'}"])
     bar = "!" * 72
     return "\n".join([bar, f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
                       *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
+                      *[f"!!   {note}" for note in result.get("notes", [])],
                       f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md", bar])
 
 
@@ -267,8 +303,6 @@ def main() -> None:
         verdict = read_json(Path(paths.gate) / "verdict.json")
         scores = {"base": read_json(Path(paths.eval_base) / "results.json")["scores"], "candidate": read_json(Path(paths.eval_candidate) / "results.json")["scores"]}
         reports = [Path(paths.validated) / "report.md", Path(paths.dedup) / "report.md", Path(paths.gate), Path("params.yaml"), Path("dvc.lock"), Path(paths.base) / "base.json"]
-        from stages.gate import load_policy, load_samples
-
         result = run(cfg, load_manifest(paths.base), read_json(Path(paths.mix) / "manifest.json"), read_json(Path(paths.metrics) / "train.json"),
                      verdict, scores, Path(paths.train) / ADAPTER, reports, load_samples(Path(paths.eval_candidate)), load_policy(Path(cfg.gate.policy)))
         write_json(paths.register_, result)

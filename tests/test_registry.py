@@ -76,3 +76,150 @@ def test_settle_leaves_one_version_and_one_complete_run(tmp_path):
     assert c.get_run(orphan).info.lifecycle_stage == "deleted"
     assert c.get_run(other).info.lifecycle_stage == "active"
     assert settle(c, "m", "f", run) == str(v1)  # idempotent: a second pass changes nothing
+
+
+# --- champion comparison and rollback history (the bugs of issue "no candidate can ever be promoted") ---
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def history(tmp_path):
+    """Four passing versions of `m` in a real SQLite registry, and a params.yaml the CLI reads."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    c.create_registered_model("m")
+    for n in range(4):
+        folder = tmp_path / f"model{n}" / "peft"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"weights %d" % n)
+        c.create_model_version("m", str(folder.parent), tags={"gate_passed": "true", "adapter_sha256": adapter_fingerprint(folder.parent)})
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{sources: {{d: {{path: d.jsonl, role: domain}}}}}}\neval: {{tasks: [t]}}\nregister: {{tracking_uri: '{uri}', model_name: m}}\n")
+    return c, str(params)
+
+
+def _champ(c) -> str:
+    return str(champion(c, "m").version)
+
+
+def test_rollback_walks_the_promotion_history_backwards_through_the_cli(history):
+    c, params = history
+    for version in ("1", "2", "3"):
+        assert _cli("promote", version, "--params", params).exit_code == 0
+    out = _cli("rollback", "--params", params)
+    assert out.exit_code == 0 and "v3 -> v2" in out.output and _champ(c) == "2"
+    out = _cli("rollback", "--params", params)
+    assert out.exit_code == 0 and "v2 -> v1" in out.output and _champ(c) == "1"  # not back to v3: no toggling
+    out = _cli("rollback", "--params", params)
+    assert out.exit_code == 2 and "earliest champion on record" in out.output and _champ(c) == "1"
+    assert c.get_model_version("m", "3").tags["rolled_back"] and c.get_model_version("m", "2").tags["rolled_back"]
+    assert c.get_model_version("m", "2").tags["previous_champion"] == "1"  # a rollback leaves the history as it was
+
+
+def test_rollback_skips_versions_rolled_back_from_and_promote_by_name_clears_the_mark(history):
+    c, params = history
+    for version in ("1", "2"):
+        _cli("promote", version, "--params", params)
+    assert "v2 -> v1" in _cli("rollback", "--params", params).output
+    assert "v1 -> v3" in _cli("promote", "3", "--params", params).output  # v3 replaced v1
+    assert "v3 -> v1" in _cli("rollback", "--params", params).output
+    # v1 <- v3 <- v1 <- v2: v2 and v3 were rolled back from, v1 is the first: nothing earlier, and no cycle
+    assert _cli("rollback", "--params", params).exit_code == 2 and _champ(c) == "1"
+    assert "v1 -> v2" in _cli("promote", "2", "--params", params).output  # by name: allowed, and the mark goes
+    assert "rolled_back" not in c.get_model_version("m", "2").tags
+    assert c.get_model_version("m", "2").tags["previous_champion"] == "1"
+    assert "v2 -> v1" in _cli("rollback", "--params", params).output
+
+
+def test_promoting_the_champion_again_records_nothing(history):
+    c, params = history
+    _cli("promote", "1", "--params", params)
+    tags = dict(c.get_model_version("m", "1").tags)
+    out = _cli("promote", "1", "--params", params)
+    assert out.exit_code == 0 and "v1 already" in out.output
+    assert dict(c.get_model_version("m", "1").tags) == tags and tags["previous_champion"] == ""
+
+
+def _policy(missing: str = "block"):
+    from tunegate.gate import Policy
+
+    return Policy.model_validate({"min_items": 30, "checks": [{"task": "support", "metric": "acc", "role": "target"},
+                                                             {"task": "general", "metric": "acc", "role": "general", "margin": 0.05}],
+                                  "champion": {"beat_on_target": True, "margin": 0.02, "missing_samples": missing}})
+
+
+def _samples(right: int, n: int = 60) -> dict:
+    return {"support": [{"doc_id": i, "acc": float(i < right)} for i in range(n)]}
+
+
+@pytest.fixture
+def with_champion(tmp_path):
+    """v1 = champion, registered from a run that logged its per-sample outcomes as register does (45/60 right)."""
+    import mlflow
+
+    from stages.register import EVAL_ARTIFACTS
+    from tunegate.config import parse_config
+    from tunegate.io import write_jsonl
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    for task, rows in _samples(45).items():
+        write_jsonl(tmp_path / "samples" / f"{task}.jsonl", rows)
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_artifacts(str(tmp_path / "samples"), artifact_path=EVAL_ARTIFACTS)
+    c.create_registered_model("m")
+    c.create_model_version("m", "unused", run_id=run.info.run_id, tags={"gate_passed": "true"})
+    c.set_registered_model_alias("m", "champion", "1")
+    c.create_model_version("m", "unused", tags={"gate_passed": "true"})
+    cfg = parse_config({"data": {"sources": {"d": {"path": "d.jsonl", "role": "domain"}}}, "eval": {"tasks": ["support"]},
+                        "register": {"tracking_uri": uri, "model_name": "m"}})
+    return c, cfg, run.info.run_id
+
+
+def test_champion_comparison_reads_the_champions_logged_samples(with_champion):
+    from stages.register import champion_check
+
+    c, cfg, _ = with_champion
+    better = champion_check(c, cfg, "2", _samples(58), _policy())
+    assert better["passed"] and better["tag"] == "passed vs v1"
+    assert [line.split(":")[0] for line in better["lines"]] == ["PASS target  support/acc vs champion"]
+    assert "0.750 -> 0.967" in better["lines"][0] and "n=60" in better["lines"][0]
+    worse = champion_check(c, cfg, "2", _samples(36), _policy())  # 0.60 < the champion's 0.75 beyond the margin
+    assert not worse["passed"] and worse["tag"] == "failed vs v1: support/acc"
+    assert worse["lines"][0].startswith("FAIL") and "0.750 -> 0.600" in worse["lines"][0] and "nan" not in worse["lines"][0]
+
+
+def test_unreadable_champion_samples_are_a_stated_decision(with_champion, tmp_path):
+    import shutil
+
+    from stages.register import banner, champion_check
+
+    c, cfg, run_id = with_champion
+    shutil.rmtree(tmp_path / "art" / run_id / "artifacts" / "eval")
+    blocked = champion_check(c, cfg, "2", _samples(58), _policy("block"))
+    assert not blocked["passed"] and blocked["tag"].startswith("blocked: champion v1's eval samples cannot be read")
+    assert "tunegate promote 2" in blocked["lines"][0] and "nan" not in blocked["lines"][0]
+    result = {"model_name": "m", "version": "2", "gate_passed": False, "champion": "1", "lines": blocked["lines"], "notes": []}
+    assert "champion v1's eval samples cannot be read" in banner(result)
+    skipped = champion_check(c, cfg, "2", _samples(58), _policy("skip"))
+    assert skipped["passed"] and skipped["tag"].startswith("skipped:") and "SKIPPED" in skipped["notes"][0]
+
+
+def test_too_few_or_no_paired_items_never_print_nan():
+    from tunegate.gate import decide
+
+    policy = _policy()
+    verdict = decide(_samples(10), {"general": []}, policy, champion={"other": []})
+    assert not verdict["passed"]
+    assert all("nan" not in line for line in verdict["lines"])
+    assert any("no paired items (n=0)" in line for line in verdict["lines"])
+    few = decide(_samples(5, n=10), _samples(8, n=10), policy)
+    assert any("only 10 paired items (< min_items 30)" in line for line in few["lines"])

@@ -46,7 +46,7 @@ def _registry(params: Optional[Path]):
 def check(params: Optional[Path] = PARAMS) -> None:
     """Validate params.yaml and the gate policy (fast; no model, no data)."""
     try:
-        from stages.gate import load_policy
+        from tunegate.gate import load_policy
         from tunegate.config import load_config
 
         cfg = load_config(params)
@@ -116,24 +116,23 @@ def promote(version: str, reason: str = typer.Option("manual promotion", help="r
         prev = move_champion(c, cfg.register_.model_name, version, reason, cfg.register_.alias)
     except UserError as err:
         _fail(err)
+    if prev == str(version):
+        typer.echo(f"{cfg.register_.alias}: v{version} already")
+        return
     typer.echo(f"{cfg.register_.alias}: v{prev or '-'} -> v{version}")
 
 
 @app.command()
 def rollback(reason: str = typer.Option("rollback", help="recorded with the move"), params: Optional[Path] = PARAMS) -> None:
-    """Move the champion back to the version it replaced."""
-    from tunegate.registry import champion, move_champion
+    """Move the champion back to the version it replaced; repeated, walks the promotion history backwards."""
+    from tunegate.registry import rollback as roll_back
 
     try:
         cfg, c = _registry(params)
-        current = champion(c, cfg.register_.model_name, cfg.register_.alias)
-        if current is None or not current.tags.get("previous_champion"):
-            raise UserError(f"{cfg.register_.model_name}: no previous champion recorded; use `tunegate promote VERSION`")
-        target = current.tags["previous_champion"]
-        move_champion(c, cfg.register_.model_name, target, f"{reason} (from v{current.version})", cfg.register_.alias)
+        moved_from, moved_to = roll_back(c, cfg.register_.model_name, reason, cfg.register_.alias)
     except UserError as err:
         _fail(err)
-    typer.echo(f"{cfg.register_.alias}: v{current.version} -> v{target}")
+    typer.echo(f"{cfg.register_.alias}: v{moved_from} -> v{moved_to} (v{moved_from} marked rolled back)")
 
 
 @app.command()

@@ -24,6 +24,19 @@ SAMPLES = "samples"
 NON_METRIC_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"}
 
 
+def read_samples(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per-sample outcomes by task from a folder of `<task>.jsonl` files (an eval output's `samples/`,
+    or the copy logged with a registered version)."""
+    from tunegate.io import read_jsonl
+
+    return {p.stem: read_jsonl(p) for p in sorted(Path(folder).glob("*.jsonl"))}
+
+
+def load_samples(eval_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per-sample outcomes of an eval stage's output folder."""
+    return read_samples(Path(eval_dir) / SAMPLES)
+
+
 def _per_sample(sample: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
     row = {"doc_id": sample["doc_id"]}
     for m in metrics:

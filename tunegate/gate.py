@@ -9,6 +9,7 @@ forget); a target check passes when the lower bound is above zero and the gain r
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +33,10 @@ class ChampionRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     beat_on_target: bool = False
     margin: float = Field(0.0, ge=0)
+    # When the champion's logged per-sample outcomes cannot be read (registered by hand, artifacts
+    # deleted): `block` keeps the champion where it is (promote the candidate by name if it is wanted),
+    # `skip` promotes on the checks against the base alone. Either way the decision is stated.
+    missing_samples: Literal["block", "skip"] = "block"
 
 
 class Policy(BaseModel):
@@ -49,18 +54,21 @@ class Outcome:
     role: str
     against: str
     n: int
-    reference: float
-    candidate: float
-    diff: float
-    lower: float
-    upper: float
+    reference: float | None  # None: no paired items, nothing to estimate
+    candidate: float | None
+    diff: float | None
+    lower: float | None
+    upper: float | None
     threshold: str
     passed: bool
     why: str
 
     def line(self) -> str:
         mark = "PASS" if self.passed else "FAIL"
-        return (f"{mark} {self.role:7} {self.task}/{self.metric} vs {self.against}: {self.reference:.3f} -> {self.candidate:.3f} "
+        head = f"{mark} {self.role:7} {self.task}/{self.metric} vs {self.against}"
+        if self.n == 0:
+            return f"{head}: no paired items (n=0) — {self.why}"
+        return (f"{head}: {self.reference:.3f} -> {self.candidate:.3f} "
                 f"(diff {self.diff:+.3f}, bounds [{self.lower:+.3f}, {self.upper:+.3f}], need {self.threshold}; n={self.n}){'' if self.passed else ' — ' + self.why}")
 
 
@@ -85,7 +93,8 @@ def judge(check: Check, ref: Samples, cand: Samples, policy: Policy, resamples: 
     sign = 1.0 if check.direction == "higher" else -1.0
     n = len(a)
     if n == 0:
-        return Outcome(check.task, check.metric, check.role, against, 0, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), "-", False, "no paired samples (task missing from eval results?)")
+        why = f"no item of {check.task} scored with {check.metric} on both sides (task or metric missing from the {against}'s or the candidate's eval samples?)"
+        return Outcome(check.task, check.metric, check.role, against, 0, None, None, None, None, None, "-", False, why)
     diffs = sign * (b - a)
     lower, upper = paired_bootstrap(diffs, check.confidence or policy.confidence, resamples, seed)
     diff = float(diffs.mean())
@@ -114,3 +123,21 @@ def decide(base: Samples, candidate: Samples, policy: Policy, resamples: int = 2
         "checks": [asdict(o) for o in outcomes],
         "lines": [o.line() for o in outcomes],
     }
+
+
+def load_policy(path: Path) -> Policy:
+    """evals/gates.yaml as a Policy; a missing file or a bad key ends in one line naming it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from tunegate.errors import UserError
+
+    try:
+        return Policy.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UserError(f"{path}: gate policy not found (gate.policy in params.yaml)") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None

@@ -21,6 +21,8 @@ from tunegate.io import sha256_tree
 SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
 PROMOTIONS = "promotion_log"
+PREVIOUS = "previous_champion"  # on a version: the champion it replaced when it was promoted
+ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved back from it
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def move_champion(c, name: str, version: str, reason: str, alias: str = "champion", check_files: bool = True) -> str | None:
-    """Point `alias` at `version` after the gate and tamper checks; returns the previous champion version."""
+def _check_promotable(c, name: str, version: str, check_files: bool):
     v = c.get_model_version(name, version)
     if v.tags.get("gate_passed") != "true":
         raise UserError(f"{name} v{version}: gate did not pass ({v.tags.get('gate_failed', 'no verdict')}); refusing to promote")
@@ -145,17 +146,69 @@ def move_champion(c, name: str, version: str, reason: str, alias: str = "champio
             raise UserError(f"{name} v{version}: model files at {v.source} cannot be read ({type(err).__name__}); refusing to promote") from None
         if adapter_fingerprint(local) != v.tags.get("adapter_sha256"):
             raise UserError(f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 (tampered?); refusing to promote")
+    return v
+
+
+def move_champion(c, name: str, version: str, reason: str, alias: str = "champion", check_files: bool = True) -> str | None:
+    """Point `alias` at `version` after the gate and tamper checks; returns the previous champion version
+    (the version itself when it already was the champion: nothing is moved or recorded then).
+
+    Promoting a version by name also clears a rollback mark it may carry: a person chose it again.
+    """
+    v = _check_promotable(c, name, version, check_files)
     previous = champion(c, name, alias)
     prev = str(previous.version) if previous else None
     if prev == str(version):
         return prev
     # The record is written before the move: a move cut off in between is retried and recorded again,
     # but an alias never moves without a record of where it came from.
-    stamp = _now()
-    c.set_model_version_tag(name, str(version), f"{PROMOTIONS}.{stamp}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}")
-    c.set_model_version_tag(name, str(version), "previous_champion", str(prev or ""))
+    c.set_model_version_tag(name, str(version), f"{PROMOTIONS}.{_now()}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}")
+    c.set_model_version_tag(name, str(version), PREVIOUS, str(prev or ""))
+    if ROLLED_BACK in v.tags:
+        c.delete_model_version_tag(name, str(version), ROLLED_BACK)
     c.set_registered_model_alias(name, alias, str(version))
     return prev
+
+
+def rollback_target(c, name: str, current) -> str | None:
+    """The champion `current` replaced, walking back past versions that were themselves rolled back
+    from (and past versions since deleted); None when there is nothing earlier on record."""
+    from mlflow.exceptions import MlflowException
+
+    seen = {str(current.version)}
+    target = current.tags.get(PREVIOUS) or None
+    while target and target not in seen:
+        seen.add(target)
+        try:
+            v = c.get_model_version(name, target)
+        except MlflowException:  # deleted since: look at what it had replaced? unknown, so stop here
+            return None
+        if ROLLED_BACK not in v.tags:
+            return target
+        target = v.tags.get(PREVIOUS) or None
+    return None
+
+
+def rollback(c, name: str, reason: str, alias: str = "champion", check_files: bool = True) -> tuple[str, str]:
+    """Move `alias` back to the champion the current one replaced; returns (from, to).
+
+    The version rolled back from is marked (`rolled_back`), and the version moved back to keeps its own
+    `previous_champion`, so repeated rollbacks walk the promotion history backwards instead of toggling
+    between two versions, and a marked version is never re-promoted unless someone promotes it by name.
+    """
+    current = champion(c, name, alias)
+    if current is None:
+        raise UserError(f"{name}: no {alias} to roll back from; use `tunegate promote VERSION`")
+    target = rollback_target(c, name, current)
+    if target is None:
+        raise UserError(f"{name}: v{current.version} is the earliest {alias} on record; nothing to roll back to "
+                        "(use `tunegate promote VERSION` to choose a version by name)")
+    _check_promotable(c, name, target, check_files)
+    stamp = _now()
+    c.set_model_version_tag(name, str(target), f"{PROMOTIONS}.{stamp}", f"{alias} <- v{target} (rolled back from v{current.version}): {reason}")
+    c.set_model_version_tag(name, str(current.version), ROLLED_BACK, f"{stamp}: {alias} moved back to v{target}: {reason}")
+    c.set_registered_model_alias(name, alias, str(target))
+    return str(current.version), str(target)
 
 
 def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]]:

@@ -54,8 +54,8 @@ def test_default_gate_passes_target_and_general(project):
 
 
 def test_identical_candidate_fails_target(project):
-    from stages.gate import load_policy, load_samples
-    from tunegate.gate import decide
+    from tunegate.evaluation import load_samples
+    from tunegate.gate import decide, load_policy
 
     base = load_samples(project / "reports/eval_base")
     verdict = decide(base, base, load_policy(project / "evals/gates.yaml"))
@@ -92,6 +92,7 @@ def test_gate_policy_change_reruns_only_gate_and_register(project):
 def test_forgetting_profile_is_blocked(project):
     c = client(project)
     champion = c.get_model_version_by_alias("tunegate-demo", "champion").version
+    before = len(c.search_model_versions("name = 'tunegate-demo'"))
     original = (project / "params.yaml").read_text()
     edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.005, "train.args.max_steps": 400})
     try:
@@ -102,7 +103,7 @@ def test_forgetting_profile_is_blocked(project):
         assert not verdict["passed"] and failed_roles == {"general"}, verdict["lines"]
         assert "GATE FAILED" in proc.stderr
         versions = c.search_model_versions("name = 'tunegate-demo'")
-        assert len(versions) == 2
+        assert len(versions) == before + 1
         newest = max(versions, key=lambda v: int(v.version))
         assert newest.tags["gate_passed"] == "false" and "general" in newest.tags["gate_failed"]
         assert c.get_model_version_by_alias("tunegate-demo", "champion").version == champion
@@ -137,3 +138,42 @@ def test_logged_model_reloads_with_the_trained_weights(project):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert torch.allclose(logged(ids).logits, ours(ids).logits, atol=1e-6)
+
+
+def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_back(project):
+    """After the first champion, a clearly better candidate is promoted (compared item by item with the
+    champion's logged samples), a candidate better than the base but worse than the champion is refused
+    with real numbers, and `tunegate rollback` walks the promotions back to the first champion."""
+    c = client(project)
+    first = c.get_model_version_by_alias("tunegate-demo", "champion").version
+    original = (project / "params.yaml").read_text()
+    try:
+        edit_params(project, **{"train.args.max_steps": 400, "train.args.learning_rate": 0.0015})
+        proc = sh(project, "dvc", "repro")
+        better = c.get_model_version_by_alias("tunegate-demo", "champion")
+        assert better.version != first, proc.stderr[-3000:]
+        assert better.tags["previous_champion"] == str(first)
+        assert better.tags["champion_check"] == f"passed vs v{first}"
+        assert "gate PASSED" in proc.stderr and f"v{better.version} is champion" in proc.stderr
+
+        edit_params(project, **{"train.args.max_steps": 60, "train.args.learning_rate": 0.002})
+        proc = sh(project, "dvc", "repro")
+        verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+        assert verdict["passed"], verdict["lines"]  # better than the base ...
+        newest = max(c.search_model_versions("name = 'tunegate-demo'"), key=lambda v: int(v.version))
+        assert newest.tags["champion_check"].startswith(f"failed vs v{better.version}")  # ... but not than the champion
+        assert "previous_champion" not in newest.tags
+        assert c.get_model_version_by_alias("tunegate-demo", "champion").version == better.version
+        fails = [line for line in proc.stderr.splitlines() if "FAIL" in line and "vs champion" in line]
+        assert fails and all("nan" not in line and re.search(r"\d\.\d{3} -> \d\.\d{3}", line) for line in fails), proc.stderr[-3000:]
+        assert "GATE FAILED" in proc.stderr
+
+        out = sh(project, "tunegate", "rollback")
+        assert f"v{better.version} -> v{first}" in out.stdout
+        out = sh(project, "tunegate", "rollback", check=False)
+        assert out.returncode == 2 and "earliest champion on record" in out.stderr
+        assert c.get_model_version_by_alias("tunegate-demo", "champion").version == first
+    finally:
+        (project / "params.yaml").write_text(original)
+        sh(project, "dvc", "repro")  # back to the default run (restored from DVC's run cache)
+    assert c.get_model_version_by_alias("tunegate-demo", "champion").version == first
