@@ -70,7 +70,7 @@ def plain_trl(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Pa
 def tunegate_stage(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path, probe: list[dict[str, Any]]) -> float:
     from stages import train
 
-    metrics = train.run(cfg.train, cfg.seed, manifest, False, rows, [], probe, out / "model", out / "ckpt", out / "plots.csv")
+    metrics = train.run(cfg.train, cfg.seed, train.Inputs(manifest, rows, [], probe), train.Outputs(out / "model", out / "ckpt", out / "plots.csv"))
     return metrics["seconds"]
 
 
@@ -112,7 +112,7 @@ def build_100m(out: Path, dtype: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunegate.demo.model import train_tokenizer
+    from demo.model import train_tokenizer
 
     pretrain = read_jsonl(ROOT / "data/pretrain/general.jsonl")[:3000]
     tokenizer = train_tokenizer([r["prompt"] for r in pretrain] + [r["completion"] for r in pretrain], 1024)
@@ -152,7 +152,7 @@ def memory_child(model_dir: str, name: str) -> None:
                                                                     "logging_steps": 1, "save_steps": 1000, **extra})
     with tempfile.TemporaryDirectory() as tmp:
         manifest = {"model": "bench-100m", "path": model_dir}
-        metrics = train.run(cfg, 1, manifest, False, rows, [], [], Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "plots.csv")
+        metrics = train.run(cfg, 1, train.Inputs(manifest, rows, [], []), train.Outputs(Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "plots.csv"))
     print(json.dumps({"estimate_gib": metrics["preflight_peak_gib"], "baseline_gib": baseline, "peak_gib": _rss_gib(), "seconds": metrics["seconds"]}))
 
 

@@ -11,8 +11,10 @@ interleaved, median of --repeat:
   validate     stages.validate.run: read + normalise to the internal schema + content-hash ids,
                rendered sizes and token lengths, the Great Expectations suite, quarantine, PII
                masking, writing the outputs (Data Docs HTML excluded: a one-off render)
-  validate, template rendered per row   the same with the probed template layout off (RenderedSize)
-  validate, every row rendered and tokenised   also without the byte bounds (TokenCounter)
+  validate, template rendered per row   the same with the probed template layout off
+                                        (run(..., use_layouts=False): RenderedSize)
+  validate, every row rendered and tokenised   also without the byte bounds
+                                        (run(..., use_bounds=False): TokenCounter)
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 from tunegate.config import Source, load_config
 
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--source", choices=["domain", "preferences"], default="domain")
     args = parser.parse_args()
     from stages import validate
-    from tunegate.demo.model import train_tokenizer
+    from demo.model import train_tokenizer
     from tunegate.io import read_jsonl
     from tunegate.runtime import configure
 
@@ -83,12 +84,10 @@ def main() -> None:
             validate.run(cfg, sources, tokenizer, out)
 
         def run_rendered(out: Path) -> None:
-            with mock.patch.object(validate.RenderedSize, "use_layouts", False):
-                validate.run(cfg, sources, tokenizer, out)
+            validate.run(cfg, sources, tokenizer, out, use_layouts=False)
 
         def run_exact(out: Path) -> None:
-            with mock.patch.object(validate.RenderedSize, "use_layouts", False), mock.patch.object(validate.TokenCounter, "use_bounds", False):
-                validate.run(cfg, sources, tokenizer, out)
+            validate.run(cfg, sources, tokenizer, out, use_layouts=False, use_bounds=False)
 
         runs = {
             "floor: json.loads per line": lambda out: floor(data),

@@ -24,24 +24,18 @@ from flows.pipeline import ROOT, pipeline
 @task(retries=2, retry_delay_seconds=30)
 def base_changed(root: str) -> tuple[bool, str, str]:
     """(changed?, last built revision, current revision) of the configured base model."""
-    import os
-
     from tunegate.config import load_config
     from tunegate.io import read_json, sha256_of
-    from tunegate.models import MANIFEST, describe, snapshot
+    from tunegate.models import current_revision
+    from tunegate.paths import PARAMS, Layout
 
-    cfg = load_config(Path(root) / "params.yaml")
-    manifest_path = Path(root) / cfg.paths.base / MANIFEST
+    cfg = load_config(Path(root) / PARAMS)
+    manifest_path = Layout.of(cfg.paths, root).base_manifest
     last = read_json(manifest_path) if manifest_path.exists() else None
     if cfg.base.is_demo:  # built from committed data: only a params/data change (DVC's job) moves it
         return last is None, last["resolved_revision"] if last else "-", last["resolved_revision"] if last else "-"
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        path, resolved = snapshot(cfg.base.model, cfg.base.revision)
-        current = describe(path, cfg.base.model, cfg.base.revision, resolved)
-    finally:
-        os.chdir(cwd)
+    current = current_revision(cfg.base.model, cfg.base.revision, root)
+    resolved = current["resolved_revision"]
     if last is None:
         return True, "-", resolved
     moved = (resolved, sha256_of(current["weights_sha256"])) != (last["resolved_revision"], sha256_of(last["weights_sha256"]))

@@ -16,7 +16,8 @@ from typing import Any
 
 from tunegate.config import Base, load_config
 from tunegate.io import atomic_path, read_jsonl, write_json
-from tunegate.models import MANIFEST, describe, snapshot
+from tunegate.models import describe, snapshot
+from tunegate.paths import BASE_MANIFEST
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def run(cfg: Base, seed: int, pretrain: Path, out_dir: Path) -> dict[str, Any]:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         if cfg.is_demo:
-            from tunegate.demo.model import build
+            from demo.model import build
 
             info = build(read_jsonl(pretrain), cfg.demo, seed, tmp)
             manifest = describe(tmp, "demo", "seeded", f"seed-{seed}")
@@ -37,7 +38,7 @@ def run(cfg: Base, seed: int, pretrain: Path, out_dir: Path) -> dict[str, Any]:
             path, resolved = snapshot(cfg.model, cfg.revision)
             manifest = describe(path, cfg.model, cfg.revision, resolved)
         manifest["trust_remote_code"] = cfg.trust_remote_code
-        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / BASE_MANIFEST, manifest)
     log.info("base %s @ %s ready in %.1fs", manifest["model"], manifest["resolved_revision"], time.perf_counter() - started)
     return manifest
 

@@ -26,13 +26,13 @@ from tunegate.config import Dedup, load_config
 from tunegate.dedup import ContaminationIndex, exact_key, near_duplicates
 from tunegate.formats import prompt_and_answer, row_text
 from tunegate.io import read_jsonl, write_json, write_jsonl, write_text
+from tunegate.paths import DROPPED, REPORT, Layout
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "message", "question", "query", "input", "text")
 ANSWER_FIELDS = ("answer", "target", "output")
-DROPPED = "dropped.jsonl"
 
 
 def eval_items(eval_data: Path) -> list[tuple[str, str, bool]]:
@@ -149,15 +149,14 @@ def _report(m: dict[str, Any], dropped: list[dict]) -> str:
 def main() -> None:
     def body() -> None:
         cfg = load_config()
-        src = Path(cfg.paths.validated)
-        sources = {name: read_jsonl(src / f"{name}.jsonl") for name in cfg.data.sources}
-        kept, dropped, metrics = run(cfg.dedup, sources, eval_items(Path(cfg.paths.evals) / "data"), cfg.seed)
-        out = Path(cfg.paths.dedup)
+        layout = Layout.of(cfg.paths)
+        sources = {name: read_jsonl(layout.validated_source(name)) for name in cfg.data.sources}
+        kept, dropped, metrics = run(cfg.dedup, sources, eval_items(layout.eval_data), cfg.seed)
         for name, rows in kept.items():
-            write_jsonl(out / f"{name}.jsonl", rows)
-        write_jsonl(out / DROPPED, dropped)
-        write_text(out / "report.md", _report(metrics, dropped))
-        write_json(Path(cfg.paths.metrics) / "dedup.json", metrics)
+            write_jsonl(layout.dedup_source(name), rows)
+        write_jsonl(layout.dedup / DROPPED, dropped)
+        write_text(layout.dedup / REPORT, _report(metrics, dropped))
+        write_json(layout.metrics("dedup"), metrics)
         log.info("dedup: in %d = kept %d + dropped %d", metrics["in"], metrics["kept"], metrics["dropped"])
 
     stage_main("dedup", body)

@@ -18,11 +18,11 @@ from tunegate.config import Gate, load_config
 from tunegate.evaluation import load_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.io import atomic_path, sha256_file, write_json, write_text
+from tunegate.paths import CHART, REPORT, VERDICT, Layout
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
-VERDICT = "verdict.json"
 
 
 def run(cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int) -> dict[str, Any]:
@@ -62,22 +62,24 @@ def report(verdict: dict[str, Any]) -> str:
             continue
         rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
                     f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {result} |")
-    return "\n".join([f"# Gate {head}", "", f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.", "", *rows, "", "![base vs candidate](chart.png)", ""])
+    return "\n".join([f"# Gate {head}", "", f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.", "", *rows, "", f"![base vs candidate]({CHART})", ""])
 
 
 def main() -> None:
     def body() -> None:
         cfg = load_config()
+        layout = Layout.of(cfg.paths)
         policy_path = Path(cfg.gate.policy)
-        verdict = run(cfg.gate, load_policy(policy_path), load_samples(Path(cfg.paths.eval_base)), load_samples(Path(cfg.paths.eval_candidate)), cfg.seed)
+        base, candidate = load_samples(layout.eval("base")), load_samples(layout.eval("candidate"))
+        verdict = run(cfg.gate, load_policy(policy_path), base, candidate, cfg.seed)
         verdict["policy_sha256"] = sha256_file(policy_path)
-        with atomic_path(cfg.paths.gate) as tmp:
+        with atomic_path(layout.gate) as tmp:
             tmp.mkdir()
             write_json(tmp / VERDICT, verdict)
-            write_text(tmp / "report.md", report(verdict))
-            _chart(verdict, tmp / "chart.png")
-        metrics = {"passed": verdict["passed"], **{f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]}}
-        write_json(Path(cfg.paths.metrics) / "gate.json", metrics)
+            write_text(tmp / REPORT, report(verdict))
+            _chart(verdict, tmp / CHART)
+        diffs = {f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]}
+        write_json(layout.metrics("gate"), {"passed": verdict["passed"], **diffs})
         for line in verdict["lines"]:
             log.info("%s", line)
 

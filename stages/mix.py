@@ -20,14 +20,11 @@ from typing import Any
 
 from tunegate.config import Mix, Source, load_config
 from tunegate.io import read_jsonl, sha256_file, write_json, write_jsonl
+from tunegate.paths import Layout
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
-TRAIN = "train.jsonl"
-PREFERENCES = "preferences.jsonl"
-MANIFEST = "manifest.json"
-PROBE = "probe.jsonl"
 PROBE_ROWS = 64
 
 
@@ -125,25 +122,24 @@ def main() -> None:
         from tunegate.models import load_manifest, load_tokenizer
 
         cfg = load_config()
-        tok = load_tokenizer(load_manifest(cfg.paths.base), cfg.base.trust_remote_code)
-        src = Path(cfg.paths.dedup)
-        inputs = {n: src / f"{n}.jsonl" for n in cfg.data.sources}
+        layout = Layout.of(cfg.paths)
+        tok = load_tokenizer(load_manifest(layout.base), cfg.base.trust_remote_code)
+        inputs = {n: layout.dedup_source(n) for n in cfg.data.sources}
         rows = {n: read_jsonl(p) for n, p in inputs.items()}
 
         def n_tokens(row: dict) -> int:
             return len(tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
 
         train, prefs, probe, manifest = run(cfg.mix, cfg.data.sources, rows, n_tokens, cfg.seed)
-        out = Path(cfg.paths.mix)
-        write_jsonl(out / TRAIN, train)
-        write_jsonl(out / PREFERENCES, prefs)
-        write_jsonl(out / PROBE, probe)
+        write_jsonl(layout.mix_train, train)
+        write_jsonl(layout.mix_preferences, prefs)
+        write_jsonl(layout.mix_probe, probe)
         for n, p in inputs.items():
             manifest["sources"].setdefault(n, {"role": cfg.data.sources[n].role, "used": len(rows[n])})["sha256"] = sha256_file(p)
-        manifest["train_sha256"] = sha256_file(out / TRAIN)
-        manifest["preferences_sha256"] = sha256_file(out / PREFERENCES)
-        write_json(out / MANIFEST, manifest)
-        write_json(Path(cfg.paths.metrics) / "mix.json", {k: v for k, v in manifest.items() if not isinstance(v, dict)})
+        manifest["train_sha256"] = sha256_file(layout.mix_train)
+        manifest["preferences_sha256"] = sha256_file(layout.mix_preferences)
+        write_json(layout.mix_manifest, manifest)
+        write_json(layout.metrics("mix"), {k: v for k, v in manifest.items() if not isinstance(v, dict)})
         log.info("mix: %d rows (%.0f%% general by examples, %.0f%% by tokens), train sha256 %s", manifest["rows"],
                  100 * manifest["general_share_examples"], 100 * manifest["general_share_tokens"], manifest["train_sha256"][:12])
 

@@ -26,13 +26,13 @@ from typing import Any
 import yaml
 
 from tunegate.config import Config, flatten, load_config
-from tunegate.evaluation import SAMPLES, load_samples, read_samples
+from tunegate.evaluation import load_samples, read_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
 from tunegate.registry import ROLLED_BACK, adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact, settle
+from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.runtime import stage_main
-from stages.train import ADAPTER, THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
         "adapter": cfg.train.adapter,
         "seed": cfg.seed,
         "git_commit": git_commit(),
-        "dvc_lock_sha256": lock_sha256(Path("dvc.lock")),
+        "dvc_lock_sha256": lock_sha256(DVC_LOCK),
         "orchestrated_by": os.environ.get("TUNEGATE_ORCHESTRATOR", "dvc"),
         "gate_passed": str(verdict["passed"]).lower(),
         "gate_policy_sha256": verdict.get("policy_sha256"),
@@ -119,9 +119,10 @@ def _log_datasets(cfg: Config, mix: dict) -> None:
     import mlflow
     import pandas as pd
 
-    files = [(Path(cfg.paths.mix) / "train.jsonl", "training", "train", mix["train_sha256"])]
-    files += [(Path(cfg.paths.dedup) / f"{n}.jsonl", "source", n, s.get("sha256")) for n, s in mix["sources"].items()]
-    files += [(p, "eval", p.stem, None) for p in sorted((Path(cfg.paths.evals) / "data").glob("*.jsonl"))]
+    layout = Layout.of(cfg.paths)
+    files = [(layout.mix_train, "training", "train", mix["train_sha256"])]
+    files += [(layout.dedup_source(n), "source", n, s.get("sha256")) for n, s in mix["sources"].items()]
+    files += [(p, "eval", p.stem, None) for p in sorted(layout.eval_data.glob("*.jsonl"))]
     for path, context, name, digest in files:
         if not path.exists():
             continue
@@ -134,11 +135,9 @@ def _log_datasets(cfg: Config, mix: dict) -> None:
 def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     """adapter + tokenizer via mlflow.transformers, pointing at the base weights it needs."""
     import mlflow
-    from peft import PeftModel
+    from tunegate.models import load_tokenizer, load_with_adapter
 
-    from tunegate.models import load_model, load_tokenizer
-
-    model = PeftModel.from_pretrained(load_model(base, cfg.base.trust_remote_code), str(adapter_dir))
+    model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
     tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
     local_base = base["resolved_revision"] == "local" or base["model"] == "demo"  # no hub id to refer to
     requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")]
@@ -199,11 +198,12 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
             numeric.update({f"eval.{side}.{t}.{m}": v for side, by_task in scores.items() for t, ms in by_task.items() for m, v in ms.items()})
             numeric["gate.passed"] = float(verdict["passed"])
             mlflow.log_metrics(numeric)
-            _log_curves(Path(cfg.paths.plots) / "train.csv")
-            _log_curves(Path(THROUGHPUT))
+            layout = Layout.of(cfg.paths)
+            _log_curves(layout.train_plot)
+            _log_curves(layout.throughput)
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
             _log_datasets(cfg, mix)
-            mlflow.log_artifacts(str(Path(cfg.paths.eval_candidate) / SAMPLES), artifact_path=EVAL_ARTIFACTS)
+            mlflow.log_artifacts(str(layout.eval("candidate") / SAMPLES), artifact_path=EVAL_ARTIFACTS)
             for path in reports:
                 if path.is_dir():
                     mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
@@ -299,13 +299,13 @@ def main() -> None:
         from tunegate.models import load_manifest
 
         cfg = load_config()
-        paths = cfg.paths
-        verdict = read_json(Path(paths.gate) / "verdict.json")
-        scores = {"base": read_json(Path(paths.eval_base) / "results.json")["scores"], "candidate": read_json(Path(paths.eval_candidate) / "results.json")["scores"]}
-        reports = [Path(paths.validated) / "report.md", Path(paths.dedup) / "report.md", Path(paths.gate), Path("params.yaml"), Path("dvc.lock"), Path(paths.base) / "base.json"]
-        result = run(cfg, load_manifest(paths.base), read_json(Path(paths.mix) / "manifest.json"), read_json(Path(paths.metrics) / "train.json"),
-                     verdict, scores, Path(paths.train) / ADAPTER, reports, load_samples(Path(paths.eval_candidate)), load_policy(Path(cfg.gate.policy)))
-        write_json(paths.register_, result)
+        layout = Layout.of(cfg.paths)
+        scores = {side: read_json(layout.eval(side) / RESULTS)["scores"] for side in ("base", "candidate")}
+        reports = [layout.validated / REPORT, layout.dedup / REPORT, layout.gate, PARAMS, DVC_LOCK, layout.base_manifest]
+        result = run(cfg, load_manifest(layout.base), read_json(layout.mix_manifest), read_json(layout.metrics("train")),
+                     read_json(layout.verdict), scores, layout.adapter, reports, load_samples(layout.eval("candidate")),
+                     load_policy(Path(cfg.gate.policy)))
+        write_json(layout.register, result)
         print(banner(result), file=sys.stderr)
 
     stage_main("register", body)

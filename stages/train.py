@@ -19,21 +19,85 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from tunegate.adapters import ADAPTERS
 from tunegate.config import Train, load_config
 from tunegate.errors import UserError
 from tunegate.io import atomic_path, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
+from tunegate.paths import (
+    ADAPTER,
+    CHAIN_DPO_CHECKPOINTS,
+    CHAIN_SFT_CHECKPOINTS,
+    CHAIN_SFT_RESULT,
+    MERGED,
+    PHASE_DONE,
+    TRAIN_RECORD,
+    TRAINING_ARGS,
+    Layout,
+    run_checkpoints,
+)
 from tunegate.runtime import record_timing, seed_everything, stage_main
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "adapter"
-MERGED = "merged"
 PLOT_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "probe_loss")
-THROUGHPUT = "reports/train_throughput.csv"  # step, tokens so far, tokens/s since the previous log (untracked)
-SPEED_FIELDS = ("step", "tokens", "tokens_per_second")
+SPEED_FIELDS = ("step", "tokens", "tokens_per_second")  # step, tokens so far, tokens/s since the previous log
+PEFT_CONFIG = "adapter_config.json"  # PEFT's name
+TRAINER_STATE = "trainer_state.json"  # the transformers Trainer's name, written last in a checkpoint
+
+
+def _sft_classes() -> tuple[type, type]:
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTConfig, SFTTrainer
+
+
+def _dpo_classes() -> tuple[type, type]:
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOConfig, DPOTrainer
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """One trainer method: TRL's config and trainer classes and what data it trains on."""
+
+    classes: Callable[[], tuple[type, type]]  # (TRL config class, TRL trainer class), imported on use
+    preference: bool  # trains on preference pairs (prompt/chosen/rejected) instead of the mixed set
+    probe: bool  # the held-out general probe loss (an SFT-style loss) applies
+
+
+METHODS: dict[str, MethodKind] = {
+    "sft": MethodKind(_sft_classes, preference=False, probe=True),
+    "dpo": MethodKind(_dpo_classes, preference=True, probe=False),
+}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What one training run reads: the base and the rows (the stage's main() loads them from the mix)."""
+
+    manifest: dict[str, Any]
+    train_rows: list[dict[str, Any]]
+    pref_rows: list[dict[str, Any]] = field(default_factory=list)
+    probe_rows: list[dict[str, Any]] = field(default_factory=list)
+    trust_remote_code: bool = False
+    base_ref: str | None = None  # how the saved adapter names its base (hub id or project-relative path)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one training run writes: the result folder, its checkpoints and the plot files."""
+
+    out_dir: Path
+    ckpt_dir: Path
+    plot_path: Path
+    speed_path: Path | None = None
+    step_offset: int = 0  # where this run's steps start in the plot files (after an earlier phase's)
 
 
 def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -42,7 +106,8 @@ def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def peft_config(cfg: Train):
-    if cfg.adapter == "full":
+    kind = ADAPTERS[cfg.adapter]
+    if not kind.peft:
         return None
     from peft import LoraConfig
 
@@ -52,7 +117,7 @@ def peft_config(cfg: Train):
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         use_rslora=cfg.lora.use_rslora,
-        use_dora=cfg.adapter == "dora",
+        use_dora=kind.dora,
         task_type="CAUSAL_LM",
     )
 
@@ -140,11 +205,9 @@ def merge(manifest: dict[str, Any], adapter: Path, out: Path, trust_remote_code:
     weights (merging into 4-bit layers would round the update away); the result loads in plain
     transformers or any runner that reads safetensors, with no PEFT needed.
     """
-    from peft import PeftModel
+    from tunegate.models import load_tokenizer, load_with_adapter
 
-    from tunegate.models import load_model, load_tokenizer
-
-    model = PeftModel.from_pretrained(load_model(manifest, trust_remote_code), str(adapter)).merge_and_unload()
+    model = load_with_adapter(manifest, adapter, trust_remote_code, merge=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer({"path": str(adapter)}, trust_remote_code).save_pretrained(out)
 
@@ -155,7 +218,7 @@ def _portable(adapter: Path, base_ref: str) -> None:
     than this machine's absolute path."""
     for name in ("training_args.bin", "README.md"):
         (adapter / name).unlink(missing_ok=True)
-    config = adapter / "adapter_config.json"
+    config = adapter / PEFT_CONFIG
     if config.exists():
         doc = json.loads(config.read_text())
         doc["base_model_name_or_path"] = base_ref
@@ -172,7 +235,7 @@ def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     shape = Shape(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size)
     per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(c, "intermediate_size", 4 * c.hidden_size)
-    trainable = params if cfg.adapter == "full" else c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size)
+    trainable = c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size) if ADAPTERS[cfg.adapter].peft else params
     plan = Plan(cfg.adapter, trainable, int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length", 1024)),
                 bool(args.get("gradient_checkpointing")), str(args.get("optim", "adamw_torch")),
                 bool(args.get("bf16") or args.get("fp16")), model.dtype in (torch.bfloat16, torch.float16))
@@ -191,7 +254,7 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for ckpt in found:
         try:
-            json.loads((ckpt / "trainer_state.json").read_text())
+            json.loads((ckpt / TRAINER_STATE).read_text())
             return str(ckpt)
         except (OSError, ValueError):
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
@@ -219,8 +282,9 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
         "gradient_checkpointing": False,
         "bf16": False,
     }
-    args = {**common, **cfg.args, **(cfg.dpo_args if cfg.method == "dpo" else {})}
-    if with_probe and cfg.method == "sft":  # the forgetting probe is an SFT-style held-out loss
+    method = METHODS[cfg.method]
+    args = {**common, **cfg.args, **(cfg.dpo_args if method.preference else {})}
+    if with_probe and method.probe:  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", args.get("save_steps", 50))
     else:
@@ -230,62 +294,51 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
 
 def _trainer_config(cfg: Train, args: dict[str, Any]):
     """TRL's config for the method; a bad name or value in train.args / train.dpo_args ends in one line."""
-    if cfg.method == "dpo":
-        from trl import DPOConfig as config_cls
-    else:
-        from trl import SFTConfig as config_cls
-    keys = "train.args" + (" / train.dpo_args" if cfg.method == "dpo" and cfg.dpo_args else "")
+    config_cls, _ = METHODS[cfg.method].classes()
+    keys = "train.args" + (" / train.dpo_args" if METHODS[cfg.method].preference and cfg.dpo_args else "")
     try:
         return config_cls(**args)
     except (TypeError, ValueError) as err:  # an unknown key, or a value TRL rejects
         raise UserError(f"{keys}: {err}") from None
 
 
-def run(
-    cfg: Train,
-    seed: int,
-    manifest: dict[str, Any],
-    trust_remote_code: bool,
-    train_rows: list[dict[str, Any]],
-    pref_rows: list[dict[str, Any]],
-    probe_rows: list[dict[str, Any]],
-    out_dir: Path,
-    ckpt_dir: Path,
-    plot_path: Path,
-    base_ref: str | None = None,
-    init_adapter: Path | None = None,
-    speed_path: Path | None = None,
-    step_offset: int = 0,
-    recorded: Train | None = None,
-) -> dict[str, Any]:
-    """Train and write out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
+def _datasets(method: MethodKind, data: Inputs):
+    """(training set, probe set) in the shape TRL's trainer for the method reads."""
+    from datasets import Dataset
+
+    if method.preference:
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.pref_rows]), None
+    probe = Dataset.from_list(to_prompt_completion(data.probe_rows)) if data.probe_rows else None
+    return Dataset.from_list(to_prompt_completion(data.train_rows)), probe
+
+
+def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | None = None, recorded: Train | None = None) -> dict[str, Any]:
+    """Train and write out.out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
 
     init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
-    DPO, TRL then uses a frozen copy of it as the reference model. step_offset: where this run's
-    steps start in the plot files (after an earlier phase's). recorded: the config written to
+    DPO, TRL then uses a frozen copy of it as the reference model. recorded: the config written to
     train_config.json when it is not cfg (the chain records itself, not its DPO phase).
     """
     if cfg.method == "sft+dpo":
-        return _sft_then_dpo(cfg, seed, manifest, trust_remote_code, train_rows, pref_rows, probe_rows, out_dir, ckpt_dir, plot_path, base_ref, speed_path)
-    data = pref_rows if cfg.method == "dpo" else train_rows
-    if not data:
+        return _sft_then_dpo(cfg, seed, data, out)
+    method, kind = METHODS[cfg.method], ADAPTERS[cfg.adapter]
+    if not (data.pref_rows if method.preference else data.train_rows):
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
-    if cfg.probe_max_rise and cfg.method == "sft" and not probe_rows:
+    if cfg.probe_max_rise and method.probe and not data.probe_rows:
         log.warning("train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop")
-    args = _trainer_args(cfg, seed, ckpt_dir, bool(probe_rows))
+    args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
     seed_everything(seed)
-    from datasets import Dataset
-
     from tunegate.models import load_model, load_tokenizer
 
-    base_ref = base_ref or manifest["model"]
-    tokenizer = load_tokenizer(manifest, trust_remote_code)
-    model = load_model(manifest, trust_remote_code, quantize_4bit=cfg.adapter == "qlora")
+    manifest = data.manifest
+    base_ref = data.base_ref or manifest["model"]
+    tokenizer = load_tokenizer(manifest, data.trust_remote_code)
+    model = load_model(manifest, data.trust_remote_code, quantize_4bit=kind.quantize_4bit)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
     estimate = _preflight(cfg, model, args)
-    if cfg.adapter == "qlora":
+    if kind.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args["gradient_checkpointing"]))
@@ -294,18 +347,12 @@ def run(
 
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
-    if cfg.method == "dpo":
-        from trl import DPOTrainer as trainer_cls
-
-        train_ds = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data])
-        probe_ds = None
-    else:
-        from trl import SFTTrainer as trainer_cls
-
-        train_ds = Dataset.from_list(to_prompt_completion(data))
-        probe_ds = Dataset.from_list(to_prompt_completion(probe_rows)) if probe_rows else None
-
+    _, trainer_cls = method.classes()
+    train_ds, probe_ds = _datasets(method, data)
     probe_state: dict[str, Any] = {}
+    callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset)]
+    if cfg.probe_max_rise and probe_ds is not None:
+        callbacks.append(_probe_stop_callback(cfg.probe_max_rise, probe_state))
     trainer = trainer_cls(
         model=model,
         args=trainer_args,
@@ -313,9 +360,9 @@ def run(
         eval_dataset=probe_ds,
         processing_class=tokenizer,
         peft_config=None if init_adapter is not None else peft_config(cfg),
-        callbacks=[_plot_callback(plot_path, speed_path, step_offset)] + ([_probe_stop_callback(cfg.probe_max_rise, probe_state)] if cfg.probe_max_rise and probe_ds is not None else []),
+        callbacks=callbacks,
     )
-    resume = _last_checkpoint(ckpt_dir)
+    resume = _last_checkpoint(out.ckpt_dir)
     if resume:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -324,15 +371,16 @@ def run(
 
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen DPO reference copy: not part of the result
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out.out_dir) as tmp:
         trainer.save_model(str(tmp / ADAPTER))
         tokenizer.save_pretrained(tmp / ADAPTER)
         _portable(tmp / ADAPTER, base_ref)
-        write_json(tmp / "training_args.json", json.loads(trainer_args.to_json_string()))
-        write_json(tmp / "train_config.json", {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
-        if cfg.merge and cfg.adapter != "full":
-            merge(manifest, tmp / ADAPTER, tmp / MERGED, trust_remote_code)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
+        write_json(tmp / TRAINING_ARGS, json.loads(trainer_args.to_json_string()))
+        # what was trained, read by eval_candidate and register (method, adapter kind, base)
+        write_json(tmp / TRAIN_RECORD, {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
+        if cfg.merge and kind.peft:
+            merge(manifest, tmp / ADAPTER, tmp / MERGED, data.trust_remote_code)
+    shutil.rmtree(out.ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     history = trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]
     effective_batch = trainer_args.per_device_train_batch_size * trainer_args.gradient_accumulation_steps * max(1, trainer_args.world_size)
@@ -351,7 +399,7 @@ def run(
         "stopped_early_at": probe_state.get("stopped_at"),
         **_dpo_rewards(history),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
-        "adapter_sha256": sha256_tree(out_dir / ADAPTER, "*.safetensors"),
+        "adapter_sha256": sha256_tree(out.out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),
     }
 
@@ -362,9 +410,7 @@ def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
     return {"dpo_reward_margin": round(last["rewards/margins"], 4), "dpo_reward_accuracy": round(last["rewards/accuracies"], 4)} if last else {}
 
 
-def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_code: bool, train_rows: list[dict[str, Any]],
-                  pref_rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]], out_dir: Path, ckpt_dir: Path, plot_path: Path,
-                  base_ref: str | None, speed_path: Path | None = None) -> dict[str, Any]:
+def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
     """SFT on the mixed set, then DPO on the preference rows starting from (and referenced to) that adapter.
 
     The DPO phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then
@@ -378,29 +424,30 @@ def _sft_then_dpo(cfg: Train, seed: int, manifest: dict[str, Any], trust_remote_
 
     from trl import DPOConfig
 
-    if cfg.adapter == "full":
+    if not ADAPTERS[cfg.adapter].peft:
         raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
-    if not pref_rows:
+    if not data.pref_rows:
         raise UserError("train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)")
-    if not train_rows:
+    if not data.train_rows:
         raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
     dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
     sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
     dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None})
-    sft_dir, sft_ckpt, dpo_ckpt = ckpt_dir / "sft-result", ckpt_dir / "sft", ckpt_dir / "dpo"
+    ckpt_dir = out.ckpt_dir
+    sft_dir, sft_ckpt, dpo_ckpt = ckpt_dir / CHAIN_SFT_RESULT, ckpt_dir / CHAIN_SFT_CHECKPOINTS, ckpt_dir / CHAIN_DPO_CHECKPOINTS
     for phase_cfg, phase_ckpt in ((sft_cfg, sft_ckpt), (dpo_cfg, dpo_ckpt)):
-        _trainer_config(phase_cfg, _trainer_args(phase_cfg, seed, phase_ckpt, bool(probe_rows)))
-    done = sft_dir / "metrics.json"  # written after the SFT adapter: its existence means the phase completed
+        _trainer_config(phase_cfg, _trainer_args(phase_cfg, seed, phase_ckpt, bool(data.probe_rows)))
+    done = sft_dir / PHASE_DONE  # written after the SFT adapter: its existence means the phase completed
     if done.exists():
         sft = json.loads(done.read_text())
         log.info("train: SFT phase already complete (%s); continuing with DPO", sft_dir)
     else:
-        log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(train_rows))
-        sft = run(sft_cfg, seed, manifest, trust_remote_code, train_rows, [], probe_rows, sft_dir, sft_ckpt, plot_path, base_ref, speed_path=speed_path)
+        log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(data.train_rows))
+        sft = run(sft_cfg, seed, replace(data, pref_rows=[]), replace(out, out_dir=sft_dir, ckpt_dir=sft_ckpt))
         write_json(done, sft)
-    log.info("train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter", len(pref_rows))
-    dpo = run(dpo_cfg, seed, manifest, trust_remote_code, [], pref_rows, [], out_dir, dpo_ckpt, plot_path, base_ref, init_adapter=sft_dir / ADAPTER,
-              speed_path=speed_path, step_offset=sft["steps"], recorded=cfg)
+    log.info("train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter", len(data.pref_rows))
+    dpo = run(dpo_cfg, seed, replace(data, train_rows=[], probe_rows=[]), replace(out, ckpt_dir=dpo_ckpt, step_offset=sft["steps"]),
+              init_adapter=sft_dir / ADAPTER, recorded=cfg)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     phase = ("steps", "train_loss", "final_loss", "probe_loss_first", "probe_loss_last", "stopped_early_at", "adapter_sha256", "seconds")
     return {**dpo, "method": "sft+dpo", "sft": {k: sft.get(k) for k in phase}, "seconds": round(sft["seconds"] + dpo["seconds"], 1)}
@@ -411,29 +458,26 @@ def main() -> None:
         from tunegate.models import load_manifest
 
         cfg = load_config()
-        mix = Path(cfg.paths.mix)
-        for name in ("train.jsonl", "preferences.jsonl", "probe.jsonl"):
-            if not (mix / name).exists():
-                raise UserError(f"{mix / name}: missing; run the mix stage first (dvc repro mix)")
-        manifest = load_manifest(cfg.paths.base)
+        layout = Layout.of(cfg.paths)
+        for path in (layout.mix_train, layout.mix_preferences, layout.mix_probe):
+            if not path.exists():
+                raise UserError(f"{path}: missing; run the mix stage first (dvc repro mix)")
+        manifest = load_manifest(layout.base)
         # Checkpoints are keyed by everything that defines the run, so a resume never mixes two configs.
-        run_key = sha256_of([cfg.train.model_dump(), cfg.seed, sha256_file(mix / "train.jsonl"), sha256_file(mix / "preferences.jsonl"), manifest["weights_sha256"]])
-        metrics = run(
-            cfg.train,
-            cfg.seed,
-            manifest,
-            cfg.base.trust_remote_code,
-            read_jsonl(mix / "train.jsonl"),
-            read_jsonl(mix / "preferences.jsonl"),
-            read_jsonl(mix / "probe.jsonl"),
-            Path(cfg.paths.train),
-            Path(cfg.paths.checkpoints) / f"train-{run_key[:12]}",
-            Path(cfg.paths.plots) / "train.csv",
+        run_key = sha256_of([cfg.train.model_dump(), cfg.seed, sha256_file(layout.mix_train), sha256_file(layout.mix_preferences),
+                             manifest["weights_sha256"]])
+        data = Inputs(
+            manifest=manifest,
+            train_rows=read_jsonl(layout.mix_train),
+            pref_rows=read_jsonl(layout.mix_preferences),
+            probe_rows=read_jsonl(layout.mix_probe),
+            trust_remote_code=cfg.base.trust_remote_code,
             base_ref=cfg.paths.base if cfg.base.is_demo else cfg.base.model,
-            speed_path=Path(THROUGHPUT),
         )
+        out = Outputs(layout.train, layout.checkpoints / run_checkpoints(run_key[:12]), layout.train_plot, speed_path=layout.throughput)
+        metrics = run(cfg.train, cfg.seed, data, out)
         seconds = metrics.pop("seconds")
-        write_json(Path(cfg.paths.metrics) / "train.json", metrics)
+        write_json(layout.metrics("train"), metrics)
         record_timing("train", seconds)
         log.info("train: %d steps, loss %.3f, %.0fs", metrics["steps"], metrics["final_loss"] or 0, seconds)
 

@@ -54,3 +54,17 @@ def test_missing_file_is_one_line(tmp_path):
 
 def test_flatten_nested():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2]}) == {"a.b": 1, "a.c.d": "x", "e": "[1, 2]"}
+
+
+def test_config_defaults_are_the_shipped_params(root):
+    """params.yaml and the typed defaults cannot drift apart: every value params.yaml sets (other than the
+    pass-through trainer settings) is also the default, so a section left out behaves as shipped."""
+    import yaml
+
+    from tunegate.config import flatten, parse_config
+
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    shipped = flatten(parse_config(raw))
+    defaults = flatten(parse_config({"data": raw["data"], "eval": raw["eval"]}))
+    differ = {k: (v, defaults.get(k)) for k, v in shipped.items() if not k.startswith("train.args.") and defaults.get(k) != v}
+    assert not differ

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tunegate.demo import data as demo
+from demo import data as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = {"domain.jsonl": demo.RAW_DOMAIN, "general.jsonl": demo.RAW_GENERAL, "preferences.jsonl": demo.RAW_PREFERENCES}
@@ -98,7 +98,7 @@ def test_other_seed_changes_every_file(files):
 
 def test_output_does_not_depend_on_hash_randomisation(files):
     code = (
-        "import hashlib, json; from tunegate.demo import data as d; "
+        "import hashlib, json; from demo import data as d; "
         "print(json.dumps({p: hashlib.sha256(d.serialise(p, r)).hexdigest() for p, r in d.generate().items()}))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "4321"}

@@ -1,7 +1,7 @@
 """The demo base builder is deterministic and produces a loadable model with a chat template."""
 
+from demo.model import EOS, build
 from tunegate.config import DemoBase
-from tunegate.demo.model import EOS, build
 from tunegate.io import read_jsonl, sha256_tree
 
 from tests.conftest import ROOT

@@ -16,7 +16,7 @@ TINY = DemoBase(vocab_size=400, hidden_size=32, layers=1, heads=2, intermediate_
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
-    from tunegate.demo.model import build
+    from demo.model import build
     from tunegate.models import describe
 
     out = tmp_path_factory.mktemp("base")

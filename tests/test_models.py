@@ -29,7 +29,7 @@ def test_local_folder_is_fingerprinted(tmp_path):
 
 
 def test_tokenizer_without_chat_template_gets_the_documented_default(tmp_path):
-    from tunegate.demo.model import train_tokenizer
+    from demo.model import train_tokenizer
     from tunegate.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer
 
     tok = train_tokenizer(["hello there", "general kenobi"] * 50, 300)

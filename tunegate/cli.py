@@ -164,18 +164,17 @@ def reproduce(
 def serve(cron: str = typer.Option("0 3 * * *", help="when to check the base model for a new revision"),
           root: Path = typer.Option(Path("."), help="project root")) -> None:
     """Serve the scheduled retrain-on-base-update deployment (needs PREFECT_API_URL or a local Prefect server)."""
-    from tunegate.runtime import configure
+    import os
 
-    configure()
-    from flows.retrain import retrain_on_base_update
-
-    retrain_on_base_update.serve(name="base-watch", cron=cron, parameters={"root": str(root.resolve())}, tags=["tunegate"], global_limit=1)
+    # The deployment is defined once, in flows/retrain.py; this command is its launcher.
+    args = [sys.executable, "-m", "flows.retrain", "--serve", "--cron", cron, "--root", str(root.resolve())]
+    os.execv(sys.executable, args)
 
 
 @app.command("demo-data")
 def demo_data(root: Path = typer.Option(Path("."), help="project root to write data/ and evals/data/ into"), seed: int = 1234) -> None:
     """Regenerate the embedded demo data (deterministic: the committed files are its output)."""
-    from tunegate.demo.data import write
+    from demo.data import write
 
     for path, sha in write(root, seed).items():
         typer.echo(f"{sha[:12]}  {path}")

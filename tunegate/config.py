@@ -51,13 +51,13 @@ class DemoBase(_Section):
     """Shape and pretraining budget of the embedded demo base model (used when base.model is 'demo')."""
 
     vocab_size: int = Field(1024, ge=300)
-    hidden_size: int = Field(192, ge=16)
+    hidden_size: int = Field(128, ge=16)
     layers: int = Field(4, ge=1)
     heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=16)
+    intermediate_size: int = Field(384, ge=16)
     max_position: int = Field(128, ge=32)
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(32, ge=1)
+    steps: int = Field(1200, ge=1)
+    batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
 
@@ -99,7 +99,7 @@ class Data(_Section):
 
 class Validate(_Section):
     min_tokens: int = Field(2, ge=0, description="fewest tokens (base tokenizer) in a row")
-    max_tokens: int = Field(512, ge=1, description="most tokens (base tokenizer) in a row, template included")
+    max_tokens: int = Field(256, ge=1, description="most tokens (base tokenizer) in a row, template included")
     max_invalid_share: float = Field(0.1, ge=0, le=1, description="fail the stage above this share of bad rows")
     pii: Literal["report", "mask", "quarantine"] = "mask"
     # Checked by GX on Arrow strings, where a pattern without look-around or back-references runs on
@@ -130,7 +130,7 @@ class Dedup(_Section):
 
 class Mix(_Section):
     general_ratio: float = Field(0.2, ge=0, lt=1, description="share of general rows in the training set")
-    by: Literal["examples", "tokens"] = "examples"
+    by: Literal["examples", "tokens"] = "tokens"
     max_rows: int | None = Field(None, ge=1, description="cap on training rows (None: all domain rows)")
 
 

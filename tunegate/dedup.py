@@ -11,8 +11,6 @@ permutation (3x faster than (a*x + b) mod p in numpy).
 
 from __future__ import annotations
 
-import re
-import unicodedata
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -20,17 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_PUNCT = re.compile(r"[^\w\s]+")
-
-
-def normalise_text(text: str) -> str:
-    """Case-, whitespace-, punctuation- and unicode-insensitive form used for exact matching."""
-    text = text.lower() if text.isascii() else unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_PUNCT.sub(" ", text).split())
-
-
-def words(text: str) -> list[str]:
-    return normalise_text(text).split()
+from tunegate.text import normalise_text, words
 
 
 def shingles(text: str, n: int) -> set[str]:

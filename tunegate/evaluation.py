@@ -16,11 +16,10 @@ from typing import Any
 from tunegate.config import Eval
 from tunegate.errors import UserError
 from tunegate.io import atomic_path, write_json, write_jsonl
+from tunegate.paths import RESULTS, SAMPLES, jsonl_of
 
 log = logging.getLogger(__name__)
 
-RESULTS = "results.json"
-SAMPLES = "samples"
 NON_METRIC_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"}
 
 
@@ -57,11 +56,9 @@ def merged_in_memory(manifest: dict[str, Any], adapter: Path, trust_remote_code:
     Python call per adapted linear layer, about 20% of the demo's eval time. The base is loaded
     unquantised, so a QLoRA adapter is scored on de-quantised weights, as `train.merge` writes it.
     """
-    from peft import PeftModel
+    from tunegate.models import load_with_adapter
 
-    from tunegate.models import load_model
-
-    return PeftModel.from_pretrained(load_model(manifest, trust_remote_code), str(adapter)).merge_and_unload().eval()
+    return load_with_adapter(manifest, adapter, trust_remote_code, merge=True).eval()
 
 
 def _tokenizer(path: Path, trust_remote_code: bool):
@@ -137,6 +134,38 @@ def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path
         tmp.mkdir()
         write_json(tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores})
         for task, rows in samples.items():
-            write_jsonl(tmp / SAMPLES / f"{task}.jsonl", rows)
+            write_jsonl(tmp / SAMPLES / jsonl_of(task), rows)
     log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
     return {"scores": scores, "seconds": round(seconds, 1)}
+
+
+def run_stage(side: str) -> None:
+    """The eval_base / eval_candidate stage body: evaluate one side and write its output and metrics.
+
+    The candidate is what `train` recorded it trained (train_config.json): an adapter applied to
+    the base, or, for `adapter: full`, the fine-tuned model itself.
+    """
+    from tunegate.config import load_config
+    from tunegate.io import read_json
+    from tunegate.models import load_manifest
+    from tunegate.paths import Layout
+    from tunegate.runtime import record_timing, seed_everything
+
+    cfg = load_config()
+    layout = Layout.of(cfg.paths)
+    seed_everything(cfg.seed)
+    adapter = full_model = None
+    if side == "candidate":
+        from tunegate.adapters import ADAPTERS
+
+        if not layout.train_record.exists():
+            raise UserError(f"{layout.train_record}: missing; run the train stage first (dvc repro train)")
+        trained = read_json(layout.train_record)
+        if ADAPTERS[trained["adapter"]].peft:
+            adapter = layout.adapter
+        else:
+            full_model = layout.adapter
+    result = evaluate(cfg.eval, load_manifest(layout.base), layout.eval_tasks, layout.eval(side), cfg.seed,
+                      adapter=adapter, full_model=full_model, trust_remote_code=cfg.base.trust_remote_code)
+    write_json(layout.metrics(f"eval_{side}"), result["scores"])
+    record_timing(f"eval_{side}", result["seconds"])

@@ -13,10 +13,10 @@ from typing import Any
 
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of
+from tunegate.paths import BASE_MANIFEST
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "base.json"
 WEIGHT_GLOBS = ("*.safetensors",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt"]
@@ -30,9 +30,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def snapshot(model: str, revision: str) -> tuple[Path, str]:
-    """A local folder with the model's files and the commit sha it came from (downloads if needed)."""
+def snapshot(model: str, revision: str, root: str | Path = ".") -> tuple[Path, str]:
+    """A local folder with the model's files and the commit sha it came from (downloads if needed).
+    A relative local folder is taken relative to the project `root`."""
     local = Path(model).expanduser()
+    if not local.is_absolute():
+        local = Path(root) / local
     if local.is_dir():
         return local.resolve(), "local"
     from huggingface_hub import snapshot_download
@@ -74,7 +77,7 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
 
 
 def load_manifest(base_dir: str | Path) -> dict[str, Any]:
-    path = Path(base_dir) / MANIFEST
+    path = Path(base_dir) / BASE_MANIFEST
     if not path.exists():
         raise UserError(f"{path}: missing; run the base stage first (dvc repro base)")
     manifest = read_json(path)
@@ -111,3 +114,24 @@ def load_model(manifest: dict[str, Any], trust_remote_code: bool = False, quanti
     if dtype is not None:
         kwargs["dtype"] = dtype
     return AutoModelForCausalLM.from_pretrained(manifest["path"], **kwargs)
+
+
+def load_with_adapter(manifest: dict[str, Any], adapter: str | Path, trust_remote_code: bool = False, merge: bool = False):
+    """The base (unquantised, from safetensors) with a trained PEFT adapter applied.
+
+    merge=True folds the adapter into the weights (`merge_and_unload`): a plain transformers model
+    whose forward pass costs what the base's does. A QLoRA adapter is then applied to de-quantised
+    weights (merging into 4-bit layers would round the update away). Used by training's `merge`,
+    evaluation and registration alike, so all three see the same model.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(manifest, trust_remote_code), str(adapter))
+    return model.merge_and_unload() if merge else model
+
+
+def current_revision(model: str, revision: str, root: str | Path = ".") -> dict[str, Any]:
+    """Where the base model is now: the manifest `describe` would write for it today (resolved
+    revision and the sha256 of every weight and tokenizer file), for a hub id or a local folder."""
+    path, resolved = snapshot(model, revision, root)
+    return describe(path, model, revision, resolved)

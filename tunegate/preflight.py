@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunegate.adapters import ADAPTERS
 from tunegate.errors import UserError
 
 GIB = 1024**3
@@ -46,7 +47,7 @@ class Plan:
 def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     """Bytes per component and in total."""
     value_bytes = 2 if plan.bf16 else 4
-    weight_bytes = 0.5 + 1 / 64 if plan.adapter == "qlora" else 2 if plan.weights_16bit else value_bytes
+    weight_bytes = 0.5 + 1 / 64 if ADAPTERS[plan.adapter].quantize_4bit else 2 if plan.weights_16bit else value_bytes
     weights = shape.params * weight_bytes
     optimizer = 2 if "8bit" in plan.optim else 8
     trainable = plan.trainable * (4 + 4 + optimizer)
@@ -78,7 +79,7 @@ def check(shape: Shape, plan: Plan, device: str, free: float, headroom: float = 
             hints.append(f"per_device_train_batch_size {plan.batch} -> {max(1, plan.batch // 2)} (raise gradient_accumulation_steps)")
         if not plan.gradient_checkpointing:
             hints.append("gradient_checkpointing: true")
-        if plan.adapter in ("lora", "dora", "full"):
+        if not ADAPTERS[plan.adapter].quantize_4bit:
             hints.append("train.adapter: qlora")
         if "8bit" not in plan.optim:
             hints.append("optim: adamw_bnb_8bit")

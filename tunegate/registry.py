@@ -17,6 +17,7 @@ from typing import Any
 
 from tunegate.errors import UserError
 from tunegate.io import sha256_tree
+from tunegate.paths import PARAMS
 
 SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
@@ -259,7 +260,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     if run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode or run("git", "checkout", "--quiet", clean).returncode:
         raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
     params = Path(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="provenance/params.yaml"))
-    shutil.copy(params, workdir / "params.yaml")
+    shutil.copy(params, workdir / PARAMS)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
@@ -269,6 +270,9 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         proc = dvc(*args)
         if proc.returncode:
             raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-    fingerprint = adapter_fingerprint(workdir / "models/candidate/adapter")
+    from tunegate.config import load_config
+    from tunegate.paths import Layout
+
+    fingerprint = adapter_fingerprint(Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter)
     return {"version": str(version), "commit": commit, "workdir": str(workdir), "recorded": v.tags.get("adapter_sha256"),
             "reproduced": fingerprint, "match": fingerprint == v.tags.get("adapter_sha256")}

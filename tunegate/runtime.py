@@ -69,17 +69,14 @@ def stage_main(name: str, body: Callable[[], None]) -> None:
         raise SystemExit(2) from None
 
 
-TIMINGS = "reports/timings.json"
-
-
 def record_timing(stage: str, seconds: float) -> None:
     """Wall time per stage, kept apart from DVC-tracked outputs so they stay byte-reproducible."""
     import json
-    from pathlib import Path
 
     from tunegate.io import write_json
+    from tunegate.paths import TIMINGS
 
-    path = Path(TIMINGS)
+    path = TIMINGS
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[stage] = round(seconds, 1)
     write_json(path, timings)

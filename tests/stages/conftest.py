@@ -27,7 +27,7 @@ def ledger():
 def tokenizer():
     """A small tokenizer with the demo chat template (the real base is not needed to count tokens)."""
     from tests.conftest import ROOT
-    from tunegate.demo.model import train_tokenizer
+    from demo.model import train_tokenizer
     from tunegate.io import read_jsonl
 
     rows = read_jsonl(ROOT / "data/pretrain/general.jsonl")[:3000]

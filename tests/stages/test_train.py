@@ -20,7 +20,7 @@ ARGS = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from tunegate.demo.model import build
+    from demo.model import build
     from tunegate.models import describe
 
     out = tmp_path_factory.mktemp("base")
@@ -48,7 +48,7 @@ def weights(path):
 @pytest.mark.parametrize("adapter", ["lora", "dora", "qlora", "full"])
 def test_each_adapter_trains_and_saves_safetensors(base, rows, tmp_path, adapter):
     cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS)
-    metrics = train.run(cfg, 1, base, False, rows[0], [], rows[0][:8], tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
+    metrics = train.run(cfg, 1, train.Inputs(base, rows[0], [], rows[0][:8]), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv"))
     saved = tmp_path / "out" / train.ADAPTER
     assert metrics["steps"] == 4 and metrics["trainable_parameters"] > 0
     assert not list(saved.glob("*.bin")) and not (saved / "training_args.bin").exists()
@@ -82,7 +82,7 @@ def test_same_params_same_adapter_bytes(base, rows, tmp_path):
     cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
     shas = []
     for run in ("a", "b"):
-        train.run(cfg, 5, base, False, rows[0], [], [], tmp_path / run, tmp_path / f"ckpt-{run}", tmp_path / f"{run}.csv")
+        train.run(cfg, 5, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / run, tmp_path / f"ckpt-{run}", tmp_path / f"{run}.csv"))
         shas.append(sha256_tree(tmp_path / run / train.ADAPTER, "*.safetensors"))
     assert shas[0] == shas[1]
 
@@ -95,7 +95,7 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
 
     prefs = rows[1]
     cfg = Train(method="dpo", adapter="lora", lora=Lora(r=8, alpha=16), args={**ARGS, "learning_rate": 1e-2}, dpo_args={"max_steps": 12, "beta": 0.1})
-    metrics = train.run(cfg, 1, base, False, [], prefs, [], tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    metrics = train.run(cfg, 1, train.Inputs(base, [], prefs, []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"))
     assert metrics["steps"] == 12  # train.dpo_args overrides train.args
     tok = load_tokenizer(base)
 
@@ -120,18 +120,18 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
 
 def test_empty_training_set_is_refused(base, tmp_path):
     with pytest.raises(UserError, match="training set is empty"):
-        train.run(Train(), 1, base, False, [], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+        train.run(Train(), 1, train.Inputs(base, [], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
 
 
 def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.args: .*learnin_rate"):
-        train.run(Train(args={"learnin_rate": 1e-3}), 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+        train.run(Train(args={"learnin_rate": 1e-3}), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
 
 
 def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
     cfg = Train(args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
     with pytest.raises(UserError, match="estimated peak memory .* exceeds .* try per_device_train_batch_size 100000 -> 50000"):
-        train.run(cfg, 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+        train.run(cfg, 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
 
 
 RESUME_SCRIPT = """
@@ -149,7 +149,7 @@ if sys.argv[4] == "sft+dpo":
     cfg = Train(method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, dpo_args={"max_steps": 20, "beta": 0.1})
 else:
     cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args)
-train.run(cfg, 1, base, False, rows, prefs, [], out, ckpt, out.parent / (out.name + ".csv"))
+train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 """
 
 
@@ -195,7 +195,7 @@ def test_merged_model_matches_base_plus_adapter(base, rows, tmp_path, adapter):
     from tunegate.models import load_model
 
     cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS, merge=True)
-    train.run(cfg, 1, base, False, rows[0], [], [], tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    train.run(cfg, 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"))
     merged_dir = tmp_path / "out" / train.MERGED
     assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
@@ -220,14 +220,12 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
     general = [r for r in __import__("tunegate.formats", fromlist=["load_source"]).load_source("general", ROOT / "data/raw/general.jsonl")[0]
                if [m["role"] for m in r.get("messages", [])] == ["user", "assistant"]][:16]
     args = {**ARGS, "max_steps": 12, "learning_rate": 0.05, "eval_steps": 1, "save_steps": 100, "per_device_eval_batch_size": 16}
-    stopped = train.run(Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2), 1, base, False, rows[0], [], general,
-                        tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv")
+    stopped = train.run(Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2), 1, train.Inputs(base, rows[0], [], general), train.Outputs(tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv"))
     assert stopped["stopped_early_at"] is not None and stopped["steps"] == stopped["stopped_early_at"] < 12
     warned = [r.getMessage() for r in caplog.records if "forgetting probe loss" in r.getMessage()]
     assert len(warned) == 1 and f"stopping at step {stopped['steps']}" in warned[0] and "train.probe_max_rise 20%" in warned[0]
     assert (tmp_path / "a" / train.ADAPTER / "adapter_model.safetensors").exists()
-    full = train.run(Train(lora=Lora(r=4, alpha=8), args=args), 1, base, False, rows[0], [], general,
-                     tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv")
+    full = train.run(Train(lora=Lora(r=4, alpha=8), args=args), 1, train.Inputs(base, rows[0], [], general), train.Outputs(tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv"))
     assert full["stopped_early_at"] is None and full["steps"] == 12
 
 
@@ -275,9 +273,9 @@ def test_sft_then_dpo_continues_the_sft_adapter(base, rows, tmp_path):
     sft_rows, prefs = rows
     lora = Lora(r=8, alpha=16)
     args = {**ARGS, "completion_only_loss": True}  # an SFT-only key: the DPO phase goes without it
-    sft_only = train.run(Train(lora=lora, args=args), 1, base, False, sft_rows, [], [], tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv")
+    sft_only = train.run(Train(lora=lora, args=args), 1, train.Inputs(base, sft_rows, [], []), train.Outputs(tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv"))
     cfg = Train(method="sft+dpo", lora=lora, args=args, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
-    chain = train.run(cfg, 1, base, False, sft_rows, prefs, [], tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv")
+    chain = train.run(cfg, 1, train.Inputs(base, sft_rows, prefs, []), train.Outputs(tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv"))
     assert chain["method"] == "sft+dpo" and chain["steps"] == 12 and chain["sft"]["steps"] == 4
     assert chain["sft"]["adapter_sha256"] == sft_only["adapter_sha256"]  # the same SFT phase, deterministically
     assert chain["adapter_sha256"] != sft_only["adapter_sha256"]
@@ -300,7 +298,7 @@ def test_sft_then_dpo_with_other_adapters(base, rows, tmp_path, adapter):
     from tunegate.models import load_model
 
     cfg = Train(method="sft+dpo", adapter=adapter, lora=Lora(r=4, alpha=8), args={**ARGS, "max_steps": 2}, dpo_args={"max_steps": 2, "learning_rate": 1e-2})
-    chain = train.run(cfg, 1, base, False, rows[0], rows[1], [], tmp_path / "out", tmp_path / "ck", tmp_path / "p.csv")
+    chain = train.run(cfg, 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "out", tmp_path / "ck", tmp_path / "p.csv"))
     assert chain["steps"] == 2 and chain["sft"]["steps"] == 2 and chain["adapter_sha256"] != chain["sft"]["adapter_sha256"]
     saved = tmp_path / "out" / train.ADAPTER
     assert [p.name for p in saved.iterdir() if p.is_dir()] == []
@@ -314,15 +312,15 @@ def test_sft_then_dpo_checks_the_dpo_settings_before_training(base, rows, tmp_pa
     for dpo_args, bad in (({"bta": 0.1}, "bta"), ({"packing": True}, "packing")):
         cfg = Train(method="sft+dpo", args=ARGS, dpo_args=dpo_args)
         with pytest.raises(UserError, match=f"train.args / train.dpo_args: .*'{bad}'"):
-            train.run(cfg, 1, base, False, rows[0], rows[1], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+            train.run(cfg, 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.method sft\\+dpo: needs an adapter"):
-        train.run(Train(method="sft+dpo", adapter="full", args=ARGS), 1, base, False, rows[0], rows[1], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+        train.run(Train(method="sft+dpo", adapter="full", args=ARGS), 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
     with pytest.raises(UserError, match="no preference rows"):
-        train.run(Train(method="sft+dpo", args=ARGS), 1, base, False, rows[0], [], [], tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+        train.run(Train(method="sft+dpo", args=ARGS), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
 
 
 def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
@@ -339,8 +337,7 @@ def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
 def test_tokens_per_second_are_logged_apart_from_the_tracked_plot(base, rows, tmp_path):
     import csv
 
-    train.run(Train(lora=Lora(r=4, alpha=8), args=ARGS), 1, base, False, rows[0], [], [], tmp_path / "out", tmp_path / "ckpt",
-              tmp_path / "train.csv", speed_path=tmp_path / "speed.csv")
+    train.run(Train(lora=Lora(r=4, alpha=8), args=ARGS), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "train.csv", speed_path=tmp_path / "speed.csv"))
     speed = list(csv.DictReader((tmp_path / "speed.csv").open()))
     assert len(speed) == ARGS["max_steps"] - 1 and all(float(r["tokens_per_second"]) > 0 for r in speed)
     assert [int(r["tokens"]) for r in speed] == sorted(int(r["tokens"]) for r in speed)

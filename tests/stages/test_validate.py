@@ -5,6 +5,7 @@ import json
 import pytest
 
 from stages import validate
+from tunegate import rendering
 from tunegate.config import Source, Validate
 from tunegate.errors import UserError
 from tunegate.io import read_jsonl
@@ -80,7 +81,7 @@ def test_token_bounds_decide_exactly_like_counting(tokenizer):
     texts = [" ".join(rng.choices(words, k=rng.randint(0, 120))) for _ in range(400)] + ["", "x", "xy"]
     exact = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     for low, high in [(2, 256), (1, 40), (10, 12), (0, 1000)]:
-        counter = validate.TokenCounter(tokenizer, low, high)
+        counter = rendering.TokenCounter(tokenizer, low, high)
         assert counter.longest, "the demo tokenizer is byte-level BPE: the bounds apply"
         counts = counter.count(texts)
         assert [low <= c <= high for c in counts] == [low <= e <= high for e in exact], (low, high)
@@ -88,7 +89,7 @@ def test_token_bounds_decide_exactly_like_counting(tokenizer):
 
 
 def test_compiled_template_renders_like_apply_chat_template(tokenizer):
-    render = validate._renderer(tokenizer)
+    render = rendering.renderer(tokenizer)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {x}"}, {"role": "assistant", "content": "Hello."}]
     assert render(msgs) == tokenizer.apply_chat_template(msgs, tokenize=False)
 
@@ -126,16 +127,16 @@ def test_rendered_sizes_equal_real_renders(name, tokenizer, monkeypatch):
         [Message(role, "".join(rng.choices(words, k=rng.randint(0, 12)))) for role in orders[i % len(orders)]]
         for i in range(300)
     ]
-    render = validate._renderer(tokenizer)
+    render = rendering.renderer(tokenizer)
     expected = [len(render([{"role": m.role, "content": m.content} for m in c]).encode()) for c in convs]
-    sizes = validate.RenderedSize(tokenizer)
-    assert sizes.sizes(validate.Flat(convs)).tolist() == expected
+    sizes = rendering.RenderedSize(tokenizer)
+    assert sizes.sizes(rendering.Flat(convs)).tolist() == expected
     probed = {roles for roles, layout in sizes.layouts.items() if layout is not None and roles}
     assert bool(probed) == (name in {"chatml", "trim", "default_system", "strict"}), sizes.layouts
 
 
 def test_whitespace_set_is_str_strip():
-    assert validate.PY_WHITESPACE == "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+    assert rendering.PY_WHITESPACE == "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
 
 
 def test_default_pii_patterns_run_on_the_fast_engine():
@@ -198,8 +199,8 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
             rejected = [Message(m.role, f" {m.content}\n") for m in chosen] if i % 5 == 0 else msgs(("assistant",))
             rows.append(Row(f"p-{i}", "p", i, "preference", None, msgs(rng.choice([("user",), (), ("system", "user")])), chosen, rejected))
     low, high = 3, 12
-    frame = validate._table(rows, validate.TokenCounter(tokenizer, low, high), validate.RenderedSize(tokenizer))
-    render = validate._renderer(tokenizer)
+    frame = validate._table(rows, rendering.TokenCounter(tokenizer, low, high), rendering.RenderedSize(tokenizer))
+    render = rendering.renderer(tokenizer)
 
     def tokens(conv):
         return len(tokenizer(render([{"role": m.role, "content": m.content} for m in conv]), add_special_tokens=False)["input_ids"])

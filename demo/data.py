@@ -1,7 +1,7 @@
 """Generate the embedded demo data: a tiny customer-support world, its eval sets and a ledger of planted defects.
 
-    python -m tunegate.demo.data                  # writes into the repository
-    python -m tunegate.demo.data --root DIR --seed 7
+    python -m demo.data                  # writes into the repository
+    python -m demo.data --root DIR --seed 7
 
 Files (paths relative to the root):
 
@@ -28,8 +28,8 @@ Guarantees, checked by tests/test_demo_data.py:
   punctuation normalisation, no placeholder or e-mail address, no eval text (for general rows: none of
   two or more words, since one-word answers such as "Paris" are the general tasks themselves), and no
   two clean rows are near duplicates. "Eval text" and "near duplicate" are judged the way the dedup
-  stage judges them with its default settings (`tunegate.config.Dedup`), re-implemented here so this
-  module needs only the standard library;
+  stage judges them with its default settings (`tunegate.config.Dedup`): the normalisation is shared
+  (`tunegate.text`), the rest is re-implemented here so this module needs only the standard library;
 - eval items are held out: no eval prompt occurs in the pretraining corpus or in a clean training row.
 """
 
@@ -44,12 +44,13 @@ import random
 import re
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tunegate.text import normalise_text, words
 
 T = TypeVar("T")
 
@@ -344,20 +345,8 @@ JSON_FIELDS: tuple[tuple[str, tuple[str, ...] | None, str, tuple[str, ...]], ...
 )
 
 # --------------------------------------------------------------------------------------------------
-# Text checks, mirroring tunegate.dedup (which needs numpy; this module must not).
-
-_PUNCT = re.compile(r"[^\w\s]+")
-_SPACE = re.compile(r"\s+")
-
-
-def normalise(text: str) -> str:
-    """Case-, whitespace-, punctuation- and unicode-insensitive form (as tunegate.dedup.normalise_text)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
-
-
-def words(text: str) -> list[str]:
-    return normalise(text).split()
+# Text checks, mirroring tunegate.dedup (which needs numpy; this module must not). The normalisation
+# (`normalise_text`, `words`) is tunegate.text's, the same that tunegate.dedup uses.
 
 
 def shingles(text: str, n: int = NEAR_NGRAM) -> frozenset[str]:
@@ -404,7 +393,7 @@ def eval_texts(row: dict[str, Any]) -> list[str]:
 
 def urgency_of(message: str) -> str:
     """The ticket's urgency, decided by the message's wording alone."""
-    padded = f" {normalise(message)} "
+    padded = f" {normalise_text(message)} "
     if any(f" {w} " in padded for w in HIGH_WORDS):
         return "high"
     if any(f" {p} " in padded for p in LOW_PHRASES):
@@ -453,10 +442,10 @@ class _Gate:
         self.buckets: dict[str, list[frozenset[str]]] = {}
 
     def reserve(self, prompt: str) -> None:
-        self.seen.add(normalise(prompt))
+        self.seen.add(normalise_text(prompt))
 
     def admit(self, prompt: str, text: str, buckets: tuple[str, ...]) -> bool:
-        key = normalise(prompt)
+        key = normalise_text(prompt)
         if key in self.seen or self.blocked.hits(text):
             return False
         sh = shingles(text)
@@ -776,7 +765,7 @@ def _copies(
     out = []
     for k, i in enumerate(originals):
         prompt = _NOISE[k % len(_NOISE)](prompt_of(i))
-        assert normalise(prompt) == normalise(prompt_of(i))
+        assert normalise_text(prompt) == normalise_text(prompt_of(i))
         out.append(_Row(row_with(i, prompt), "exact_duplicate", of=i))
     return out
 
@@ -844,7 +833,7 @@ def _domain_raw(rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen:
         for edit in _near_edits(rng, t.message):
             text = f"{edit}\n{t.answer}"
             close = jaccard(shingles(text), shingles(t.text)) >= NEAR_MIN_SIMILARITY
-            if close and normalise(edit) != normalise(t.message) and not gate.blocked.hits(text):
+            if close and normalise_text(edit) != normalise_text(t.message) and not gate.blocked.hits(text):
                 near.append(_Row(_dumps(_chat(edit, t.answer)), "near_duplicate", of=i))
                 break
     rows += near
@@ -1077,8 +1066,8 @@ def write(root: Path, seed: int = 1234) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    parser = argparse.ArgumentParser(prog="python -m tunegate.demo.data", description=__doc__.splitlines()[0])
+    repo = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(prog="python -m demo.data", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=repo, help=f"where to write (default: {repo})")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)

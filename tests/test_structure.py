@@ -1,0 +1,96 @@
+"""The structure rules of docs/ARCHITECTURE.md, held as tests: import direction, one owner for every
+artefact name, and a tree that ruff (lint + format) accepts."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _modules(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (imports inside functions count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+@pytest.mark.parametrize("path", _modules("tunegate") + _modules("demo"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_library_imports_neither_stages_nor_flows(path):
+    upward = {m for m in _imports(path) if _top(m) in ("stages", "flows")}
+    assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}: the library sits below stages and flows"
+
+
+@pytest.mark.parametrize("path", _modules("stages"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_stage_imports_another_stage(path):
+    sideways = {m for m in _imports(path) if _top(m) in ("stages", "flows")}
+    assert not sideways, f"{path.relative_to(ROOT)} imports {sorted(sideways)}: shared code belongs in tunegate/"
+
+
+def test_flows_import_no_stage():
+    for path in _modules("flows"):
+        assert not {m for m in _imports(path) if _top(m) == "stages"}, path
+
+
+def _artefact_names() -> set[str]:
+    import tunegate.paths as paths
+
+    names = {v for k, v in vars(paths).items() if k.isupper() and isinstance(v, str)}
+    return names | {str(v) for k, v in vars(paths).items() if k.isupper() and isinstance(v, Path)}
+
+
+# Names other tools own inside their folders (a DVC repo, a venv's bin/): not tunegate's to rename.
+THIRD_PARTY = {".dvc", "cache", "dvc"}
+OWNERS = [p for folder in ("stages", "flows") for p in _modules(folder)] + [ROOT / "tunegate/registry.py", ROOT / "tunegate/evaluation.py"]
+
+
+@pytest.mark.parametrize("path", OWNERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_artefact_names_are_spelled_only_in_tunegate_paths(path):
+    """A file name inside a `paths:` folder is spelled once, in tunegate/paths.py: no stage, flow or the
+    registry joins a path with a literal name (`folder / "verdict.json"`) or repeats one of its names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = _artefact_names()
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            literal = node.right.value if isinstance(node.right, ast.Constant) else None
+            if isinstance(node.right, ast.JoinedStr) or (isinstance(literal, str) and literal not in THIRD_PARTY):
+                problems.append(f"line {node.lineno}: path joined with a literal name")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value and node.value in names:
+            problems.append(f"line {node.lineno}: {node.value!r} (use tunegate.paths)")
+    assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
+
+
+def _ruff() -> str:
+    found = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("ruff is not installed (it is a dev dependency: `make setup` installs it)")
+    return found
+
+
+def test_ruff_lint_is_clean():
+    proc = subprocess.run([_ruff(), "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_ruff_format_is_clean():
+    proc = subprocess.run([_ruff(), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
