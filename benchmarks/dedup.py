@@ -31,7 +31,10 @@ def make_corpus(n_docs: int, seed: int = 0, dup_share: float = 0.25) -> Corpus:
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(20000)]
     weights = [1 / (i + 1) ** 0.8 for i in range(len(vocab))]
-    templates = [[rng.choice(vocab[:3000]) if rng.random() < 0.6 else None for _ in range(rng.randint(40, 80))] for _ in range(150)]
+    templates = [
+        [rng.choice(vocab[:3000]) if rng.random() < 0.6 else None for _ in range(rng.randint(40, 80))]
+        for _ in range(150)
+    ]
     n_orig = int(n_docs * (1 - dup_share))
     docs, origin = [], []
     for i in range(n_orig):
@@ -97,7 +100,9 @@ def main() -> None:
     parser.add_argument("--num-perm", type=int, default=128)
     parser.add_argument("--bands", type=int, default=64)
     parser.add_argument("--threshold", type=float, default=0.4)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per engine, interleaved; the median time is reported")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per engine, interleaved; the median time is reported"
+    )
     args = parser.parse_args()
     corpus = make_corpus(args.docs, args.seed)
     engines = {

@@ -30,7 +30,11 @@ def peak_gib() -> float:
 
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    vocab = [f"{rng.choice('bcdfghklmnprstvz')}{rng.choice('aeiou')}{rng.choice('bcdfghklmnprstvz')}{rng.choice('aeiou')}{i % 97}" for i in range(30000)]
+    vocab = [
+        f"{rng.choice('bcdfghklmnprstvz')}{rng.choice('aeiou')}"
+        f"{rng.choice('bcdfghklmnprstvz')}{rng.choice('aeiou')}{i % 97}"
+        for i in range(30000)
+    ]
     cum = list(itertools.accumulate(1 / (i + 1) ** 0.9 for i in range(len(vocab))))
     rows: list[dict] = []
     for i in range(n):
@@ -47,8 +51,15 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         else:
             user = " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 24)))
             answer = " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(4, 20)))
-        rows.append({"id": f"r{i}", "source": "domain", "line": i + 1, "kind": "sft",
-                     "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "source": "domain",
+                "line": i + 1,
+                "kind": "sft",
+                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+            }
+        )
     return rows
 
 
@@ -67,9 +78,15 @@ def main() -> None:
     seconds = time.perf_counter() - started
     peak = peak_gib()
     reasons = metrics["sources"]["domain"]["reasons"]
-    print(f"{args.rows:,} rows: in {metrics['in']:,} = kept {metrics['kept']:,} + dropped {metrics['dropped']:,} ({reasons})")
-    print(f"peak RSS {peak:.2f} GiB (interpreter + imports {before:.2f}, + the rows in memory {with_rows - before:.2f}, + dedup {peak - with_rows:.2f}); "
-          f"{seconds:.0f} s, {args.rows / seconds:,.0f} rows/s")
+    print(
+        f"{args.rows:,} rows: in {metrics['in']:,} = kept {metrics['kept']:,} "
+        f"+ dropped {metrics['dropped']:,} ({reasons})"
+    )
+    print(
+        f"peak RSS {peak:.2f} GiB (interpreter + imports {before:.2f}, "
+        f"+ the rows in memory {with_rows - before:.2f}, + dedup {peak - with_rows:.2f}); "
+        f"{seconds:.0f} s, {args.rows / seconds:,.0f} rows/s"
+    )
 
 
 if __name__ == "__main__":

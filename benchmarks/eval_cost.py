@@ -33,8 +33,12 @@ def main() -> None:
         raise SystemExit(f"{adapter}: missing; run `dvc repro` (make demo) first")
     runs = {
         "eval_base": lambda out: evaluate(cfg.eval, manifest, tasks, out, cfg.seed),
-        "eval_candidate (merged in memory, default)": lambda out: evaluate(cfg.eval, manifest, tasks, out, cfg.seed, adapter=adapter),
-        "eval_candidate (lm-eval peft=)": lambda out: evaluate(cfg.eval.model_copy(update={"merge_adapter": False}), manifest, tasks, out, cfg.seed, adapter=adapter),
+        "eval_candidate (merged in memory, default)": lambda out: evaluate(
+            cfg.eval, manifest, tasks, out, cfg.seed, adapter=adapter
+        ),
+        "eval_candidate (lm-eval peft=)": lambda out: evaluate(
+            cfg.eval.model_copy(update={"merge_adapter": False}), manifest, tasks, out, cfg.seed, adapter=adapter
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,11 +47,16 @@ def main() -> None:
                 times[name].append(fn(Path(tmp) / f"{r}-{k}")["seconds"])
     median = {name: statistics.median(t) for name, t in times.items()}
     base, merged, peft = median.values()
-    print(f"median of {args.repeat} interleaved runs, {len(cfg.eval.tasks)} tasks, limit {cfg.eval.limit}, batch {cfg.eval.batch_size}")
+    print(
+        f"median of {args.repeat} interleaved runs, {len(cfg.eval.tasks)} tasks, "
+        f"limit {cfg.eval.limit}, batch {cfg.eval.batch_size}"
+    )
     print("| run | seconds |\n|---|---|")
     for name, seconds in median.items():
         print(f"| {name} | {seconds:.1f} |")
-    print(f"second run / first run eval time: {merged / (base + merged):.0%} (merged), {peft / (base + peft):.0%} (peft=)")
+    print(
+        f"second run / first run eval time: {merged / (base + merged):.0%} (merged), {peft / (base + peft):.0%} (peft=)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def _demo() -> tuple[Any, dict[str, Any], list[dict[str, Any]]]:
 
 # -- overhead --------------------------------------------------------------------------------------
 
+
 def plain_trl(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> float:
     """What a user would write by hand: the same model, data, LoRA and SFTConfig, straight into TRL."""
     import torch
@@ -54,12 +55,35 @@ def plain_trl(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Pa
     model = AutoModelForCausalLM.from_pretrained(manifest["path"])
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     lora = cfg.train.lora
-    settings = {"output_dir": str(out), "seed": cfg.seed, "data_seed": cfg.seed, "report_to": [], "use_cpu": True, "save_strategy": "no",
-                "gradient_checkpointing": False, "bf16": False, "full_determinism": True, "dataloader_num_workers": 0}
-    settings.update((k, v) for k, v in cfg.train.args.items() if k not in ("save_steps", "eval_steps", "per_device_eval_batch_size"))
+    settings = {
+        "output_dir": str(out),
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "full_determinism": True,
+        "dataloader_num_workers": 0,
+    }
+    settings.update(
+        (k, v) for k, v in cfg.train.args.items() if k not in ("save_steps", "eval_steps", "per_device_eval_batch_size")
+    )
     args = SFTConfig(**settings)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -67,10 +91,17 @@ def plain_trl(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Pa
     return seconds
 
 
-def tunegate_stage(cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path, probe: list[dict[str, Any]]) -> float:
+def tunegate_stage(
+    cfg, manifest: dict[str, Any], rows: list[dict[str, Any]], out: Path, probe: list[dict[str, Any]]
+) -> float:
     from stages import train
 
-    metrics = train.run(cfg.train, cfg.seed, train.Inputs(manifest, rows, [], probe), train.Outputs(out / "model", out / "ckpt", out / "plots.csv"))
+    metrics = train.run(
+        cfg.train,
+        cfg.seed,
+        train.Inputs(manifest, rows, [], probe),
+        train.Outputs(out / "model", out / "ckpt", out / "plots.csv"),
+    )
     return metrics["seconds"]
 
 
@@ -78,11 +109,15 @@ def overhead(repeat: int, steps: int) -> None:
     cfg, manifest, rows = _demo()
     cfg.train.args.update(max_steps=steps)
     probe = read_jsonl(Path(cfg.paths.mix) / "probe.jsonl")
-    tokens_per_step = cfg.train.args["per_device_train_batch_size"]  # same data and order in all three: ratios of time are ratios of tokens/s
+    tokens_per_step = cfg.train.args[
+        "per_device_train_batch_size"
+    ]  # same data and order in all three: ratios of time are ratios of tokens/s
     runs = {
         "plain TRL script": lambda out: plain_trl(cfg, manifest, rows, out),
         "tunegate train stage (probe off)": lambda out: tunegate_stage(cfg, manifest, rows, out, []),
-        f"tunegate train stage (probe every {cfg.train.args.get('eval_steps')} steps)": lambda out: tunegate_stage(cfg, manifest, rows, out, probe),
+        f"tunegate train stage (probe every {cfg.train.args.get('eval_steps')} steps)": lambda out: tunegate_stage(
+            cfg, manifest, rows, out, probe
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +126,10 @@ def overhead(repeat: int, steps: int) -> None:
                 times[name].append(fn(Path(tmp) / f"{r}-{k}"))
     median = {name: statistics.median(t) for name, t in times.items()}
     plain = median["plain TRL script"]
-    print(f"demo model, {steps} LoRA steps of {tokens_per_step} rows, median of {repeat} interleaved runs (trainer.train() time)")
+    print(
+        f"demo model, {steps} LoRA steps of {tokens_per_step} rows, "
+        f"median of {repeat} interleaved runs (trainer.train() time)"
+    )
     print("| run | seconds | tokens/s vs plain TRL |\n|---|---|---|")
     for name, seconds in median.items():
         print(f"| {name} | {seconds:.1f} | {plain / seconds:.2f} |")
@@ -117,9 +155,19 @@ def build_100m(out: Path, dtype: str) -> None:
     pretrain = read_jsonl(ROOT / "data/pretrain/general.jsonl")[:3000]
     tokenizer = train_tokenizer([r["prompt"] for r in pretrain] + [r["completion"] for r in pretrain], 1024)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                         num_key_value_heads=16, max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
@@ -140,6 +188,7 @@ def memory_child(model_dir: str, name: str) -> None:
     configure()
     import torch  # noqa: F401  (imported before the baseline so the runtime is not counted as training memory)
     import trl  # noqa: F401
+
     from stages import train
 
     adapter, _, extra = MEMORY_CONFIGS[name]
@@ -148,12 +197,36 @@ def memory_child(model_dir: str, name: str) -> None:
     rows, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
     rows = [r for r in rows if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
     baseline = _rss_gib()
-    cfg = Train(adapter=adapter, lora=Lora(r=16, alpha=32), args={"max_steps": 3, "per_device_train_batch_size": 8, "max_length": 128,
-                                                                    "logging_steps": 1, "save_steps": 1000, **extra})
+    cfg = Train(
+        adapter=adapter,
+        lora=Lora(r=16, alpha=32),
+        args={
+            "max_steps": 3,
+            "per_device_train_batch_size": 8,
+            "max_length": 128,
+            "logging_steps": 1,
+            "save_steps": 1000,
+            **extra,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         manifest = {"model": "bench-100m", "path": model_dir}
-        metrics = train.run(cfg, 1, train.Inputs(manifest, rows, [], []), train.Outputs(Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "plots.csv"))
-    print(json.dumps({"estimate_gib": metrics["preflight_peak_gib"], "baseline_gib": baseline, "peak_gib": _rss_gib(), "seconds": metrics["seconds"]}))
+        metrics = train.run(
+            cfg,
+            1,
+            train.Inputs(manifest, rows, [], []),
+            train.Outputs(Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "plots.csv"),
+        )
+    print(
+        json.dumps(
+            {
+                "estimate_gib": metrics["preflight_peak_gib"],
+                "baseline_gib": baseline,
+                "peak_gib": _rss_gib(),
+                "seconds": metrics["seconds"],
+            }
+        )
+    )
 
 
 def memory() -> None:
@@ -163,21 +236,40 @@ def memory() -> None:
             model_dir = Path(tmp) / dtype
             if not model_dir.exists():
                 build_100m(model_dir, dtype)
-            done = subprocess.run([sys.executable, "-m", "benchmarks.train", "memory-child", str(model_dir), name], capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.train", "memory-child", str(model_dir), name],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             if done.returncode:
                 raise SystemExit(f"{name}: failed\n{done.stderr[-3000:]}")
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            results[name]["weights_gib"] = _weights_gib(model_dir, MEMORY_CONFIGS[name][0] == "qlora")  # in this process, after the child's peak
-    print("~100M-parameter Llama (hidden 1024, 8 layers), batch 8 x 128 tokens, 3 steps, CPU; peak RSS per fresh process")
-    print("| config | preflight estimate (GiB) | measured: peak RSS - RSS after imports (GiB) | peak RSS (GiB) | weights (GiB) |\n|---|---|---|---|---|")
+            results[name]["weights_gib"] = _weights_gib(
+                model_dir, MEMORY_CONFIGS[name][0] == "qlora"
+            )  # in this process, after the child's peak
+    print(
+        "~100M-parameter Llama (hidden 1024, 8 layers), batch 8 x 128 tokens, 3 steps, CPU; peak RSS per fresh process"
+    )
+    print(
+        "| config | preflight estimate (GiB) | measured: peak RSS - RSS after imports (GiB) "
+        "| peak RSS (GiB) | weights (GiB) |\n|---|---|---|---|---|"
+    )
     for name, r in results.items():
-        print(f"| {name} | {r['estimate_gib']:.2f} | {r['peak_gib'] - r['baseline_gib']:.2f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} |")
+        print(
+            f"| {name} | {r['estimate_gib']:.2f} | {r['peak_gib'] - r['baseline_gib']:.2f} "
+            f"| {r['peak_gib']:.2f} | {r['weights_gib']:.2f} |"
+        )
     q, l16 = results["qlora (NF4, bf16 compute)"], results["lora bf16 (16-bit)"]
-    print(f"QLoRA / 16-bit LoRA: peak RSS {q['peak_gib'] / l16['peak_gib']:.2f}x, training share {(q['peak_gib'] - q['baseline_gib']) / (l16['peak_gib'] - l16['baseline_gib']):.2f}x, "
-          f"weights {q['weights_gib'] / l16['weights_gib']:.2f}x")
+    print(
+        f"QLoRA / 16-bit LoRA: peak RSS {q['peak_gib'] / l16['peak_gib']:.2f}x, "
+        f"training share {(q['peak_gib'] - q['baseline_gib']) / (l16['peak_gib'] - l16['baseline_gib']):.2f}x, "
+        f"weights {q['weights_gib'] / l16['weights_gib']:.2f}x"
+    )
 
 
 # -- packing ---------------------------------------------------------------------------------------
+
 
 def packing() -> None:
     """Share of padding in the batches TRL's own data pipeline builds, packing off vs on."""
@@ -193,15 +285,32 @@ def packing() -> None:
     print("| packing | batches per epoch | tokens in batches | real tokens | padding share |\n|---|---|---|---|---|")
     for packing_on in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
-            args = SFTConfig(output_dir=tmp, report_to=[], use_cpu=True, per_device_train_batch_size=batch, max_length=cfg.train.args["max_length"],
-                             packing=packing_on, gradient_checkpointing=False, bf16=False, dataloader_num_workers=0)
-            trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(manifest["path"]), args=args, train_dataset=data, processing_class=tokenizer)
+            args = SFTConfig(
+                output_dir=tmp,
+                report_to=[],
+                use_cpu=True,
+                per_device_train_batch_size=batch,
+                max_length=cfg.train.args["max_length"],
+                packing=packing_on,
+                gradient_checkpointing=False,
+                bf16=False,
+                dataloader_num_workers=0,
+            )
+            trainer = SFTTrainer(
+                model=AutoModelForCausalLM.from_pretrained(manifest["path"]),
+                args=args,
+                train_dataset=data,
+                processing_class=tokenizer,
+            )
             total = real = batches = 0
             for b in trainer.get_train_dataloader():
                 batches += 1
                 total += b["input_ids"].numel()
                 real += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-        print(f"| {'on (BFD, padding-free)' if packing_on else 'off'} | {batches} | {total:,} | {real:,} | {1 - real / total:.1%} |")
+        print(
+            f"| {'on (BFD, padding-free)' if packing_on else 'off'} | {batches} | {total:,} "
+            f"| {real:,} | {1 - real / total:.1%} |"
+        )
 
 
 def main() -> None:

@@ -66,8 +66,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--source", choices=["domain", "preferences"], default="domain")
     args = parser.parse_args()
-    from stages import validate
     from demo.model import train_tokenizer
+    from stages import validate
     from tunegate.io import read_jsonl
     from tunegate.runtime import configure
 
@@ -105,7 +105,10 @@ def main() -> None:
         metrics = json.loads(json.dumps(validate.run(cfg, sources, tokenizer, Path(tmp) / "last")))
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["floor: json.loads per line"]
-    print(f"{args.rows:,} rows; in {metrics['in']:,} = kept {metrics['kept']:,} + quarantined {metrics['quarantined']:,}; median of {args.repeat} interleaved runs")
+    print(
+        f"{args.rows:,} rows; in {metrics['in']:,} = kept {metrics['kept']:,} "
+        f"+ quarantined {metrics['quarantined']:,}; median of {args.repeat} interleaved runs"
+    )
     print("| run | seconds | rows/s | × floor |\n|---|---|---|---|")
     for name, seconds in median.items():
         print(f"| {name} | {seconds:.2f} | {args.rows / seconds:,.0f} | {seconds / base:.1f} |")

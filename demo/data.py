@@ -297,7 +297,9 @@ UPPER_STATES = ("late", "lost", "here", "fine", "great", "new")
 UPPER_ACTIONS = ("track", "cancel", "replace", "refund", "return", "check")
 UPPER_ADJECTIVES = ("new", "old", "red", "cheap", "small", "big")
 UPPER_PAST = ("arrived", "shipped", "broke")
-UPPER_EXTRA = tuple(f"{v} it {w}" for v in ("fix", "send", "ship", "check") for w in ("asap", "today", "now", "immediately")) + (
+UPPER_EXTRA = tuple(
+    f"{v} it {w}" for v in ("fix", "send", "ship", "check") for w in ("asap", "today", "now", "immediately")
+) + (
     "no rush at all",
     "answer when you can",
     "it is urgent",
@@ -425,7 +427,9 @@ def _retry(make: Callable[[], T | None], what: str, tries: int = 2000) -> T:
     for _ in range(tries):
         if (item := make()) is not None:
             return item
-    raise RuntimeError(f"demo data: no acceptable {what} in {tries} tries; the tables are too small for the constraints")
+    raise RuntimeError(
+        f"demo data: no acceptable {what} in {tries} tries; the tables are too small for the constraints"
+    )
 
 
 class _Gate:
@@ -527,10 +531,17 @@ def _support_eval(rng: random.Random, tickets: _Tickets) -> tuple[list[dict], li
         other_urgency = rng.choice([u for u in URGENCIES if u != t.urgency])
         third_intent = rng.choice([x for x in INTENTS if x not in (t.intent, other_intent)])
         # One distractor each: wrong intent, wrong urgency, both wrong.
-        options = [(t.intent, t.urgency), (other_intent, t.urgency), (t.intent, other_urgency), (third_intent, other_urgency)]
+        options = [
+            (t.intent, t.urgency),
+            (other_intent, t.urgency),
+            (t.intent, other_urgency),
+            (third_intent, other_urgency),
+        ]
         rng.shuffle(options)
         choices = [ticket_json(intent, t.order_id, t.product, urgency) for intent, urgency in options]
-        mc.append({"id": f"support-mc-{i:04d}", "message": t.message, "choices": choices, "label": choices.index(t.answer)})
+        mc.append(
+            {"id": f"support-mc-{i:04d}", "message": t.message, "choices": choices, "label": choices.index(t.answer)}
+        )
     return gen, mc
 
 
@@ -636,7 +647,8 @@ def _general_eval(rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Held-out general items. Facts are spread over keys (at most ceil(need / keys) wordings per key),
     so every country, noun and word keeps wordings for the training data."""
     need = {
-        f: GENERAL_GEN_PER_TASK * (f in GENERAL_GEN_TASKS) + GENERAL_MC_PER_TASK * (f in GENERAL_MC_TASKS) for f in EVAL_TEMPLATES
+        f: GENERAL_GEN_PER_TASK * (f in GENERAL_GEN_TASKS) + GENERAL_MC_PER_TASK * (f in GENERAL_MC_TASKS)
+        for f in EVAL_TEMPLATES
     }
     picked: dict[str, list[Task]] = {}
     for family, n in need.items():
@@ -657,11 +669,16 @@ def _general_eval(rng: random.Random) -> tuple[list[dict], list[dict]]:
     mc_tasks = [t for f in GENERAL_MC_TASKS for t in picked[f][len(picked[f]) - GENERAL_MC_PER_TASK :]]
     rng.shuffle(gen_tasks)
     rng.shuffle(mc_tasks)
-    gen = [{"id": f"general-{i:04d}", "task": t.family, "prompt": t.prompt, "answer": t.answer} for i, t in enumerate(gen_tasks, 1)]
+    gen = [
+        {"id": f"general-{i:04d}", "task": t.family, "prompt": t.prompt, "answer": t.answer}
+        for i, t in enumerate(gen_tasks, 1)
+    ]
     mc = []
     for i, t in enumerate(mc_tasks, 1):
         choices, label = _mc_choices(rng, t)
-        mc.append({"id": f"general-mc-{i:04d}", "task": t.family, "prompt": t.prompt, "choices": choices, "label": label})
+        mc.append(
+            {"id": f"general-mc-{i:04d}", "task": t.family, "prompt": t.prompt, "choices": choices, "label": label}
+        )
     return gen, mc
 
 
@@ -727,7 +744,9 @@ def _near_edits(rng: random.Random, text: str, greetings_only: bool = False) -> 
     return edits
 
 
-def _assemble(rng: random.Random, rows: list[_Row], n_clean: int, defects: dict[str, int]) -> tuple[list[str], dict[str, Any]]:
+def _assemble(
+    rng: random.Random, rows: list[_Row], n_clean: int, defects: dict[str, int]
+) -> tuple[list[str], dict[str, Any]]:
     """Shuffle the rows; copies always follow the clean row they copy (so "first seen wins" keeps the
     clean row), then describe every defect by 1-based line number."""
     pos = list(range(len(rows)))
@@ -738,7 +757,7 @@ def _assemble(rng: random.Random, rows: list[_Row], n_clean: int, defects: dict[
             groups.setdefault(row.of, []).append(i)
     for original, copies in groups.items():
         members = [original, *sorted(copies, key=lambda c: pos[c])]
-        for member, slot in zip(members, sorted(pos[m] for m in members)):
+        for member, slot in zip(members, sorted(pos[m] for m in members), strict=True):
             pos[member] = slot
     lines = [""] * len(rows)
     for i, p in enumerate(pos):
@@ -780,7 +799,9 @@ def _admitted_ticket(
     return _retry(make, "support ticket")
 
 
-def _domain_raw(rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen: list[dict]) -> tuple[list[str], dict[str, Any]]:
+def _domain_raw(
+    rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen: list[dict]
+) -> tuple[list[str], dict[str, Any]]:
     clean = [_admitted_ticket(rng, tickets, gate, INTENTS[i % len(INTENTS)]) for i in range(DOMAIN_CLEAN)]
 
     def fresh(placeholder: bool = False) -> Ticket:  # a valid new ticket to carry one defect
@@ -790,7 +811,9 @@ def _domain_raw(rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen:
     d = DOMAIN_DEFECTS
     for k in range(d["malformed_json"]):
         t = fresh()
-        rows.append(_Row(_MALFORMED[k % len(_MALFORMED)](_dumps(_chat(t.message, t.answer)), t.message), "malformed_json"))
+        rows.append(
+            _Row(_MALFORMED[k % len(_MALFORMED)](_dumps(_chat(t.message, t.answer)), t.message), "malformed_json")
+        )
     missing: tuple[Callable[[Ticket], dict], ...] = (
         lambda t: {"conversation": _chat(t.message, t.answer)["messages"]},
         lambda t: {"dialog": _chat(t.message, t.answer)["messages"]},
@@ -814,7 +837,7 @@ def _domain_raw(rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen:
     for first, last in rng.sample(PII_NAMES, d["pii_email"]):
         email = f"{first}.{last}@example.com"
 
-        def make_pii() -> tuple[str, str] | None:
+        def make_pii(email: str = email) -> tuple[str, str] | None:
             t = tickets.make(rng)
             message = f"{t.message} My email is {email}."
             return (message, t.answer) if gate.admit(message, f"{message}\n{t.answer}", t.buckets) else None
@@ -945,7 +968,9 @@ def _general_raw(
     fresh = _general_clean(rng, gate, held_out, d["malformed_json"] + d["missing_field"] + d["empty_content"])
     for k in range(d["malformed_json"]):
         t = fresh.pop(0)
-        rows.append(_Row((_MALFORMED[0], _MALFORMED[1], _MALFORMED[3])[k % 3](_dumps(_alpaca(t)), t.prompt), "malformed_json"))
+        rows.append(
+            _Row((_MALFORMED[0], _MALFORMED[1], _MALFORMED[3])[k % 3](_dumps(_alpaca(t)), t.prompt), "malformed_json")
+        )
     for k in range(d["missing_field"]):
         t = fresh.pop(0)
         record = (
@@ -973,12 +998,20 @@ def _general_raw(
         t = clean[i]
         for edit in _near_edits(rng, t.instruction, greetings_only=True):
             edited = Task(t.family, t.key, t.template, edit, t.input, t.answer)
-            if jaccard(shingles(edited.text), shingles(t.text)) >= NEAR_MIN_SIMILARITY and not gate.blocked.hits(edited.text):
+            if jaccard(shingles(edited.text), shingles(t.text)) >= NEAR_MIN_SIMILARITY and not gate.blocked.hits(
+                edited.text
+            ):
                 near.append(_Row(_dumps(_alpaca(edited)), "near_duplicate", of=i))
                 break
     rows += near
     for row in rng.sample(general_gen, d["eval_leak"]):
-        rows.append(_Row(_dumps({"instruction": row["prompt"], "input": "", "output": row["answer"]}), "eval_leak", eval_id=row["id"]))
+        rows.append(
+            _Row(
+                _dumps({"instruction": row["prompt"], "input": "", "output": row["answer"]}),
+                "eval_leak",
+                eval_id=row["id"],
+            )
+        )
     for i in contra:
         rows.append(_Row(_dumps(_alpaca(clean[i], output=_wrong_answer(rng, clean[i]))), "contradiction", of=i))
     return _assemble(rng, rows, len(clean), d)
@@ -998,7 +1031,7 @@ def _pretrain(rng: random.Random, blocked: EvalIndex, held_out: set[tuple[str, s
     rows = []
     for k in range(PRETRAIN_ROWS):
         family = families[k % len(families)]
-        task = _retry(lambda: (t if ok(t := _sample_task(rng, family)) else None), "pretraining row")
+        task = _retry(lambda family=family: t if ok(t := _sample_task(rng, family)) else None, "pretraining row")
         rows.append({"prompt": task.prompt, "completion": task.answer})
     return rows
 
@@ -1079,7 +1112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         lines = data.count(b"\n")
         rows = "ledger" if rel.endswith(".json") else f"{lines:,} rows"
         print(f"{rel:34} {rows:>12} {len(data):>11,} bytes  sha256 {digest[:12]}")
-    print(f"seed {args.seed}: {len(digests)} files under {args.root} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(
+        f"seed {args.seed}: {len(digests)} files under {args.root} in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

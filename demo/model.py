@@ -28,7 +28,8 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # assistant tokens; plain rendering ignores them.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -67,7 +68,8 @@ def _packed_blocks(tokenizer, rows: list[dict], block: int):
     stream: list[int] = []
     for row in rows:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}], tokenize=False
+            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}],
+            tokenize=False,
         )
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     n = len(stream) // block
@@ -100,7 +102,13 @@ def build(rows: list[dict], cfg: DemoBase, seed: int, out_dir: Path) -> dict:
     model = LlamaForCausalLM(config)
     params = sum(p.numel() for p in model.parameters())
     blocks = _packed_blocks(tokenizer, rows, cfg.max_position)
-    log.info("demo base: %.2fM parameters, %d blocks of %d tokens, %d steps", params / 1e6, len(blocks), cfg.max_position, cfg.steps)
+    log.info(
+        "demo base: %.2fM parameters, %d blocks of %d tokens, %d steps",
+        params / 1e6,
+        len(blocks),
+        cfg.max_position,
+        cfg.steps,
+    )
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
 
@@ -131,4 +139,8 @@ def build(rows: list[dict], cfg: DemoBase, seed: int, out_dir: Path) -> dict:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"parameters": params, "pretrain_tokens": int(cfg.steps * cfg.batch_size * cfg.max_position), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
+    return {
+        "parameters": params,
+        "pretrain_tokens": int(cfg.steps * cfg.batch_size * cfg.max_position),
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+    }

@@ -36,7 +36,11 @@ def dvc_stages(root: Path = ROOT) -> list[str]:
 
 def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TUNEGATE_ORCHESTRATOR": f"prefect:{flow_run.id or '-'}"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TUNEGATE_ORCHESTRATOR": f"prefect:{flow_run.id or '-'}",
+    }
     return subprocess.run([str(bin_dir / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
 
 

@@ -38,7 +38,10 @@ def base_changed(root: str) -> tuple[bool, str, str]:
     resolved = current["resolved_revision"]
     if last is None:
         return True, "-", resolved
-    moved = (resolved, sha256_of(current["weights_sha256"])) != (last["resolved_revision"], sha256_of(last["weights_sha256"]))
+    moved = (resolved, sha256_of(current["weights_sha256"])) != (
+        last["resolved_revision"],
+        sha256_of(last["weights_sha256"]),
+    )
     return moved, last["resolved_revision"], resolved
 
 
@@ -61,8 +64,9 @@ def main() -> None:
     parser.add_argument("--root", default=str(ROOT))
     args = parser.parse_args()
     if args.serve:
-        retrain_on_base_update.serve(name="base-watch", cron=args.cron, parameters={"root": args.root}, tags=["tunegate"],
-                                     global_limit=1)  # never two retrains at once
+        retrain_on_base_update.serve(
+            name="base-watch", cron=args.cron, parameters={"root": args.root}, tags=["tunegate"], global_limit=1
+        )  # never two retrains at once
     else:
         print(retrain_on_base_update(root=args.root))
 

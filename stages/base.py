@@ -39,7 +39,9 @@ def run(cfg: Base, seed: int, pretrain: Path, out_dir: Path) -> dict[str, Any]:
             manifest = describe(path, cfg.model, cfg.revision, resolved)
         manifest["trust_remote_code"] = cfg.trust_remote_code
         write_json(tmp / BASE_MANIFEST, manifest)
-    log.info("base %s @ %s ready in %.1fs", manifest["model"], manifest["resolved_revision"], time.perf_counter() - started)
+    log.info(
+        "base %s @ %s ready in %.1fs", manifest["model"], manifest["resolved_revision"], time.perf_counter() - started
+    )
     return manifest
 
 

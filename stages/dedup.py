@@ -71,12 +71,16 @@ def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[
         for k, i in enumerate(members):
             if answers[k] != winner:
                 other = rows[keeper]["id"] if keeper is not None else rows[members[0 if k else 1]]["id"]
-                detail = f"{len(votes)} different answers to this prompt; policy {policy}" + ("" if winner else " (no majority: all dropped)")
+                detail = f"{len(votes)} different answers to this prompt; policy {policy}" + (
+                    "" if winner else " (no majority: all dropped)"
+                )
                 out[i] = ("contradiction", other, detail)
     return out
 
 
-def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, bool]], seed: int) -> tuple[dict[str, list], list[dict], dict]:
+def run(
+    cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, bool]], seed: int
+) -> tuple[dict[str, list], list[dict], dict]:
     """Returns (kept rows per source, dropped rows with reasons, metrics)."""
     index = ContaminationIndex(cfg.contamination_ngram)
     for item, text, is_prompt in evals:
@@ -107,7 +111,9 @@ def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[
     if cfg.engine == "ray":
         from tunegate.dedup_ray import near_duplicates_ray
 
-        near = near_duplicates_ray(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address)
+        near = near_duplicates_ray(
+            texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
+        )
     else:
         near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed)
     for k, (rep, sim) in near.items():
@@ -118,21 +124,40 @@ def run(cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[
     for i, row in enumerate(rows):
         if i in verdict:
             reason, of, detail = verdict[i]
-            dropped.append({"id": row["id"], "source": row["source"], "line": row["line"], "reason": reason, "of": of, "detail": detail})
+            dropped.append(
+                {
+                    "id": row["id"],
+                    "source": row["source"],
+                    "line": row["line"],
+                    "reason": reason,
+                    "of": of,
+                    "detail": detail,
+                }
+            )
         else:
             kept[row["source"]].append(row)
 
     metrics: dict[str, Any] = {"sources": {}}
     for name, src_rows in sources.items():
         reasons = Counter(d["reason"] for d in dropped if d["source"] == name)
-        metrics["sources"][name] = {"in": len(src_rows), "kept": len(kept[name]), "dropped": sum(reasons.values()), "reasons": dict(sorted(reasons.items()))}
+        metrics["sources"][name] = {
+            "in": len(src_rows),
+            "kept": len(kept[name]),
+            "dropped": sum(reasons.values()),
+            "reasons": dict(sorted(reasons.items())),
+        }
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "dropped")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["dropped"])
     return kept, dropped, metrics
 
 
 def _report(m: dict[str, Any], dropped: list[dict]) -> str:
-    lines = ["# dedup", "", f"in {m['in']} = kept {m['kept']} + dropped {m['dropped']} (conserved: {m['conserved']})", ""]
+    lines = [
+        "# dedup",
+        "",
+        f"in {m['in']} = kept {m['kept']} + dropped {m['dropped']} (conserved: {m['conserved']})",
+        "",
+    ]
     lines += ["| source | in | kept | dropped | reasons |", "|---|---|---|---|---|"]
     for name, s in m["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"

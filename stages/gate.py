@@ -24,7 +24,6 @@ from tunegate.runtime import stage_main
 log = logging.getLogger(__name__)
 
 
-
 def run(cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int) -> dict[str, Any]:
     return decide(base, candidate, policy, cfg.bootstrap, seed)
 
@@ -40,8 +39,15 @@ def _chart(verdict: dict[str, Any], path: Path) -> None:
     for y, c in enumerate(checks):
         color = "tab:green" if c["passed"] else "tab:red"
         ax.plot([c["reference"]], [y + 0.15], "o", color="grey", label="base" if y == 0 else None)
-        ax.errorbar([c["candidate"]], [y - 0.15], xerr=[[c["diff"] - c["lower"]], [c["upper"] - c["diff"]]], fmt="o", color=color,
-                    capsize=4, label="candidate (paired bounds)" if y == 0 else None)
+        ax.errorbar(
+            [c["candidate"]],
+            [y - 0.15],
+            xerr=[[c["diff"] - c["lower"]], [c["upper"] - c["diff"]]],
+            fmt="o",
+            color=color,
+            capsize=4,
+            label="candidate (paired bounds)" if y == 0 else None,
+        )
     ax.set_yticks(range(len(checks)), [f"{c['task']}/{c['metric']}\n({c['role']})" for c in checks])
     ax.set_xlim(-0.05, 1.05)
     ax.set_xlabel("score")
@@ -54,15 +60,35 @@ def _chart(verdict: dict[str, Any], path: Path) -> None:
 
 def report(verdict: dict[str, Any]) -> str:
     head = "PASSED" if verdict["passed"] else f"FAILED ({', '.join(verdict['failed'])})"
-    rows = ["| check | role | base | candidate | diff | bounds | need | n | result |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| check | role | base | candidate | diff | bounds | need | n | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in verdict["checks"]:
         result = "pass" if c["passed"] else "FAIL: " + c["why"]
         if not c["n"]:
-            rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | – | – | – | – | {c['threshold']} | 0 | {result} |")
+            rows.append(
+                f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} "
+                f"| – | – | – | – | {c['threshold']} | 0 | {result} |"
+            )
             continue
-        rows.append(f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} | {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
-                    f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {result} |")
-    return "\n".join([f"# Gate {head}", "", f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.", "", *rows, "", f"![base vs candidate]({CHART})", ""])
+        rows.append(
+            f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} "
+            f"| {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
+            f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {result} |"
+        )
+    return "\n".join(
+        [
+            f"# Gate {head}",
+            "",
+            f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.",
+            "",
+            *rows,
+            "",
+            f"![base vs candidate]({CHART})",
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -78,7 +104,9 @@ def main() -> None:
             write_json(tmp / VERDICT, verdict)
             write_text(tmp / REPORT, report(verdict))
             _chart(verdict, tmp / CHART)
-        diffs = {f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]}
+        diffs = {
+            f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]
+        }
         write_json(layout.metrics("gate"), {"passed": verdict["passed"], **diffs})
         for line in verdict["lines"]:
             log.info("%s", line)

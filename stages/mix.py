@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-from pathlib import Path
-from typing import Any
 
 from tunegate.config import Mix, Source, load_config
 from tunegate.io import read_jsonl, sha256_file, write_json, write_jsonl
@@ -48,7 +46,9 @@ def _take_tokens(rows: list[dict], tokens: list[int], budget: int, rng: random.R
     return out
 
 
-def run(cfg: Mix, sources: dict[str, Source], rows: dict[str, list[dict]], n_tokens, seed: int) -> tuple[list[dict], list[dict], list[dict], dict]:
+def run(
+    cfg: Mix, sources: dict[str, Source], rows: dict[str, list[dict]], n_tokens, seed: int
+) -> tuple[list[dict], list[dict], list[dict], dict]:
     """Returns (training rows, preference rows, probe rows, manifest without file hashes). n_tokens(row) -> int.
 
     The probe is up to PROBE_ROWS general rows that were *not* mixed in: the trainer's held-out
@@ -90,15 +90,28 @@ def run(cfg: Mix, sources: dict[str, Source], rows: dict[str, list[dict]], n_tok
 
     used_ids = {r["id"] for n in general for r in chosen[n]}
     unused = [r for n in general for r in rows[n] if r["id"] not in used_ids]
-    probe = [{"id": r["id"], "source": r["source"], "messages": r["messages"]} for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))]
-    train = [{"id": r["id"], "source": r["source"], "messages": r["messages"]} for n in domain + general for r in chosen[n]]
+    probe = [
+        {"id": r["id"], "source": r["source"], "messages": r["messages"]}
+        for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))
+    ]
+    train = [
+        {"id": r["id"], "source": r["source"], "messages": r["messages"]} for n in domain + general for r in chosen[n]
+    ]
     rng.shuffle(train)
     per_source = {}
     for n in domain + general:
         tok = sum(n_tokens(r) for r in chosen[n])
-        per_source[n] = {"role": sources[n].role, "available": len(rows[n]), "used": len(chosen[n]), "tokens": tok, "upsampled": upsampled.get(n, False)}
+        per_source[n] = {
+            "role": sources[n].role,
+            "available": len(rows[n]),
+            "used": len(chosen[n]),
+            "tokens": tok,
+            "upsampled": upsampled.get(n, False),
+        }
         if upsampled.get(n):
-            log.warning("mix: general source %s has %d rows, repeated to %d to reach its share", n, len(rows[n]), len(chosen[n]))
+            log.warning(
+                "mix: general source %s has %d rows, repeated to %d to reach its share", n, len(rows[n]), len(chosen[n])
+            )
     total = len(train)
     total_tokens = sum(s["tokens"] for s in per_source.values())
     gen_rows = sum(per_source[n]["used"] for n in general)
@@ -135,13 +148,20 @@ def main() -> None:
         write_jsonl(layout.mix_preferences, prefs)
         write_jsonl(layout.mix_probe, probe)
         for n, p in inputs.items():
-            manifest["sources"].setdefault(n, {"role": cfg.data.sources[n].role, "used": len(rows[n])})["sha256"] = sha256_file(p)
+            manifest["sources"].setdefault(n, {"role": cfg.data.sources[n].role, "used": len(rows[n])})["sha256"] = (
+                sha256_file(p)
+            )
         manifest["train_sha256"] = sha256_file(layout.mix_train)
         manifest["preferences_sha256"] = sha256_file(layout.mix_preferences)
         write_json(layout.mix_manifest, manifest)
         write_json(layout.metrics("mix"), {k: v for k, v in manifest.items() if not isinstance(v, dict)})
-        log.info("mix: %d rows (%.0f%% general by examples, %.0f%% by tokens), train sha256 %s", manifest["rows"],
-                 100 * manifest["general_share_examples"], 100 * manifest["general_share_tokens"], manifest["train_sha256"][:12])
+        log.info(
+            "mix: %d rows (%.0f%% general by examples, %.0f%% by tokens), train sha256 %s",
+            manifest["rows"],
+            100 * manifest["general_share_examples"],
+            100 * manifest["general_share_tokens"],
+            manifest["train_sha256"][:12],
+        )
 
     stage_main("mix", body)
 

@@ -13,7 +13,6 @@ failed checks and the run ends with a FAILED banner.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -26,12 +25,22 @@ from typing import Any
 import yaml
 
 from tunegate.config import Config, flatten, load_config
+from tunegate.errors import UserError
 from tunegate.evaluation import load_samples, read_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
-from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
-from tunegate.registry import ROLLED_BACK, adapter_fingerprint, champion, client, find_version, move_champion, reachable, redact, settle
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
+from tunegate.registry import (
+    ROLLED_BACK,
+    adapter_fingerprint,
+    champion,
+    client,
+    find_version,
+    move_champion,
+    reachable,
+    redact,
+    settle,
+)
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
@@ -43,7 +52,9 @@ PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "lm-eval", "
 def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -58,7 +69,7 @@ def lock_sha256(lock: Path) -> str:
 
 
 def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, fingerprint: str) -> dict[str, Any]:
-    """The provenance record (DESIGN.md) as flat tags."""
+    """The provenance record (docs/ARCHITECTURE.md) as flat tags."""
     tags: dict[str, Any] = {
         "base_model": base["model"],
         "base_revision": base["resolved_revision"],
@@ -107,8 +118,12 @@ def _log_curves(path: Path) -> None:
     if not path.exists():
         return
     now = int(time.time() * 1000)
-    metrics = [Metric(f"curve.{key}", float(value), now, int(row["step"]))
-               for row in csv.DictReader(path.open()) for key, value in row.items() if key != "step" and value]
+    metrics = [
+        Metric(f"curve.{key}", float(value), now, int(row["step"]))
+        for row in csv.DictReader(path.open())
+        for key, value in row.items()
+        if key != "step" and value
+    ]
     run_id = mlflow.active_run().info.run_id
     for start in range(0, len(metrics), 1000):
         mlflow.tracking.MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -128,19 +143,28 @@ def _log_datasets(cfg: Config, mix: dict) -> None:
             continue
         frame = pd.read_json(path, lines=True)
         # MLflow's own digest ignores list columns such as `messages`: pass the file's sha256 instead.
-        ds = mlflow.data.from_pandas(frame.head(0) if len(frame) == 0 else frame, source=str(path), name=name, digest=(digest or sha256_file(path))[:36])
+        ds = mlflow.data.from_pandas(
+            frame.head(0) if len(frame) == 0 else frame,
+            source=str(path),
+            name=name,
+            digest=(digest or sha256_file(path))[:36],
+        )
         mlflow.log_input(ds, context=context)
 
 
 def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     """adapter + tokenizer via mlflow.transformers, pointing at the base weights it needs."""
     import mlflow
+
     from tunegate.models import load_tokenizer, load_with_adapter
 
     model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
     tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
     local_base = base["resolved_revision"] == "local" or base["model"] == "demo"  # no hub id to refer to
-    requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")]
+    requirements = [
+        f"{p}=={metadata.version(p)}"
+        for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
+    ]
     return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="model",
@@ -150,27 +174,52 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     )
 
 
-def run(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path],
-        candidate_samples: dict, policy) -> dict[str, Any]:
+def run(
+    cfg: Config,
+    base: dict,
+    mix: dict,
+    train_metrics: dict,
+    verdict: dict,
+    scores: dict,
+    adapter_dir: Path,
+    reports: list[Path],
+    candidate_samples: dict,
+    policy,
+) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
     uri = cfg.register_.tracking_uri
     reachable(uri)
     try:
-        return _register(cfg, base, mix, train_metrics, verdict, scores, adapter_dir, reports, candidate_samples, policy)
+        return _register(
+            cfg, base, mix, train_metrics, verdict, scores, adapter_dir, reports, candidate_samples, policy
+        )
     except (MlflowException, RequestException, ConnectionError) as err:
         detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         try:
             reachable(uri)
         except UserError:  # the server went away mid-registration
-            raise UserError(f"register.tracking_uri {uri}: lost the MLflow server during registration ({detail}); run `dvc repro` again once it is "
-                            "back: a cut-off registration is completed or cleaned up, and the adapter ends registered exactly once") from None
+            raise UserError(
+                f"register.tracking_uri {uri}: lost the MLflow server during registration ({detail}); "
+                "run `dvc repro` again once it is "
+                "back: a cut-off registration is completed or cleaned up, and the adapter ends registered exactly once"
+            ) from None
         raise UserError(f"register: MLflow refused a request ({detail})") from None
 
 
-def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: dict, scores: dict, adapter_dir: Path, reports: list[Path],
-              candidate_samples: dict, policy) -> dict[str, Any]:
+def _register(
+    cfg: Config,
+    base: dict,
+    mix: dict,
+    train_metrics: dict,
+    verdict: dict,
+    scores: dict,
+    adapter_dir: Path,
+    reports: list[Path],
+    candidate_samples: dict,
+    policy,
+) -> dict[str, Any]:
     import mlflow
 
     c = client(cfg.register_.tracking_uri)
@@ -178,7 +227,9 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
     fingerprint = adapter_fingerprint(adapter_dir)
     existing = find_version(c, name, fingerprint)
     if existing is not None:
-        log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
+        log.info(
+            "register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version
+        )
         version, run_id = existing.version, existing.run_id
         # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
         c.set_model_version_tag(name, str(version), "gate_passed", str(verdict["passed"]).lower())
@@ -186,16 +237,36 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
         c.set_model_version_tag(name, str(version), "gate_policy_sha256", str(verdict.get("policy_sha256")))
     else:
         exp = c.get_experiment_by_name(cfg.register_.experiment)
-        exp_id = exp.experiment_id if exp else c.create_experiment(cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri())
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else c.create_experiment(
+                cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri()
+            )
+        )
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint))
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
-                              tags={"adapter_sha256": fingerprint, "registration": "started"}) as active:
+        with mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
+            tags={"adapter_sha256": fingerprint, "registration": "started"},
+        ) as active:
             run_id = active.info.run_id
             params = redact(flatten(cfg))
             for start in range(0, len(params), 100):
                 mlflow.log_params(dict(list(params.items())[start : start + 100]))
-            numeric = {f"train.{k}": v for k, v in flatten(train_metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # the chain: train.sft.*
-            numeric.update({f"eval.{side}.{t}.{m}": v for side, by_task in scores.items() for t, ms in by_task.items() for m, v in ms.items()})
+            numeric = {
+                f"train.{k}": v
+                for k, v in flatten(train_metrics).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }  # the chain: train.sft.*
+            numeric.update(
+                {
+                    f"eval.{side}.{t}.{m}": v
+                    for side, by_task in scores.items()
+                    for t, ms in by_task.items()
+                    for m, v in ms.items()
+                }
+            )
             numeric["gate.passed"] = float(verdict["passed"])
             mlflow.log_metrics(numeric)
             layout = Layout.of(cfg.paths)
@@ -215,21 +286,37 @@ def _register(cfg: Config, base: dict, mix: dict, train_metrics: dict, verdict: 
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
 
     lines, notes, promoted = list(verdict["lines"]), [], None
-    check = champion_check(c, cfg, version, candidate_samples, policy) if verdict["passed"] else {"passed": False, "tag": "not run: gate failed", "lines": []}
+    check = (
+        champion_check(c, cfg, version, candidate_samples, policy)
+        if verdict["passed"]
+        else {"passed": False, "tag": "not run: gate failed", "lines": []}
+    )
     c.set_model_version_tag(name, str(version), "champion_check", check["tag"])
     lines += check["lines"]
     notes += check.get("notes", [])
     passed = verdict["passed"] and check["passed"]
     rolled_back = c.get_model_version(name, str(version)).tags.get(ROLLED_BACK)
     if passed and rolled_back:  # the same adapter registered again after a rollback from it: a person decides
-        notes.append(f"v{version} was rolled back ({rolled_back}); it becomes champion again only by `tunegate promote {version}`")
+        notes.append(
+            f"v{version} was rolled back ({rolled_back}); "
+            f"it becomes champion again only by `tunegate promote {version}`"
+        )
     elif passed:
         moved_from = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
         promoted = moved_from if moved_from != str(version) else None
     current = champion(c, name, cfg.register_.alias)
-    return {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint, "gate_passed": passed,
-            "champion": str(current.version) if current else None, "previous_champion": promoted, "champion_check": check["tag"],
-            "lines": lines, "notes": notes}
+    return {
+        "model_name": name,
+        "version": str(version),
+        "run_id": run_id,
+        "adapter_sha256": fingerprint,
+        "gate_passed": passed,
+        "champion": str(current.version) if current else None,
+        "previous_champion": promoted,
+        "champion_check": check["tag"],
+        "lines": lines,
+        "notes": notes,
+    }
 
 
 def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) -> dict[str, Any]:
@@ -251,13 +338,20 @@ def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) 
     if problem:
         what = f"champion v{current.version}'s eval samples cannot be read ({problem})"
         if rule.missing_samples == "skip":
-            note = f"champion comparison SKIPPED: {what}; decided on the checks against the base (champion.missing_samples: skip)"
+            note = (
+                f"champion comparison SKIPPED: {what}; "
+                "decided on the checks against the base (champion.missing_samples: skip)"
+            )
             return {"passed": True, "tag": f"skipped: {what}", "lines": [], "notes": [note]}
-        line = (f"FAIL champion comparison: {what}; the candidate cannot be compared with it "
-                f"(champion.missing_samples: block; `tunegate promote {version}` promotes it by name)")
+        line = (
+            f"FAIL champion comparison: {what}; the candidate cannot be compared with it "
+            f"(champion.missing_samples: block; `tunegate promote {version}` promotes it by name)"
+        )
         return {"passed": False, "tag": f"blocked: {what}", "lines": [line]}
     verdict = decide(candidate, candidate, policy, cfg.gate.bootstrap, cfg.seed, champion=samples)
-    against = [(ch, line) for ch, line in zip(verdict["checks"], verdict["lines"]) if ch["against"] == "champion"]
+    against = [
+        (ch, line) for ch, line in zip(verdict["checks"], verdict["lines"], strict=True) if ch["against"] == "champion"
+    ]
     for _, line in against:
         log.info("%s", line)
     failed = [f"{ch['task']}/{ch['metric']}" for ch, _ in against if not ch["passed"]]
@@ -286,12 +380,24 @@ def banner(result: dict[str, Any]) -> str:
     if result["gate_passed"] and result["champion"] == result["version"]:
         return "\n".join([*notes, f"tunegate: gate PASSED; {result['model_name']} v{result['version']} is champion"])
     if result["gate_passed"]:
-        return "\n".join([*notes, f"tunegate: gate PASSED; {result['model_name']} v{result['version']} registered; champion stays at v{result['champion'] or '-'}"])
+        return "\n".join(
+            [
+                *notes,
+                f"tunegate: gate PASSED; {result['model_name']} v{result['version']} registered; "
+                f"champion stays at v{result['champion'] or '-'}",
+            ]
+        )
     bar = "!" * 72
-    return "\n".join([bar, f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
-                      *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
-                      *[f"!!   {note}" for note in result.get("notes", [])],
-                      f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md", bar])
+    return "\n".join(
+        [
+            bar,
+            f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
+            *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
+            *[f"!!   {note}" for note in result.get("notes", [])],
+            f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md",
+            bar,
+        ]
+    )
 
 
 def main() -> None:
@@ -301,10 +407,26 @@ def main() -> None:
         cfg = load_config()
         layout = Layout.of(cfg.paths)
         scores = {side: read_json(layout.eval(side) / RESULTS)["scores"] for side in ("base", "candidate")}
-        reports = [layout.validated / REPORT, layout.dedup / REPORT, layout.gate, PARAMS, DVC_LOCK, layout.base_manifest]
-        result = run(cfg, load_manifest(layout.base), read_json(layout.mix_manifest), read_json(layout.metrics("train")),
-                     read_json(layout.verdict), scores, layout.adapter, reports, load_samples(layout.eval("candidate")),
-                     load_policy(Path(cfg.gate.policy)))
+        reports = [
+            layout.validated / REPORT,
+            layout.dedup / REPORT,
+            layout.gate,
+            PARAMS,
+            DVC_LOCK,
+            layout.base_manifest,
+        ]
+        result = run(
+            cfg,
+            load_manifest(layout.base),
+            read_json(layout.mix_manifest),
+            read_json(layout.metrics("train")),
+            read_json(layout.verdict),
+            scores,
+            layout.adapter,
+            reports,
+            load_samples(layout.eval("candidate")),
+            load_policy(Path(cfg.gate.policy)),
+        )
         write_json(layout.register, result)
         print(banner(result), file=sys.stderr)
 

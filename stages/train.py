@@ -157,11 +157,19 @@ def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int 
                 since, before = self.last
                 if before is not None and tokens > before:
                     with speed_path.open("a", newline="") as fh:
-                        csv.writer(fh).writerow([step_offset + state.global_step, int(tokens), round((tokens - before) / (now - since), 1)])
+                        csv.writer(fh).writerow(
+                            [step_offset + state.global_step, int(tokens), round((tokens - before) / (now - since), 1)]
+                        )
                 self.last = (now, tokens)
             if "loss" not in logs and "eval_loss" not in logs:
                 return
-            row = [step_offset + state.global_step, logs.get("loss", ""), logs.get("learning_rate", ""), logs.get("grad_norm", ""), logs.get("eval_loss", "")]
+            row = [
+                step_offset + state.global_step,
+                logs.get("loss", ""),
+                logs.get("learning_rate", ""),
+                logs.get("grad_norm", ""),
+                logs.get("eval_loss", ""),
+            ]
             with path.open("a", newline="") as fh:
                 csv.writer(fh).writerow(row)
 
@@ -191,8 +199,15 @@ def _probe_stop_callback(max_rise: float, state: dict[str, Any]):
             state["best"] = min(best, loss)
             if loss > state["best"] * (1 + max_rise):
                 state["stopped_at"] = trainer_state.global_step
-                log.warning("train: forgetting probe loss %.4f is %.0f%% above its lowest %.4f (train.probe_max_rise %.0f%%); stopping at step %d",
-                            loss, 100 * (loss / state["best"] - 1), state["best"], 100 * max_rise, trainer_state.global_step)
+                log.warning(
+                    "train: forgetting probe loss %.4f is %.0f%% above its lowest %.4f "
+                    "(train.probe_max_rise %.0f%%); stopping at step %d",
+                    loss,
+                    100 * (loss / state["best"] - 1),
+                    state["best"],
+                    100 * max_rise,
+                    trainer_state.global_step,
+                )
                 control.should_training_stop = True
 
     return ProbeStop()
@@ -234,15 +249,34 @@ def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
     c = model.config
     params = sum(p.numel() for p in model.parameters())
     shape = Shape(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size)
-    per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(c, "intermediate_size", 4 * c.hidden_size)
-    trainable = c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size) if ADAPTERS[cfg.adapter].peft else params
-    plan = Plan(cfg.adapter, trainable, int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length", 1024)),
-                bool(args.get("gradient_checkpointing")), str(args.get("optim", "adamw_torch")),
-                bool(args.get("bf16") or args.get("fp16")), model.dtype in (torch.bfloat16, torch.float16))
+    per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(
+        c, "intermediate_size", 4 * c.hidden_size
+    )
+    trainable = (
+        c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size) if ADAPTERS[cfg.adapter].peft else params
+    )
+    plan = Plan(
+        cfg.adapter,
+        trainable,
+        int(args.get("per_device_train_batch_size", 8)),
+        int(args.get("max_length", 1024)),
+        bool(args.get("gradient_checkpointing")),
+        str(args.get("optim", "adamw_torch")),
+        bool(args.get("bf16") or args.get("fp16")),
+        model.dtype in (torch.bfloat16, torch.float16),
+    )
     device, free = available_bytes()
     est = check(shape, plan, device, free)
-    log.info("preflight: estimated peak %.2f GiB (weights %.2f, trainable+optimizer %.2f, activations %.2f) of %.1f GiB free on %s",
-             est["total"] / GIB, est["weights"] / GIB, est["trainable"] / GIB, est["activations"] / GIB, free / GIB, device)
+    log.info(
+        "preflight: estimated peak %.2f GiB (weights %.2f, trainable+optimizer %.2f, activations %.2f) "
+        "of %.1f GiB free on %s",
+        est["total"] / GIB,
+        est["weights"] / GIB,
+        est["trainable"] / GIB,
+        est["activations"] / GIB,
+        free / GIB,
+        device,
+    )
     return est
 
 
@@ -251,7 +285,11 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     without a readable one was cut off mid-save (a kill during saving): it is removed, not resumed."""
     if not ckpt_dir.is_dir():
         return None
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    found = sorted(
+        (p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
     for ckpt in found:
         try:
             json.loads((ckpt / TRAINER_STATE).read_text())
@@ -312,7 +350,9 @@ def _datasets(method: MethodKind, data: Inputs):
     return Dataset.from_list(to_prompt_completion(data.train_rows)), probe
 
 
-def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | None = None, recorded: Train | None = None) -> dict[str, Any]:
+def run(
+    cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | None = None, recorded: Train | None = None
+) -> dict[str, Any]:
     """Train and write out.out_dir/adapter (or full weights), tokenizer and config; returns training metrics.
 
     init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
@@ -325,7 +365,9 @@ def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | 
     if not (data.pref_rows if method.preference else data.train_rows):
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
     if cfg.probe_max_rise and method.probe and not data.probe_rows:
-        log.warning("train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop")
+        log.warning(
+            "train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop"
+        )
     args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
     seed_everything(seed)
@@ -336,7 +378,9 @@ def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | 
     tokenizer = load_tokenizer(manifest, data.trust_remote_code)
     model = load_model(manifest, data.trust_remote_code, quantize_4bit=kind.quantize_4bit)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        raise UserError(f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model")
+        raise UserError(
+            f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model"
+        )
     estimate = _preflight(cfg, model, args)
     if kind.quantize_4bit:
         from peft import prepare_model_for_kbit_training
@@ -383,7 +427,11 @@ def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | 
     shutil.rmtree(out.ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     history = trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]
-    effective_batch = trainer_args.per_device_train_batch_size * trainer_args.gradient_accumulation_steps * max(1, trainer_args.world_size)
+    effective_batch = (
+        trainer_args.per_device_train_batch_size
+        * trainer_args.gradient_accumulation_steps
+        * max(1, trainer_args.world_size)
+    )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {
         "method": cfg.method,
@@ -407,7 +455,14 @@ def run(cfg: Train, seed: int, data: Inputs, out: Outputs, init_adapter: Path | 
 def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
     """The last logged DPO reward margin and accuracy (chosen over rejected), when there are any."""
     last = next((h for h in reversed(history) if "rewards/margins" in h), None)
-    return {"dpo_reward_margin": round(last["rewards/margins"], 4), "dpo_reward_accuracy": round(last["rewards/accuracies"], 4)} if last else {}
+    return (
+        {
+            "dpo_reward_margin": round(last["rewards/margins"], 4),
+            "dpo_reward_accuracy": round(last["rewards/accuracies"], 4),
+        }
+        if last
+        else {}
+    )
 
 
 def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
@@ -427,14 +482,22 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
     if not ADAPTERS[cfg.adapter].peft:
         raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
     if not data.pref_rows:
-        raise UserError("train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)")
+        raise UserError(
+            "train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)"
+        )
     if not data.train_rows:
         raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
     dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
     sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
-    dpo_cfg = cfg.model_copy(update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None})
+    dpo_cfg = cfg.model_copy(
+        update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None}
+    )
     ckpt_dir = out.ckpt_dir
-    sft_dir, sft_ckpt, dpo_ckpt = ckpt_dir / CHAIN_SFT_RESULT, ckpt_dir / CHAIN_SFT_CHECKPOINTS, ckpt_dir / CHAIN_DPO_CHECKPOINTS
+    sft_dir, sft_ckpt, dpo_ckpt = (
+        ckpt_dir / CHAIN_SFT_RESULT,
+        ckpt_dir / CHAIN_SFT_CHECKPOINTS,
+        ckpt_dir / CHAIN_DPO_CHECKPOINTS,
+    )
     for phase_cfg, phase_ckpt in ((sft_cfg, sft_ckpt), (dpo_cfg, dpo_ckpt)):
         _trainer_config(phase_cfg, _trainer_args(phase_cfg, seed, phase_ckpt, bool(data.probe_rows)))
     done = sft_dir / PHASE_DONE  # written after the SFT adapter: its existence means the phase completed
@@ -445,12 +508,35 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
         log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(data.train_rows))
         sft = run(sft_cfg, seed, replace(data, pref_rows=[]), replace(out, out_dir=sft_dir, ckpt_dir=sft_ckpt))
         write_json(done, sft)
-    log.info("train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter", len(data.pref_rows))
-    dpo = run(dpo_cfg, seed, replace(data, train_rows=[], probe_rows=[]), replace(out, ckpt_dir=dpo_ckpt, step_offset=sft["steps"]),
-              init_adapter=sft_dir / ADAPTER, recorded=cfg)
+    log.info(
+        "train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter",
+        len(data.pref_rows),
+    )
+    dpo = run(
+        dpo_cfg,
+        seed,
+        replace(data, train_rows=[], probe_rows=[]),
+        replace(out, ckpt_dir=dpo_ckpt, step_offset=sft["steps"]),
+        init_adapter=sft_dir / ADAPTER,
+        recorded=cfg,
+    )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    phase = ("steps", "train_loss", "final_loss", "probe_loss_first", "probe_loss_last", "stopped_early_at", "adapter_sha256", "seconds")
-    return {**dpo, "method": "sft+dpo", "sft": {k: sft.get(k) for k in phase}, "seconds": round(sft["seconds"] + dpo["seconds"], 1)}
+    phase = (
+        "steps",
+        "train_loss",
+        "final_loss",
+        "probe_loss_first",
+        "probe_loss_last",
+        "stopped_early_at",
+        "adapter_sha256",
+        "seconds",
+    )
+    return {
+        **dpo,
+        "method": "sft+dpo",
+        "sft": {k: sft.get(k) for k in phase},
+        "seconds": round(sft["seconds"] + dpo["seconds"], 1),
+    }
 
 
 def main() -> None:
@@ -464,8 +550,15 @@ def main() -> None:
                 raise UserError(f"{path}: missing; run the mix stage first (dvc repro mix)")
         manifest = load_manifest(layout.base)
         # Checkpoints are keyed by everything that defines the run, so a resume never mixes two configs.
-        run_key = sha256_of([cfg.train.model_dump(), cfg.seed, sha256_file(layout.mix_train), sha256_file(layout.mix_preferences),
-                             manifest["weights_sha256"]])
+        run_key = sha256_of(
+            [
+                cfg.train.model_dump(),
+                cfg.seed,
+                sha256_file(layout.mix_train),
+                sha256_file(layout.mix_preferences),
+                manifest["weights_sha256"],
+            ]
+        )
         data = Inputs(
             manifest=manifest,
             train_rows=read_jsonl(layout.mix_train),
@@ -474,7 +567,12 @@ def main() -> None:
             trust_remote_code=cfg.base.trust_remote_code,
             base_ref=cfg.paths.base if cfg.base.is_demo else cfg.base.model,
         )
-        out = Outputs(layout.train, layout.checkpoints / run_checkpoints(run_key[:12]), layout.train_plot, speed_path=layout.throughput)
+        out = Outputs(
+            layout.train,
+            layout.checkpoints / run_checkpoints(run_key[:12]),
+            layout.train_plot,
+            speed_path=layout.throughput,
+        )
         metrics = run(cfg.train, cfg.seed, data, out)
         seconds = metrics.pop("seconds")
         write_json(layout.metrics("train"), metrics)

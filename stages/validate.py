@@ -27,8 +27,8 @@ from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
 from tunegate.formats import Row, load_rows
 from tunegate.io import write_chunks, write_json, write_jsonl, write_text
-from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
+from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
 from tunegate.runtime import gc_paused, stage_main
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,18 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
         columns["text"] = flat.join(flat.contents, "\n")
         columns["n_tokens"] = counter.count_bytes(sizes.sizes(flat), sizes.text_of(flat))
     else:
-        parts = [Flat([row.prompt for row in rows]), Flat([row.chosen for row in rows]), Flat([row.rejected for row in rows])]
+        parts = [
+            Flat([row.prompt for row in rows]),
+            Flat([row.chosen for row in rows]),
+            Flat([row.rejected for row in rows]),
+        ]
         prompt, chosen, rejected = parts
         roles = [part.join(part.roles, ",") for part in parts]
         columns["roles"] = pc.binary_join_element_wise(*roles, pa.scalar("|", pa.large_string()))
         none = np.iinfo(np.int64).max
-        shortest = np.minimum.reduce([part.per_group(part.lengths(trimmed=True, unit="chars"), np.minimum, none) for part in parts])
+        shortest = np.minimum.reduce(
+            [part.per_group(part.lengths(trimmed=True, unit="chars"), np.minimum, none) for part in parts]
+        )
         columns["min_chars"] = np.where(shortest == none, 0, shortest)
         columns["text"] = joined(parts, [part.join(part.contents, "\n") for part in parts], "\n")
         columns["n_tokens"] = np.maximum(
@@ -85,13 +91,27 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
     E = gx.expectations
     checks: list[tuple[str, Any]] = [
         ("duplicate_id", E.ExpectColumnValuesToBeUnique, {"column": "id"}),
-        ("wrong_role", E.ExpectColumnValuesToMatchRegex, {"column": "roles", "regex": SFT_ROLES if kind == "sft" else PREF_ROLES}),
+        (
+            "wrong_role",
+            E.ExpectColumnValuesToMatchRegex,
+            {"column": "roles", "regex": SFT_ROLES if kind == "sft" else PREF_ROLES},
+        ),
         ("empty_content", E.ExpectColumnValuesToBeBetween, {"column": "min_chars", "min_value": 1}),
         ("template_leftover", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": PLACEHOLDER}),
-        ("length", E.ExpectColumnValuesToBeBetween, {"column": "n_tokens", "min_value": cfg.min_tokens, "max_value": cfg.max_tokens}),
+        (
+            "length",
+            E.ExpectColumnValuesToBeBetween,
+            {"column": "n_tokens", "min_value": cfg.min_tokens, "max_value": cfg.max_tokens},
+        ),
     ]
     if kind == "preference":
-        checks.append(("chosen_equals_rejected", E.ExpectColumnValuesToBeInSet, {"column": "chosen_equals_rejected", "value_set": [False]}))
+        checks.append(
+            (
+                "chosen_equals_rejected",
+                E.ExpectColumnValuesToBeInSet,
+                {"column": "chosen_equals_rejected", "value_set": [False]},
+            )
+        )
     if cfg.pii_patterns:
         # One pass over the text for all patterns; which of them matched is worked out afterwards for
         # the flagged rows only (`_pii_reasons`). Patterns that cannot be combined get a pass each.
@@ -100,7 +120,10 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
             re.compile(combined)
             checks.append((PII, E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": combined}))
         except re.error:  # e.g. the same group name in two patterns
-            checks += [(f"pii_{name}", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": p}) for name, p in cfg.pii_patterns.items()]
+            checks += [
+                (f"pii_{name}", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": p})
+                for name, p in cfg.pii_patterns.items()
+            ]
     return [cls(**kwargs, meta={"reason": reason}) for reason, cls, kwargs in checks]
 
 
@@ -178,7 +201,6 @@ def _run(
     use_layouts: bool,
 ) -> dict[str, Any]:
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     ctx = gx.get_context(mode="ephemeral")
@@ -199,7 +221,13 @@ def _run(
             rows = [r for r in rows if r.kind == expected_kind]
         quarantine += [p.as_row() for p in problems]
         quarantine += [
-            {"source": name, "line": r.line, "id": r.id, "reason": "wrong_format", "detail": f"{r.kind} row in a {source.role} source"}
+            {
+                "source": name,
+                "line": r.line,
+                "id": r.id,
+                "reason": "wrong_format",
+                "detail": f"{r.kind} row in a {source.role} source",
+            }
             for r in wrong_kind
         ]
         failed = _run_suite(ctx, name, _table(rows, counter, sizes), _expectations(cfg, expected_kind)) if rows else {}
@@ -214,7 +242,15 @@ def _run(
             hits = [r for r in reasons if r.startswith(PII)]
             blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
             if blocking:
-                quarantine.append({"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": ", ".join(reasons)})
+                quarantine.append(
+                    {
+                        "source": name,
+                        "line": row.line,
+                        "id": row.id,
+                        "reason": blocking[0],
+                        "detail": ", ".join(reasons),
+                    }
+                )
                 if cfg.pii == "quarantine":
                     pii_hits.update(hits)
                 continue
@@ -235,15 +271,28 @@ def _run(
         share = n_quarantined / n_in if n_in else 1.0
         if share > cfg.max_invalid_share:
             top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
-            failures.append(f"{source.path}: {n_quarantined}/{n_in} rows invalid ({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top})")
-        log.info("validate %s (%s): in %d = kept %d + quarantined %d (%.1f s)", name, fmt, n_in, len(kept), n_quarantined, time.perf_counter() - started)
+            failures.append(
+                f"{source.path}: {n_quarantined}/{n_in} rows invalid "
+                f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top})"
+            )
+        log.info(
+            "validate %s (%s): in %d = kept %d + quarantined %d (%.1f s)",
+            name,
+            fmt,
+            n_in,
+            len(kept),
+            n_quarantined,
+            time.perf_counter() - started,
+        )
 
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "quarantined")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
     out_dir.mkdir(parents=True, exist_ok=True)
     encode = msgspec.json.Encoder().encode_lines
     for name, kept in valid.items():
-        write_chunks(out_dir / jsonl_of(name), (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS)))
+        write_chunks(
+            out_dir / jsonl_of(name), (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS))
+        )
     write_jsonl(out_dir / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
     write_text(out_dir / REPORT, _report(metrics))
     if docs_dir is not None:
@@ -261,7 +310,10 @@ def _data_docs(ctx, docs_dir: Path) -> None:
             site_config={
                 "class_name": "SiteBuilder",
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
             },
         )
         ctx.build_data_docs(site_names=[DOCS_SITE])
@@ -270,7 +322,12 @@ def _data_docs(ctx, docs_dir: Path) -> None:
 
 
 def _report(m: dict[str, Any]) -> str:
-    lines = ["# validate", "", f"in {m['in']} = kept {m['kept']} + quarantined {m['quarantined']} (conserved: {m['conserved']})", ""]
+    lines = [
+        "# validate",
+        "",
+        f"in {m['in']} = kept {m['kept']} + quarantined {m['quarantined']} (conserved: {m['conserved']})",
+        "",
+    ]
     lines += ["| source | format | in | kept | quarantined | reasons |", "|---|---|---|---|---|---|"]
     for name, s in m["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"

@@ -32,5 +32,10 @@ def root() -> Path:
 
 
 def sft(content_user: str, content_assistant: str, rid: str, source: str = "domain", line: int = 1) -> dict:
-    return {"id": rid, "source": source, "line": line, "kind": "sft",
-            "messages": [{"role": "user", "content": content_user}, {"role": "assistant", "content": content_assistant}]}
+    return {
+        "id": rid,
+        "source": source,
+        "line": line,
+        "kind": "sft",
+        "messages": [{"role": "user", "content": content_user}, {"role": "assistant", "content": content_assistant}],
+    }

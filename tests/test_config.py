@@ -66,5 +66,7 @@ def test_config_defaults_are_the_shipped_params(root):
     raw = yaml.safe_load((root / "params.yaml").read_text())
     shipped = flatten(parse_config(raw))
     defaults = flatten(parse_config({"data": raw["data"], "eval": raw["eval"]}))
-    differ = {k: (v, defaults.get(k)) for k, v in shipped.items() if not k.startswith("train.args.") and defaults.get(k) != v}
+    differ = {
+        k: (v, defaults.get(k)) for k, v in shipped.items() if not k.startswith("train.args.") and defaults.get(k) != v
+    }
     assert not differ

@@ -2,7 +2,15 @@
 
 import random
 
-from tunegate.dedup import ContaminationIndex, MinHasher, candidate_pairs, jaccard, near_duplicates, normalise_text, shingles
+from tunegate.dedup import (
+    ContaminationIndex,
+    MinHasher,
+    candidate_pairs,
+    jaccard,
+    near_duplicates,
+    normalise_text,
+    shingles,
+)
 
 
 def test_normalise_ignores_case_space_punct_unicode():
@@ -31,7 +39,9 @@ def test_near_duplicates_found_and_verified():
 
 
 def test_shared_template_is_not_a_duplicate():
-    docs = [f"please refund order {n} for the {p} thanks" for n, p in [(11111, "lamp"), (22222, "chair"), (33333, "watch")]]
+    docs = [
+        f"please refund order {n} for the {p} thanks" for n, p in [(11111, "lamp"), (22222, "chair"), (33333, "watch")]
+    ]
     assert near_duplicates(docs, 3, 128, 32, 0.7) == {}
 
 

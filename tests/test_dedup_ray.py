@@ -40,4 +40,4 @@ def test_ray_dataset_input_and_big_buckets(ray_local):
     docs = ["please refund the order now thanks"] * 80 + [f"unrelated words number {i} here" for i in range(40)]
     ds = ray_local.data.from_items([{"row": i, "text": t} for i, t in enumerate(docs)]).repartition(4)
     got = near_duplicates_ray(ds, ngram=3, num_perm=64, bands=16, threshold=0.7, max_bucket=16)
-    assert got == near_duplicates(docs, 3, 64, 16, 0.7) == {i: (0, 1.0) for i in range(1, 80)}
+    assert got == near_duplicates(docs, 3, 64, 16, 0.7) == dict.fromkeys(range(1, 80), (0, 1.0))

@@ -23,9 +23,21 @@ from demo import data as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = {"domain.jsonl": demo.RAW_DOMAIN, "general.jsonl": demo.RAW_GENERAL, "preferences.jsonl": demo.RAW_PREFERENCES}
-PLANTED = {"domain.jsonl": demo.DOMAIN_DEFECTS, "general.jsonl": demo.GENERAL_DEFECTS, "preferences.jsonl": demo.PREFERENCE_DEFECTS}
-CLEAN = {"domain.jsonl": demo.DOMAIN_CLEAN, "general.jsonl": demo.GENERAL_CLEAN, "preferences.jsonl": demo.PREFERENCE_CLEAN}
-REQUIRED = {"domain.jsonl": ("messages",), "general.jsonl": ("instruction", "output"), "preferences.jsonl": ("prompt", "chosen", "rejected")}
+PLANTED = {
+    "domain.jsonl": demo.DOMAIN_DEFECTS,
+    "general.jsonl": demo.GENERAL_DEFECTS,
+    "preferences.jsonl": demo.PREFERENCE_DEFECTS,
+}
+CLEAN = {
+    "domain.jsonl": demo.DOMAIN_CLEAN,
+    "general.jsonl": demo.GENERAL_CLEAN,
+    "preferences.jsonl": demo.PREFERENCE_CLEAN,
+}
+REQUIRED = {
+    "domain.jsonl": ("messages",),
+    "general.jsonl": ("instruction", "output"),
+    "preferences.jsonl": ("prompt", "chosen", "rejected"),
+}
 EVAL_FILES = (demo.SUPPORT_GEN, demo.SUPPORT_MC, demo.GENERAL_GEN, demo.GENERAL_MC)
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}|\{\{[^}]*\}\}")
@@ -102,7 +114,9 @@ def test_output_does_not_depend_on_hash_randomisation(files):
         "print(json.dumps({p: hashlib.sha256(d.serialise(p, r)).hexdigest() for p, r in d.generate().items()}))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "4321"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert json.loads(out) == digests(files)
 
 
@@ -158,7 +172,9 @@ def _check_defect(name: str, defect: str, line: str, original: str | None, eval_
         assert PLACEHOLDER.search(prompt)
     elif defect == "pii_email":
         assert EMAIL.search(prompt)
-        assert [m["role"] for m in rec["messages"]] == ["user", "assistant"] and json.loads(answer)["order_id"] in prompt
+        assert [m["role"] for m in rec["messages"]] == ["user", "assistant"] and json.loads(answer)[
+            "order_id"
+        ] in prompt
     elif defect == "eval_leak":
         assert prompt == eval_row.get("message", eval_row.get("prompt"))
         assert answer == eval_row["answer"]
@@ -199,7 +215,10 @@ def test_ledger_lines_really_have_their_defect(files, ledger):
 
 
 def test_eval_leaks_point_at_the_right_eval_set(ledger):
-    assert all(i.startswith("support-") and not i.startswith("support-mc") for i in ledger["domain.jsonl"]["eval_leak"]["eval_ids"])
+    assert all(
+        i.startswith("support-") and not i.startswith("support-mc")
+        for i in ledger["domain.jsonl"]["eval_leak"]["eval_ids"]
+    )
     assert all(re.fullmatch(r"general-\d{4}", i) for i in ledger["general.jsonl"]["eval_leak"]["eval_ids"])
 
 
@@ -220,7 +239,9 @@ def test_unlisted_rows_are_clean(clean):
             if name == "general.jsonl":
                 assert list(rec) == ["instruction", "input", "output"]
             if name == "preferences.jsonl":
-                assert list(rec) == ["prompt", "chosen", "rejected"] and rec["chosen"].strip() != rec["rejected"].strip()
+                assert (
+                    list(rec) == ["prompt", "chosen", "rejected"] and rec["chosen"].strip() != rec["rejected"].strip()
+                )
             if name != "general.jsonl":
                 _assert_ticket(*prompt_answer(name, rec))
 
@@ -259,7 +280,11 @@ def test_clean_rows_have_no_near_duplicates(clean):
 
 
 def test_near_pair_search_finds_planted_pairs():
-    texts = ["Please refund the lamp from order 12345.", "Hi, please refund the lamp from order 12345.", "What is 2 + 2?"]
+    texts = [
+        "Please refund the lamp from order 12345.",
+        "Hi, please refund the lamp from order 12345.",
+        "What is 2 + 2?",
+    ]
     assert [(i, j) for i, j, _ in _near_pairs(texts, 0.7)] == [(0, 1)]
 
 
@@ -305,7 +330,9 @@ def _assert_ticket(message: str, answer: str) -> dict:
     assert list(ticket) == list(demo.TICKET_KEYS)
     assert answer == json.dumps(ticket), "compact form with the default separators"
     assert ticket["intent"] in demo.INTENTS and ticket["product"] in demo.PRODUCTS
-    assert re.fullmatch(r"\d{5}", ticket["order_id"]) and (f"order {ticket['order_id']}" in message or f"#{ticket['order_id']}" in message)
+    assert re.fullmatch(r"\d{5}", ticket["order_id"]) and (
+        f"order {ticket['order_id']}" in message or f"#{ticket['order_id']}" in message
+    )
     assert re.search(rf"\b{ticket['product']}\b", message)
     assert ticket["urgency"] == demo.urgency_of(message)
     return ticket
@@ -358,7 +385,9 @@ def test_general_mc_items(files):
     assert counts == dict.fromkeys(demo.GENERAL_MC_TASKS, demo.GENERAL_MC_PER_TASK)
     for row in rows:
         assert list(row) == ["id", "task", "prompt", "choices", "label"]
-        assert len(row["choices"]) == (2 if row["task"] == "mood" else 4) and len(set(row["choices"])) == len(row["choices"])
+        assert len(row["choices"]) == (2 if row["task"] == "mood" else 4) and len(set(row["choices"])) == len(
+            row["choices"]
+        )
         assert 0 <= row["label"] < len(row["choices"])
         if row["task"] == "add":
             assert int(row["choices"][row["label"]]) == sum(int(x) for x in re.findall(r"\d+", row["prompt"]))
@@ -370,7 +399,18 @@ def test_general_mc_items(files):
 def test_pretraining_corpus_has_domain_vocabulary_but_not_the_domain_task(files):
     rows = files[demo.PRETRAIN]
     vocab = {w for r in rows for w in norm(f"{r['prompt']} {r['completion']}").split()}
-    wanted = {*demo.PRODUCTS, *demo.INTENTS, *demo.TICKET_KEYS, *demo.URGENCIES, "order", "asap", "today", "urgent", "immediately", "rush"}
+    wanted = {
+        *demo.PRODUCTS,
+        *demo.INTENTS,
+        *demo.TICKET_KEYS,
+        *demo.URGENCIES,
+        "order",
+        "asap",
+        "today",
+        "urgent",
+        "immediately",
+        "rush",
+    }
     assert wanted - vocab == set()
     for r in rows:
         assert list(r) == ["prompt", "completion"]

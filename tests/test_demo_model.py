@@ -1,12 +1,21 @@
 """The demo base builder is deterministic and produces a loadable model with a chat template."""
 
 from demo.model import EOS, build
+from tests.conftest import ROOT
 from tunegate.config import DemoBase
 from tunegate.io import read_jsonl, sha256_tree
 
-from tests.conftest import ROOT
-
-TINY = DemoBase(vocab_size=400, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=64, steps=3, batch_size=4, warmup_steps=1)
+TINY = DemoBase(
+    vocab_size=400,
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
+    max_position=64,
+    steps=3,
+    batch_size=4,
+    warmup_steps=1,
+)
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -4,14 +4,23 @@ import os
 
 import pytest
 
+from tests.conftest import ROOT
 from tunegate.config import DemoBase, Eval
 from tunegate.errors import UserError
 from tunegate.evaluation import evaluate
 from tunegate.io import read_jsonl
 
-from tests.conftest import ROOT
-
-TINY = DemoBase(vocab_size=400, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=64, steps=2, batch_size=4, warmup_steps=1)
+TINY = DemoBase(
+    vocab_size=400,
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
+    max_position=64,
+    steps=2,
+    batch_size=4,
+    warmup_steps=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,9 @@ def test_builtin_task_offline_is_one_line(manifest, tmp_path, monkeypatch):
 
 def test_local_tasks_score_and_keep_per_sample_outcomes(manifest, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    result = evaluate(Eval(tasks=["general_mc", "support_gen"], limit=8), manifest, ROOT / "evals/tasks", tmp_path / "out", 1)
+    result = evaluate(
+        Eval(tasks=["general_mc", "support_gen"], limit=8), manifest, ROOT / "evals/tasks", tmp_path / "out", 1
+    )
     assert set(result["scores"]) == {"general_mc", "support_gen"}
     samples = read_jsonl(tmp_path / "out" / "samples" / "support_gen.jsonl")
     assert len(samples) == 8 and {"doc_id", "json_exact", "json_fields"} <= set(samples[0])
@@ -56,16 +67,30 @@ def test_adapter_merged_in_memory_scores_like_lm_eval_peft(manifest, tmp_path, m
     monkeypatch.chdir(ROOT)
     torch.manual_seed(0)
     # init_lora_weights=False: random A and B, so the adapter really changes the outputs
-    model = get_peft_model(load_model(manifest), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_model(manifest),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
     load_tokenizer(manifest).save_pretrained(adapter)
     tasks = ["general_mc", "support_gen"]
-    base = evaluate(Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "base", 1)
-    merged = evaluate(Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "merged", 1, adapter=adapter)
-    peft = evaluate(Eval(tasks=tasks, limit=8, merge_adapter=False), manifest, ROOT / "evals/tasks", tmp_path / "peft", 1, adapter=adapter)
+    evaluate(Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "base", 1)
+    merged = evaluate(
+        Eval(tasks=tasks, limit=8), manifest, ROOT / "evals/tasks", tmp_path / "merged", 1, adapter=adapter
+    )
+    peft = evaluate(
+        Eval(tasks=tasks, limit=8, merge_adapter=False),
+        manifest,
+        ROOT / "evals/tasks",
+        tmp_path / "peft",
+        1,
+        adapter=adapter,
+    )
     assert merged["scores"] == peft["scores"]
     for task in tasks:
-        assert read_jsonl(tmp_path / "merged" / "samples" / f"{task}.jsonl") == read_jsonl(tmp_path / "peft" / "samples" / f"{task}.jsonl")
+        assert read_jsonl(tmp_path / "merged" / "samples" / f"{task}.jsonl") == read_jsonl(
+            tmp_path / "peft" / "samples" / f"{task}.jsonl"
+        )
     base_samples = [read_jsonl(tmp_path / "base" / "samples" / f"{t}.jsonl") for t in tasks]
     assert base_samples != [read_jsonl(tmp_path / "merged" / "samples" / f"{t}.jsonl") for t in tasks]

@@ -16,8 +16,11 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
     [
         (CHAT, "messages", CHAT["messages"]),
         ({"prompt": "hi", "completion": "hello"}, "prompt_completion", CHAT["messages"]),
-        ({"instruction": "Reverse.", "input": "abc", "output": "cba"}, "alpaca",
-         [{"role": "user", "content": "Reverse.\n\nabc"}, {"role": "assistant", "content": "cba"}]),
+        (
+            {"instruction": "Reverse.", "input": "abc", "output": "cba"},
+            "alpaca",
+            [{"role": "user", "content": "Reverse.\n\nabc"}, {"role": "assistant", "content": "cba"}],
+        ),
     ],
 )
 def test_sft_shapes_normalise_to_messages(record, fmt, expected):
@@ -27,7 +30,9 @@ def test_sft_shapes_normalise_to_messages(record, fmt, expected):
 def test_preference_strings_and_message_lists():
     row = normalise({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "preference")
     assert row["prompt"] == [{"role": "user", "content": "q"}]
-    assert row["chosen"] == [{"role": "assistant", "content": "a"}] and row["rejected"] == [{"role": "assistant", "content": "b"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "a"}] and row["rejected"] == [
+        {"role": "assistant", "content": "b"}
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
@@ -94,7 +99,11 @@ LINES = {
     ],
     "preference": [
         {"prompt": "q", "chosen": "a", "rejected": "b"},
-        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"},
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": "b",
+        },
         {"prompt": "q", "chosen": "a"},
         {"prompt": "q", "chosen": {"role": "assistant"}, "rejected": "b"},
     ],
@@ -111,8 +120,13 @@ def test_fast_path_reads_exactly_like_the_general_path(tmp_path, fmt, monkeypatc
 
     path = tmp_path / "d.jsonl"
     raw = [json.dumps(r, ensure_ascii=False) for r in LINES[fmt]]
-    path.write_bytes(("\n".join(raw) + "\r\n\n   \n" + raw[0] + "\n" + "{\"broken\n" + b"\xff\n".decode("latin-1")).encode("utf-8", "surrogateescape")
-                     + b"\xff\xfe\n" + raw[0].encode())
+    path.write_bytes(
+        ("\n".join(raw) + "\r\n\n   \n" + raw[0] + "\n" + '{"broken\n' + b"\xff\n".decode("latin-1")).encode(
+            "utf-8", "surrogateescape"
+        )
+        + b"\xff\xfe\n"
+        + raw[0].encode()
+    )
     fast = formats.load_rows("s", path, fmt)
 
     class Never(msgspec.Struct):

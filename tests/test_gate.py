@@ -5,15 +5,17 @@ import pytest
 
 from tunegate.gate import Policy, decide, paired_bootstrap
 
-POLICY = Policy.model_validate({
-    "confidence": 0.95,
-    "min_items": 30,
-    "checks": [
-        {"task": "gen", "metric": "acc", "role": "general", "margin": 0.05},
-        {"task": "dom", "metric": "acc", "role": "target", "min_gain": 0.1},
-    ],
-    "champion": {"beat_on_target": True, "margin": 0.0},
-})
+POLICY = Policy.model_validate(
+    {
+        "confidence": 0.95,
+        "min_items": 30,
+        "checks": [
+            {"task": "gen", "metric": "acc", "role": "general", "margin": 0.05},
+            {"task": "dom", "metric": "acc", "role": "target", "min_gain": 0.1},
+        ],
+        "champion": {"beat_on_target": True, "margin": 0.0},
+    }
+)
 
 
 def samples(values):
@@ -93,8 +95,9 @@ def test_per_check_confidence_widens_bounds():
     gen = rng.random(200) < 0.6
     dom_b, dom_c = np.zeros(200), (rng.random(200) < 0.3)
     base, cand = world(gen, gen, dom_b, dom_c)
-    strict = Policy.model_validate({**POLICY.model_dump(), "checks": [
-        {**POLICY.checks[1].model_dump(), "confidence": 0.999}]})
+    strict = Policy.model_validate(
+        {**POLICY.model_dump(), "checks": [{**POLICY.checks[1].model_dump(), "confidence": 0.999}]}
+    )
     loose = decide(base, cand, POLICY)["checks"][1]
     tight = decide(base, cand, strict)["checks"][0]
     assert tight["lower"] < loose["lower"]

@@ -33,7 +33,12 @@ def test_help_does_not_import_heavy_libraries():
     import subprocess
     import sys
 
-    code = "import sys, tunegate.cli; heavy = {'torch', 'transformers', 'mlflow', 'lm_eval', 'great_expectations', 'trl', 'peft'} & set(sys.modules); print(sorted(heavy))"
+    code = (
+        "import sys, tunegate.cli; "
+        "heavy = {'torch', 'transformers', 'mlflow', 'lm_eval', 'great_expectations', 'trl', 'peft'} "
+        "& set(sys.modules); "
+        "print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
     help_out = subprocess.run([sys.executable, "-m", "tunegate.cli", "--help"], capture_output=True, text=True)

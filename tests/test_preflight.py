@@ -16,7 +16,9 @@ def test_qlora_weights_are_about_an_eighth_of_fp32():
 
 def test_checkpointing_and_8bit_optimizer_reduce_the_estimate():
     base = estimate(LLAMA_8B, Plan("full", LLAMA_8B.params, 4, 2048, bf16=True))
-    leaner = estimate(LLAMA_8B, Plan("full", LLAMA_8B.params, 4, 2048, gradient_checkpointing=True, optim="adamw_bnb_8bit", bf16=True))
+    leaner = estimate(
+        LLAMA_8B, Plan("full", LLAMA_8B.params, 4, 2048, gradient_checkpointing=True, optim="adamw_bnb_8bit", bf16=True)
+    )
     assert leaner["activations"] < base["activations"] / 3 and leaner["trainable"] < base["trainable"]
 
 
@@ -24,7 +26,9 @@ def test_refusal_names_what_to_change():
     with pytest.raises(UserError) as err:
         check(LLAMA_8B, Plan("full", LLAMA_8B.params, 8, 4096, bf16=True), "NVIDIA A10G", 22 * GIB)
     msg = str(err.value)
-    assert "exceeds" in msg and "gradient_checkpointing: true" in msg and "train.adapter: qlora" in msg and "\n" not in msg
+    assert (
+        "exceeds" in msg and "gradient_checkpointing: true" in msg and "train.adapter: qlora" in msg and "\n" not in msg
+    )
 
 
 def test_small_run_fits():

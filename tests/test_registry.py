@@ -1,19 +1,25 @@
 """Registry helpers that need no server: secret redaction."""
 
-from tunegate.registry import redact
-
-
-def test_secrets_are_redacted_by_key_and_by_value():
-    out = redact({"hf_token": "x", "db.password": "y", "hub_token": "<HUB_TOKEN>", "tokenizer_sha256": "abc",
-                  "note": "use hf_" + "a" * 30 + " here", "api_key": "k", "max_tokens": 5})
-    assert out["hf_token"] == out["db.password"] == out["hub_token"] == out["note"] == out["api_key"] == "[redacted]"
-    assert out["tokenizer_sha256"] == "abc" and out["max_tokens"] == "5"
-
-
 import pytest
 
 from tunegate.errors import UserError
-from tunegate.registry import adapter_fingerprint, champion, client, move_champion
+from tunegate.registry import adapter_fingerprint, champion, client, move_champion, redact
+
+
+def test_secrets_are_redacted_by_key_and_by_value():
+    out = redact(
+        {
+            "hf_token": "x",
+            "db.password": "y",
+            "hub_token": "<HUB_TOKEN>",
+            "tokenizer_sha256": "abc",
+            "note": "use hf_" + "a" * 30 + " here",
+            "api_key": "k",
+            "max_tokens": 5,
+        }
+    )
+    assert out["hf_token"] == out["db.password"] == out["hub_token"] == out["note"] == out["api_key"] == "[redacted]"
+    assert out["tokenizer_sha256"] == "abc" and out["max_tokens"] == "5"
 
 
 @pytest.fixture
@@ -62,16 +68,26 @@ def test_settle_leaves_one_version_and_one_complete_run(tmp_path):
     exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     started = {"adapter_sha256": "f", "registration": "started"}
     run, orphan = (c.create_run(exp, tags=started).info.run_id for _ in range(2))
-    other = c.create_run(exp, tags={**started, "adapter_sha256": "g"}).info.run_id  # another adapter's: not ours to touch
+    other = c.create_run(
+        exp, tags={**started, "adapter_sha256": "g"}
+    ).info.run_id  # another adapter's: not ours to touch
     model = c.create_logged_model(exp, source_run_id=run)
     c.create_registered_model("m")
-    v1, v2 = (c.create_model_version("m", f"models:/{model.model_id}", run_id=run, tags={"adapter_sha256": "f"}).version for _ in range(2))
-    c.set_logged_model_tags(model.model_id, {"mlflow.modelVersions": json.dumps([{"name": "m", "version": v1}, {"name": "m", "version": v2}])})
+    v1, v2 = (
+        c.create_model_version("m", f"models:/{model.model_id}", run_id=run, tags={"adapter_sha256": "f"}).version
+        for _ in range(2)
+    )
+    c.set_logged_model_tags(
+        model.model_id,
+        {"mlflow.modelVersions": json.dumps([{"name": "m", "version": v1}, {"name": "m", "version": v2}])},
+    )
     assert find_version(c, "m", "f").version == v1
 
     assert settle(c, "m", "f", run) == str(v1)
     assert [v.version for v in c.search_model_versions("name = 'm'")] == [v1]
-    assert json.loads(c.get_logged_model(model.model_id).tags["mlflow.modelVersions"]) == [{"name": "m", "version": str(v1)}]
+    assert json.loads(c.get_logged_model(model.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "m", "version": str(v1)}
+    ]
     assert c.get_run(run).data.tags["registration"] == "complete"
     assert c.get_run(orphan).info.lifecycle_stage == "deleted"
     assert c.get_run(other).info.lifecycle_stage == "active"
@@ -99,9 +115,14 @@ def history(tmp_path):
         folder = tmp_path / f"model{n}" / "peft"
         folder.mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_bytes(b"weights %d" % n)
-        c.create_model_version("m", str(folder.parent), tags={"gate_passed": "true", "adapter_sha256": adapter_fingerprint(folder.parent)})
+        c.create_model_version(
+            "m", str(folder.parent), tags={"gate_passed": "true", "adapter_sha256": adapter_fingerprint(folder.parent)}
+        )
     params = tmp_path / "params.yaml"
-    params.write_text(f"data: {{sources: {{d: {{path: d.jsonl, role: domain}}}}}}\neval: {{tasks: [t]}}\nregister: {{tracking_uri: '{uri}', model_name: m}}\n")
+    params.write_text(
+        f"data: {{sources: {{d: {{path: d.jsonl, role: domain}}}}}}\neval: {{tasks: [t]}}\n"
+        f"register: {{tracking_uri: '{uri}', model_name: m}}\n"
+    )
     return c, str(params)
 
 
@@ -150,9 +171,16 @@ def test_promoting_the_champion_again_records_nothing(history):
 def _policy(missing: str = "block"):
     from tunegate.gate import Policy
 
-    return Policy.model_validate({"min_items": 30, "checks": [{"task": "support", "metric": "acc", "role": "target"},
-                                                             {"task": "general", "metric": "acc", "role": "general", "margin": 0.05}],
-                                  "champion": {"beat_on_target": True, "margin": 0.02, "missing_samples": missing}})
+    return Policy.model_validate(
+        {
+            "min_items": 30,
+            "checks": [
+                {"task": "support", "metric": "acc", "role": "target"},
+                {"task": "general", "metric": "acc", "role": "general", "margin": 0.05},
+            ],
+            "champion": {"beat_on_target": True, "margin": 0.02, "missing_samples": missing},
+        }
+    )
 
 
 def _samples(right: int, n: int = 60) -> dict:
@@ -179,8 +207,13 @@ def with_champion(tmp_path):
     c.create_model_version("m", "unused", run_id=run.info.run_id, tags={"gate_passed": "true"})
     c.set_registered_model_alias("m", "champion", "1")
     c.create_model_version("m", "unused", tags={"gate_passed": "true"})
-    cfg = parse_config({"data": {"sources": {"d": {"path": "d.jsonl", "role": "domain"}}}, "eval": {"tasks": ["support"]},
-                        "register": {"tracking_uri": uri, "model_name": "m"}})
+    cfg = parse_config(
+        {
+            "data": {"sources": {"d": {"path": "d.jsonl", "role": "domain"}}},
+            "eval": {"tasks": ["support"]},
+            "register": {"tracking_uri": uri, "model_name": "m"},
+        }
+    )
     return c, cfg, run.info.run_id
 
 
@@ -194,7 +227,11 @@ def test_champion_comparison_reads_the_champions_logged_samples(with_champion):
     assert "0.750 -> 0.967" in better["lines"][0] and "n=60" in better["lines"][0]
     worse = champion_check(c, cfg, "2", _samples(36), _policy())  # 0.60 < the champion's 0.75 beyond the margin
     assert not worse["passed"] and worse["tag"] == "failed vs v1: support/acc"
-    assert worse["lines"][0].startswith("FAIL") and "0.750 -> 0.600" in worse["lines"][0] and "nan" not in worse["lines"][0]
+    assert (
+        worse["lines"][0].startswith("FAIL")
+        and "0.750 -> 0.600" in worse["lines"][0]
+        and "nan" not in worse["lines"][0]
+    )
 
 
 def test_unreadable_champion_samples_are_a_stated_decision(with_champion, tmp_path):
@@ -207,7 +244,14 @@ def test_unreadable_champion_samples_are_a_stated_decision(with_champion, tmp_pa
     blocked = champion_check(c, cfg, "2", _samples(58), _policy("block"))
     assert not blocked["passed"] and blocked["tag"].startswith("blocked: champion v1's eval samples cannot be read")
     assert "tunegate promote 2" in blocked["lines"][0] and "nan" not in blocked["lines"][0]
-    result = {"model_name": "m", "version": "2", "gate_passed": False, "champion": "1", "lines": blocked["lines"], "notes": []}
+    result = {
+        "model_name": "m",
+        "version": "2",
+        "gate_passed": False,
+        "champion": "1",
+        "lines": blocked["lines"],
+        "notes": [],
+    }
     assert "champion v1's eval samples cannot be read" in banner(result)
     skipped = champion_check(c, cfg, "2", _samples(58), _policy("skip"))
     assert skipped["passed"] and skipped["tag"].startswith("skipped:") and "SKIPPED" in skipped["notes"][0]

@@ -59,7 +59,10 @@ def _artefact_names() -> set[str]:
 
 # Names other tools own inside their folders (a DVC repo, a venv's bin/): not tunegate's to rename.
 THIRD_PARTY = {".dvc", "cache", "dvc"}
-OWNERS = [p for folder in ("stages", "flows") for p in _modules(folder)] + [ROOT / "tunegate/registry.py", ROOT / "tunegate/evaluation.py"]
+OWNERS = [p for folder in ("stages", "flows") for p in _modules(folder)] + [
+    ROOT / "tunegate/registry.py",
+    ROOT / "tunegate/evaluation.py",
+]
 
 
 @pytest.mark.parametrize("path", OWNERS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -94,3 +97,13 @@ def test_ruff_lint_is_clean():
 def test_ruff_format_is_clean():
     proc = subprocess.run([_ruff(), "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_readme_layout_matches_the_tree():
+    """Every folder the README's Layout section names exists, and every top-level source folder is named."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    named = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip() and "/" in line.split()[0]}
+    assert named and all((ROOT / name).is_dir() for name in named), named
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {"evals", "infra", "docs"}
+    assert packages <= named, packages - named

@@ -1,9 +1,9 @@
 """The adapter kinds `train.adapter` can name, as one table every stage and the preflight read.
 
-    lora   PEFT LoRA on a full-precision (or bf16) base
-    qlora  PEFT LoRA on the base loaded as bitsandbytes NF4 (double quantisation, bf16 compute)
-    dora   PEFT DoRA (weight-decomposed LoRA)
-    full   every weight trained; no adapter, the result is a full model
+lora   PEFT LoRA on a full-precision (or bf16) base
+qlora  PEFT LoRA on the base loaded as bitsandbytes NF4 (double quantisation, bf16 compute)
+dora   PEFT DoRA (weight-decomposed LoRA)
+full   every weight trained; no adapter, the result is a full model
 """
 
 from __future__ import annotations

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from tunegate.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reproducible, gated fine-tuning: registry and project commands.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Reproducible, gated fine-tuning: registry and project commands."
+)
 
 PARAMS = typer.Option(None, "--params", "-p", help="params.yaml to read (default: ./params.yaml or $TUNEGATE_PARAMS)")
 
@@ -32,7 +33,7 @@ def _fail(err: UserError) -> None:
     raise typer.Exit(2)
 
 
-def _registry(params: Optional[Path]):
+def _registry(params: Path | None):
     from tunegate.config import load_config
     from tunegate.registry import client
     from tunegate.runtime import configure
@@ -43,21 +44,24 @@ def _registry(params: Optional[Path]):
 
 
 @app.command()
-def check(params: Optional[Path] = PARAMS) -> None:
+def check(params: Path | None = PARAMS) -> None:
     """Validate params.yaml and the gate policy (fast; no model, no data)."""
     try:
-        from tunegate.gate import load_policy
         from tunegate.config import load_config
+        from tunegate.gate import load_policy
 
         cfg = load_config(params)
         policy = load_policy(Path(cfg.gate.policy))
     except UserError as err:
         _fail(err)
-    typer.echo(f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, {len(policy.checks)} gate checks")
+    typer.echo(
+        f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, "
+        f"{len(policy.checks)} gate checks"
+    )
 
 
 @app.command()
-def status(params: Optional[Path] = PARAMS) -> None:
+def status(params: Path | None = PARAMS) -> None:
     """Registered versions with gate verdict, base revision, data hash; * marks the champion."""
     from tunegate.registry import versions_table
 
@@ -81,7 +85,7 @@ def status(params: Optional[Path] = PARAMS) -> None:
 
 
 @app.command()
-def show(version: str, params: Optional[Path] = PARAMS) -> None:
+def show(version: str, params: Path | None = PARAMS) -> None:
     """The provenance record of one version: base, data, hyperparameters, evals, gate, code."""
     try:
         cfg, c = _registry(params)
@@ -98,7 +102,14 @@ def show(version: str, params: Optional[Path] = PARAMS) -> None:
         group = key.split(".")[0] if "." in key else "model"
         groups.setdefault(group, []).append((key, value))
     typer.echo(f"{cfg.register_.model_name} v{v.version}  run {v.run_id}  source {v.source}")
-    titles = {"model": "identity", "source": "data sources", "hp": "hyperparameters", "eval": "evaluation", "pkg": "packages", "promotion_log": "promotions"}
+    titles = {
+        "model": "identity",
+        "source": "data sources",
+        "hp": "hyperparameters",
+        "eval": "evaluation",
+        "pkg": "packages",
+        "promotion_log": "promotions",
+    }
     for group in ("model", "source", "eval", "hp", "pkg", "promotion_log"):
         if group in groups:
             typer.echo(f"\n[{titles[group]}]")
@@ -107,7 +118,11 @@ def show(version: str, params: Optional[Path] = PARAMS) -> None:
 
 
 @app.command()
-def promote(version: str, reason: str = typer.Option("manual promotion", help="recorded with the move"), params: Optional[Path] = PARAMS) -> None:
+def promote(
+    version: str,
+    reason: str = typer.Option("manual promotion", help="recorded with the move"),
+    params: Path | None = PARAMS,
+) -> None:
     """Make VERSION the champion (refused unless its gate passed and its files match the recorded sha256)."""
     from tunegate.registry import move_champion
 
@@ -123,7 +138,9 @@ def promote(version: str, reason: str = typer.Option("manual promotion", help="r
 
 
 @app.command()
-def rollback(reason: str = typer.Option("rollback", help="recorded with the move"), params: Optional[Path] = PARAMS) -> None:
+def rollback(
+    reason: str = typer.Option("rollback", help="recorded with the move"), params: Path | None = PARAMS
+) -> None:
     """Move the champion back to the version it replaced; repeated, walks the promotion history backwards."""
     from tunegate.registry import rollback as roll_back
 
@@ -138,9 +155,11 @@ def rollback(reason: str = typer.Option("rollback", help="recorded with the move
 @app.command()
 def reproduce(
     version: str,
-    workdir: Optional[Path] = typer.Option(None, help="empty folder for the re-run (default: a new temp folder)"),
-    from_scratch: bool = typer.Option(False, help="rebuild every stage instead of restoring upstream stages from the DVC cache"),
-    params: Optional[Path] = PARAMS,
+    workdir: Path | None = typer.Option(None, help="empty folder for the re-run (default: a new temp folder)"),
+    from_scratch: bool = typer.Option(
+        False, help="rebuild every stage instead of restoring upstream stages from the DVC cache"
+    ),
+    params: Path | None = PARAMS,
 ) -> None:
     """Re-run VERSION's training from its recorded commit and params; report whether the adapter sha256 matches."""
     import tempfile
@@ -151,18 +170,25 @@ def reproduce(
         cfg, c = _registry(params)
         folder = workdir or Path(tempfile.mkdtemp(prefix=f"tunegate-v{version}-"))
         typer.echo(f"reproducing {cfg.register_.model_name} v{version} in {folder} ...")
-        result = reproduce_version(c, cfg.register_.model_name, version, Path.cwd(), folder, share_cache=not from_scratch)
+        result = reproduce_version(
+            c, cfg.register_.model_name, version, Path.cwd(), folder, share_cache=not from_scratch
+        )
     except UserError as err:
         _fail(err)
     verdict = "MATCH" if result["match"] else "MISMATCH"
-    typer.echo(f"{verdict}: recorded adapter {result['recorded'][:16]}  reproduced {result['reproduced'][:16]}  (commit {result['commit'][:12]})")
+    typer.echo(
+        f"{verdict}: recorded adapter {result['recorded'][:16]}  "
+        f"reproduced {result['reproduced'][:16]}  (commit {result['commit'][:12]})"
+    )
     if not result["match"]:
         raise typer.Exit(1)
 
 
 @app.command()
-def serve(cron: str = typer.Option("0 3 * * *", help="when to check the base model for a new revision"),
-          root: Path = typer.Option(Path("."), help="project root")) -> None:
+def serve(
+    cron: str = typer.Option("0 3 * * *", help="when to check the base model for a new revision"),
+    root: Path = typer.Option(Path("."), help="project root"),
+) -> None:
     """Serve the scheduled retrain-on-base-update deployment (needs PREFECT_API_URL or a local Prefect server)."""
     import os
 
@@ -172,7 +198,9 @@ def serve(cron: str = typer.Option("0 3 * * *", help="when to check the base mod
 
 
 @app.command("demo-data")
-def demo_data(root: Path = typer.Option(Path("."), help="project root to write data/ and evals/data/ into"), seed: int = 1234) -> None:
+def demo_data(
+    root: Path = typer.Option(Path("."), help="project root to write data/ and evals/data/ into"), seed: int = 1234
+) -> None:
     """Regenerate the embedded demo data (deterministic: the committed files are its output)."""
     from demo.data import write
 

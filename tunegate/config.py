@@ -116,9 +116,13 @@ class Dedup(_Section):
     bands: int = Field(32, ge=1, description="LSH bands (num_perm / bands rows per band)")
     ngram: int = Field(3, ge=1, description="word n-gram size for near-duplicate shingles")
     threshold: float = Field(0.7, gt=0, le=1, description="verified Jaccard at or above which rows are near duplicates")
-    contamination_ngram: int = Field(13, ge=3, description="shared word n-gram that marks an eval leak; shorter eval texts must appear whole")
+    contamination_ngram: int = Field(
+        13, ge=3, description="shared word n-gram that marks an eval leak; shorter eval texts must appear whole"
+    )
     contradictions: Literal["keep_majority", "keep_first", "drop_all"] = "keep_majority"
-    engine: Literal["local", "ray"] = Field("local", description="near duplicates on this machine, or sharded on Ray Data (same result)")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="near duplicates on this machine, or sharded on Ray Data (same result)"
+    )
     ray_address: str | None = Field(None, description="Ray cluster to join (e.g. auto); unset starts a local Ray")
 
     @model_validator(mode="after")
@@ -143,28 +147,43 @@ class Lora(_Section):
 
 
 class Train(_Section):
-    method: Literal["sft", "dpo", "sft+dpo"] = Field("sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference")
+    method: Literal["sft", "dpo", "sft+dpo"] = Field(
+        "sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference"
+    )
     adapter: Literal["lora", "qlora", "dora", "full"] = "lora"
     lora: Lora = Lora()
     # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
     args: dict[str, Any] = {}
-    dpo_args: dict[str, Any] = Field({}, description="dpo and sft+dpo: overrides of `args` for DPO training (beta, loss_type, learning_rate, max_steps, ...)")
+    dpo_args: dict[str, Any] = Field(
+        {},
+        description="dpo and sft+dpo: overrides of `args` for DPO training "
+        "(beta, loss_type, learning_rate, max_steps, ...)",
+    )
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
-    probe_max_rise: float | None = Field(None, gt=0, description="stop early when the forgetting probe's loss rises this share above its lowest value (0.25 = 25%); None: never")
+    probe_max_rise: float | None = Field(
+        None,
+        gt=0,
+        description="stop early when the forgetting probe's loss rises this share above its lowest value "
+        "(0.25 = 25%); None: never",
+    )
 
     # A setting the chosen method would ignore is reported, not skipped silently.
     @field_validator("dpo_args")
     @classmethod
     def _dpo_args_need_dpo(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         if value and info.data.get("method") == "sft":
-            raise ValueError("only used when train.method is dpo or sft+dpo (remove it, or move these keys to train.args)")
+            raise ValueError(
+                "only used when train.method is dpo or sft+dpo (remove it, or move these keys to train.args)"
+            )
         return value
 
     @field_validator("probe_max_rise")
     @classmethod
     def _probe_needs_sft(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and info.data.get("method") == "dpo":
-            raise ValueError("the forgetting probe runs during SFT only (train.method sft or sft+dpo); set it to null for dpo")
+            raise ValueError(
+                "the forgetting probe runs during SFT only (train.method sft or sft+dpo); set it to null for dpo"
+            )
         return value
 
 
@@ -173,7 +192,9 @@ class Eval(_Section):
     limit: int | None = Field(None, ge=1, description="items per task (None: all); for quick looks, not for gates")
     batch_size: int = Field(32, ge=1)
     max_gen_toks: int = Field(48, ge=1)
-    merge_adapter: bool = Field(True, description="score base + adapter with the adapter merged in memory (faster); false: lm-eval's peft=")
+    merge_adapter: bool = Field(
+        True, description="score base + adapter with the adapter merged in memory (faster); false: lm-eval's peft="
+    )
 
 
 class Gate(_Section):

@@ -28,7 +28,7 @@ def shingles(text: str, n: int) -> set[str]:
         return {" ".join(w)}
     if n == 1:
         return set(w)
-    return {" ".join(g) for g in zip(*(w[k:] for k in range(n)))}
+    return {" ".join(g) for g in zip(*(w[k:] for k in range(n)), strict=False)}
 
 
 def exact_key(text: str) -> str:
@@ -46,7 +46,9 @@ class MinHasher:
         b = rng.integers(0, 1 << 63, size=self.num_perm, dtype=np.uint64)
         return a, b
 
-    def signatures(self, items: Sequence, chunk: int = 65536, shingle: Callable[[str], Iterable[str]] | None = None) -> np.ndarray:
+    def signatures(
+        self, items: Sequence, chunk: int = 65536, shingle: Callable[[str], Iterable[str]] | None = None
+    ) -> np.ndarray:
         """(n_docs, num_perm) uint32 signatures of shingle sets, or of texts with `shingle` given (then
         each chunk's shingles are made, hashed and freed: only the signatures stay in memory). One
         vectorised pass per permutation over a chunk keeps the temporaries small (memory bandwidth,
@@ -109,7 +111,7 @@ def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) ->
         sizes = np.diff(np.append(starts, n))
         two = starts[sizes == 2]
         found.append(np.stack([order[two], order[two + 1]], axis=1))
-        for lo, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
+        for lo, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist(), strict=True):
             found.append(bucket_pairs(order[lo : lo + size], max_bucket))
     if not found:
         return np.empty((0, 2), np.int64)
@@ -130,8 +132,13 @@ def jaccard(x: set[str], y: set[str]) -> float:
     return len(x & y) / len(x | y) if x or y else 1.0
 
 
-def verify(pairs: np.ndarray | Iterable[tuple[int, int]], shingle_sets: Sequence[set[str]], threshold: float,
-           signatures: np.ndarray | None = None, slack: float = 0.15) -> list[tuple[int, int, float]]:
+def verify(
+    pairs: np.ndarray | Iterable[tuple[int, int]],
+    shingle_sets: Sequence[set[str]],
+    threshold: float,
+    signatures: np.ndarray | None = None,
+    slack: float = 0.15,
+) -> list[tuple[int, int, float]]:
     """Keep the candidate pairs whose real Jaccard similarity reaches the threshold.
 
     With signatures, pairs whose MinHash estimate is below threshold - slack are rejected first in one
@@ -167,7 +174,9 @@ def leaders(edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[int, flo
     return out
 
 
-def near_duplicates(texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1) -> dict[int, tuple[int, float]]:
+def near_duplicates(
+    texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1
+) -> dict[int, tuple[int, float]]:
     """{index: (representative index, best verified similarity)} for every row that is a near copy of an earlier one."""
     sigs = MinHasher(num_perm, seed).signatures(texts, shingle=lambda t: shingles(t, ngram))
     return leaders(verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))

@@ -34,12 +34,24 @@ from tunegate.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def near_duplicates_ray(data: Sequence[str] | Any, ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1,
-                        address: str | None = None, max_bucket: int = 64) -> dict[int, tuple[int, float]]:
+def near_duplicates_ray(
+    data: Sequence[str] | Any,
+    ngram: int,
+    num_perm: int,
+    bands: int,
+    threshold: float,
+    seed: int = 1,
+    address: str | None = None,
+    max_bucket: int = 64,
+) -> dict[int, tuple[int, float]]:
     """{row: (representative row, verified similarity)} for every row that is a near copy of an earlier
     one. `data` is a list of texts, or a Ray Dataset with columns `row` and `text`."""
     ray = _ray(address)
-    ds = data if isinstance(data, ray.data.Dataset) else ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(data)])
+    ds = (
+        data
+        if isinstance(data, ray.data.Dataset)
+        else ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(data)])
+    )
     hasher = MinHasher(num_perm, seed)
 
     def sign(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,11 +63,17 @@ def near_duplicates_ray(data: Sequence[str] | Any, ngram: int, num_perm: int, ba
 
     def explode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         m = len(batch["row"])
-        return {"band": np.tile(np.arange(bands, dtype=np.int64), m), "key": batch["keys"].reshape(-1), "row": np.repeat(batch["row"], bands)}
+        return {
+            "band": np.tile(np.arange(bands, dtype=np.int64), m),
+            "key": batch["keys"].reshape(-1),
+            "row": np.repeat(batch["row"], bands),
+        }
 
     entries = signed.map_batches(explode, batch_format="numpy").materialize()
     counts = entries.groupby(["band", "key"]).count()
-    shared = counts.map_batches(lambda b: {k: v[b["count()"] >= 2] for k, v in b.items()}, batch_format="numpy").take_all()
+    shared = counts.map_batches(
+        lambda b: {k: v[b["count()"] >= 2] for k, v in b.items()}, batch_format="numpy"
+    ).take_all()
     by_band: dict[int, set[int]] = {}
     for r in shared:
         by_band.setdefault(int(r["band"]), set()).add(int(r["key"]))
@@ -75,8 +93,14 @@ def near_duplicates_ray(data: Sequence[str] | Any, ngram: int, num_perm: int, ba
         return {}
 
     needed = np.unique(pairs)  # the rows in candidate pairs, renumbered 0..k-1 for verify()
-    picked = {int(r["row"]): r["sig"] for r in signed.map_batches(lambda b: _select(b, needed, ("row", "sig")), batch_format="numpy").take_all()}
-    texts = {int(r["row"]): str(r["text"]) for r in ds.map_batches(lambda b: _select(b, needed, ("row", "text")), batch_format="numpy").take_all()}
+    picked = {
+        int(r["row"]): r["sig"]
+        for r in signed.map_batches(lambda b: _select(b, needed, ("row", "sig")), batch_format="numpy").take_all()
+    }
+    texts = {
+        int(r["row"]): str(r["text"])
+        for r in ds.map_batches(lambda b: _select(b, needed, ("row", "text")), batch_format="numpy").take_all()
+    }
     sigs = np.stack([picked[int(row)] for row in needed])
     sets = [shingles(texts[int(row)], ngram) for row in needed]
     edges = verify(np.searchsorted(needed, pairs), sets, threshold, sigs)

@@ -20,7 +20,19 @@ from tunegate.paths import RESULTS, SAMPLES, jsonl_of
 
 log = logging.getLogger(__name__)
 
-NON_METRIC_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash", "prompt_hash", "target_hash"}
+NON_METRIC_KEYS = {
+    "doc_id",
+    "doc",
+    "target",
+    "arguments",
+    "resps",
+    "filtered_resps",
+    "filter",
+    "metrics",
+    "doc_hash",
+    "prompt_hash",
+    "target_hash",
+}
 
 
 def read_samples(folder: Path) -> dict[str, list[dict[str, Any]]]:
@@ -74,25 +86,46 @@ def _base_tokenizer(pretrained: str, manifest: dict[str, Any], trust_remote_code
     return load_tokenizer({**manifest, "path": pretrained}, trust_remote_code)
 
 
-def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path, seed: int, adapter: Path | None = None, full_model: Path | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+def evaluate(
+    cfg: Eval,
+    manifest: dict[str, Any],
+    tasks_dir: Path,
+    out_dir: Path,
+    seed: int,
+    adapter: Path | None = None,
+    full_model: Path | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
     """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    local = {line.split(":", 1)[1].strip() for y in tasks_dir.glob("*.yaml") for line in y.read_text().splitlines() if line.startswith("task:")}
+    local = {
+        line.split(":", 1)[1].strip()
+        for y in tasks_dir.glob("*.yaml")
+        for line in y.read_text().splitlines()
+        if line.startswith("task:")
+    }
     # Indexing lm-eval's thousands of built-in tasks costs ~10 s; skip it when every task is local.
     manager = TaskManager(include_path=str(tasks_dir.resolve()), include_defaults=not set(cfg.tasks) <= local)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})")
+        raise UserError(
+            f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})"
+        )
     pretrained = str(full_model) if full_model else manifest["path"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     if adapter and cfg.merge_adapter:
-        lm = HFLM(pretrained=merged_in_memory(manifest, adapter, trust_remote_code).to(device), tokenizer=_tokenizer(adapter, trust_remote_code),
-                  batch_size=cfg.batch_size, max_length=None, trust_remote_code=trust_remote_code)
+        lm = HFLM(
+            pretrained=merged_in_memory(manifest, adapter, trust_remote_code).to(device),
+            tokenizer=_tokenizer(adapter, trust_remote_code),
+            batch_size=cfg.batch_size,
+            max_length=None,
+            trust_remote_code=trust_remote_code,
+        )
     else:
         lm = HFLM(
             pretrained=pretrained,
@@ -119,7 +152,10 @@ def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path
             gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
         )
     except (ConnectionError, OSError) as err:
-        raise UserError(f"eval.tasks: a task's data could not be loaded ({err}); built-in tasks need their dataset in the local HF cache when offline") from None
+        raise UserError(
+            f"eval.tasks: a task's data could not be loaded ({err}); "
+            "built-in tasks need their dataset in the local HF cache when offline"
+        ) from None
     seconds = time.perf_counter() - started
 
     scores: dict[str, dict[str, float]] = {}
@@ -132,7 +168,9 @@ def evaluate(cfg: Eval, manifest: dict[str, Any], tasks_dir: Path, out_dir: Path
         scores[task]["n"] = len(samples[task])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        write_json(tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores})
+        write_json(
+            tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores}
+        )
         for task, rows in samples.items():
             write_jsonl(tmp / SAMPLES / jsonl_of(task), rows)
     log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
@@ -165,7 +203,15 @@ def run_stage(side: str) -> None:
             adapter = layout.adapter
         else:
             full_model = layout.adapter
-    result = evaluate(cfg.eval, load_manifest(layout.base), layout.eval_tasks, layout.eval(side), cfg.seed,
-                      adapter=adapter, full_model=full_model, trust_remote_code=cfg.base.trust_remote_code)
+    result = evaluate(
+        cfg.eval,
+        load_manifest(layout.base),
+        layout.eval_tasks,
+        layout.eval(side),
+        cfg.seed,
+        adapter=adapter,
+        full_model=full_model,
+        trust_remote_code=cfg.base.trust_remote_code,
+    )
     write_json(layout.metrics(f"eval_{side}"), result["scores"])
     record_timing(f"eval_{side}", result["seconds"])

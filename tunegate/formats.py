@@ -56,7 +56,13 @@ class Problem:
     raw: str
 
     def as_row(self) -> dict[str, Any]:
-        return {"source": self.source, "line": self.line, "reason": self.reason, "detail": self.detail, "raw": self.raw[:500]}
+        return {
+            "source": self.source,
+            "line": self.line,
+            "reason": self.reason,
+            "detail": self.detail,
+            "raw": self.raw[:500],
+        }
 
 
 def read_records(path: str | Path) -> Iterator[tuple[int, Any, str]]:
@@ -87,7 +93,9 @@ def read_records(path: str | Path) -> Iterator[tuple[int, Any, str]]:
     elif not p.exists() and "/" in path_s and not path_s.startswith((".", "/")):
         yield from _read_hub_dataset(path_s)
     else:
-        raise UserError(f"{p}: not found or not a supported format (.jsonl, .json, .parquet, .csv, a saved dataset, a hub id)")
+        raise UserError(
+            f"{p}: not found or not a supported format (.jsonl, .json, .parquet, .csv, a saved dataset, a hub id)"
+        )
 
 
 def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
@@ -133,7 +141,9 @@ def detect_format(record: dict[str, Any]) -> str | None:
 def infer_source_format(records: list[dict[str, Any]]) -> str:
     counts = Counter(f for r in records if isinstance(r, dict) and (f := detect_format(r)))
     if not counts:
-        raise UserError("no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected)")
+        raise UserError(
+            "no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected)"
+        )
     return counts.most_common(1)[0][0]
 
 
@@ -170,14 +180,18 @@ def normalise(record: Any, fmt: str) -> dict[str, Any]:
     if fmt == "prompt_completion":
         return {
             "kind": "sft",
-            "messages": _as_messages(record["prompt"], "prompt", "user") + _as_messages(record["completion"], "completion", "assistant"),
+            "messages": _as_messages(record["prompt"], "prompt", "user")
+            + _as_messages(record["completion"], "completion", "assistant"),
         }
     if fmt == "alpaca":
         for f in ("instruction", "output", "input"):
             if f in record and not isinstance(record[f], str):
                 raise NormaliseError("wrong_type", f"{f} must be a string")
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return {"kind": "sft", "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]}
+        return {
+            "kind": "sft",
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
+        }
     return {
         "kind": "preference",
         "prompt": _as_messages(record["prompt"], "prompt", "user"),
@@ -251,7 +265,16 @@ def _from_alpaca(rec: _Alpaca, name: str, line: int) -> Row:
 
 
 def _from_preference(rec: _Preference, name: str, line: int) -> Row:
-    return Row("", name, line, "preference", None, _turns(rec.prompt, "user"), _turns(rec.chosen, "assistant"), _turns(rec.rejected, "assistant"))
+    return Row(
+        "",
+        name,
+        line,
+        "preference",
+        None,
+        _turns(rec.prompt, "user"),
+        _turns(rec.chosen, "assistant"),
+        _turns(rec.rejected, "assistant"),
+    )
 
 
 FAST = {
@@ -288,7 +311,9 @@ def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row]
 
 def _assign_ids(name: str, rows: list[Row]) -> None:
     encode, sha = msgspec.json.encode, hashlib.sha256
-    keys = [sha(encode(r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected))).hexdigest()[:12] for r in rows]
+    keys = [
+        sha(encode(r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected))).hexdigest()[:12] for r in rows
+    ]
     prefix = f"{name}-"
     ids = [prefix + key for key in keys]
     if len(set(keys)) < len(keys):  # repeats of the same content: -2, -3, ... in file order
@@ -297,7 +322,7 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
             n = seen[key] = seen.get(key, 0) + 1
             if n > 1:
                 ids[i] = f"{prefix}{key}-{n}"
-    for row, rid in zip(rows, ids):
+    for row, rid in zip(rows, ids, strict=True):
         row.id = rid
 
 
@@ -318,7 +343,9 @@ def _load_records(name: str, path: str | Path, fmt: str) -> tuple[list[Row], lis
         try:
             rows.append(_row(record, fmt, name, line))
         except NormaliseError as e:
-            problems.append(Problem(name, line, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str)))
+            problems.append(
+                Problem(name, line, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str))
+            )
     return rows, problems, fmt
 
 
@@ -368,7 +395,9 @@ def _jsonl_line(name: str, number: int, raw: bytes, fmt: str, truncated: bool) -
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        detail = f"{err.msg.removesuffix(' at')} at column {err.colno}" + (" (file ends mid-record)" if truncated else "")
+        detail = f"{err.msg.removesuffix(' at')} at column {err.colno}" + (
+            " (file ends mid-record)" if truncated else ""
+        )
         return Problem(name, number, "malformed_json", detail, text)
     try:
         return _row(record, fmt, name, number)

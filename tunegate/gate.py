@@ -68,8 +68,11 @@ class Outcome:
         head = f"{mark} {self.role:7} {self.task}/{self.metric} vs {self.against}"
         if self.n == 0:
             return f"{head}: no paired items (n=0) — {self.why}"
-        return (f"{head}: {self.reference:.3f} -> {self.candidate:.3f} "
-                f"(diff {self.diff:+.3f}, bounds [{self.lower:+.3f}, {self.upper:+.3f}], need {self.threshold}; n={self.n}){'' if self.passed else ' — ' + self.why}")
+        return (
+            f"{head}: {self.reference:.3f} -> {self.candidate:.3f} "
+            f"(diff {self.diff:+.3f}, bounds [{self.lower:+.3f}, {self.upper:+.3f}], "
+            f"need {self.threshold}; n={self.n}){'' if self.passed else ' — ' + self.why}"
+        )
 
 
 def paired_bootstrap(diffs: np.ndarray, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
@@ -87,13 +90,25 @@ def _paired(ref: list[dict], cand: list[dict], metric: str) -> tuple[np.ndarray,
     return np.array([r[i] for i in common], dtype=float), np.array([c[i] for i in common], dtype=float)
 
 
-def judge(check: Check, ref: Samples, cand: Samples, policy: Policy, resamples: int, seed: int, against: str = "base", margin: float | None = None) -> Outcome:
+def judge(
+    check: Check,
+    ref: Samples,
+    cand: Samples,
+    policy: Policy,
+    resamples: int,
+    seed: int,
+    against: str = "base",
+    margin: float | None = None,
+) -> Outcome:
     """One check: paired difference candidate - reference (sign flipped for lower-is-better metrics)."""
     a, b = _paired(ref.get(check.task, []), cand.get(check.task, []), check.metric)
     sign = 1.0 if check.direction == "higher" else -1.0
     n = len(a)
     if n == 0:
-        why = f"no item of {check.task} scored with {check.metric} on both sides (task or metric missing from the {against}'s or the candidate's eval samples?)"
+        why = (
+            f"no item of {check.task} scored with {check.metric} on both sides "
+            f"(task or metric missing from the {against}'s or the candidate's eval samples?)"
+        )
         return Outcome(check.task, check.metric, check.role, against, 0, None, None, None, None, None, "-", False, why)
     diffs = sign * (b - a)
     lower, upper = paired_bootstrap(diffs, check.confidence or policy.confidence, resamples, seed)
@@ -108,14 +123,39 @@ def judge(check: Check, ref: Samples, cand: Samples, policy: Policy, resamples: 
         why = "no significant gain" if lower <= 0 else f"gain {diff:.3f} below min_gain {check.min_gain:.3f}"
     if n < policy.min_items:
         passed, why = False, f"only {n} paired items (< min_items {policy.min_items}): too little evidence"
-    return Outcome(check.task, check.metric, check.role, against, n, float(a.mean()), float(b.mean()), diff, lower, upper, threshold, bool(passed), why if not passed else "")
+    return Outcome(
+        check.task,
+        check.metric,
+        check.role,
+        against,
+        n,
+        float(a.mean()),
+        float(b.mean()),
+        diff,
+        lower,
+        upper,
+        threshold,
+        bool(passed),
+        why if not passed else "",
+    )
 
 
-def decide(base: Samples, candidate: Samples, policy: Policy, resamples: int = 2000, seed: int = 0, champion: Samples | None = None) -> dict[str, Any]:
+def decide(
+    base: Samples,
+    candidate: Samples,
+    policy: Policy,
+    resamples: int = 2000,
+    seed: int = 0,
+    champion: Samples | None = None,
+) -> dict[str, Any]:
     """The verdict: every check against the base, plus target checks against the champion if asked."""
     outcomes = [judge(c, base, candidate, policy, resamples, seed) for c in policy.checks]
     if champion is not None and policy.champion.beat_on_target:
-        outcomes += [judge(c, champion, candidate, policy, resamples, seed, "champion", policy.champion.margin) for c in policy.checks if c.role == "target"]
+        outcomes += [
+            judge(c, champion, candidate, policy, resamples, seed, "champion", policy.champion.margin)
+            for c in policy.checks
+            if c.role == "target"
+        ]
     return {
         "passed": all(o.passed for o in outcomes),
         "failed": [f"{o.task}/{o.metric} vs {o.against}" for o in outcomes if not o.passed],

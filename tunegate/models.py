@@ -18,7 +18,13 @@ from tunegate.paths import BASE_MANIFEST
 log = logging.getLogger(__name__)
 
 WEIGHT_GLOBS = ("*.safetensors",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 SNAPSHOT_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt"]
 # For a base whose tokenizer has no chat template (most pretrained-only checkpoints): plain role
 # prefixes, and the tokenizer's own EOS after each assistant turn so the model learns to stop. Saved
@@ -45,10 +51,13 @@ def snapshot(model: str, revision: str, root: str | Path = ".") -> tuple[Path, s
         path = Path(snapshot_download(model, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
         if isinstance(err, RepositoryNotFoundError):
-            raise UserError(f"base.model {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)") from None
+            raise UserError(
+                f"base.model {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)"
+            ) from None
         raise UserError(
-            f"base.model {model!r} (revision {revision!r}): cannot reach the Hugging Face hub and it is not in the local cache "
-            f"({type(err).__name__}); download it once with network access, or set base.model to a local folder or 'demo'"
+            f"base.model {model!r} (revision {revision!r}): cannot reach the Hugging Face hub "
+            f"and it is not in the local cache ({type(err).__name__}); "
+            "download it once with network access, or set base.model to a local folder or 'demo'"
         ) from None
     return path, path.name  # snapshot folders are named by the resolved commit sha
 
@@ -58,13 +67,19 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
     weights = sorted(p for g in WEIGHT_GLOBS for p in path.glob(g))
     if not weights:
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        hint = f" (found {', '.join(found)}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""
+        hint = (
+            f" (found {', '.join(found)}: pickle-based weights are not loaded; convert them to safetensors)"
+            if found
+            else ""
+        )
         raise UserError(f"base.model {model!r}: no .safetensors weights in {path}{hint}")
     tokenizer = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).exists()}
     if not tokenizer:
         raise UserError(f"base.model {model!r}: no tokenizer files in {path}")
     cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-    template = cfg.get("chat_template") or ((path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else "")
+    template = cfg.get("chat_template") or (
+        (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else ""
+    )
     return {
         "model": model,
         "revision": revision,
@@ -93,12 +108,17 @@ def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        log.warning("%s: the tokenizer has no chat template; using tunegate's default (role: content, EOS after answers)", manifest["path"])
+        log.warning(
+            "%s: the tokenizer has no chat template; using tunegate's default (role: content, EOS after answers)",
+            manifest["path"],
+        )
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
 
 
-def load_model(manifest: dict[str, Any], trust_remote_code: bool = False, quantize_4bit: bool = False, dtype: Any = None):
+def load_model(
+    manifest: dict[str, Any], trust_remote_code: bool = False, quantize_4bit: bool = False, dtype: Any = None
+):
     """Load the base causal LM from safetensors; optionally as bitsandbytes NF4 with double quantisation."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -116,7 +136,9 @@ def load_model(manifest: dict[str, Any], trust_remote_code: bool = False, quanti
     return AutoModelForCausalLM.from_pretrained(manifest["path"], **kwargs)
 
 
-def load_with_adapter(manifest: dict[str, Any], adapter: str | Path, trust_remote_code: bool = False, merge: bool = False):
+def load_with_adapter(
+    manifest: dict[str, Any], adapter: str | Path, trust_remote_code: bool = False, merge: bool = False
+):
     """The base (unquantised, from safetensors) with a trained PEFT adapter applied.
 
     merge=True folds the adapter into the weights (`merge_and_unload`): a plain transformers model

@@ -76,7 +76,10 @@ def check(shape: Shape, plan: Plan, device: str, free: float, headroom: float = 
     if est["total"] > headroom * free:
         hints = []
         if plan.batch > 1:
-            hints.append(f"per_device_train_batch_size {plan.batch} -> {max(1, plan.batch // 2)} (raise gradient_accumulation_steps)")
+            hints.append(
+                f"per_device_train_batch_size {plan.batch} -> {max(1, plan.batch // 2)} "
+                "(raise gradient_accumulation_steps)"
+            )
         if not plan.gradient_checkpointing:
             hints.append("gradient_checkpointing: true")
         if not ADAPTERS[plan.adapter].quantize_4bit:
@@ -84,7 +87,8 @@ def check(shape: Shape, plan: Plan, device: str, free: float, headroom: float = 
         if "8bit" not in plan.optim:
             hints.append("optim: adamw_bnb_8bit")
         raise UserError(
-            f"train: estimated peak memory {est['total'] / GIB:.1f} GiB exceeds {headroom:.0%} of the {free / GIB:.1f} GiB free on {device}; "
+            f"train: estimated peak memory {est['total'] / GIB:.1f} GiB exceeds {headroom:.0%} "
+            f"of the {free / GIB:.1f} GiB free on {device}; "
             f"try {'; '.join(hints) or 'a smaller max_length'}"
         )
     return est

@@ -1,6 +1,6 @@
 """MLflow registry operations shared by the `register` stage and the `tunegate` CLI.
 
-Provenance lives on the model version as tags (see DESIGN.md's provenance record), so "which model is
+Provenance lives on the model version as tags (see docs/ARCHITECTURE.md, "Provenance record"), so "which model is
 this and what was it trained on?" is one `tunegate show VERSION` away. The champion alias only moves
 to versions whose gate passed and whose adapter files still match the recorded sha256.
 """
@@ -20,7 +20,9 @@ from tunegate.io import sha256_tree
 from tunegate.paths import PARAMS
 
 SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
-SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b")
+SECRET_VALUE = re.compile(
+    r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b"
+)
 PROMOTIONS = "promotion_log"
 PREVIOUS = "previous_champion"  # on a version: the champion it replaced when it was promoted
 ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved back from it
@@ -60,7 +62,10 @@ def reachable(tracking_uri: str) -> None:
     try:
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
-        raise UserError(f"register.tracking_uri {tracking_uri}: MLflow server not reachable ({type(err).__name__}); nothing was registered") from None
+        raise UserError(
+            f"register.tracking_uri {tracking_uri}: MLflow server not reachable ({type(err).__name__}); "
+            "nothing was registered"
+        ) from None
 
 
 def find_version(c, name: str, fingerprint: str):
@@ -68,7 +73,9 @@ def find_version(c, name: str, fingerprint: str):
     # No except here: a server error must not read as "not registered yet" (that would register twice).
     versions = c.search_model_versions(f"name = '{name}'")
     # the oldest, should a retried request have left a duplicate (settle removes it)
-    return min((v for v in versions if v.tags.get("adapter_sha256") == fingerprint), key=lambda v: int(v.version), default=None)
+    return min(
+        (v for v in versions if v.tags.get("adapter_sha256") == fingerprint), key=lambda v: int(v.version), default=None
+    )
 
 
 def settle(c, name: str, fingerprint: str, run_id: str) -> str:
@@ -82,11 +89,19 @@ def settle(c, name: str, fingerprint: str, run_id: str) -> str:
     """
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    mine = sorted((v for v in c.search_model_versions(f"name = '{name}'") if v.tags.get("adapter_sha256") == fingerprint and v.run_id == run_id),
-                  key=lambda v: int(v.version))
+    mine = sorted(
+        (
+            v
+            for v in c.search_model_versions(f"name = '{name}'")
+            if v.tags.get("adapter_sha256") == fingerprint and v.run_id == run_id
+        ),
+        key=lambda v: int(v.version),
+    )
     kept = mine[0]
     for extra in mine[1:]:
-        log.warning("register: removing %s v%s, a duplicate of v%s made by a retried request", name, extra.version, kept.version)
+        log.warning(
+            "register: removing %s v%s, a duplicate of v%s made by a retried request", name, extra.version, kept.version
+        )
         c.delete_model_version(name, str(extra.version))
     # The logged model lists the versions made from it (the MLflow UI links them): none deleted above.
     # The REST API leaves a version's model_id out; its source is models:/<model_id>.
@@ -95,7 +110,9 @@ def settle(c, name: str, fingerprint: str, run_id: str) -> str:
     if model_id:
         links = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
         if {str(link.get("version")) for link in links if link.get("name") == name} != {str(kept.version)}:
-            wanted = [link for link in links if link.get("name") != name] + [{"name": name, "version": str(kept.version)}]
+            wanted = [link for link in links if link.get("name") != name] + [
+                {"name": name, "version": str(kept.version)}
+            ]
             c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
     if not run_id:  # a version registered by hand, outside any run: nothing more to settle
         return str(kept.version)
@@ -131,26 +148,36 @@ def champion(c, name: str, alias: str = "champion"):
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_promotable(c, name: str, version: str, check_files: bool):
     v = c.get_model_version(name, version)
     if v.tags.get("gate_passed") != "true":
-        raise UserError(f"{name} v{version}: gate did not pass ({v.tags.get('gate_failed', 'no verdict')}); refusing to promote")
+        raise UserError(
+            f"{name} v{version}: gate did not pass ({v.tags.get('gate_failed', 'no verdict')}); refusing to promote"
+        )
     if check_files:
         import mlflow
 
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
         except Exception as err:
-            raise UserError(f"{name} v{version}: model files at {v.source} cannot be read ({type(err).__name__}); refusing to promote") from None
+            raise UserError(
+                f"{name} v{version}: model files at {v.source} cannot be read ({type(err).__name__}); "
+                "refusing to promote"
+            ) from None
         if adapter_fingerprint(local) != v.tags.get("adapter_sha256"):
-            raise UserError(f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 (tampered?); refusing to promote")
+            raise UserError(
+                f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 "
+                "(tampered?); refusing to promote"
+            )
     return v
 
 
-def move_champion(c, name: str, version: str, reason: str, alias: str = "champion", check_files: bool = True) -> str | None:
+def move_champion(
+    c, name: str, version: str, reason: str, alias: str = "champion", check_files: bool = True
+) -> str | None:
     """Point `alias` at `version` after the gate and tamper checks; returns the previous champion version
     (the version itself when it already was the champion: nothing is moved or recorded then).
 
@@ -163,7 +190,9 @@ def move_champion(c, name: str, version: str, reason: str, alias: str = "champio
         return prev
     # The record is written before the move: a move cut off in between is retried and recorded again,
     # but an alias never moves without a record of where it came from.
-    c.set_model_version_tag(name, str(version), f"{PROMOTIONS}.{_now()}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}")
+    c.set_model_version_tag(
+        name, str(version), f"{PROMOTIONS}.{_now()}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}"
+    )
     c.set_model_version_tag(name, str(version), PREVIOUS, str(prev or ""))
     if ROLLED_BACK in v.tags:
         c.delete_model_version_tag(name, str(version), ROLLED_BACK)
@@ -202,12 +231,21 @@ def rollback(c, name: str, reason: str, alias: str = "champion", check_files: bo
         raise UserError(f"{name}: no {alias} to roll back from; use `tunegate promote VERSION`")
     target = rollback_target(c, name, current)
     if target is None:
-        raise UserError(f"{name}: v{current.version} is the earliest {alias} on record; nothing to roll back to "
-                        "(use `tunegate promote VERSION` to choose a version by name)")
+        raise UserError(
+            f"{name}: v{current.version} is the earliest {alias} on record; nothing to roll back to "
+            "(use `tunegate promote VERSION` to choose a version by name)"
+        )
     _check_promotable(c, name, target, check_files)
     stamp = _now()
-    c.set_model_version_tag(name, str(target), f"{PROMOTIONS}.{stamp}", f"{alias} <- v{target} (rolled back from v{current.version}): {reason}")
-    c.set_model_version_tag(name, str(current.version), ROLLED_BACK, f"{stamp}: {alias} moved back to v{target}: {reason}")
+    c.set_model_version_tag(
+        name,
+        str(target),
+        f"{PROMOTIONS}.{stamp}",
+        f"{alias} <- v{target} (rolled back from v{current.version}): {reason}",
+    )
+    c.set_model_version_tag(
+        name, str(current.version), ROLLED_BACK, f"{stamp}: {alias} moved back to v{target}: {reason}"
+    )
     c.set_registered_model_alias(name, alias, str(target))
     return str(current.version), str(target)
 
@@ -223,15 +261,19 @@ def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version)):
         t = v.tags
-        rows.append({
-            "version": str(v.version),
-            "champion": "*" if current and str(current.version) == str(v.version) else "",
-            "gate": "pass" if t.get("gate_passed") == "true" else f"FAIL {t.get('gate_failed', '?').split(' vs ')[0]}",
-            "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
-            "train_sha256": t.get("train_sha256", "")[:12],
-            "adapter_sha256": t.get("adapter_sha256", "")[:12],
-            "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        })
+        rows.append(
+            {
+                "version": str(v.version),
+                "champion": "*" if current and str(current.version) == str(v.version) else "",
+                "gate": "pass"
+                if t.get("gate_passed") == "true"
+                else f"FAIL {t.get('gate_failed', '?').split(' vs ')[0]}",
+                "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
+                "train_sha256": t.get("train_sha256", "")[:12],
+                "adapter_sha256": t.get("adapter_sha256", "")[:12],
+                "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M"),
+            }
+        )
     return rows
 
 
@@ -257,7 +299,10 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     if workdir.exists() and any(workdir.iterdir()):
         raise UserError(f"{workdir}: not empty; choose a new folder for the reproduction")
     run = lambda *args, cwd=workdir: subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)  # noqa: E731
-    if run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode or run("git", "checkout", "--quiet", clean).returncode:
+    if (
+        run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode
+        or run("git", "checkout", "--quiet", clean).returncode
+    ):
         raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
     params = Path(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="provenance/params.yaml"))
     shutil.copy(params, workdir / PARAMS)
@@ -269,10 +314,18 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     for args in (["repro", "mix"], ["repro", "--force", "--single-item", "train"]):
         proc = dvc(*args)
         if proc.returncode:
-            raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            stderr = proc.stderr.strip()
+            last = stderr.splitlines()[-1] if stderr else proc.returncode
+            raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {last}")
     from tunegate.config import load_config
     from tunegate.paths import Layout
 
     fingerprint = adapter_fingerprint(Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter)
-    return {"version": str(version), "commit": commit, "workdir": str(workdir), "recorded": v.tags.get("adapter_sha256"),
-            "reproduced": fingerprint, "match": fingerprint == v.tags.get("adapter_sha256")}
+    return {
+        "version": str(version),
+        "commit": commit,
+        "workdir": str(workdir),
+        "recorded": v.tags.get("adapter_sha256"),
+        "reproduced": fingerprint,
+        "match": fingerprint == v.tags.get("adapter_sha256"),
+    }

@@ -95,6 +95,7 @@ def renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
         def render(msgs: list[dict[str, str]]) -> str:
             return compiled.render(messages=msgs, add_generation_prompt=False, **special)
     except Exception:  # no template string, or a transformers without the helper: the public API
+
         def render(msgs: list[dict[str, str]]) -> str:
             return tokenizer.apply_chat_template(msgs, tokenize=False)
 
@@ -185,7 +186,7 @@ def joined(parts: list[Flat], values: list[Any], sep: str):
     import pyarrow.compute as pc
 
     out, seen = values[0], pa.array(parts[0].counts > 0)
-    for part, value in zip(parts[1:], values[1:]):
+    for part, value in zip(parts[1:], values[1:], strict=True):
         has = pa.array(part.counts > 0)
         both = pc.binary_join_element_wise(out, value, pa.scalar(sep, pa.large_string()))
         out = pc.if_else(has, pc.if_else(seen, both, value), out)
@@ -200,7 +201,8 @@ def _laid_out(layout: Layout, conv: list[Message]) -> int:
     """A conversation's rendered size from its template layout: the fixed text plus each content, trimmed where
     the template trims."""
     fixed, trims = layout
-    return fixed + sum([_utf8_len(m.content.strip() if trim else m.content) for m, trim in zip(conv, trims)])
+    sizes = [_utf8_len(m.content.strip() if trim else m.content) for m, trim in zip(conv, trims, strict=True)]
+    return fixed + sum(sizes)
 
 
 class RenderedSize:
@@ -233,13 +235,9 @@ class RenderedSize:
         self.layouts: dict[tuple[str, ...], Layout | None] = {}
         self.checked: dict[tuple[str, ...], int] = {}
         template = getattr(tokenizer, "chat_template", None)
-        self.shortcut = (
-            self.use_layouts and isinstance(template, str) and not self.CONTENT_DEPENDENT.search(template)
-        )
+        self.shortcut = self.use_layouts and isinstance(template, str) and not self.CONTENT_DEPENDENT.search(template)
         if self.use_layouts and not self.shortcut:
-            log.info(
-                "validate: the chat template is rendered for every row (its output may depend on the content)"
-            )
+            log.info("validate: the chat template is rendered for every row (its output may depend on the content)")
 
     def text(self, conv: list[Message]) -> str:
         return self.render([{"role": m.role, "content": m.content} for m in conv])
@@ -316,7 +314,7 @@ class RenderedSize:
         markers = [f"{tag}{i}z" for i in range(len(roles))]
         pad = " \n"
         try:
-            out = self.render([{"role": r, "content": f"{pad}{m}{pad}"} for r, m in zip(roles, markers)])
+            out = self.render([{"role": r, "content": f"{pad}{m}{pad}"} for r, m in zip(roles, markers, strict=True)])
         except Exception:
             return None
         fixed, trims, pos = out, [], 0

@@ -31,7 +31,9 @@ def env_for(project: Path, **extra: str) -> dict[str, str]:
 def sh(project: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(args), cwd=project, env=env_for(project, **extra), capture_output=True, text=True)
     if check and proc.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -70,13 +72,19 @@ def wait_http(url: str, timeout: float = 120) -> None:
 
 def copy_project(dest: Path) -> Path:
     """The project's tracked and untracked-but-not-ignored files (what a fresh clone would have), as a git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "snapshot"]):
+    for args in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "snapshot"],
+    ):
         subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
     return dest
 

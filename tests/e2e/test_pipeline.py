@@ -134,8 +134,12 @@ def test_logged_model_reloads_with_the_trained_weights(project):
     adapter = project / "models/candidate/adapter"
     ours = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(project / "models/base"), str(adapter)).eval()
     tok = AutoTokenizer.from_pretrained(adapter)
-    ids = tok.apply_chat_template([{"role": "user", "content": "My lamp from order 12345 is broken, refund please"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "My lamp from order 12345 is broken, refund please"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         assert torch.allclose(logged(ids).logits, ours(ids).logits, atol=1e-6)
 
@@ -165,7 +169,9 @@ def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_ba
         assert "previous_champion" not in newest.tags
         assert c.get_model_version_by_alias("tunegate-demo", "champion").version == better.version
         fails = [line for line in proc.stderr.splitlines() if "FAIL" in line and "vs champion" in line]
-        assert fails and all("nan" not in line and re.search(r"\d\.\d{3} -> \d\.\d{3}", line) for line in fails), proc.stderr[-3000:]
+        assert fails and all("nan" not in line and re.search(r"\d\.\d{3} -> \d\.\d{3}", line) for line in fails), (
+            proc.stderr[-3000:]
+        )
         assert "GATE FAILED" in proc.stderr
 
         out = sh(project, "tunegate", "rollback")

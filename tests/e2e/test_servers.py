@@ -23,9 +23,23 @@ def mlflow_server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -39,7 +53,9 @@ def mlflow_server(tmp_path_factory):
 def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
     original = (project / "params.yaml").read_text()
     try:
-        edit_params(project, **{"register.tracking_uri": mlflow_server, "register.artifact_root": str(tmp_path / "art")})
+        edit_params(
+            project, **{"register.tracking_uri": mlflow_server, "register.artifact_root": str(tmp_path / "art")}
+        )
         # a token in the environment must never reach MLflow
         proc = sh(project, sys.executable, "-m", "stages.register", HF_TOKEN=SECRET, MY_API_KEY=SECRET)
         result = json.loads((project / "reports/register.json").read_text())
@@ -49,14 +65,18 @@ def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
         assert_registered_once(mlflow_server, result, experiment="tunegate")  # what the MLflow UI shows
 
         api = f"{mlflow_server}/api/2.0/mlflow"
-        versions = requests.get(f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10).json()["model_versions"]
+        versions = requests.get(
+            f"{api}/model-versions/search", params={"filter": "name='tunegate-demo'"}, timeout=10
+        ).json()["model_versions"]
         tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
         assert tags["base_model"] == "demo" and tags["gate_passed"] == "true"
 
         run = requests.get(f"{api}/runs/get", params={"run_id": result["run_id"]}, timeout=10).json()["run"]
         everything = json.dumps(run) + json.dumps(versions) + proc.stdout + proc.stderr
         artifacts = (tmp_path / "art").rglob("*")
-        everything += "".join(p.read_text(errors="ignore") for p in artifacts if p.is_file() and p.stat().st_size < 5_000_000)
+        everything += "".join(
+            p.read_text(errors="ignore") for p in artifacts if p.is_file() and p.stat().st_size < 5_000_000
+        )
         assert SECRET not in everything
 
         status = sh(project, "tunegate", "status")
@@ -80,11 +100,14 @@ def test_unreachable_server_fails_cleanly(project):
         (project / "params.yaml").write_text(original)
 
 
-@pytest.mark.parametrize("cut_after", [
-    "runs/log-batch",          # the run exists, its params are half logged, no model version yet
-    "model-versions/create",   # the version exists, the run is not marked complete, no alias
-    "model-versions/set-tag",  # the promotion record is written, the alias has not moved
-])
+@pytest.mark.parametrize(
+    "cut_after",
+    [
+        "runs/log-batch",  # the run exists, its params are half logged, no model version yet
+        "model-versions/create",  # the version exists, the run is not marked complete, no alias
+        "model-versions/set-tag",  # the promotion record is written, the alias has not moved
+    ],
+)
 def test_server_dying_mid_registration_then_registers_exactly_once(project, mlflow_server, tmp_path, cut_after):
     """The real server is cut off (a proxy in front of it goes away) at three points of a registration:
     one clear line, no traceback; once it is back, the next run leaves exactly one version, with its
@@ -96,17 +119,29 @@ def test_server_dying_mid_registration_then_registers_exactly_once(project, mlfl
     fast_fail = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     name = "cut-" + cut_after.replace("/", "-")
     try:
-        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art"),
-                                "register.model_name": name, "register.experiment": name})
+        edit_params(
+            project,
+            **{
+                "register.tracking_uri": proxy.url,
+                "register.artifact_root": str(tmp_path / "art"),
+                "register.model_name": name,
+                "register.experiment": name,
+            },
+        )
         cut = sh(project, sys.executable, "-m", "stages.register", check=False, **fast_fail)
         assert proxy.dead.is_set() and any(cut_after in p for p in proxy.paths), (proxy.paths, cut.stderr[-2000:])
         assert cut.returncode == 2 and "Traceback" not in cut.stderr, cut.stderr[-3000:]
         last = cut.stderr.strip().splitlines()[-1]
-        assert last.startswith("tunegate register: error: register.tracking_uri") and "lost the MLflow server during registration" in last
+        assert (
+            last.startswith("tunegate register: error: register.tracking_uri")
+            and "lost the MLflow server during registration" in last
+        )
 
         edit_params(project, **{"register.tracking_uri": mlflow_server})
         sh(project, sys.executable, "-m", "stages.register")
-        assert_registered_once(mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment=name)
+        assert_registered_once(
+            mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment=name
+        )
     finally:
         proxy.kill()
         (project / "params.yaml").write_text(original)
@@ -121,12 +156,23 @@ def test_lost_answers_leave_one_version_and_one_run(project, mlflow_server, tmp_
     original = (project / "params.yaml").read_text()
     proxy = DyingProxy(int(mlflow_server.rsplit(":", 1)[1]), lose_answers_to=("runs/create", "model-versions/create"))
     try:
-        edit_params(project, **{"register.tracking_uri": proxy.url, "register.artifact_root": str(tmp_path / "art"),
-                                "register.model_name": "lost-answers", "register.experiment": "lost-answers"})
+        edit_params(
+            project,
+            **{
+                "register.tracking_uri": proxy.url,
+                "register.artifact_root": str(tmp_path / "art"),
+                "register.model_name": "lost-answers",
+                "register.experiment": "lost-answers",
+            },
+        )
         proc = sh(project, sys.executable, "-m", "stages.register", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
-        assert len(proxy.lost) == 2 and sum("model-versions/create" in p for p in proxy.paths) == 2, proxy.paths  # the retry happened
+        assert len(proxy.lost) == 2 and sum("model-versions/create" in p for p in proxy.paths) == 2, (
+            proxy.paths
+        )  # the retry happened
         assert "a duplicate of v1 made by a retried request" in proc.stderr
-        assert_registered_once(mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment="lost-answers")
+        assert_registered_once(
+            mlflow_server, json.loads((project / "reports/register.json").read_text()), experiment="lost-answers"
+        )
     finally:
         proxy.kill()
         (project / "params.yaml").write_text(original)
@@ -140,17 +186,36 @@ def assert_registered_once(server: str, result: dict, experiment: str) -> None:
     versions = get("model-versions/search", filter=f"name='{name}'")["model_versions"]
     assert [v["version"] for v in versions] == [result["version"]], versions
     tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
-    assert {"base_model", "base_revision", "train_sha256", "adapter_sha256", "git_commit", "dvc_lock_sha256", "gate_passed", "run_id"} <= set(tags)
-    assert tags["adapter_sha256"] == result["adapter_sha256"] and tags["previous_champion"] == "" and tags["run_id"] == result["run_id"]
+    assert {
+        "base_model",
+        "base_revision",
+        "train_sha256",
+        "adapter_sha256",
+        "git_commit",
+        "dvc_lock_sha256",
+        "gate_passed",
+        "run_id",
+    } <= set(tags)
+    assert (
+        tags["adapter_sha256"] == result["adapter_sha256"]
+        and tags["previous_champion"] == ""
+        and tags["run_id"] == result["run_id"]
+    )
     model = get("registered-models/get", name=name)["registered_model"]
     assert model["aliases"] == [{"alias": "champion", "version": result["version"]}]
     assert get("registered-models/alias", name=name, alias="champion")["model_version"]["version"] == result["version"]
-    logged = get(f"logged-models/{versions[0]['source'].removeprefix('models:/')}")["model"]["info"]  # source: models:/<model id>
+    logged = get(f"logged-models/{versions[0]['source'].removeprefix('models:/')}")["model"][
+        "info"
+    ]  # source: models:/<model id>
     links = json.loads({t["key"]: t["value"] for t in logged["tags"]}["mlflow.modelVersions"])
     assert {(link["name"], str(link["version"])) for link in links} == {(name, result["version"])}, links
     exp = get("experiments/get-by-name", experiment_name=experiment)["experiment"]
-    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
-    assert [(r["info"]["run_id"], {t["key"]: t["value"] for t in r["data"]["tags"]}["registration"]) for r in runs] == [(result["run_id"], "complete")]
+    runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()[
+        "runs"
+    ]
+    assert [(r["info"]["run_id"], {t["key"]: t["value"] for t in r["data"]["tags"]}["registration"]) for r in runs] == [
+        (result["run_id"], "complete")
+    ]
 
 
 def test_prefect_flow_runs_each_dvc_stage_as_a_task(project, tmp_path):
@@ -161,16 +226,31 @@ def test_prefect_flow_runs_each_dvc_stage_as_a_task(project, tmp_path):
     order = dvc_stages(project)
     declared = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert sorted(order) == sorted(declared)  # the flow's stages are exactly dvc.yaml's, never a hand-kept list
-    assert order[0] == "base" and order[-1] == "register" and order.index("train") < order.index("eval_candidate") < order.index("gate")
+    assert (
+        order[0] == "base"
+        and order[-1] == "register"
+        and order.index("train") < order.index("eval_candidate") < order.index("gate")
+    )
     port = free_port()
-    env = {**env_for(project), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    env = {
+        **env_for(project),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+    }
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", timeout=180)
         lock_before = (project / "dvc.lock").read_text()
-        proc = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.pipeline"], cwd=project, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (project / "dvc.lock").read_text() == lock_before  # same lock as a manual dvc repro
         api = f"http://127.0.0.1:{port}/api"

@@ -26,8 +26,8 @@ def ledger():
 @pytest.fixture(scope="session")
 def tokenizer():
     """A small tokenizer with the demo chat template (the real base is not needed to count tokens)."""
-    from tests.conftest import ROOT
     from demo.model import train_tokenizer
+    from tests.conftest import ROOT
     from tunegate.io import read_jsonl
 
     rows = read_jsonl(ROOT / "data/pretrain/general.jsonl")[:3000]

@@ -3,9 +3,8 @@
 import pytest
 
 from stages import dedup
-from tunegate.io import read_jsonl
-
 from tests.conftest import ROOT, sft
+from tunegate.io import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +27,12 @@ def test_drops_point_at_what_they_duplicate(result, ledger):
     kept, dropped, _ = result
     by_id = {r["id"]: r for rows in kept.values() for r in rows}
     planted = ledger["domain.jsonl"]
-    of_line = dict(zip(planted["exact_duplicate"]["lines"], planted["exact_duplicate"]["of_lines"]))
+    of_line = dict(zip(planted["exact_duplicate"]["lines"], planted["exact_duplicate"]["of_lines"], strict=True))
     for d in dropped:
         if d["reason"] == "exact_duplicate" and d["source"] == "domain":
             assert by_id[d["of"]]["line"] == of_line[d["line"]]
     leaks = {d["line"]: d["of"] for d in dropped if d["reason"] == "eval_leak" and d["source"] == "domain"}
-    expected = dict(zip(planted["eval_leak"]["lines"], planted["eval_leak"]["eval_ids"]))
+    expected = dict(zip(planted["eval_leak"]["lines"], planted["eval_leak"]["eval_ids"], strict=True))
     assert {line: of.split(":")[1] for line, of in leaks.items()} == expected
 
 
@@ -44,9 +43,15 @@ def test_counts_conserved(result):
         assert m["in"] == m["kept"] + m["dropped"] == len(kept[name]) + sum(d["source"] == name for d in dropped)
 
 
-@pytest.mark.parametrize("policy, kept_answers", [("keep_majority", ["A", "A"]), ("keep_first", ["B"]), ("drop_all", [])])
+@pytest.mark.parametrize(
+    "policy, kept_answers", [("keep_majority", ["A", "A"]), ("keep_first", ["B"]), ("drop_all", [])]
+)
 def test_contradiction_policies(cfg, policy, kept_answers):
-    rows = [sft("Cancel order 12345", "B", "r0", line=1), sft("Cancel order 12345", "A", "r1", line=2), sft("cancel ORDER 12345!", "A", "r2", line=3)]
+    rows = [
+        sft("Cancel order 12345", "B", "r0", line=1),
+        sft("Cancel order 12345", "A", "r1", line=2),
+        sft("cancel ORDER 12345!", "A", "r2", line=3),
+    ]
     kept, dropped, _ = dedup.run(cfg.dedup.model_copy(update={"contradictions": policy}), {"domain": rows}, [], 0)
     answers = [r["messages"][-1]["content"] for r in kept["domain"]]
     if policy == "keep_majority":
@@ -68,7 +73,9 @@ def test_ray_engine_drops_the_same_rows(cfg, validated, result):
     out, _ = validated
     sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
     try:
-        kept, dropped, metrics = dedup.run(cfg.dedup.model_copy(update={"engine": "ray"}), sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed)
+        kept, dropped, metrics = dedup.run(
+            cfg.dedup.model_copy(update={"engine": "ray"}), sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed
+        )
     finally:
         ray.shutdown()
     assert dropped == result[1] and metrics == result[2]

@@ -3,9 +3,8 @@
 import pytest
 
 from stages import mix
-from tunegate.config import Mix, Source
-
 from tests.conftest import sft
+from tunegate.config import Mix, Source
 
 SOURCES = {
     "dom": Source(path="d", role="domain"),

@@ -1,4 +1,5 @@
-"""train on a tiny demo base: every adapter kind learns, QLoRA is really 4-bit, DPO moves margins, bad args are named."""
+"""train on a tiny demo base: every adapter kind learns, QLoRA is really 4-bit, DPO moves margins,
+bad args are named."""
 
 from __future__ import annotations
 
@@ -8,14 +9,30 @@ from pathlib import Path
 import pytest
 
 from stages import train
+from tests.conftest import ROOT
 from tunegate.config import DemoBase, Lora, Train
 from tunegate.errors import UserError
 from tunegate.io import read_jsonl, sha256_tree
 
-from tests.conftest import ROOT
-
-TINY = DemoBase(vocab_size=512, hidden_size=64, layers=2, heads=2, intermediate_size=128, max_position=64, steps=30, batch_size=8, warmup_steps=2)
-ARGS = {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "max_length": 64}
+TINY = DemoBase(
+    vocab_size=512,
+    hidden_size=64,
+    layers=2,
+    heads=2,
+    intermediate_size=128,
+    max_position=64,
+    steps=30,
+    batch_size=8,
+    warmup_steps=2,
+)
+ARGS = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 5e-3,
+    "logging_steps": 1,
+    "save_steps": 2,
+    "max_length": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +51,11 @@ def rows():
 
     sft, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
     prefs, _, _ = load_source("preferences", ROOT / "data/raw/preferences.jsonl")
-    good = [r for r in sft if [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"].strip()]
+    good = [
+        r
+        for r in sft
+        if [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"].strip()
+    ]
     good_prefs = [r for r in prefs if r["chosen"] != r["rejected"]]
     return good[:64], good_prefs[:32]
 
@@ -48,7 +69,12 @@ def weights(path):
 @pytest.mark.parametrize("adapter", ["lora", "dora", "qlora", "full"])
 def test_each_adapter_trains_and_saves_safetensors(base, rows, tmp_path, adapter):
     cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS)
-    metrics = train.run(cfg, 1, train.Inputs(base, rows[0], [], rows[0][:8]), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv"))
+    metrics = train.run(
+        cfg,
+        1,
+        train.Inputs(base, rows[0], [], rows[0][:8]),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv"),
+    )
     saved = tmp_path / "out" / train.ADAPTER
     assert metrics["steps"] == 4 and metrics["trainable_parameters"] > 0
     assert not list(saved.glob("*.bin")) and not (saved / "training_args.bin").exists()
@@ -82,7 +108,12 @@ def test_same_params_same_adapter_bytes(base, rows, tmp_path):
     cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
     shas = []
     for run in ("a", "b"):
-        train.run(cfg, 5, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / run, tmp_path / f"ckpt-{run}", tmp_path / f"{run}.csv"))
+        train.run(
+            cfg,
+            5,
+            train.Inputs(base, rows[0], [], []),
+            train.Outputs(tmp_path / run, tmp_path / f"ckpt-{run}", tmp_path / f"{run}.csv"),
+        )
         shas.append(sha256_tree(tmp_path / run / train.ADAPTER, "*.safetensors"))
     assert shas[0] == shas[1]
 
@@ -94,8 +125,19 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
     from tunegate.models import load_model, load_tokenizer
 
     prefs = rows[1]
-    cfg = Train(method="dpo", adapter="lora", lora=Lora(r=8, alpha=16), args={**ARGS, "learning_rate": 1e-2}, dpo_args={"max_steps": 12, "beta": 0.1})
-    metrics = train.run(cfg, 1, train.Inputs(base, [], prefs, []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"))
+    cfg = Train(
+        method="dpo",
+        adapter="lora",
+        lora=Lora(r=8, alpha=16),
+        args={**ARGS, "learning_rate": 1e-2},
+        dpo_args={"max_steps": 12, "beta": 0.1},
+    )
+    metrics = train.run(
+        cfg,
+        1,
+        train.Inputs(base, [], prefs, []),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"),
+    )
     assert metrics["steps"] == 12  # train.dpo_args overrides train.args
     tok = load_tokenizer(base)
 
@@ -120,18 +162,35 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
 
 def test_empty_training_set_is_refused(base, tmp_path):
     with pytest.raises(UserError, match="training set is empty"):
-        train.run(Train(), 1, train.Inputs(base, [], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+        train.run(
+            Train(),
+            1,
+            train.Inputs(base, [], [], []),
+            train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+        )
 
 
 def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.args: .*learnin_rate"):
-        train.run(Train(args={"learnin_rate": 1e-3}), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+        train.run(
+            Train(args={"learnin_rate": 1e-3}),
+            1,
+            train.Inputs(base, rows[0], [], []),
+            train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+        )
 
 
 def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
     cfg = Train(args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
-    with pytest.raises(UserError, match="estimated peak memory .* exceeds .* try per_device_train_batch_size 100000 -> 50000"):
-        train.run(cfg, 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+    with pytest.raises(
+        UserError, match="estimated peak memory .* exceeds .* try per_device_train_batch_size 100000 -> 50000"
+    ):
+        train.run(
+            cfg,
+            1,
+            train.Inputs(base, rows[0], [], []),
+            train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+        )
 
 
 RESUME_SCRIPT = """
@@ -142,18 +201,24 @@ from stages import train
 from tunegate.config import Lora, Train
 from tunegate.formats import load_source
 base, out, ckpt = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-rows = [r for r in load_source("domain", "data/raw/domain.jsonl")[0] if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
+rows = [r for r in load_source("domain", "data/raw/domain.jsonl")[0] \
+if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
 prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] if r["chosen"] != r["rejected"]][:32]
-args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 5, "max_length": 64}
+args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, \
+"logging_steps": 1, "save_steps": 5, "max_length": 64}
 if sys.argv[4] == "sft+dpo":
-    cfg = Train(method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, dpo_args={"max_steps": 20, "beta": 0.1})
+    cfg = Train(method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
+dpo_args={"max_steps": 20, "beta": 0.1})
 else:
     cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args)
 train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 """
 
 
-@pytest.mark.parametrize("method, kill_at", [("sft", "checkpoint-10"), ("sft", "checkpoint-1[05]/trainer_state.json"), ("sft+dpo", "dpo/checkpoint-10")])
+@pytest.mark.parametrize(
+    "method, kill_at",
+    [("sft", "checkpoint-10"), ("sft", "checkpoint-1[05]/trainer_state.json"), ("sft+dpo", "dpo/checkpoint-10")],
+)
 def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
     """SIGKILL mid-run (also while a checkpoint is being written, and in the DPO phase of the SFT -> DPO
     chain), run again: it resumes from the last complete checkpoint and ends byte-identical to an
@@ -164,8 +229,21 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at)
     import time
 
     def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(base), str(tmp_path / name), str(tmp_path / f"ckpt-{name}"), method],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RESUME_SCRIPT,
+                json.dumps(base),
+                str(tmp_path / name),
+                str(tmp_path / f"ckpt-{name}"),
+                method,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     assert start("straight").wait(timeout=600) == 0
     killed = start("killed")
@@ -181,7 +259,9 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at)
     assert "resuming from" in err
     if method == "sft+dpo":
         assert "SFT phase already complete" in err
-    assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(tmp_path / "straight" / train.ADAPTER, "*.safetensors")
+    assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(
+        tmp_path / "straight" / train.ADAPTER, "*.safetensors"
+    )
     # rows logged between the last checkpoint and the kill are not doubled in the DVC plot
     assert (tmp_path / "killed.csv").read_text() == (tmp_path / "straight.csv").read_text()
 
@@ -195,7 +275,12 @@ def test_merged_model_matches_base_plus_adapter(base, rows, tmp_path, adapter):
     from tunegate.models import load_model
 
     cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS, merge=True)
-    train.run(cfg, 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"))
+    train.run(
+        cfg,
+        1,
+        train.Inputs(base, rows[0], [], []),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"),
+    )
     merged_dir = tmp_path / "out" / train.MERGED
     assert (merged_dir / "model.safetensors").exists() and not list(merged_dir.glob("*.bin"))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
@@ -217,31 +302,66 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
 
 def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
     """A learning rate far too high makes the held-out probe loss climb: the run stops and says where."""
-    general = [r for r in __import__("tunegate.formats", fromlist=["load_source"]).load_source("general", ROOT / "data/raw/general.jsonl")[0]
-               if [m["role"] for m in r.get("messages", [])] == ["user", "assistant"]][:16]
-    args = {**ARGS, "max_steps": 12, "learning_rate": 0.05, "eval_steps": 1, "save_steps": 100, "per_device_eval_batch_size": 16}
-    stopped = train.run(Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2), 1, train.Inputs(base, rows[0], [], general), train.Outputs(tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv"))
+    general = [
+        r
+        for r in __import__("tunegate.formats", fromlist=["load_source"]).load_source(
+            "general", ROOT / "data/raw/general.jsonl"
+        )[0]
+        if [m["role"] for m in r.get("messages", [])] == ["user", "assistant"]
+    ][:16]
+    args = {
+        **ARGS,
+        "max_steps": 12,
+        "learning_rate": 0.05,
+        "eval_steps": 1,
+        "save_steps": 100,
+        "per_device_eval_batch_size": 16,
+    }
+    stopped = train.run(
+        Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2),
+        1,
+        train.Inputs(base, rows[0], [], general),
+        train.Outputs(tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv"),
+    )
     assert stopped["stopped_early_at"] is not None and stopped["steps"] == stopped["stopped_early_at"] < 12
     warned = [r.getMessage() for r in caplog.records if "forgetting probe loss" in r.getMessage()]
-    assert len(warned) == 1 and f"stopping at step {stopped['steps']}" in warned[0] and "train.probe_max_rise 20%" in warned[0]
+    assert (
+        len(warned) == 1
+        and f"stopping at step {stopped['steps']}" in warned[0]
+        and "train.probe_max_rise 20%" in warned[0]
+    )
     assert (tmp_path / "a" / train.ADAPTER / "adapter_model.safetensors").exists()
-    full = train.run(Train(lora=Lora(r=4, alpha=8), args=args), 1, train.Inputs(base, rows[0], [], general), train.Outputs(tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv"))
+    full = train.run(
+        Train(lora=Lora(r=4, alpha=8), args=args),
+        1,
+        train.Inputs(base, rows[0], [], general),
+        train.Outputs(tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv"),
+    )
     assert full["stopped_early_at"] is None and full["steps"] == 12
 
 
-@pytest.mark.parametrize("train_section, message", [
-    ({"probe_max_rise": 0}, "train.probe_max_rise: Input should be greater than 0"),
-    ({"method": "dpo", "probe_max_rise": 0.25}, "train.probe_max_rise: .*SFT only"),
-    ({"dpo_args": {"beta": 0.1}}, "train.dpo_args: .*only used when train.method is dpo or sft\\+dpo"),
-    ({"method": "sft+dpo", "dpo_args": [0.1]}, "train.dpo_args: Input should be a valid dictionary"),
-    ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo' or 'sft\\+dpo'"),
-    ({"method": "sft+dpo", "dpo": {"beta": 0.1}}, "train.dpo: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "train_section, message",
+    [
+        ({"probe_max_rise": 0}, "train.probe_max_rise: Input should be greater than 0"),
+        ({"method": "dpo", "probe_max_rise": 0.25}, "train.probe_max_rise: .*SFT only"),
+        ({"dpo_args": {"beta": 0.1}}, "train.dpo_args: .*only used when train.method is dpo or sft\\+dpo"),
+        ({"method": "sft+dpo", "dpo_args": [0.1]}, "train.dpo_args: Input should be a valid dictionary"),
+        ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo' or 'sft\\+dpo'"),
+        ({"method": "sft+dpo", "dpo": {"beta": 0.1}}, "train.dpo: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_train_settings_are_named(train_section, message):
     from tunegate.config import parse_config
 
     with pytest.raises(UserError, match=f"^params.yaml: {message}"):
-        parse_config({"data": {"sources": {"d": {"path": "x", "role": "domain"}}}, "eval": {"tasks": ["t"]}, "train": train_section})
+        parse_config(
+            {
+                "data": {"sources": {"d": {"path": "x", "role": "domain"}}},
+                "eval": {"tasks": ["t"]},
+                "train": train_section,
+            }
+        )
 
 
 def _dpo_margin(base, prefs, adapter) -> float:
@@ -273,13 +393,27 @@ def test_sft_then_dpo_continues_the_sft_adapter(base, rows, tmp_path):
     sft_rows, prefs = rows
     lora = Lora(r=8, alpha=16)
     args = {**ARGS, "completion_only_loss": True}  # an SFT-only key: the DPO phase goes without it
-    sft_only = train.run(Train(lora=lora, args=args), 1, train.Inputs(base, sft_rows, [], []), train.Outputs(tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv"))
+    sft_only = train.run(
+        Train(lora=lora, args=args),
+        1,
+        train.Inputs(base, sft_rows, [], []),
+        train.Outputs(tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv"),
+    )
     cfg = Train(method="sft+dpo", lora=lora, args=args, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
-    chain = train.run(cfg, 1, train.Inputs(base, sft_rows, prefs, []), train.Outputs(tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv"))
+    chain = train.run(
+        cfg,
+        1,
+        train.Inputs(base, sft_rows, prefs, []),
+        train.Outputs(tmp_path / "chain", tmp_path / "ck2", tmp_path / "b.csv"),
+    )
     assert chain["method"] == "sft+dpo" and chain["steps"] == 12 and chain["sft"]["steps"] == 4
     assert chain["sft"]["adapter_sha256"] == sft_only["adapter_sha256"]  # the same SFT phase, deterministically
     assert chain["adapter_sha256"] != sft_only["adapter_sha256"]
-    assert chain["sft"]["final_loss"] > 0 and isinstance(chain["dpo_reward_margin"], float) and 0 <= chain["dpo_reward_accuracy"] <= 1
+    assert (
+        chain["sft"]["final_loss"] > 0
+        and isinstance(chain["dpo_reward_margin"], float)
+        and 0 <= chain["dpo_reward_accuracy"] <= 1
+    )
     adapter = tmp_path / "chain" / train.ADAPTER
     assert sorted(p.name for p in adapter.iterdir() if p.is_dir()) == []  # no leftover DPO reference adapter
     assert json.loads((tmp_path / "chain" / "train_config.json").read_text())["method"] == "sft+dpo"
@@ -297,9 +431,22 @@ def test_sft_then_dpo_with_other_adapters(base, rows, tmp_path, adapter):
 
     from tunegate.models import load_model
 
-    cfg = Train(method="sft+dpo", adapter=adapter, lora=Lora(r=4, alpha=8), args={**ARGS, "max_steps": 2}, dpo_args={"max_steps": 2, "learning_rate": 1e-2})
-    chain = train.run(cfg, 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "out", tmp_path / "ck", tmp_path / "p.csv"))
-    assert chain["steps"] == 2 and chain["sft"]["steps"] == 2 and chain["adapter_sha256"] != chain["sft"]["adapter_sha256"]
+    cfg = Train(
+        method="sft+dpo",
+        adapter=adapter,
+        lora=Lora(r=4, alpha=8),
+        args={**ARGS, "max_steps": 2},
+        dpo_args={"max_steps": 2, "learning_rate": 1e-2},
+    )
+    chain = train.run(
+        cfg,
+        1,
+        train.Inputs(base, rows[0], rows[1], []),
+        train.Outputs(tmp_path / "out", tmp_path / "ck", tmp_path / "p.csv"),
+    )
+    assert (
+        chain["steps"] == 2 and chain["sft"]["steps"] == 2 and chain["adapter_sha256"] != chain["sft"]["adapter_sha256"]
+    )
     saved = tmp_path / "out" / train.ADAPTER
     assert [p.name for p in saved.iterdir() if p.is_dir()] == []
     assert json.loads((saved / "adapter_config.json").read_text())["use_dora"] is (adapter == "dora")
@@ -312,15 +459,30 @@ def test_sft_then_dpo_checks_the_dpo_settings_before_training(base, rows, tmp_pa
     for dpo_args, bad in (({"bta": 0.1}, "bta"), ({"packing": True}, "packing")):
         cfg = Train(method="sft+dpo", args=ARGS, dpo_args=dpo_args)
         with pytest.raises(UserError, match=f"train.args / train.dpo_args: .*'{bad}'"):
-            train.run(cfg, 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+            train.run(
+                cfg,
+                1,
+                train.Inputs(base, rows[0], rows[1], []),
+                train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+            )
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.method sft\\+dpo: needs an adapter"):
-        train.run(Train(method="sft+dpo", adapter="full", args=ARGS), 1, train.Inputs(base, rows[0], rows[1], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+        train.run(
+            Train(method="sft+dpo", adapter="full", args=ARGS),
+            1,
+            train.Inputs(base, rows[0], rows[1], []),
+            train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+        )
     with pytest.raises(UserError, match="no preference rows"):
-        train.run(Train(method="sft+dpo", args=ARGS), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"))
+        train.run(
+            Train(method="sft+dpo", args=ARGS),
+            1,
+            train.Inputs(base, rows[0], [], []),
+            train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
+        )
 
 
 def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
@@ -328,16 +490,29 @@ def test_missing_mixed_data_stops_in_one_line(tmp_path, monkeypatch):
     import sys
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.train"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == "tunegate train: error: data/mix/train.jsonl: missing; run the mix stage first (dvc repro mix)"
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == "tunegate train: error: data/mix/train.jsonl: missing; run the mix stage first (dvc repro mix)"
+    )
 
 
 def test_tokens_per_second_are_logged_apart_from_the_tracked_plot(base, rows, tmp_path):
     import csv
 
-    train.run(Train(lora=Lora(r=4, alpha=8), args=ARGS), 1, train.Inputs(base, rows[0], [], []), train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "train.csv", speed_path=tmp_path / "speed.csv"))
+    train.run(
+        Train(lora=Lora(r=4, alpha=8), args=ARGS),
+        1,
+        train.Inputs(base, rows[0], [], []),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "train.csv", speed_path=tmp_path / "speed.csv"),
+    )
     speed = list(csv.DictReader((tmp_path / "speed.csv").open()))
     assert len(speed) == ARGS["max_steps"] - 1 and all(float(r["tokens_per_second"]) > 0 for r in speed)
     assert [int(r["tokens"]) for r in speed] == sorted(int(r["tokens"]) for r in speed)

@@ -10,7 +10,14 @@ from tunegate.config import Source, Validate
 from tunegate.errors import UserError
 from tunegate.io import read_jsonl
 
-REASONS = ["malformed_json", "missing_field", "empty_content", "wrong_role", "template_leftover", "chosen_equals_rejected"]
+REASONS = [
+    "malformed_json",
+    "missing_field",
+    "empty_content",
+    "wrong_role",
+    "template_leftover",
+    "chosen_equals_rejected",
+]
 
 
 def test_planted_defects_are_quarantined(validated, ledger):
@@ -49,7 +56,9 @@ def test_bad_lines_report_file_line(tmp_path, tokenizer):
     good = json.dumps({"prompt": "Cancel order 12345 please", "completion": "ok"})
     path.write_bytes((good + "\n").encode() * 20 + b"\xff\xfe broken\n" + b'{"prompt": "trunc')
     with pytest.raises(UserError) as err:
-        validate.run(Validate(max_invalid_share=0.05), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+        validate.run(
+            Validate(max_invalid_share=0.05), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out"
+        )
     msg = str(err.value)
     assert "bad.jsonl" in msg and "2/22 rows invalid" in msg and "\n" not in msg
     q = read_jsonl(tmp_path / "out" / validate.QUARANTINE)
@@ -66,8 +75,12 @@ def test_wrong_schema_fails_clearly(tmp_path, tokenizer):
 
 def test_data_docs_are_built(tmp_path, tokenizer):
     path = tmp_path / "ok.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Track order {10000 + i}", "completion": "ok"}) + "\n" for i in range(5)))
-    validate.run(Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out", tmp_path / "docs")
+    path.write_text(
+        "".join(json.dumps({"prompt": f"Track order {10000 + i}", "completion": "ok"}) + "\n" for i in range(5))
+    )
+    validate.run(
+        Validate(), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out", tmp_path / "docs"
+    )
     assert (tmp_path / "docs" / "index.html").exists()
     assert list((tmp_path / "docs").rglob("*.html"))
 
@@ -85,20 +98,27 @@ def test_token_bounds_decide_exactly_like_counting(tokenizer):
         assert counter.longest, "the demo tokenizer is byte-level BPE: the bounds apply"
         counts = counter.count(texts)
         assert [low <= c <= high for c in counts] == [low <= e <= high for e in exact], (low, high)
-        assert all(c == e for c, e in zip(counts, exact) if not low <= e <= high)
+        assert all(c == e for c, e in zip(counts, exact, strict=True) if not low <= e <= high)
 
 
 def test_compiled_template_renders_like_apply_chat_template(tokenizer):
     render = rendering.renderer(tokenizer)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi {x}"}, {"role": "assistant", "content": "Hello."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi {x}"},
+        {"role": "assistant", "content": "Hello."},
+    ]
     assert render(msgs) == tokenizer.apply_chat_template(msgs, tokenize=False)
 
 
 TEMPLATES = {
     # verbatim content, fixed text per role (ChatML)
-    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}",
+    "chatml": "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}",
     # trimmed content (Llama 3)
-    "trim": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}",
+    "trim": "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}",
     # text that depends on the whole role sequence (a default system prompt when there is none)
     "default_system": "{% if messages[0]['role'] != 'system' %}{{ 'system: be kind\n' }}{% endif %}"
     "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
@@ -122,7 +142,14 @@ def test_rendered_sizes_equal_real_renders(name, tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", TEMPLATES[name])
     rng = random.Random(0)
     words = ["ok", "a", "banana", "été", "🙂", "{x}", "\n", "  ", "\t", "\u3000", "\x1c"]
-    orders = [("user", "assistant"), ("system", "user", "assistant"), ("user", "assistant", "user", "assistant"), ("assistant", "user"), ("user",), ()]
+    orders = [
+        ("user", "assistant"),
+        ("system", "user", "assistant"),
+        ("user", "assistant", "user", "assistant"),
+        ("assistant", "user"),
+        ("user",),
+        (),
+    ]
     convs = [
         [Message(role, "".join(rng.choices(words, k=rng.randint(0, 12)))) for role in orders[i % len(orders)]]
         for i in range(300)
@@ -144,9 +171,17 @@ def test_default_pii_patterns_run_on_the_fast_engine():
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    texts = ["call +1 (555) 123-4567 today", "or 555-123-4567.", "order 12345 of 2024", "abc12345678901", "mail anna.berg@example.com",
-             "key sk-abcdefghijklmnop1234"]
-    got = {name: pc.match_substring_regex(pa.array(texts), p).to_pylist() for name, p in Validate().pii_patterns.items()}
+    texts = [
+        "call +1 (555) 123-4567 today",
+        "or 555-123-4567.",
+        "order 12345 of 2024",
+        "abc12345678901",
+        "mail anna.berg@example.com",
+        "key sk-abcdefghijklmnop1234",
+    ]
+    got = {
+        name: pc.match_substring_regex(pa.array(texts), p).to_pylist() for name, p in Validate().pii_patterns.items()
+    }
     assert got["phone"] == [True, True, False, False, False, False]
     assert got["email"] == [False, False, False, False, True, False]
     assert got["api_key"] == [False, False, False, False, False, True]
@@ -169,8 +204,14 @@ def test_pii_checked_in_one_pass_named_per_pattern(tmp_path, tokenizer, mode):
     q = read_jsonl(tmp_path / "out" / validate.QUARANTINE)
     if mode == "quarantine":
         assert [(r["line"], r["reason"], r["detail"]) for r in q] == [
-            (1, "pii_email", "pii_email"), (2, "pii_phone", "pii_phone"), (3, "pii_email", "pii_email, pii_phone")]
-        assert metrics["sources"]["s"]["pii_quarantined"] == {"pii_email": 2, "pii_phone": 2} and metrics["sources"]["s"]["kept"] == 1
+            (1, "pii_email", "pii_email"),
+            (2, "pii_phone", "pii_phone"),
+            (3, "pii_email", "pii_email, pii_phone"),
+        ]
+        assert (
+            metrics["sources"]["s"]["pii_quarantined"] == {"pii_email": 2, "pii_phone": 2}
+            and metrics["sources"]["s"]["kept"] == 1
+        )
     else:
         assert not q and metrics["sources"]["s"]["pii_reported"] == {"pii_email": 2, "pii_phone": 2}
         assert "ann@example.com" in (tmp_path / "out" / "s.jsonl").read_text()  # reported, not masked
@@ -193,19 +234,46 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
     rows = []
     for i in range(400):
         if kind == "sft":
-            rows.append(Row(f"s-{i}", "s", i, "sft", msgs(rng.choice([("user", "assistant"), ("system", "user", "assistant"), ("user",), (), ("bot", "user")]))))
+            rows.append(
+                Row(
+                    f"s-{i}",
+                    "s",
+                    i,
+                    "sft",
+                    msgs(
+                        rng.choice(
+                            [("user", "assistant"), ("system", "user", "assistant"), ("user",), (), ("bot", "user")]
+                        )
+                    ),
+                )
+            )
         else:
             chosen = msgs(rng.choice([("assistant",), (), ("assistant", "assistant")]))
             rejected = [Message(m.role, f" {m.content}\n") for m in chosen] if i % 5 == 0 else msgs(("assistant",))
-            rows.append(Row(f"p-{i}", "p", i, "preference", None, msgs(rng.choice([("user",), (), ("system", "user")])), chosen, rejected))
+            rows.append(
+                Row(
+                    f"p-{i}",
+                    "p",
+                    i,
+                    "preference",
+                    None,
+                    msgs(rng.choice([("user",), (), ("system", "user")])),
+                    chosen,
+                    rejected,
+                )
+            )
     low, high = 3, 12
     frame = validate._table(rows, rendering.TokenCounter(tokenizer, low, high), rendering.RenderedSize(tokenizer))
     render = rendering.renderer(tokenizer)
 
     def tokens(conv):
-        return len(tokenizer(render([{"role": m.role, "content": m.content} for m in conv]), add_special_tokens=False)["input_ids"])
+        return len(
+            tokenizer(render([{"role": m.role, "content": m.content} for m in conv]), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
 
-    for row, got in zip(rows, frame.to_dict(orient="records")):
+    for row, got in zip(rows, frame.to_dict(orient="records"), strict=True):
         parts = [row.messages] if kind == "sft" else [row.prompt, row.chosen, row.rejected]
         every = [m for part in parts for m in part]
         assert got["roles"] == "|".join(",".join(m.role for m in part) for part in parts)
@@ -215,4 +283,6 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
         exact = max(tokens(c) for c in convs)
         assert (low <= got["n_tokens"] <= high) == (low <= exact <= high), row
         if kind == "preference":
-            assert got["chosen_equals_rejected"] == ([m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected])
+            assert got["chosen_equals_rejected"] == (
+                [m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected]
+            )
