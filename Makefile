@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench clean-outputs
+.PHONY: setup demo test bench clean-outputs mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,13 @@ test: setup
 bench: setup
 	python -m benchmarks.dedup
 	python -m benchmarks.validate_cost
+
+# Mutation testing of the pure core modules ([tool.mutmut] in pyproject.toml names them and the fast tests),
+# then the score per module: mutants killed (or timed out) / mutants, as mutmut's own badge counts them.
+# `make mutation MODULE=gate` mutates one module. Mutated copies and results stay in mutants/ (ignored).
+mutation: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[mutation]"
+	mutmut run $(if $(MODULE),"tunegate.$(MODULE).*")
+	@mutmut results --all true | awk -F': ' '{ sub(/^ +/, "", $$1); split($$1, part, "."); m = part[1] "." part[2]; \
+		if ($$2 == "skipped" || $$2 == "not checked") next; n[m]++; if ($$2 == "killed" || $$2 == "timeout") k[m]++ } \
+		END { for (m in n) printf "%-20s %5.1f%%  (%d of %d mutants killed)\n", m, 100 * k[m] / n[m], k[m], n[m] }' | sort

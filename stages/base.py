@@ -16,7 +16,7 @@ from typing import Any
 
 from tunegate.config import Base, load_config
 from tunegate.io import atomic_path, read_jsonl, write_json
-from tunegate.models import describe, snapshot
+from tunegate.models import check_loadable, describe, snapshot
 from tunegate.paths import BASE_MANIFEST
 from tunegate.runtime import stage_main
 
@@ -37,6 +37,7 @@ def run(cfg: Base, seed: int, pretrain: Path, out_dir: Path) -> dict[str, Any]:
         else:
             path, resolved = snapshot(cfg.model, cfg.revision)
             manifest = describe(path, cfg.model, cfg.revision, resolved)
+            check_loadable(path, cfg.model, cfg.trust_remote_code)
         manifest["trust_remote_code"] = cfg.trust_remote_code
         write_json(tmp / BASE_MANIFEST, manifest)
     log.info(

@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +33,9 @@ from tunegate.io import read_json, sha256_file, sha256_of, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.registry import (
     ROLLED_BACK,
+    SECRET_KEY,
+    SECRET_VALUE,
+    URL_PASSWORD,
     adapter_fingerprint,
     champion,
     client,
@@ -39,6 +43,7 @@ from tunegate.registry import (
     move_champion,
     reachable,
     redact,
+    redact_value,
     settle,
 )
 from tunegate.runtime import stage_main
@@ -68,8 +73,11 @@ def lock_sha256(lock: Path) -> str:
     return sha256_of({k: v for k, v in stages.items() if k != "register"})
 
 
-def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, fingerprint: str) -> dict[str, Any]:
-    """The provenance record (docs/ARCHITECTURE.md) as flat tags."""
+def provenance(
+    cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, fingerprint: str, trained: dict | None = None
+) -> dict[str, Any]:
+    """The provenance record (docs/ARCHITECTURE.md) as flat tags; `trained` is train's metrics (how it ran)."""
+    trained = trained or {}
     tags: dict[str, Any] = {
         "base_model": base["model"],
         "base_revision": base["resolved_revision"],
@@ -88,6 +96,11 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
         "gate_passed": str(verdict["passed"]).lower(),
         "gate_policy_sha256": verdict.get("policy_sha256"),
         "adapter_sha256": fingerprint,
+        # how training ran: what a reproduction needs to know to compare like with like
+        "effective_batch_size": trained.get("effective_batch_size"),
+        "train_processes": trained.get("processes", 1),
+        "train_device": trained.get("device"),
+        "deterministic_kernels": str(trained.get("deterministic", True)).lower(),
     }
     if not verdict["passed"]:
         tags["gate_failed"] = "; ".join(verdict["failed"])
@@ -106,6 +119,43 @@ def provenance(cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, 
                     tags[f"eval.{side}.{task}.{m}"] = v
     tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
     return tags
+
+
+def logged_params(cfg: Config) -> dict[str, str]:
+    """Every setting as an MLflow param, flattened, under the same redaction as the tags."""
+    return redact(flatten(cfg))
+
+
+def _scrub(node: Any, key: str) -> Any:
+    """A parsed YAML document with the redaction of `redact` applied to every leaf (key = its dotted path)."""
+    if SECRET_KEY.search(key):
+        return node if node in (None, "") else "[redacted]"
+    if isinstance(node, dict):
+        return {k: _scrub(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrub(v, key) for v in node]
+    return redact_value(key, node) if isinstance(node, str) else node
+
+
+def redacted_yaml(text: str) -> str:
+    """params.yaml or dvc.lock (which records every stage's params) as logged with the run: values under
+    secret-looking keys (train.args.hub_token), secret-looking values and URL passwords replaced, so an
+    artifact carries no more than the tags and params do. A file with nothing to redact is logged as written,
+    comments included; otherwise as its redacted values (comments dropped: one could hold the secret too)."""
+    doc = yaml.safe_load(text)
+    clean = _scrub(doc, "")
+    if clean == doc and not SECRET_VALUE.search(text) and not URL_PASSWORD.search(text):
+        return text
+    return "# secrets redacted by the register stage\n" + yaml.safe_dump(clean, sort_keys=False, allow_unicode=True)
+
+
+def provenance_file(path: Path, scratch: Path) -> Path:
+    """The file to log for one provenance artifact: params.yaml and dvc.lock redacted into scratch."""
+    if path.name not in (PARAMS.name, DVC_LOCK.name):
+        return path
+    copy = scratch / path.name
+    copy.write_text(redacted_yaml(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return copy
 
 
 def _log_curves(path: Path) -> None:
@@ -200,8 +250,9 @@ def run(
         try:
             reachable(uri)
         except UserError:  # the server went away mid-registration
+            shown = redact_value("uri", uri)  # a password in the URI stays out of the console and the log
             raise UserError(
-                f"register.tracking_uri {uri}: lost the MLflow server during registration ({detail}); "
+                f"register.tracking_uri {shown}: lost the MLflow server during registration ({detail}); "
                 "run `dvc repro` again once it is "
                 "back: a cut-off registration is completed or cleaned up, and the adapter ends registered exactly once"
             ) from None
@@ -244,14 +295,14 @@ def _register(
                 cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri()
             )
         )
-        tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint))
+        tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
         with mlflow.start_run(
             experiment_id=exp_id,
             run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
             tags={"adapter_sha256": fingerprint, "registration": "started"},
         ) as active:
             run_id = active.info.run_id
-            params = redact(flatten(cfg))
+            params = logged_params(cfg)
             for start in range(0, len(params), 100):
                 mlflow.log_params(dict(list(params.items())[start : start + 100]))
             numeric = {
@@ -275,11 +326,12 @@ def _register(
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
             _log_datasets(cfg, mix)
             mlflow.log_artifacts(str(layout.eval("candidate") / SAMPLES), artifact_path=EVAL_ARTIFACTS)
-            for path in reports:
-                if path.is_dir():
-                    mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
-                elif path.exists():
-                    mlflow.log_artifact(str(path), artifact_path="provenance")
+            with tempfile.TemporaryDirectory() as scratch:
+                for path in reports:
+                    if path.is_dir():
+                        mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
+                    elif path.exists():
+                        mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
             info = _log_model(cfg, base, adapter_dir)
         version = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id}).version
         log.info("register: %s v%s (run %s)", name, version, run_id)

@@ -27,7 +27,7 @@ from typing import Any
 from tunegate.adapters import ADAPTERS
 from tunegate.config import Train, load_config
 from tunegate.errors import UserError
-from tunegate.io import atomic_path, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
+from tunegate.io import publish, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
 from tunegate.paths import (
     ADAPTER,
     CHAIN_DPO_CHECKPOINTS,
@@ -38,9 +38,11 @@ from tunegate.paths import (
     TRAIN_RECORD,
     TRAINING_ARGS,
     Layout,
+    partial_of,
     run_checkpoints,
 )
-from tunegate.runtime import record_timing, seed_everything, stage_main
+from tunegate.runtime import record_timing, route_trainer_logs, seed_everything, stage_main
+from tunegate.training import is_main_process, launch_command, resolved_args
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,8 @@ def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int 
         earlier phase in the same file (the DPO phase of sft+dpo follows the SFT phase's rows)."""
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # one writer when several processes train
+                return
             start = step_offset + state.global_step
             for p, fields in ((path, PLOT_FIELDS), (speed_path, SPEED_FIELDS)):
                 if p is None:
@@ -151,6 +155,8 @@ def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int 
             self.last = (time.perf_counter(), None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
             logs = logs or {}
             if "num_tokens" in logs and speed_path is not None:
                 now, tokens = time.perf_counter(), float(logs["num_tokens"])
@@ -240,49 +246,31 @@ def _portable(adapter: Path, base_ref: str) -> None:
         config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def _preflight(cfg: Train, model, args: dict[str, Any]) -> dict[str, float]:
-    """Refuse, before training starts, a run whose estimated peak memory does not fit the device."""
-    import torch
+def _preflight(cfg: Train, manifest: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:
+    """Refuse, before any weights load, a run whose estimated peak memory does not fit the device
+    (estimated from the base's config.json; see tunegate/preflight.py)."""
+    from tunegate.preflight import GIB, available_bytes, check
+    from tunegate.training import plan, read_shape
 
-    from tunegate.preflight import GIB, Plan, Shape, available_bytes, check
-
-    c = model.config
-    params = sum(p.numel() for p in model.parameters())
-    shape = Shape(params=params, layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size)
-    per_layer = 4 * c.hidden_size * c.hidden_size + 3 * c.hidden_size * getattr(
-        c, "intermediate_size", 4 * c.hidden_size
-    )
-    trainable = (
-        c.num_hidden_layers * cfg.lora.r * 2 * (per_layer // c.hidden_size) if ADAPTERS[cfg.adapter].peft else params
-    )
-    plan = Plan(
-        cfg.adapter,
-        trainable,
-        int(args.get("per_device_train_batch_size", 8)),
-        int(args.get("max_length", 1024)),
-        bool(args.get("gradient_checkpointing")),
-        str(args.get("optim", "adamw_torch")),
-        bool(args.get("bf16") or args.get("fp16")),
-        model.dtype in (torch.bfloat16, torch.float16),
-    )
     device, free = available_bytes()
-    est = check(shape, plan, device, free)
-    log.info(
-        "preflight: estimated peak %.2f GiB (weights %.2f, trainable+optimizer %.2f, activations %.2f) "
-        "of %.1f GiB free on %s",
-        est["total"] / GIB,
-        est["weights"] / GIB,
-        est["trainable"] / GIB,
-        est["activations"] / GIB,
-        free / GIB,
-        device,
-    )
+    est = check(read_shape(manifest["path"]), plan(cfg, args, read_shape(manifest["path"])), device, free)
+    if is_main_process():
+        log.info(
+            "preflight: estimated peak %.2f GiB per device (weights %.2f, trainable+optimizer %.2f, activations %.2f) "
+            "of %.1f GiB free on %s",
+            est["total"] / GIB,
+            est["weights"] / GIB,
+            est["trainable"] / GIB,
+            est["activations"] / GIB,
+            free / GIB,
+            device,
+        )
     return est
 
 
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
+def _last_checkpoint(ckpt_dir: Path, clean: bool = False) -> str | None:
     """The newest *complete* checkpoint. The trainer writes trainer_state.json last, so a checkpoint
-    without a readable one was cut off mid-save (a kill during saving): it is removed, not resumed."""
+    without a readable one was cut off mid-save (a kill during saving): skipped, and removed with clean."""
     if not ckpt_dir.is_dir():
         return None
     found = sorted(
@@ -295,8 +283,9 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
             json.loads((ckpt / TRAINER_STATE).read_text())
             return str(ckpt)
         except (OSError, ValueError):
-            log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            if clean:
+                log.warning("removing incomplete checkpoint %s (interrupted while saving)", ckpt)
+                shutil.rmtree(ckpt, ignore_errors=True)
     return None
 
 
@@ -305,23 +294,22 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
     train.args, then (DPO only) train.dpo_args."""
     import torch
 
+    cuda = torch.cuda.is_available()
     common = {
         "output_dir": str(ckpt_dir),
         "seed": seed,
         "data_seed": seed,
         "report_to": [],
-        "use_cpu": not torch.cuda.is_available(),
         "save_strategy": "steps",
         "save_total_limit": 2,
         "logging_steps": 10,
-        "full_determinism": True,
         "dataloader_num_workers": 0,
-        # TRL's SFTConfig turns these on by default; on CPU both slow training down, so opt in via train.args.
-        "gradient_checkpointing": False,
-        "bf16": False,
+        "ddp_find_unused_parameters": False,  # every adapter weight is used: skip DDP's extra graph walk
     }
     method = METHODS[cfg.method]
-    args = {**common, **cfg.args, **(cfg.dpo_args if method.preference else {})}
+    # TRL's SFTConfig turns gradient checkpointing and bf16 on by default; the device decides here
+    # (both slow CPU training down; bf16 and TF32 on a GPU that has them), train.args overrides.
+    args = {**common, **resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())}
     if with_probe and method.probe:  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", args.get("save_steps", 50))
@@ -370,10 +358,11 @@ def run(
         )
     args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
-    seed_everything(seed)
+    manifest = data.manifest
+    estimate = _preflight(cfg, manifest, args)  # from config.json: a run that cannot fit costs nothing either
+    seed_everything(seed, deterministic=bool(args["full_determinism"]))
     from tunegate.models import load_model, load_tokenizer
 
-    manifest = data.manifest
     base_ref = data.base_ref or manifest["model"]
     tokenizer = load_tokenizer(manifest, data.trust_remote_code)
     model = load_model(manifest, data.trust_remote_code, quantize_4bit=kind.quantize_4bit)
@@ -381,7 +370,6 @@ def run(
         raise UserError(
             f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model"
         )
-    estimate = _preflight(cfg, model, args)
     if kind.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -406,8 +394,14 @@ def run(
         peft_config=None if init_adapter is not None else peft_config(cfg),
         callbacks=callbacks,
     )
+    route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
+    # With several processes only the main one writes or removes files; the others wait for it.
+    main, everyone = trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone
+    if main:
+        _last_checkpoint(out.ckpt_dir, clean=True)
+    everyone()
     resume = _last_checkpoint(out.ckpt_dir)
-    if resume:
+    if resume and main:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -415,16 +409,25 @@ def run(
 
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen DPO reference copy: not part of the result
-    with atomic_path(out.out_dir) as tmp:
-        trainer.save_model(str(tmp / ADAPTER))
-        tokenizer.save_pretrained(tmp / ADAPTER)
-        _portable(tmp / ADAPTER, base_ref)
-        write_json(tmp / TRAINING_ARGS, json.loads(trainer_args.to_json_string()))
+    # Written beside the output and renamed into place, so the folder is complete or absent; the path is
+    # the same in every process because save_model is called by all of them (FSDP / ZeRO-3 gather here).
+    partial = partial_of(out.out_dir)
+    if main:
+        shutil.rmtree(partial, ignore_errors=True)
+    everyone()
+    trainer.save_model(str(partial / ADAPTER))
+    everyone()
+    if main:
+        tokenizer.save_pretrained(partial / ADAPTER)
+        _portable(partial / ADAPTER, base_ref)
+        write_json(partial / TRAINING_ARGS, json.loads(trainer_args.to_json_string()))
         # what was trained, read by eval_candidate and register (method, adapter kind, base)
-        write_json(tmp / TRAIN_RECORD, {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
+        write_json(partial / TRAIN_RECORD, {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
         if cfg.merge and kind.peft:
-            merge(manifest, tmp / ADAPTER, tmp / MERGED, data.trust_remote_code)
-    shutil.rmtree(out.ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
+            merge(manifest, partial / ADAPTER, partial / MERGED, data.trust_remote_code)
+        publish(partial, out.out_dir)
+        shutil.rmtree(out.ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
+    everyone()
     history = trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]
     effective_batch = (
@@ -447,9 +450,19 @@ def run(
         "stopped_early_at": probe_state.get("stopped_at"),
         **_dpo_rewards(history),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
+        "processes": max(1, trainer_args.world_size),
+        "device": _device_name(),
+        "deterministic": bool(trainer_args.full_determinism),
+        "bf16": bool(trainer_args.bf16),
         "adapter_sha256": sha256_tree(out.out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),
     }
+
+
+def _device_name() -> str:
+    import torch
+
+    return f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
 
 
 def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -507,7 +520,8 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
     else:
         log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(data.train_rows))
         sft = run(sft_cfg, seed, replace(data, pref_rows=[]), replace(out, out_dir=sft_dir, ckpt_dir=sft_ckpt))
-        write_json(done, sft)
+        if is_main_process():
+            write_json(done, sft)
     log.info(
         "train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter",
         len(data.pref_rows),
@@ -520,7 +534,8 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
         init_adapter=sft_dir / ADAPTER,
         recorded=cfg,
     )
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if is_main_process():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     phase = (
         "steps",
         "train_loss",
@@ -539,25 +554,46 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
     }
 
 
+def checkpoint_folder(cfg: Train, seed: int, data_files: tuple[Path, ...], base_weights: Any) -> str:
+    """The checkpoint folder's name, keyed by everything that defines the run (settings, seed, the training
+    files' bytes, the base weights), so a resume never continues a checkpoint of another config or data."""
+    return run_checkpoints(sha256_of([cfg.model_dump(), seed, *map(sha256_file, data_files), base_weights])[:12])
+
+
+def _launched(cfg: Train) -> int | None:
+    """With train.launch set, re-run this stage under `accelerate launch` (one process per device) and
+    return its exit code; None when this process should train itself."""
+    import os
+    import subprocess
+
+    from tunegate.training import LAUNCHED
+
+    if cfg.launch is None or cfg.launch.processes < 2 or os.environ.get(LAUNCHED):
+        return None
+    command = launch_command(cfg)
+    log.info("train: %d processes: %s", cfg.launch.processes, " ".join(command[1:]))
+    return subprocess.run(command, env={**os.environ, LAUNCHED: "1"}).returncode
+
+
 def main() -> None:
     def body() -> None:
         from tunegate.models import load_manifest
 
         cfg = load_config()
+        code = _launched(cfg.train)
+        if code is not None:
+            if code:
+                raise UserError(
+                    f"train: `accelerate launch` with {cfg.train.launch.processes} processes failed (exit {code})"
+                )
+            return
         layout = Layout.of(cfg.paths)
         for path in (layout.mix_train, layout.mix_preferences, layout.mix_probe):
             if not path.exists():
                 raise UserError(f"{path}: missing; run the mix stage first (dvc repro mix)")
         manifest = load_manifest(layout.base)
-        # Checkpoints are keyed by everything that defines the run, so a resume never mixes two configs.
-        run_key = sha256_of(
-            [
-                cfg.train.model_dump(),
-                cfg.seed,
-                sha256_file(layout.mix_train),
-                sha256_file(layout.mix_preferences),
-                manifest["weights_sha256"],
-            ]
+        checkpoints = checkpoint_folder(
+            cfg.train, cfg.seed, (layout.mix_train, layout.mix_preferences), manifest["weights_sha256"]
         )
         data = Inputs(
             manifest=manifest,
@@ -569,11 +605,13 @@ def main() -> None:
         )
         out = Outputs(
             layout.train,
-            layout.checkpoints / run_checkpoints(run_key[:12]),
+            layout.checkpoints / checkpoints,
             layout.train_plot,
             speed_path=layout.throughput,
         )
         metrics = run(cfg.train, cfg.seed, data, out)
+        if not is_main_process():
+            return
         seconds = metrics.pop("seconds")
         write_json(layout.metrics("train"), metrics)
         record_timing("train", seconds)

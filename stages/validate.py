@@ -6,10 +6,12 @@ Rows are read and normalised (tunegate.formats), their derived columns are built
 with rendered sizes and token counts from tunegate.rendering), then a GX 1.x suite runs over that
 table, one row per record: role order, non-empty content, token length under the base tokenizer and
 its chat template, unfilled template placeholders, unique ids, chosen != rejected for preference
-rows, and PII patterns (one pass for all). A row failing any expectation is quarantined with the
-first failing check as its reason; unreadable lines are quarantined with file:line. For every
-source, in = kept + quarantined, and the stage fails in one line when a source's invalid share
-exceeds `validate.max_invalid_share`.
+rows, and PII and secret patterns (one pass for all). A row failing any expectation is quarantined
+with the first failing check as its reason; unreadable lines are quarantined with file:line.
+Characters that do not show (bidi overrides, zero-width and control characters) are found in the
+same Arrow pass that builds the table and reported, stripped or quarantined (`validate.invisible`).
+For every source, in = kept + quarantined, and the stage fails in one line when a source's invalid
+share exceeds `validate.max_invalid_share`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import msgspec
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
 from tunegate.formats import Row, load_rows
-from tunegate.io import write_chunks, write_json, write_jsonl, write_text
+from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
 from tunegate.runtime import gc_paused, stage_main
@@ -39,6 +41,29 @@ PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
 WRITE_ROWS = 16384  # rows encoded per chunk while the previous chunk is written
 PII = "pii"  # the combined PII check; rows it flags get one `pii_<name>` reason per matching pattern
 PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
+# Characters a reader cannot see, by class (inclusive code point ranges). Left out on purpose: tab,
+# newline and carriage return, the zero-width (non-)joiners U+200C/U+200D that emoji sequences and
+# Indic and Persian scripts need, and variation selectors.
+INVISIBLE = {
+    # C0 controls other than \t \n \r, DEL, and the C1 controls
+    "control": ((0x00, 0x08), (0x0B, 0x0C), (0x0E, 0x1F), (0x7F, 0x9F)),
+    # directional marks, embeddings, overrides and isolates: they reorder what a reader sees (Trojan Source)
+    "bidi": ((0x061C, 0x061C), (0x200E, 0x200F), (0x202A, 0x202E), (0x2066, 0x2069)),
+    # zero-width space, word joiner and invisible operators, a byte order mark inside text, soft hyphen
+    "zero_width": ((0x00AD, 0x00AD), (0x180E, 0x180E), (0x200B, 0x200B), (0x2060, 0x2064), (0xFEFF, 0xFEFF)),
+    # Unicode tag characters: invisible ASCII look-alikes used to hide instructions in text
+    "tag": ((0xE0000, 0xE007F),),
+}
+INVISIBLE_KEY = {"report": "invisible_reported", "strip": "invisible_stripped", "quarantine": "invisible_quarantined"}
+
+
+def _char_class(ranges, escape) -> str:
+    return "[" + "".join(escape(a) if a == b else f"{escape(a)}-{escape(b)}" for a, b in ranges) + "]"
+
+
+# The same classes for Arrow's RE2 (\x{...}) and for Python's re (\U........), from the one table.
+INVISIBLE_RE2 = _char_class([r for ranges in INVISIBLE.values() for r in ranges], lambda c: f"\\x{{{c:x}}}")
+INVISIBLE_PY = {name: re.compile(_char_class(ranges, lambda c: f"\\U{c:08x}")) for name, ranges in INVISIBLE.items()}
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
 
@@ -81,6 +106,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
         for i in candidates.tolist():
             equal[i] = [m.content.strip() for m in rows[i].chosen] == [m.content.strip() for m in rows[i].rejected]
         columns["chosen_equals_rejected"] = equal
+    columns["invisible"] = pc.match_substring_regex(columns["text"], INVISIBLE_RE2)
     return pa.table(columns).to_pandas()
 
 
@@ -165,10 +191,50 @@ def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[str, list[str]]
     return {rid: sorted(set(rs), key=order.index) for rid, rs in failed.items()}
 
 
+def _invisible(
+    rows: list[Row], frame, mode: str, counter: TokenCounter, sizes: RenderedSize
+) -> tuple[Any, dict[str, list[str]]]:
+    """Rows with characters that do not show, by class. `strip` removes them from the contents and
+    rebuilds those rows' table lines, so every check sees the text as it will be trained on (a message
+    of nothing but zero-width spaces is then empty). Returns the table and {row id: [invisible_<class>]}."""
+    import numpy as np
+
+    flagged = np.flatnonzero(frame.pop("invisible").to_numpy(dtype=bool))  # not a column the suite checks
+    found: dict[str, list[str]] = {}
+    for i in flagged.tolist():
+        text = "\n".join(m.content for m in rows[i].all_messages())
+        found[rows[i].id] = [f"invisible_{name}" for name, p in INVISIBLE_PY.items() if p.search(text)]
+    if mode == "strip" and flagged.size:
+        strip = [p.sub for p in INVISIBLE_PY.values()]
+        for i in flagged.tolist():
+            for msg in rows[i].all_messages():
+                for sub in strip:
+                    msg.content = sub("", msg.content)
+        redone = _table([rows[i] for i in flagged.tolist()], counter, sizes).drop(columns="invisible")
+        for column in redone.columns:
+            frame.iloc[flagged, frame.columns.get_loc(column)] = redone[column].to_numpy()
+    return frame, found
+
+
 def _mask(row: Row, patterns: dict[str, re.Pattern[str]]) -> Row:
+    """Replace every match with `[<NAME>]`. Matches are found on the original text and overlapping ones
+    merged under the earliest (then longest), so one pattern's mask never hides the rest of another's
+    match from it (`xoxb-123456789012-...` is one API key, not a phone number inside a kept key)."""
     for msg in row.all_messages():
-        for name, pattern in patterns.items():
-            msg.content = pattern.sub(f"[{name.upper()}]", msg.content)
+        found = sorted(
+            (m.start(), -m.end(), name) for name, p in patterns.items() for m in p.finditer(msg.content) if m.end()
+        )
+        merged: list[list[Any]] = []  # [start, end, name]
+        for start, neg_end, name in found:
+            if merged and start < merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], -neg_end)
+            else:
+                merged.append([start, -neg_end, name])
+        parts, at = [], 0
+        for start, end, name in merged:
+            parts += [msg.content[at:start], f"[{name.upper()}]"]
+            at = end
+        msg.content = "".join(parts) + msg.content[at:]
     return row
 
 
@@ -214,7 +280,7 @@ def _run(
     failures: list[str] = []
     for name, source in sources.items():
         started = time.perf_counter()
-        rows, problems, fmt = load_rows(name, source.path, source.format)
+        rows, problems, fmt, notes = load_rows(name, source.path, source.format)
         expected_kind = "preference" if source.role == "preference" else "sft"
         wrong_kind = [r for r in rows if r.kind != expected_kind]
         if wrong_kind:
@@ -230,15 +296,24 @@ def _run(
             }
             for r in wrong_kind
         ]
-        failed = _run_suite(ctx, name, _table(rows, counter, sizes), _expectations(cfg, expected_kind)) if rows else {}
+        failed, invisible = {}, {}
+        if rows:
+            frame, invisible = _invisible(rows, _table(rows, counter, sizes), cfg.invisible, counter, sizes)
+            failed = _run_suite(ctx, name, frame, _expectations(cfg, expected_kind))
         kept, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
+        invisible_hits = Counter(r for found in invisible.values() for r in found)
         for row in rows:
             reasons = failed.get(row.id)
-            if reasons is None:
+            hidden = invisible.get(row.id, []) if cfg.invisible == "quarantine" else []
+            if reasons is None and not hidden:
                 kept.append(row)
                 continue
-            if reasons[-1] == PII:
+            reasons = reasons or []
+            if reasons and reasons[-1] == PII:
                 reasons = reasons[:-1] + _pii_reasons(row, pii)
+            # after the suite's own checks, before PII: a row's first failing check names it
+            at = next((i for i, r in enumerate(reasons) if r.startswith(PII)), len(reasons))
+            reasons = reasons[:at] + hidden + reasons[at:]
             hits = [r for r in reasons if r.startswith(PII)]
             blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
             if blocking:
@@ -267,34 +342,49 @@ def _run(
             "quarantined": n_quarantined,
             "reasons": dict(sorted(reasons.items())),
             PII_KEY[cfg.pii]: dict(sorted(pii_hits.items())),
+            INVISIBLE_KEY[cfg.invisible]: dict(sorted(invisible_hits.items())),
+            "read": notes,
         }
         share = n_quarantined / n_in if n_in else 1.0
         if share > cfg.max_invalid_share:
             top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
+            hint = (
+                "; not UTF-8 throughout: convert the file (e.g. iconv -f LATIN1 -t UTF-8)"
+                if reasons["encoding"]
+                else ""
+            )
             failures.append(
                 f"{source.path}: {n_quarantined}/{n_in} rows invalid "
-                f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top})"
+                f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top}{hint})"
             )
+        # what was found without a quarantine of its own, on the console too: secrets masked, characters stripped
+        found = "".join(
+            f"; {key.replace('_', ' ')}: " + ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in counts.items())
+            for key in (PII_KEY[cfg.pii], INVISIBLE_KEY[cfg.invisible])
+            if (counts := metrics["sources"][name][key])
+        )
         log.info(
-            "validate %s (%s): in %d = kept %d + quarantined %d (%.1f s)",
+            "validate %s (%s): in %d = kept %d + quarantined %d%s (%.1f s)",
             name,
             fmt,
             n_in,
             len(kept),
             n_quarantined,
+            found,
             time.perf_counter() - started,
         )
 
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "quarantined")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     encode = msgspec.json.Encoder().encode_lines
-    for name, kept in valid.items():
-        write_chunks(
-            out_dir / jsonl_of(name), (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS))
-        )
-    write_jsonl(out_dir / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
-    write_text(out_dir / REPORT, _report(metrics))
+    with atomic_path(out_dir) as tmp:  # all files or none: a run cut short (a full disk) leaves the last whole one
+        tmp.mkdir()
+        for name, kept in valid.items():
+            write_chunks(
+                tmp / jsonl_of(name), (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS))
+            )
+        write_jsonl(tmp / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
+        write_text(tmp / REPORT, _report(metrics))
     if docs_dir is not None:
         _data_docs(ctx, docs_dir)
     if failures:
@@ -332,6 +422,14 @@ def _report(m: dict[str, Any]) -> str:
     for name, s in m["sources"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
         lines.append(f"| {name} | {s['format']} | {s['in']} | {s['kept']} | {s['quarantined']} | {reasons} |")
+    # What was found and handled without a quarantine of its own (rows per kind), and how each file was read.
+    found = []
+    for name, s in m["sources"].items():
+        for key in (*PII_KEY.values(), *INVISIBLE_KEY.values(), "read"):
+            if s.get(key):
+                found.append(f"- {name}: {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+    if found:
+        lines += ["", "Rows with PII or secrets, invisible characters, and how the files were read:", "", *found]
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,28 @@ def test_local_tasks_score_and_keep_per_sample_outcomes(manifest, tmp_path, monk
     assert len(samples) == 8 and {"doc_id", "json_exact", "json_fields"} <= set(samples[0])
 
 
+def test_scores_are_the_means_of_the_per_sample_outcomes_the_gate_reads(manifest, tmp_path, monkeypatch):
+    """The gate decides on samples/<task>.jsonl and the reports quote results.json: they must agree."""
+    from tunegate.io import read_json
+    from tunegate.paths import RESULTS, SAMPLES
+
+    monkeypatch.chdir(ROOT)
+    tasks = ["general_mc", "support_mc", "support_gen"]
+    returned = evaluate(Eval(tasks=tasks, limit=12), manifest, ROOT / "evals/tasks", tmp_path / "out", 1)["scores"]
+    written = read_json(tmp_path / "out" / RESULTS)["scores"]
+    assert written == returned and set(written) == set(tasks)
+    for task in tasks:
+        samples = read_jsonl(tmp_path / "out" / SAMPLES / f"{task}.jsonl")
+        assert written[task]["n"] == len(samples) == 12
+        metrics = set(written[task]) - {"n"}
+        assert metrics and all(metrics <= set(s) for s in samples)
+        for metric in metrics:
+            mean = sum(s[metric] for s in samples) / len(samples)
+            assert written[task][metric] == pytest.approx(mean, abs=1e-6), (task, metric)
+    # not all-zero or all-one, or the equality above would hold for any pairing of scores and outcomes
+    assert any(0 < written[t][m] < 1 for t in tasks for m in written[t] if m != "n")
+
+
 def test_adapter_merged_in_memory_scores_like_lm_eval_peft(manifest, tmp_path, monkeypatch):
     """eval.merge_adapter (the default, faster) gives the same per-sample outcomes as lm-eval's peft=."""
     import torch
@@ -94,3 +116,48 @@ def test_adapter_merged_in_memory_scores_like_lm_eval_peft(manifest, tmp_path, m
         )
     base_samples = [read_jsonl(tmp_path / "base" / "samples" / f"{t}.jsonl") for t in tasks]
     assert base_samples != [read_jsonl(tmp_path / "merged" / "samples" / f"{t}.jsonl") for t in tasks]
+
+
+def _tasks(tmp_path, edit):
+    import shutil
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(ROOT / "evals/tasks", tasks)
+    path = tasks / "general_mc.yaml"
+    path.write_bytes(edit(path.read_bytes()))
+    return tasks, path
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda b: b + b"\n  bad: [unclosed\n", "not valid YAML"),
+        (lambda b: b + b"\n# caf\xe9\n", "not UTF-8 (byte"),
+        (lambda b: b"- just\n- a list\n", "expected a mapping of lm-eval task settings, got a list"),
+    ],
+    ids=["yaml", "encoding", "shape"],
+)
+def test_a_broken_task_file_is_named(manifest, tmp_path, monkeypatch, edit, expected):
+    """lm-eval skips a task file it cannot read, and the task would then be reported unknown."""
+    monkeypatch.chdir(ROOT)
+    tasks, path = _tasks(tmp_path, edit)
+    with pytest.raises(UserError) as err:
+        evaluate(Eval(tasks=["general_mc"], limit=2), manifest, tasks, tmp_path / "out", 1)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_misspelt_task_setting_is_named(manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tasks, path = _tasks(tmp_path, lambda b: b.replace(b"doc_to_text:", b"doc_to_txt:"))
+    with pytest.raises(UserError) as err:
+        evaluate(Eval(tasks=["general_mc"], limit=2), manifest, tasks, tmp_path / "out", 1)
+    assert str(err.value) == f"{path}: 'doc_to_txt' is not an lm-eval task setting (a typo? see lm-eval's task guide)"
+
+
+def test_a_task_whose_data_file_is_missing_names_it(manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tasks, _ = _tasks(tmp_path, lambda b: b.replace(b"evals/data/general_mc.jsonl", b"evals/data/nope.jsonl"))
+    with pytest.raises(UserError) as err:
+        evaluate(Eval(tasks=["general_mc"], limit=2), manifest, tasks, tmp_path / "out", 1)
+    assert "nope.jsonl" in str(err.value) and "dataset_kwargs.data_files" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()

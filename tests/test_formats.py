@@ -59,6 +59,24 @@ def test_ids_are_stable_and_unique(tmp_path):
     assert [r["id"] for r in load_source("s", path)[0]] == [r["id"] for r in rows]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_ids_of_distinct_rows_survive_reordering_the_file(tmp_path, suffix):
+    """An id names a row's content, not its position: shuffling distinct rows gives each row the id it had."""
+    records = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(6)]
+    ids = []
+    for order in (records, [records[k] for k in (3, 5, 0, 4, 1, 2)]):
+        path = tmp_path / f"{len(ids)}{suffix}"
+        if suffix == ".parquet":
+            pd.DataFrame(order).to_parquet(path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in order))
+        rows, problems, _ = load_source("s", path)
+        assert not problems
+        ids.append({r["messages"][0]["content"]: r["id"] for r in rows})
+    assert ids[0] == ids[1] and len(set(ids[0].values())) == len(records)
+    assert all(i.startswith("s-") and "-" not in i[2:] for i in ids[0].values())  # no occurrence suffix
+
+
 def test_hub_dataset_offline_is_one_line():
     with pytest.raises(UserError) as err:
         load_source("s", "no-such-org/no-such-dataset")
@@ -96,6 +114,9 @@ LINES = {
         {"instruction": "i", "input": None, "output": "o"},
         {"instruction": "i", "input": 1, "output": "o"},
         {"instruction": None, "output": "o"},
+        {"instruction": "", "input": "x", "output": "o"},  # the input is the user turn (counted)
+        {"instruction": " \n", "input": "x", "output": "o"},
+        {"instruction": "", "input": "", "output": "o"},
     ],
     "preference": [
         {"prompt": "q", "chosen": "a", "rejected": "b"},
@@ -135,6 +156,6 @@ def test_fast_path_reads_exactly_like_the_general_path(tmp_path, fmt, monkeypatc
     monkeypatch.setattr(formats, "FAST", {k: (Never, make) for k, (_, make) in formats.FAST.items()})
     general = formats.load_rows("s", path, fmt)
     assert msgspec.to_builtins(fast[0]) == msgspec.to_builtins(general[0])
-    assert fast[1] == general[1] and fast[2] == general[2] == fmt
+    assert fast[1] == general[1] and fast[2] == general[2] == fmt and fast[3] == general[3]
     assert len(fast[0]) + len(fast[1]) == len(LINES[fmt]) + 5  # every non-blank line is a row or a problem
     assert fast[1][-1].reason == "encoding" and fast[1][-2].reason == "malformed_json"

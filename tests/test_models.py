@@ -41,3 +41,64 @@ def test_tokenizer_without_chat_template_gets_the_documented_default(tmp_path):
     full = loaded.apply_chat_template(prompt + [{"role": "assistant", "content": "Hello."}], tokenize=False)
     head = loaded.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert full.startswith(head) and full == f"user: Hi\nassistant: Hello.{loaded.eos_token}\n"
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A real (tiny) model folder as save_pretrained writes it."""
+    from demo.model import build
+    from tests.conftest import ROOT
+    from tests.test_evaluation import TINY
+    from tunegate.io import read_jsonl
+
+    out = tmp_path_factory.mktemp("model")
+    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:300], TINY, 1, out)
+    return out
+
+
+def _damaged(model_folder, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    damage(folder)
+    return folder
+
+
+def _set_vocab(folder, size):
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": size}))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda f: (f / "config.json").unlink(), "no config.json in"),
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda f: (f / "tokenizer.json").write_text("not a tokenizer"), "the tokenizer cannot be loaded"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 64), "model.safetensors is not a readable"),
+        (lambda f: _set_vocab(f, 10), "has 400 tokens but the model's embeddings have 10"),
+    ],
+    ids=["no_config", "broken_config", "broken_tokenizer", "broken_weights", "mismatched_vocab"],
+)
+def test_a_damaged_model_folder_is_one_line(model_folder, tmp_path, damage, expected):
+    from tunegate.models import check_loadable
+
+    folder = _damaged(model_folder, tmp_path, damage)
+    with pytest.raises(UserError) as err:
+        check_loadable(folder, str(folder))
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_an_intact_model_folder_passes_and_the_base_stage_checks_it(model_folder, tmp_path):
+    from stages import base
+    from tunegate.config import Base
+    from tunegate.models import check_loadable
+
+    check_loadable(model_folder, "tiny")  # no error
+    broken = _damaged(model_folder, tmp_path, lambda f: _set_vocab(f, 10))
+    with pytest.raises(UserError, match="embeddings have 10"):
+        base.run(Base(model=str(broken)), 1, tmp_path / "pretrain.jsonl", tmp_path / "base")
+    assert not (tmp_path / "base").exists()  # nothing half-made for the next stage

@@ -267,3 +267,30 @@ def test_too_few_or_no_paired_items_never_print_nan():
     assert any("no paired items (n=0)" in line for line in verdict["lines"])
     few = decide(_samples(5, n=10), _samples(8, n=10), policy)
     assert any("only 10 paired items (< min_items 30)" in line for line in few["lines"])
+
+
+def test_tampered_file_in_the_artifact_store_blocks_promotion(tmp_path):
+    """The tamper check reads the copy MLflow stored (a SQLite registry with a file artifact store), not
+    the trained folder: an intact copy promotes, a stored file changed afterwards refuses."""
+    import mlflow
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"trained weights")
+    (adapter / "adapter_config.json").write_text("{}")
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    c.create_registered_model("m")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifacts(str(adapter), artifact_path="model/peft")
+        tags = {"gate_passed": "true", "adapter_sha256": adapter_fingerprint(adapter)}
+        versions.append(c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version)
+    assert move_champion(c, "m", str(versions[0]), "intact") is None
+    (stored,) = (tmp_path / "art" / run.info.run_id).rglob("adapter_model.safetensors")
+    stored.write_bytes(b"swapped weights")
+    with pytest.raises(UserError, match="no longer match the registered adapter sha256"):
+        move_champion(c, "m", str(versions[1]), "tampered")
+    assert str(champion(c, "m").version) == str(versions[0])
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"trained weights"  # only the stored copy changed

@@ -107,3 +107,17 @@ def test_readme_layout_matches_the_tree():
     assert named and all((ROOT / name).is_dir() for name in named), named
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {"evals", "infra", "docs"}
     assert packages <= named, packages - named
+
+
+def test_stage_modules_are_imported_from_this_checkout():
+    """tests/ is a package, so `stages` is never shadowed by tests/stages nor taken from another checkout
+    through an editable install shared by two clones."""
+    import flows
+    import stages
+    import tunegate
+
+    for package in (stages, flows, tunegate):
+        assert Path(package.__file__).resolve().is_relative_to(ROOT), package.__file__
+    from stages import train
+
+    assert Path(train.__file__).resolve() == ROOT / "stages/train.py"

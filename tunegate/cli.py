@@ -38,25 +38,35 @@ def _registry(params: Path | None):
     from tunegate.registry import client
     from tunegate.runtime import configure
 
-    configure()
+    configure(stage="cli")  # what MLflow logs or warns goes to reports/logs/cli.log
     cfg = load_config(params)
     return cfg, client(cfg.register_.tracking_uri)
 
 
 @app.command()
 def check(params: Path | None = PARAMS) -> None:
-    """Validate params.yaml and the gate policy (fast; no model, no data)."""
+    """Validate params.yaml and the gate policy; with a built base, the training memory preflight (no weights load)."""
+    memory = "memory: base not built yet (dvc repro base), preflight skipped"
     try:
         from tunegate.config import load_config
         from tunegate.gate import load_policy
+        from tunegate.paths import Layout
 
         cfg = load_config(params)
         policy = load_policy(Path(cfg.gate.policy))
+        layout = Layout.of(cfg.paths)
+        if layout.base_manifest.exists():
+            from tunegate.models import load_manifest
+            from tunegate.preflight import GIB
+            from tunegate.training import preflight
+
+            est, device = preflight(cfg.train, load_manifest(layout.base)["path"])
+            memory = f"memory: training needs about {est['total'] / GIB:.2f} GiB per device on {device}"
     except UserError as err:
         _fail(err)
     typer.echo(
         f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, "
-        f"{len(policy.checks)} gate checks"
+        f"{len(policy.checks)} gate checks; {memory}"
     )
 
 
@@ -180,6 +190,7 @@ def reproduce(
         f"{verdict}: recorded adapter {result['recorded'][:16]}  "
         f"reproduced {result['reproduced'][:16]}  (commit {result['commit'][:12]})"
     )
+    typer.echo(f"compared: {result['comparison']}")
     if not result["match"]:
         raise typer.Exit(1)
 

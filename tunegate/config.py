@@ -102,13 +102,38 @@ class Validate(_Section):
     max_tokens: int = Field(256, ge=1, description="most tokens (base tokenizer) in a row, template included")
     max_invalid_share: float = Field(0.1, ge=0, le=1, description="fail the stage above this share of bad rows")
     pii: Literal["report", "mask", "quarantine"] = "mask"
-    # Checked by GX on Arrow strings, where a pattern without look-around or back-references runs on
-    # RE2 (about 10x faster than Python's re, which any other pattern falls back to).
+    # Checked by GX on Arrow strings, where a pattern without look-around, back-references or \s runs
+    # on RE2 (about 10x faster than Python's re, which any other pattern falls back to; so does one
+    # with \b or \d on text that is not all ASCII). Secrets are here too: a model trained on a key can
+    # repeat it. Each name is its own reason (`pii_<name>`) and mask (`[<NAME>]`).
     pii_patterns: dict[str, str] = {
         "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
         "phone": r"(?:\+|\b)\d[\d ()-]{8,}\d\b",
-        "api_key": r"\b(?:sk|hf|ghp|xox[bp])[-_][A-Za-z0-9_-]{16,}\b",
+        "api_key": r"\b(?:sk|hf|gh[pousr]|github_pat|glpat|xox[abposr])[-_][A-Za-z0-9_-]{16,}\b",
+        "aws_access_key": r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[A-Z0-9]{16}\b",
+        # an AWS secret is 40 base64 characters, told apart from other text only by its label
+        "aws_secret_key": r"(?i:aws_?secret_?(?:access_?)?key|secret_?access_?key)"
+        r"[\"']?[ \t]*[:=][ \t]*[\"']?[A-Za-z0-9/+]{40}",
+        "gcp_api_key": r"\bAIza[0-9A-Za-z_-]{35}",
+        # PEM / OpenSSH / PGP private keys (a GCP service-account key's `private_key` is one), to the END
+        # line, or to the end of the base64 body when the block was cut off
+        "private_key": r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:(?s:.)*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\\ \t\r\n]*)",
+        # Azure storage / Service Bus connection strings and SAS signatures
+        "azure_key": r"(?i:AccountKey|SharedAccessKey)[ \t]*=[ \t]*[A-Za-z0-9+/]{30,}={0,2}"
+        r"|[?&]sig=[A-Za-z0-9%+/]{30,}",
+        "bearer_token": r"(?i:bearer)[ \t]+[A-Za-z0-9._~+/-]{20,}=*",
+        "jwt": r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+        # scheme://user:password@ (postgres, mongodb+srv, redis, https with a token, ...)
+        "url_credentials": r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^ \t\r\n:/@]+:[^ \t\r\n/@]+@",
+        # Password=... in connection strings and env files, "password": "..." in JSON; not `password: click`
+        "password_assignment": r"(?i:password|passwd|pwd)[\"']?[ \t]*(?:=|:[ \t]*[\"'])[ \t]*[^ \t\r\n;'\",]{3,}",
     }
+    invisible: Literal["report", "strip", "quarantine"] = Field(
+        "strip",
+        description="characters that do not show: bidi overrides, zero-width and control characters "
+        "(report: count; strip: remove them, keep the row; quarantine: remove the row)",
+    )
 
 
 class Dedup(_Section):
@@ -146,6 +171,13 @@ class Lora(_Section):
     use_rslora: bool = False
 
 
+class Launch(_Section):
+    """Multi-process training: the train stage re-runs itself under `accelerate launch`."""
+
+    processes: int = Field(2, ge=1, description="processes (one per GPU; on a CPU-only machine, gloo over CPU)")
+    config: str = Field("infra/accelerate/multi_gpu.yaml", description="accelerate config file (DDP, FSDP, ZeRO-3)")
+
+
 class Train(_Section):
     method: Literal["sft", "dpo", "sft+dpo"] = Field(
         "sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference"
@@ -160,6 +192,11 @@ class Train(_Section):
         "(beta, loss_type, learning_rate, max_steps, ...)",
     )
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
+    deterministic: bool | None = Field(
+        None,
+        description="deterministic kernels (bit-identical reruns, slower on CUDA); None: on for CPU, off for CUDA",
+    )
+    launch: Launch | None = Field(None, description="run under `accelerate launch` with several processes")
     probe_max_rise: float | None = Field(
         None,
         gt=0,
@@ -248,7 +285,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
+        raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:  # a folder, no permission
+        raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     return parse_config(raw, str(path))

@@ -9,6 +9,7 @@ outputs for identical inputs.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,40 @@ def _base_tokenizer(pretrained: str, manifest: dict[str, Any], trust_remote_code
     return load_tokenizer({**manifest, "path": pretrained}, trust_remote_code)
 
 
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); save the task file as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
+
+
+def local_tasks(tasks_dir: Path) -> set[str]:
+    """The task names the YAML files in tasks_dir define. A file lm-eval could not read (not UTF-8, not
+    YAML, not a mapping) ends in one line naming it, where lm-eval would skip it and the task would
+    then be reported unknown."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """Accepts lm-eval's own tags (`!function utils.score`) without resolving them."""
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    names = set()
+    for path in sorted(tasks_dir.glob("*.yaml")):
+        if not path.is_file():
+            continue
+        try:
+            doc = yaml.load(_text(path), Loader=Loader)  # a SafeLoader: no arbitrary objects
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise UserError(f"{path}: expected a mapping of lm-eval task settings, got a {type(doc).__name__}")
+        if doc and isinstance(doc.get("task"), str):
+            names.add(doc["task"])
+    return names
+
+
 def evaluate(
     cfg: Eval,
     manifest: dict[str, Any],
@@ -102,12 +137,7 @@ def evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    local = {
-        line.split(":", 1)[1].strip()
-        for y in tasks_dir.glob("*.yaml")
-        for line in y.read_text().splitlines()
-        if line.startswith("task:")
-    }
+    local = local_tasks(tasks_dir)
     # Indexing lm-eval's thousands of built-in tasks costs ~10 s; skip it when every task is local.
     manager = TaskManager(include_path=str(tasks_dir.resolve()), include_defaults=not set(cfg.tasks) <= local)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
@@ -153,8 +183,18 @@ def evaluate(
         )
     except (ConnectionError, OSError) as err:
         raise UserError(
-            f"eval.tasks: a task's data could not be loaded ({err}); "
-            "built-in tasks need their dataset in the local HF cache when offline"
+            f"eval.tasks: a task's data could not be loaded ({' '.join(str(err).split())[:300]}); check "
+            f"dataset_kwargs.data_files in {tasks_dir}; built-in tasks need their dataset in the local HF cache "
+            "when offline"
+        ) from None
+    except TypeError as err:  # lm-eval's TaskConfig refuses a key it does not know
+        key = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if key is None:
+            raise
+        files = [p.name for p in sorted(tasks_dir.glob("*.yaml")) if p.is_file() and f"{key[1]}:" in _text(p)]
+        raise UserError(
+            f"{tasks_dir / files[0] if files else tasks_dir}: {key[1]!r} is not an lm-eval task setting "
+            "(a typo? see lm-eval's task guide)"
         ) from None
     seconds = time.perf_counter() - started
 

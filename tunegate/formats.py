@@ -19,12 +19,20 @@ survives reordering of the input file and identifies the same row in every repor
 JSONL is read line by line: msgspec decodes and type-checks a line of the format's usual shape in one
 call; any other line takes the general path (`json.loads` + `normalise`), which gives the same row or
 names the problem. `load_rows` returns msgspec structs (what validate works on), `load_source` dicts.
+
+Text files are UTF-8; a byte order mark is dropped (UTF-8) or decoded (UTF-16 / UTF-32), and a record
+with bytes that are not UTF-8 is quarantined (`encoding`) while the rest of the file loads. Everything
+else a user can get wrong about a source as a whole (missing, a folder, empty, unreadable, an unknown
+extension, a Parquet / CSV / JSON / saved dataset that does not parse) ends in one `UserError` line
+naming the file and what to do.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -61,41 +69,173 @@ class Problem:
             "line": self.line,
             "reason": self.reason,
             "detail": self.detail,
-            "raw": self.raw[:500],
+            # bytes that were not UTF-8 stay visible as \udcXX escapes instead of failing the write
+            "raw": self.raw[:500].encode("utf-8", "backslashreplace").decode("utf-8"),
         }
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, Any, str]]:
-    """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
-    or a hub dataset. JSONL goes through `_load_jsonl` instead, which reports bad lines one by one."""
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SUPPORTED = ".jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder or a hub id (org/name)"
+# Longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?")
+SNIFF_BYTES = 4096  # what the NUL-byte test for UTF-16/32 without a byte order mark looks at
+# Note names (the fourth item `load_rows` returns): what was read differently from the file's bytes, per source.
+NOTE_BOM = "byte_order_mark"  # a UTF-8 byte order mark at the start of the file (or of a JSONL line) was dropped
+NOTE_UTF16 = "decoded_utf16_utf32"  # the file was UTF-16 / UTF-32 with a byte order mark; its records were decoded
+NOTE_ALPACA = "alpaca_input_as_instruction"  # empty instruction, non-empty input: the input is the user turn
+
+
+def source_kind(path: str | Path) -> str:
+    """'file', 'dataset' (a save_to_disk folder) or 'hub', or a UserError naming what is wrong with the path."""
     path_s = str(path)
     p = Path(path_s)
-    if p.suffix == ".json":
+    if p.is_symlink() and not p.exists():
+        raise UserError(f"{p}: a broken symlink (to {p.readlink()}); fix the link or point the source at the file")
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+            return "dataset"
+        raise UserError(f"{p}: a folder, not a data file or a saved dataset; point the source at a file ({SUPPORTED})")
+    if p.exists():
+        if p.suffix.lower() not in SUFFIXES:
+            raise UserError(f"{p}: unsupported file type {p.suffix or '(no extension)'!r}; use {SUPPORTED}")
+        return "file"
+    if p.suffix.lower() not in SUFFIXES and HUB_ID.fullmatch(path_s):
+        return "hub"
+    raise UserError(f"{p}: not found (check data.sources in params.yaml; relative paths start at the project root)")
+
+
+def read_bytes(p: Path) -> bytes:
+    """The file's bytes, or one line saying why they cannot be read."""
+    try:
+        return p.read_bytes()
+    except PermissionError:
+        raise UserError(f"{p}: permission denied; make the file readable (chmod +r) for the user running it") from None
+    except OSError as err:
+        raise UserError(f"{p}: cannot be read ({err.strerror or type(err).__name__})") from None
+
+
+def utf8_bytes(p: Path, data: bytes, notes: Counter) -> bytes:
+    """The file's text as UTF-8 bytes: a UTF-8 byte order mark is dropped, UTF-16 / UTF-32 with one is
+    decoded (one line naming the line to convert when that fails), and UTF-16 / UTF-32 without one,
+    which no line-by-line reading can recover, is refused in one line."""
+    for bom, codec in BOMS:
+        if data.startswith(bom):
+            if codec == "utf-8":
+                notes[NOTE_BOM] += 1
+                return data[len(bom) :]
+            try:
+                text = data.decode(codec)
+            except UnicodeDecodeError as err:
+                line = data[: err.start].decode(codec, "replace").count("\n") + 1
+                raise UserError(
+                    f"{p}: line {line}: not valid {codec.upper()} ({err.reason}); convert the file to UTF-8 "
+                    f"(e.g. iconv -f {codec.upper()} -t UTF-8)"
+                ) from None
+            notes[NOTE_UTF16] += 1
+            return text.encode("utf-8")  # the codec has consumed the byte order mark
+    head = data[:SNIFF_BYTES]
+    if head.count(b"\x00") * 4 > len(head):
+        raise UserError(
+            f"{p}: looks like UTF-16 or UTF-32 without a byte order mark (NUL bytes); convert it to UTF-8 "
+            "(e.g. iconv -f UTF-16LE -t UTF-8)"
+        )
+    return data
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+def read_records(path: str | Path, notes: Counter | None = None) -> Iterator[tuple[int, Any, str]]:
+    """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
+    or a hub dataset. JSONL goes through `_load_jsonl` instead, which reports bad lines one by one.
+    Text that is not UTF-8 is kept as lone surrogates (`surrogateescape`), so the records holding it
+    are quarantined (`encoding`) and the others load."""
+    notes = Counter() if notes is None else notes
+    path_s = str(path)
+    p = Path(path_s)
+    kind = source_kind(p)
+    if kind == "hub":
+        yield from _read_hub_dataset(path_s)
+        return
+    if kind == "dataset":
+        yield from _read_saved_dataset(p)
+        return
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{p}: not valid JSON ({err}); use JSONL to have bad rows quarantined one by one") from None
+            records = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise UserError(f"{p}: not a readable Parquet file ({_first_line(err)}); re-export it") from None
+        for i, rec in enumerate(records, 1):
+            yield i, {k: _from_table(k, v) for k, v in rec.items()}, ""
+        return
+    data = read_bytes(p)
+    if not data or data.isspace():  # isspace stops at the first other byte; strip() would copy the file
+        raise UserError(f"{p}: empty file; add records or remove the source from data.sources")
+    data = utf8_bytes(p, data, notes)
+    if suffix == ".json":
+        try:
+            data = json.loads(data.decode("utf-8", "surrogateescape"))
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{p}: line {err.lineno}: not valid JSON ({err.msg}); a file of one record per line should be "
+                ".jsonl (bad lines are then quarantined one by one)"
+            ) from None
+        except RecursionError:
+            raise UserError(f"{p}: JSON nested too deeply to read; a file of records should be a flat list") from None
         if not isinstance(data, list):
-            raise UserError(f"{p}: expected a JSON list of records at the top level")
+            got = f"an object with keys {', '.join(list(data)[:5])}" if isinstance(data, dict) else type(data).__name__
+            raise UserError(f"{p}: expected a JSON list of records at the top level, got {got}")
         for i, rec in enumerate(data, 1):
             yield i, rec, ""
-    elif p.suffix in (".parquet", ".csv"):
-        import pandas as pd
+        return
+    import csv
+    import io
 
-        frame = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, keep_default_na=False)
-        for i, rec in enumerate(frame.to_dict(orient="records"), 1):
-            yield i, {k: _from_table(v) for k, v in rec.items()}, ""
-    elif p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
-        import datasets
+    import pandas as pd
 
-        for i, rec in enumerate(datasets.load_from_disk(path_s), 1):
-            yield i, rec, ""
-    elif not p.exists() and "/" in path_s and not path_s.startswith((".", "/")):
-        yield from _read_hub_dataset(path_s)
-    else:
-        raise UserError(
-            f"{p}: not found or not a supported format (.jsonl, .json, .parquet, .csv, a saved dataset, a hub id)"
+    # Every cell as read (object, not pandas' Arrow strings, which cannot hold the surrogates that stand
+    # for bytes that are not UTF-8): a completion "42" or "007" is text, not a number.
+    try:
+        frame = pd.read_csv(
+            io.BytesIO(data), dtype=object, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape"
         )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as err:
+        raise UserError(f"{p}: not readable as CSV ({_first_line(err)}); check its quoting and delimiter") from None
+    for i, rec in enumerate(frame.to_dict(orient="records"), 1):
+        yield i, {k: _from_table(k, v) for k, v in rec.items()}, ""
+
+
+def _read_saved_dataset(p: Path) -> Iterator[tuple[int, Any, str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise UserError(f"{p}: a saved DatasetDict without a 'train' split ({', '.join(ds)}); save one split")
+            ds = ds["train"]
+        records = list(ds)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types for a damaged folder; all end the same way
+        raise UserError(
+            f"{p}: not a readable saved dataset ({_first_line(err)}); save it again with Dataset.save_to_disk"
+        ) from None
+    for i, rec in enumerate(records, 1):
+        yield i, rec, ""
 
 
 def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
@@ -106,23 +246,27 @@ def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
         ds = datasets.load_dataset(repo, split=split or "train")
     except Exception as err:  # the hub client raises many types for "offline"; all end the same way
         raise UserError(
-            f"dataset {repo!r}: cannot load from the Hugging Face hub ({type(err).__name__}); "
-            "download it first or point data.sources.<name>.path at a local file"
+            f"dataset {repo!r}: not a local file, and cannot load from the Hugging Face hub "
+            f"({type(err).__name__}); download it first or point data.sources.<name>.path at a local file"
         ) from None
     for i, rec in enumerate(ds, 1):
         yield i, rec, ""
 
 
-def _from_table(value: Any) -> Any:
-    # Parquet gives numpy arrays for list columns; CSV gives JSON text for nested fields.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, str) and value[:1] in "[{":
+def _from_table(key: str, value: Any) -> Any:
+    # A message-list field saved as JSON text (CSV cells, string columns) is read as a list of messages;
+    # any other text, JSON-looking or not (an answer that is `{"intent": ...}`), stays text.
+    if isinstance(value, str) and value[:1] == "[" and key in MESSAGE_FIELDS:
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            parsed = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
             return value
+        if isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed):
+            return parsed
     return value
+
+
+MESSAGE_FIELDS = frozenset({"messages", "prompt", "completion", "chosen", "rejected"})
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
@@ -168,7 +312,20 @@ def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, st
     raise NormaliseError("wrong_type", f"{field} must be a string or a list of messages, got {type(value).__name__}")
 
 
-def normalise(record: Any, fmt: str) -> dict[str, Any]:
+def alpaca_user(instruction: str, extra: str | None, notes: Counter | None = None) -> str:
+    """The user turn of an Alpaca record. The optional `input` (absent, null or empty: none) follows the
+    instruction after a blank line; with an empty instruction the input alone is the user turn, as in
+    a prompt/completion pair, and the row is counted (`alpaca_input_as_instruction`)."""
+    if not extra:
+        return instruction
+    if instruction.strip():
+        return f"{instruction}\n\n{extra}"
+    if notes is not None:
+        notes[NOTE_ALPACA] += 1
+    return extra
+
+
+def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, Any]:
     """Turn one record of format `fmt` into the internal schema (without id/source/line)."""
     if not isinstance(record, dict):
         raise NormaliseError("wrong_type", f"expected a JSON object, got {type(record).__name__}")
@@ -185,9 +342,9 @@ def normalise(record: Any, fmt: str) -> dict[str, Any]:
         }
     if fmt == "alpaca":
         for f in ("instruction", "output", "input"):
-            if f in record and not isinstance(record[f], str):
+            if record.get(f) is not None and not isinstance(record[f], str):
                 raise NormaliseError("wrong_type", f"{f} must be a string")
-        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        user = alpaca_user(record["instruction"], record.get("input"), notes)
         return {
             "kind": "sft",
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
@@ -238,7 +395,7 @@ class _PromptCompletion(msgspec.Struct, gc=False):
 class _Alpaca(msgspec.Struct, gc=False):
     instruction: str
     output: str
-    input: str = ""
+    input: str | None = None
 
 
 class _Preference(msgspec.Struct, gc=False):
@@ -251,20 +408,20 @@ def _turns(value: Turns, role: str) -> list[Message]:
     return [Message(role, value)] if type(value) is str else value
 
 
-def _from_chat(rec: _Chat, name: str, line: int) -> Row:
+def _from_chat(rec: _Chat, name: str, line: int, notes: Counter) -> Row:
     return Row("", name, line, "sft", rec.messages)
 
 
-def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int) -> Row:
+def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int, notes: Counter) -> Row:
     return Row("", name, line, "sft", _turns(rec.prompt, "user") + _turns(rec.completion, "assistant"))
 
 
-def _from_alpaca(rec: _Alpaca, name: str, line: int) -> Row:
-    user = rec.instruction + (f"\n\n{rec.input}" if rec.input else "")
+def _from_alpaca(rec: _Alpaca, name: str, line: int, notes: Counter) -> Row:
+    user = alpaca_user(rec.instruction, rec.input, notes)
     return Row("", name, line, "sft", [Message("user", user), Message("assistant", rec.output)])
 
 
-def _from_preference(rec: _Preference, name: str, line: int) -> Row:
+def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> Row:
     return Row(
         "",
         name,
@@ -286,27 +443,47 @@ FAST = {
 INFER_SAMPLE = 1000  # `format: auto` on JSONL looks at the first this many records
 
 
-def _row(record: Any, fmt: str, name: str, line: int) -> Row:
+def _row(record: Any, fmt: str, name: str, line: int, notes: Counter) -> Row:
     """The general path: any record, through `normalise` (raises NormaliseError naming the field)."""
-    norm = normalise(record, fmt)
+    norm = normalise(record, fmt, notes)
     parts = {k: [Message(m["role"], m["content"]) for m in v] for k, v in norm.items() if k != "kind"}
-    return Row("", name, line, norm["kind"], **parts)
+    row = Row("", name, line, norm["kind"], **parts)
+    for m in row.all_messages():
+        _check_encodable(m.role)
+        _check_encodable(m.content)
+    return row
 
 
-def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row], list[Problem], str]:
-    """Read and normalise one source. Returns (rows, problems, format); every input record ends in one of the two lists.
+def _check_encodable(text: str) -> None:
+    """Text that cannot be written as UTF-8: bytes that were not UTF-8 (kept as U+DC80..U+DCFF by
+    `surrogateescape`) or a lone surrogate escape such as "\\ud800" in JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        if 0xDC80 <= char <= 0xDCFF:
+            raise NormaliseError("encoding", f"not UTF-8 (byte 0x{char - 0xDC00:02x})") from None
+        raise NormaliseError("encoding", f"lone surrogate \\u{char:04x} (not valid Unicode text)") from None
+
+
+def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row], list[Problem], str, dict[str, int]]:
+    """Read and normalise one source. Returns (rows, problems, format, notes); every input record ends in
+    one of the two lists, and a source that cannot be read at all raises a one-line UserError.
 
     Ids are `<source>-<content hash>` (and `-<n>` for the n-th repeat of the same content), so they
     survive reordering of the input file and name the same row in every report.
     """
+    notes: Counter = Counter()
     with gc_paused():
         p = Path(str(path))
-        if p.suffix == ".jsonl":
-            rows, problems, fmt = _load_jsonl(name, p, fmt)
+        if p.suffix.lower() == ".jsonl" and source_kind(p) == "file":
+            rows, problems, fmt = _load_jsonl(name, p, fmt, notes)
         else:
-            rows, problems, fmt = _load_records(name, path, fmt)
+            rows, problems, fmt = _load_records(name, path, fmt, notes)
+        if not rows and not problems:
+            raise UserError(f"{p}: no records; add records or remove the source from data.sources")
         _assign_ids(name, rows)
-        return rows, problems, fmt
+        return rows, problems, fmt, dict(sorted(notes.items()))
 
 
 def _assign_ids(name: str, rows: list[Row]) -> None:
@@ -330,47 +507,53 @@ def _infer(path: str | Path, records: Iterable[Any]) -> str:
     try:
         return infer_source_format([r for r in records if isinstance(r, dict)])
     except UserError as err:
-        raise UserError(f"{path}: {err}") from None
+        raise UserError(f"{path}: {err}; or set data.sources.<name>.format") from None
 
 
-def _load_records(name: str, path: str | Path, fmt: str) -> tuple[list[Row], list[Problem], str]:
-    records = list(read_records(path))
+def _raw(record: Any) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str)
+
+
+def _load_records(name: str, path: str | Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
+    records = list(read_records(path, notes))
+    if not records:
+        return [], [], fmt
     if fmt == "auto":
         fmt = _infer(path, (r for _, r, _ in records))
     rows: list[Row] = []
     problems: list[Problem] = []
     for line, record, _ in records:
         try:
-            rows.append(_row(record, fmt, name, line))
+            rows.append(_row(record, fmt, name, line, notes))
         except NormaliseError as e:
-            problems.append(
-                Problem(name, line, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str))
-            )
+            problems.append(Problem(name, line, e.reason, e.detail, _raw(record)))
     return rows, problems, fmt
 
 
-def _load_jsonl(name: str, p: Path, fmt: str) -> tuple[list[Row], list[Problem], str]:
+def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
     """JSONL line by line: a bad line (broken JSON, wrong encoding, a truncated tail, a wrong type) is
     reported with its line number and the rest of the file still loads."""
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{p}: not found (check data.sources in params.yaml)") from None
-    lines = data.split(b"\n")
+    data = read_bytes(p)
+    if not data or data.isspace():  # isspace stops at the first other byte; strip() would copy the file
+        raise UserError(f"{p}: empty file; add records or remove the source from data.sources")
+    data = utf8_bytes(p, data, notes)
+    # Lines end in \n or \r\n (the \r is JSON whitespace); a file with only old-Mac \r endings is split on \r.
+    lines = data.split(b"\n") if b"\n" in data or b"\r" not in data else data.split(b"\r")
     if fmt == "auto":
         fmt = _infer(p, _sample(lines))
     shape, make = FAST[fmt]
     decode = msgspec.json.Decoder(shape).decode
-    last_open = len(lines) if not data.endswith(b"\n") else -1
+    last_open = len(lines) if not data.endswith((b"\n", b"\r")) else -1
     rows: list[Row] = []
     problems: list[Problem] = []
     for number, raw in enumerate(lines, 1):
         try:
-            rows.append(make(decode(raw), name, number))
-        except msgspec.DecodeError:  # ValidationError included: not the usual shape, so the general path decides
+            rows.append(make(decode(raw), name, number, notes))
+        # not the usual shape (or not UTF-8, or nested past msgspec's depth limit): the general path decides
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             if not raw.strip():
                 continue
-            row = _jsonl_line(name, number, raw, fmt, number == last_open)
+            row = _jsonl_line(name, number, raw, fmt, number == last_open, notes)
             (rows if isinstance(row, Row) else problems).append(row)
     return rows, problems, fmt
 
@@ -379,19 +562,22 @@ def _sample(lines: list[bytes]) -> Iterator[Any]:
     n = 0
     for raw in lines:
         try:
-            yield msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+            yield msgspec.json.decode(raw.removeprefix(codecs.BOM_UTF8))
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # the line is reported later
             continue
         n += 1
         if n == INFER_SAMPLE:
             return
 
 
-def _jsonl_line(name: str, number: int, raw: bytes, fmt: str, truncated: bool) -> Row | Problem:
+def _jsonl_line(name: str, number: int, raw: bytes, fmt: str, truncated: bool, notes: Counter) -> Row | Problem:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return Problem(name, number, "encoding", f"not UTF-8 ({err.reason} at byte {err.start})", "")
+    if text.startswith("\ufeff"):  # files joined with `cat`, each with its byte order mark
+        notes[NOTE_BOM] += 1
+        text = text[1:]
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
@@ -399,15 +585,17 @@ def _jsonl_line(name: str, number: int, raw: bytes, fmt: str, truncated: bool) -
             " (file ends mid-record)" if truncated else ""
         )
         return Problem(name, number, "malformed_json", detail, text)
+    except RecursionError:
+        return Problem(name, number, "malformed_json", "nested too deeply", text[:500])
     try:
-        return _row(record, fmt, name, number)
+        return _row(record, fmt, name, number, notes)
     except NormaliseError as e:
-        return Problem(name, number, e.reason, e.detail, json.dumps(record, ensure_ascii=False, default=str))
+        return Problem(name, number, e.reason, e.detail, _raw(record))
 
 
 def load_source(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[dict[str, Any]], list[Problem], str]:
     """`load_rows` with plain dicts for rows (the internal schema as every later stage reads it)."""
-    rows, problems, fmt = load_rows(name, path, fmt)
+    rows, problems, fmt, _ = load_rows(name, path, fmt)
     return msgspec.to_builtins(rows), problems, fmt
 
 

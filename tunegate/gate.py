@@ -173,11 +173,22 @@ def load_policy(path: Path) -> Policy:
     from tunegate.errors import UserError
 
     try:
-        return Policy.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            got = "an empty file" if doc is None else f"a {type(doc).__name__}"
+            raise UserError(f"{path}: expected a mapping with `checks:` (see evals/gates.yaml), got {got}")
+        return Policy.model_validate(doc)
     except FileNotFoundError:
         raise UserError(f"{path}: gate policy not found (gate.policy in params.yaml)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: a folder; gate.policy in params.yaml names the policy file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte {err.start}); save the policy as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
     except ValidationError as err:
         e = err.errors()[0]
-        raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}{more}") from None

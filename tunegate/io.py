@@ -1,12 +1,13 @@
 """File helpers every stage shares: atomic writes, JSON/JSONL, sha256 fingerprints.
 
-Outputs are written to a temporary sibling and renamed into place, so a killed stage never leaves a
-half-written file that DVC or the next stage would mistake for a finished one.
+Outputs are written to a temporary sibling and renamed into place, so a killed stage (or a full disk)
+never leaves a half-written file that DVC or the next stage would mistake for a finished one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,22 +17,52 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tunegate.errors import UserError
+
 CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path` (file or folder)."""
+    """Yield a temp path beside `path`; on success rename it over `path` (file or folder).
+
+    A full disk (or quota) while writing ends in one UserError line naming `path`; the partial temp
+    copy is removed and whatever was at `path` before is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    except OSError as err:
+        _no_space(path, err)
+        raise
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        publish(tmp, path)
+    except OSError as err:
+        _no_space(path, err)
+        raise
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _no_space(path: Path, err: OSError) -> None:
+    if err.errno in NO_SPACE:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        raise UserError(
+            f"{path}: {os.strerror(err.errno).lower()} while writing it ({free / 2**20:.0f} MiB free there); "
+            "nothing was replaced: free some space and run the stage again"
+        ) from None
+
+
+def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Move a finished file or folder into place (replacing what was there) with one rename."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -76,10 +76,15 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
     tokenizer = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).exists()}
     if not tokenizer:
         raise UserError(f"base.model {model!r}: no tokenizer files in {path}")
-    cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-    template = cfg.get("chat_template") or (
-        (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else ""
-    )
+    try:
+        cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
+        template = cfg.get("chat_template") or (
+            (path / "chat_template.jinja").read_text(encoding="utf-8")
+            if (path / "chat_template.jinja").exists()
+            else ""
+        )
+    except (UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"base.model {model!r}: a tokenizer file in {path} cannot be read ({err})") from None
     return {
         "model": model,
         "revision": revision,
@@ -89,6 +94,39 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
         "tokenizer_sha256": tokenizer,
         "chat_template_sha256": sha256_of(template) if template else None,
     }
+
+
+def check_loadable(path: Path, model: str, trust_remote_code: bool = False) -> None:
+    """What later stages will load, checked when the base is resolved rather than halfway through the
+    pipeline: config.json, the tokenizer, every safetensors header, and a tokenizer that fits the
+    model's embeddings. Each problem ends in one line naming base.model and the file."""
+    import json
+
+    name = f"base.model {model!r}"
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{name}: no config.json in {path}; a transformers model folder needs one (save_pretrained)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{name}: {config_path} is not valid JSON ({err}); re-download or re-save the model") from None
+    tokenizer = load_tokenizer({"path": str(path)}, trust_remote_code)
+    from safetensors import safe_open
+
+    for weights in sorted(p for g in WEIGHT_GLOBS for p in path.glob(g)):
+        try:
+            with safe_open(str(weights), "np") as fh:
+                fh.keys()
+        except Exception as err:  # a truncated or overwritten file: safetensors' own error types vary
+            raise UserError(
+                f"{name}: {weights} is not a readable safetensors file ({_first_line(err)}); re-download it"
+            ) from None
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UserError(
+            f"{name}: the tokenizer in {path} has {len(tokenizer)} tokens but the model's embeddings have {vocab} "
+            "(config.json vocab_size); use the tokenizer saved with these weights"
+        )
 
 
 def load_manifest(base_dir: str | Path) -> dict[str, Any]:
@@ -101,10 +139,21 @@ def load_manifest(base_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
 def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust_remote_code)
+    except Exception as err:  # tokenizers, json and transformers raise many types for a damaged folder
+        raise UserError(
+            f"{manifest['path']}: the tokenizer cannot be loaded ({_first_line(err)}); check base.model "
+            "(the folder needs tokenizer.json or tokenizer.model, with tokenizer_config.json)"
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:

@@ -48,6 +48,11 @@ def jsonl_of(name: str) -> str:
     return f"{name}.jsonl"
 
 
+def partial_of(path: Path) -> Path:
+    """Where an output folder is assembled before it is renamed into place (beside it, same filesystem)."""
+    return path.parent / f".{path.name}.partial"
+
+
 def run_checkpoints(key: str) -> str:
     """The checkpoint folder of one training run, keyed by everything that defines it."""
     return f"train-{key}"
@@ -56,6 +61,7 @@ def run_checkpoints(key: str) -> str:
 # --- project-level files outside the `paths:` folders (untracked by DVC: they hold timings) ---
 TIMINGS = Path("reports/timings.json")  # wall time per stage
 THROUGHPUT = Path("reports/train_throughput.csv")  # tokens/s per logging interval
+LOGS = Path("reports/logs")  # <stage>.log: everything a run logs, third-party warnings included
 PARAMS = Path("params.yaml")
 DVC_LOCK = Path("dvc.lock")
 

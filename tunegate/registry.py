@@ -23,6 +23,8 @@ SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|cre
 SECRET_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b"
 )
+# scheme://user:password@host: the password is masked, the rest still says which server it was
+URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s/]+@")
 PROMOTIONS = "promotion_log"
 PREVIOUS = "previous_champion"  # on a version: the champion it replaced when it was promoted
 ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved back from it
@@ -30,15 +32,16 @@ ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved
 log = logging.getLogger(__name__)
 
 
+def redact_value(key: str, text: str) -> str:
+    """text as it may be logged under key: "[redacted]" for a secret-looking key or value, URL passwords masked."""
+    if SECRET_KEY.search(key) or SECRET_VALUE.search(text):
+        return "[redacted]"
+    return URL_PASSWORD.sub(r"\1[redacted]@", text)
+
+
 def redact(items: dict[str, Any]) -> dict[str, str]:
     """Stringify values for MLflow, dropping anything that is, or looks like, a secret."""
-    out = {}
-    for key, value in items.items():
-        text = "" if value is None else str(value)
-        if SECRET_KEY.search(key) or SECRET_VALUE.search(text):
-            text = "[redacted]"
-        out[key] = text[:5000]
-    return out
+    return {key: redact_value(key, "" if value is None else str(value))[:5000] for key, value in items.items()}
 
 
 def client(tracking_uri: str, timeout_s: int = 10, retries: int = 3):
@@ -62,9 +65,9 @@ def reachable(tracking_uri: str) -> None:
     try:
         requests.get(tracking_uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as err:
+        shown = redact_value("uri", tracking_uri)  # a password in the URI stays out of the console and the log
         raise UserError(
-            f"register.tracking_uri {tracking_uri}: MLflow server not reachable ({type(err).__name__}); "
-            "nothing was registered"
+            f"register.tracking_uri {shown}: MLflow server not reachable ({type(err).__name__}); nothing was registered"
         ) from None
 
 
@@ -321,6 +324,13 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     from tunegate.paths import Layout
 
     fingerprint = adapter_fingerprint(Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter)
+    if v.tags.get("deterministic_kernels", "true") == "true":
+        comparison = "adapter sha256, bit for bit (the recorded run used deterministic kernels)"
+    else:  # fast CUDA kernels sum in a different order from run to run: equal bytes are not to be expected
+        comparison = (
+            "adapter sha256; the recorded run used non-deterministic CUDA kernels, so bytes may differ: compare "
+            "the eval scores, or set train.deterministic: true for bit-identical reruns"
+        )
     return {
         "version": str(version),
         "commit": commit,
@@ -328,4 +338,5 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         "recorded": v.tags.get("adapter_sha256"),
         "reproduced": fingerprint,
         "match": fingerprint == v.tags.get("adapter_sha256"),
+        "comparison": comparison,
     }

@@ -1,4 +1,9 @@
-"""Process set-up shared by stage mains and the CLI: quiet telemetry, logging, seeding, one-line errors."""
+"""Process set-up shared by stage mains and the CLI: quiet telemetry, logging, seeding, one-line errors.
+
+The console shows what a user acts on: tunegate's own lines, progress bars, the gate and any error.
+Everything else that libraries log or warn (Python warnings included) goes to `reports/logs/<stage>.log`
+with the stage's own lines; `TUNEGATE_VERBOSE=1` puts all of it on the console as well.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tunegate.errors import UserError
 
@@ -25,17 +31,134 @@ TELEMETRY_OFF = {
 }
 
 
-def configure(level: int = logging.INFO) -> None:
+VERBOSE = "TUNEGATE_VERBOSE"
+OWN = ("tunegate", "stages", "demo", "flows", "benchmarks", "__main__")  # loggers whose lines the console shows
+FILE_ONLY = {"console": False}  # `extra=` for an own line that belongs in the log file only
+# Off unless verbose: datasets' per-step bars (tokenising, labelling, generating splits) are internal steps.
+QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+class _ConsoleFilter(logging.Filter):
+    """tunegate's own lines and every error (all lines when verbose); never a line marked FILE_ONLY.
+    Third-party info and warnings stay in the log file."""
+
+    def __init__(self, everything: bool):
+        super().__init__()
+        self.everything = everything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "console", True):
+            return False
+        return self.everything or record.levelno >= logging.ERROR or record.name.split(".")[0] in OWN
+
+
+class _AfterImport:
+    """A meta path finder that runs `then(module)` right after `name` is first imported (or now, if it is)."""
+
+    def __init__(self, name: str, then: Callable[[object], None]):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            run, then = spec.loader.exec_module, self.then
+
+            def exec_module(module) -> None:
+                run(module)
+                then(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+    @classmethod
+    def install(cls, name: str, then: Callable[[object], None]) -> None:
+        if name in sys.modules:
+            then(sys.modules[name])
+        elif not any(isinstance(f, cls) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, cls(name, then))
+
+
+def _transformers_to_root(module) -> None:
+    # transformers gives its loggers their own stderr handler and stops propagation; its documented
+    # switches hand the records to the root logger's handlers instead (console filter and log file).
+    module.disable_default_handler()
+    module.enable_propagation()
+
+
+def configure(level: int = logging.INFO, stage: str | None = None) -> Path | None:
+    """Telemetry off, and logging as the module docstring says. With `stage`, the log file is
+    reports/logs/<stage>.log (returned), rewritten by every run."""
+    from tunegate.paths import LOGS
+
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Chatty third-party loggers would drown the stage's own progress lines.
+    loud = verbose()
+    if not loud:
+        for key, value in QUIET.items():
+            os.environ.setdefault(key, value)
+    # MLflow's own handler would bypass the root logger's; without it its lines reach the log file.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    _AfterImport.install("transformers.utils.logging", _transformers_to_root)
+    root = logging.getLogger()
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if getattr(h, "tunegate", False)]:  # configure() may run twice
+        root.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    console.addFilter(_ConsoleFilter(everything=loud))
+    handlers: list[logging.Handler] = [console]
+    path = None
+    if stage:
+        path = LOGS / f"{stage}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # processes launched by the stage itself (accelerate: RANK is set) add to the launcher's file
+        mode = "a" if "RANK" in os.environ else "w"
+        file = logging.FileHandler(path, mode=mode, encoding="utf-8")
+        file.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        handlers.append(file)
+    for handler in handlers:
+        handler.tunegate = True
+        root.addHandler(handler)
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a `py.warnings` log record: file, not console
+    # Chatty third-party loggers would drown even the log file (a line per HTTP request).
     for name in ("httpx", "urllib3", "filelock", "great_expectations", "lm_eval", "alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    return path
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every RNG a stage touches and make torch kernels deterministic on CPU."""
+def route_trainer_logs(trainer) -> None:
+    """Keep the trainer's progress bar but send the metric dicts it prints at every logging step
+    (`{'loss': ...}`) to the log file: plots/train.csv and the MLflow run hold the same numbers.
+    With TUNEGATE_VERBOSE=1 the trainer prints them as usual."""
+    if verbose():
+        return
+    from transformers.trainer_callback import ProgressCallback
+
+    log = logging.getLogger("tunegate.trainer")
+
+    class LoggedProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                log.info("step %d: %s", state.global_step, logs, extra=FILE_ONLY)
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LoggedProgress)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed every RNG a stage touches; with deterministic, ask torch for deterministic kernels (bit-identical
+    reruns; on CUDA they rule out the fastest attention kernels, so training turns it off there by default)."""
     random.seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
     import numpy as np
@@ -43,7 +166,7 @@ def seed_everything(seed: int) -> None:
 
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 @contextlib.contextmanager
@@ -61,10 +184,11 @@ def gc_paused() -> Iterator[None]:
 
 def stage_main(name: str, body: Callable[[], None]) -> None:
     """Run a stage body; a UserError ends the process with one line and exit code 2, not a traceback."""
-    configure()
+    configure(stage=name)
     try:
         body()
     except UserError as err:
+        logging.getLogger("tunegate").error("%s: %s", name, err, extra=FILE_ONLY)
         print(f"tunegate {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

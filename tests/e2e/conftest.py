@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 def env_for(project: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(project), **extra}
     env.pop("TUNEGATE_PARAMS", None)
+    env.pop("TUNEGATE_VERBOSE", None)  # the console the tests read is the default one
     return env
 
 
@@ -70,14 +71,59 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise AssertionError(f"{url} did not come up within {timeout}s")
 
 
-def copy_project(dest: Path) -> Path:
-    """The project's tracked and untracked-but-not-ignored files (what a fresh clone would have), as a git repo."""
+def _lookup(params: dict, dotted: str):
+    node = params
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def pipeline_outputs(root: Path) -> set[str]:
+    """Project-relative paths a pipeline run writes, derived from the project's own files: every `outs`,
+    `metrics` and `plots` entry of dvc.yaml (with `${paths.*}` interpolated from params.yaml), what an
+    earlier run's dvc.lock recorded, every `paths:` folder no stage reads, the local MLflow store and
+    artifact root, and the run-time files named in tunegate/paths.py."""
+    import re
+
+    from tunegate import paths as names
+
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    resolve = lambda text: re.sub(r"\$\{([\w.]+)\}", lambda m: str(_lookup(params, m.group(1))), str(text))
+    entry = lambda item: next(iter(item)) if isinstance(item, dict) else item  # `- path: {cache: false}`
+    outputs, inputs = set(), set()
+    for stage in (pipeline.get("stages") or {}).values():
+        for key in ("outs", "metrics", "plots"):
+            outputs.update(resolve(entry(item)) for item in stage.get(key) or [])
+        inputs.update(resolve(entry(item)) for item in stage.get("deps") or [])
+    lock = root / names.DVC_LOCK
+    if lock.exists():  # an earlier run with other paths may have left outputs dvc.yaml no longer names
+        recorded = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+        outputs.update(out["path"] for stage in recorded.values() for out in stage.get("outs") or [])
+    read = lambda path: any(dep == path or dep.startswith(f"{path}/") for dep in inputs)
+    outputs.update(str(path) for path in (params.get("paths") or {}).values() if not read(str(path)))
+    register = params.get("register") or {}
+    if str(register.get("tracking_uri", "")).startswith("sqlite:///"):
+        outputs.add(register["tracking_uri"].removeprefix("sqlite:///"))
+    if register.get("artifact_root") and "://" not in register["artifact_root"]:
+        outputs.add(register["artifact_root"])
+    outputs.update(str(p) for p in (names.DVC_LOCK, names.TIMINGS, names.THROUGHPUT, names.LOGS))
+    return {str(Path(p)) for p in outputs if p and not Path(p).is_absolute()}
+
+
+def copy_project(dest: Path, root: Path = ROOT) -> Path:
+    """What a fresh clone of the project has, as a git repo: tracked files and untracked source files
+    (not ignored), never a pipeline output, tracked or not. An earlier `make demo` in `root` leaves
+    dvc.lock, metrics/ and plots/ (meant to be committed) and more; copied, they would make the first
+    run in the copy differ from a fresh one and its registered `git_commit` read `<sha>-dirty`."""
+    outputs = pipeline_outputs(root)
+    produced = lambda rel: any(rel == out or rel.startswith(f"{out}/") for out in outputs)
     files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.split("\n")
     for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
+        src = root / rel
+        if src.is_file() and not produced(rel):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     for args in (

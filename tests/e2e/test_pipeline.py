@@ -46,11 +46,64 @@ def test_first_run_registers_a_champion_with_provenance(project):
     assert len(c.get_metric_history(v.run_id, "curve.loss")) >= 10  # the training curve, step by step
 
 
+def test_console_holds_stages_bars_and_gate_not_library_noise(project):
+    """What `dvc repro` prints: stage lines, progress bars, the gate and the verdict. Library warnings
+    (Python warnings and third-party WARNING lines) and the trainer's metric dicts are in the stage's
+    log file instead."""
+    log = (project / "first_repro.log").read_text()
+    lines = [part for line in log.splitlines() for part in line.split("\r") if part.strip()]
+    own = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) (__main__|tunegate|stages|demo)[.:]")
+    third_party_warnings = [
+        line
+        for line in lines
+        if re.search(r"\w*Warning\b|warnings\.warn", line)
+        or (re.search(r" (WARNING|INFO) ", line) and not own.match(line))
+    ]
+    assert third_party_warnings == [], third_party_warnings[:10]
+    assert not [line for line in lines if line.lstrip().startswith("{'")], "trainer metric dicts on the console"
+    assert "gate PASSED" in log and "pretrain demo base" in log and "Running stage 'register'" in log
+    train_log = (project / "reports/logs/train.log").read_text()
+    assert "tunegate.trainer: step 10: {'loss':" in train_log  # the dicts went to the file, not away
+    assert (project / "reports/logs/register.log").exists()
+
+
 def test_default_gate_passes_target_and_general(project):
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
     assert verdict["passed"], verdict["lines"]
     roles = {c["role"] for c in verdict["checks"] if c["passed"]}
     assert roles == {"general", "target"}
+
+
+# The README's gate-outcome table: its score columns, and the (task, metric) of results.json each one quotes
+README_COLUMNS = {
+    "general_mc acc": ("general_mc", "acc"),
+    "general_gen exact": ("general_gen", "exact"),
+    "support_mc acc": ("support_mc", "acc"),
+    "support_gen fields": ("support_gen", "json_fields"),
+}
+
+
+def _readme_row(label: str) -> list[float]:
+    """The scores of one row of the README's gate-outcome table (`base`, `default ...`)."""
+    from tests.conftest import ROOT
+
+    after = (ROOT / "README.md").read_text().split("Gate outcomes on the demo", 1)[1]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in after.splitlines() if line.startswith("|")]
+    assert rows[0][1:5] == list(README_COLUMNS), rows[0]
+    (row,) = [r for r in rows if r[0].split(" ")[0] == label]
+    return [float(cell) for cell in row[1:5]]
+
+
+def test_default_run_scores_are_the_readme_table(project):
+    """The README quotes the scores of the base and the default run: the run must give those numbers."""
+    from tunegate.config import load_config
+    from tunegate.paths import RESULTS, Layout
+
+    layout = Layout.of(load_config(project / "params.yaml").paths, project)
+    for side, label in (("base", "base"), ("candidate", "default")):
+        scores = json.loads((layout.eval(side) / RESULTS).read_text())["scores"]
+        assert [round(scores[t][m], 3) for t, m in README_COLUMNS.values()] == _readme_row(label), side
+        assert json.loads(layout.metrics(f"eval_{side}").read_text()) == scores  # what `dvc metrics show` shows
 
 
 def test_identical_candidate_fails_target(project):
@@ -71,22 +124,36 @@ def test_second_repro_does_nothing(project):
     assert "up to date" in sh(project, "dvc", "status").stdout
 
 
-def test_gate_policy_change_reruns_only_gate_and_register(project):
+def test_gate_policy_change_reruns_only_gate_and_register_and_retags_the_version(project):
+    """A stricter policy re-gates the same adapter: only gate and register run, and the existing version's
+    tags carry the new verdict and policy; restoring the policy restores them."""
+    from tunegate.io import sha256_file
+
     policy = project / "evals/gates.yaml"
     original = policy.read_text()
+    c = client(project)
+    (version,) = c.search_model_versions("name = 'tunegate-demo'")
+    assert version.tags["gate_policy_sha256"] == sha256_file(policy) and version.tags["gate_passed"] == "true"
     try:
         doc = yaml.safe_load(original)
-        doc["checks"][0]["margin"] = 0.06
+        (target,) = [check for check in doc["checks"] if check["task"] == "support_mc"]
+        target["min_gain"] = 1.0  # more than any candidate can gain over a base that gets some items right
         policy.write_text(yaml.safe_dump(doc, sort_keys=False))
         status = sh(project, "dvc", "status").stdout
         assert "gate:" in status and "train:" not in status
         proc = sh(project, "dvc", "repro")
         assert ran(proc.stdout) == ["gate", "register"]
         # the adapter did not change, so register reused the version instead of creating another
-        assert len(client(project).search_model_versions("name = 'tunegate-demo'")) == 1
+        (retagged,) = c.search_model_versions("name = 'tunegate-demo'")
+        assert retagged.version == version.version
+        assert retagged.tags["gate_policy_sha256"] == sha256_file(policy) != version.tags["gate_policy_sha256"]
+        assert retagged.tags["gate_passed"] == "false" and "support_mc/acc vs base" in retagged.tags["gate_failed"]
+        assert "GATE FAILED" in proc.stderr
     finally:
         policy.write_text(original)
         sh(project, "dvc", "repro")
+    restored = c.get_model_version("tunegate-demo", version.version).tags
+    assert restored["gate_policy_sha256"] == version.tags["gate_policy_sha256"] and restored["gate_passed"] == "true"
 
 
 def test_forgetting_profile_is_blocked(project):

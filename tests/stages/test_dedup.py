@@ -4,6 +4,8 @@ import pytest
 
 from stages import dedup
 from tests.conftest import ROOT, sft
+from tunegate.dedup import jaccard, shingles
+from tunegate.formats import row_text
 from tunegate.io import read_jsonl
 
 
@@ -34,6 +36,20 @@ def test_drops_point_at_what_they_duplicate(result, ledger):
     leaks = {d["line"]: d["of"] for d in dropped if d["reason"] == "eval_leak" and d["source"] == "domain"}
     expected = dict(zip(planted["eval_leak"]["lines"], planted["eval_leak"]["eval_ids"], strict=True))
     assert {line: of.split(":")[1] for line, of in leaks.items()} == expected
+
+
+def test_near_duplicates_point_at_a_kept_row_they_resemble(cfg, validated, result):
+    """A near duplicate's `of` names a different, kept row whose text passes the Jaccard threshold (not itself)."""
+    kept, dropped, _ = result
+    out, _ = validated
+    every = {r["id"]: r for name in cfg.data.sources for r in read_jsonl(out / f"{name}.jsonl")}
+    kept_ids = {r["id"] for rows in kept.values() for r in rows}
+    near = [d for d in dropped if d["reason"] == "near_duplicate"]
+    assert near
+    for d in near:
+        assert d["of"] != d["id"] and d["of"] in kept_ids, d
+        a, b = (shingles(row_text(every[i]), cfg.dedup.ngram) for i in (d["id"], d["of"]))
+        assert jaccard(a, b) >= cfg.dedup.threshold, d
 
 
 def test_counts_conserved(result):

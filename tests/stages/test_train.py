@@ -4,6 +4,7 @@ bad args are named."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -94,14 +95,77 @@ def test_each_adapter_trains_and_saves_safetensors(base, rows, tmp_path, adapter
     assert (tmp_path / "plots.csv").read_text().startswith("step,loss")
 
 
-def test_qlora_really_loads_4bit(base):
+def test_qlora_loads_nf4_with_double_quantisation_and_bf16_compute(base):
+    """What the README promises for train.adapter: qlora, read from the layers themselves: every linear
+    layer is a 4-bit NF4 layer whose quantisation constants are quantised again, computing in bf16."""
     import bitsandbytes as bnb
+    import torch
 
     from tunegate.models import load_model
 
     model = load_model(base, quantize_4bit=True)
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert four_bit and four_bit[0].weight.quant_type == "nf4"
+    assert len(four_bit) == TINY.layers * 7  # q, k, v, o, gate, up, down in every decoder layer
+    for layer in four_bit:
+        state = layer.weight.quant_state
+        assert (layer.weight.quant_type, state.quant_type) == ("nf4", "nf4")
+        assert state.nested and state.state2 is not None  # double quantisation
+        assert layer.compute_dtype == torch.bfloat16
+    config = model.config.quantization_config
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_sft_batches_mask_the_prompt_so_the_loss_is_on_the_answer_only(base, rows, tmp_path):
+    """The batches the stage's SFT trainer sees: every prompt token's label is -100 and every answer token
+    keeps its id (loss on the prompt too would teach the model to write support messages)."""
+    from tunegate.models import load_model, load_tokenizer
+
+    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
+    config = train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path / "ckpt", with_probe=False))
+    sft_rows = rows[0][:4]
+    train_ds, _ = train._datasets(train.METHODS["sft"], train.Inputs(base, sft_rows))
+    tokenizer = load_tokenizer(base)
+    _, trainer_cls = train.METHODS["sft"].classes()
+    trainer = trainer_cls(
+        model=load_model(base),
+        args=config,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=train.peft_config(cfg),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(sft_rows))])
+    for ids, labels, attention, row in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist(), sft_rows, strict=True
+    ):
+        first = next(j for j, label in enumerate(labels) if label != -100)
+        prompt = tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(ids[:first]) == prompt  # everything before the first real label is the prompt
+        real = [j for j in range(first, len(ids)) if attention[j]]
+        assert [labels[j] for j in real] == [ids[j] for j in real]  # every answer token is a target
+        targets = tokenizer.decode([ids[j] for j in real], skip_special_tokens=True)
+        assert targets and row["messages"][1]["content"].startswith(targets)  # the answer (max_length may cut it)
+
+
+def test_checkpoint_folder_changes_with_any_train_setting_seed_data_or_base(tmp_path):
+    """A resume must never continue a checkpoint of another config: the folder is keyed by all of them."""
+    data = (tmp_path / "train.jsonl", tmp_path / "preferences.jsonl")
+    for path in data:
+        path.write_text('{"id": "a"}\n')
+    cfg, weights = Train(args=ARGS), {"model.safetensors": "aa"}
+    folder = train.checkpoint_folder(cfg, 1, data, weights)
+    assert folder == train.checkpoint_folder(Train(args=dict(ARGS)), 1, data, dict(weights))  # same inputs
+    changed = [
+        train.checkpoint_folder(Train(args={**ARGS, "learning_rate": 1e-4}), 1, data, weights),
+        train.checkpoint_folder(Train(args=ARGS, lora=Lora(r=4)), 1, data, weights),
+        train.checkpoint_folder(cfg, 2, data, weights),
+        train.checkpoint_folder(cfg, 1, data, {"model.safetensors": "bb"}),
+    ]
+    data[1].write_text('{"id": "b"}\n')
+    changed.append(train.checkpoint_folder(cfg, 1, data, weights))
+    data[1].write_text('{"id": "a"}\n')
+    data[0].write_text('{"id": "a"}\n{"id": "c"}\n')
+    changed.append(train.checkpoint_folder(cfg, 1, data, weights))
+    assert len({folder, *changed}) == 1 + len(changed), changed
 
 
 def test_same_params_same_adapter_bytes(base, rows, tmp_path):
@@ -532,3 +596,73 @@ def test_plot_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
     assert [line.split(",")[0] for line in plot.read_text().splitlines()] == ["step", "1", "2", "3", "4"]
     train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=0), None)
     assert plot.read_text() == "step,loss,learning_rate,grad_norm,probe_loss\n"  # a fresh run starts a fresh plot
+
+
+def _project(tmp_path: Path, base: dict, rows: list, launch: dict, args: dict) -> Path:
+    """A project folder the train stage's main() runs in: params.yaml, the base and the mixed data."""
+    import shutil
+
+    import yaml
+
+    from tunegate.io import write_json, write_jsonl
+
+    project = tmp_path / "project"
+    shutil.copytree(base["path"], project / "models/base")
+    write_json(project / "models/base/base.json", {**base, "path": "."})
+    for name, data in (("train", rows[0]), ("preferences", []), ("probe", [])):
+        write_jsonl(project / f"data/mix/{name}.jsonl", data)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(lora={"r": 4, "alpha": 8}, args=args, launch=launch)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def _stage(project: Path, **popen):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=env, text=True, **popen)
+
+
+def test_two_processes_through_train_launch_write_one_adapter_and_resume_after_a_kill(base, rows, tmp_path):
+    """train.launch: {processes: 2} runs the stage under `accelerate launch` (gloo on CPU): one adapter,
+    written by the main process only, loadable; the effective batch counts both processes; a killed
+    2-process run resumes from its last checkpoint."""
+    import signal
+    import subprocess
+
+    from peft import PeftModel
+
+    from tunegate.models import load_model
+
+    args = {**ARGS, "max_steps": 12, "save_steps": 3}
+    launch = {"processes": 2, "config": str(ROOT / "infra/accelerate/multi_gpu.yaml")}
+    project = _project(tmp_path, base, rows, launch, args)
+    killed = _stage(project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = project / "checkpoints"
+    deadline = time.time() + 600
+    while not list(ckpts.glob("train-*/checkpoint-6/trainer_state.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    import psutil  # the training processes run in sessions of their own: kill the whole tree, as a crash would
+
+    for proc in [psutil.Process(killed.pid), *psutil.Process(killed.pid).children(recursive=True)]:
+        proc.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (project / "models/candidate").exists()
+
+    resumed = _stage(project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming from" in out and "2 processes" in out
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 12
+    assert metrics["effective_batch_size"] == 2 * args["per_device_train_batch_size"]
+    assert metrics["resumed_from"] == "checkpoint-6"
+    adapters = sorted(p.relative_to(project) for p in project.rglob("adapter_model.safetensors"))
+    assert adapters == [Path("models/candidate/adapter/adapter_model.safetensors")]  # one, and no partial copies
+    assert not list((project / "models").glob(".*partial*")) and not list(ckpts.glob("train-*"))
+    PeftModel.from_pretrained(
+        load_model({"path": str(project / "models/base")}), str(project / "models/candidate/adapter")
+    )

@@ -1,0 +1,74 @@
+"""register logs no secret: params.yaml and dvc.lock artifacts are redacted, params and tags too."""
+
+from __future__ import annotations
+
+import yaml
+
+from stages import register
+from tests.conftest import ROOT
+from tunegate.config import parse_config
+from tunegate.paths import DVC_LOCK, PARAMS
+from tunegate.registry import redact
+
+HUB_TOKEN = "hf_" + "Q7xK2mP9vR4tL8wN3jB6cY1z"
+SOURCE_TOKEN = "hf_" + "Z9yX8wV7uT6sR5qP4oN3mL2k"
+PASSWORD = "Tr4ck1ngPassw0rd"
+SECRETS = (HUB_TOKEN, SOURCE_TOKEN, PASSWORD)
+
+
+def _params_with_secrets() -> dict:
+    """params.yaml with secrets where users put them: a hub token in train.args, a token in a source's
+    path, a password in the tracking URI."""
+    raw = yaml.safe_load((ROOT / PARAMS).read_text())
+    raw["train"]["args"]["hub_token"] = HUB_TOKEN
+    raw["data"]["sources"]["general"]["path"] = f"hf://datasets/acme/general?token={SOURCE_TOKEN}"
+    raw["register"]["tracking_uri"] = f"http://tunegate:{PASSWORD}@mlflow.internal:5000"
+    return raw
+
+
+def test_params_artifact_is_logged_without_the_secrets_in_it(tmp_path):
+    raw = _params_with_secrets()
+    path = tmp_path / PARAMS.name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    logged = register.provenance_file(path, scratch)
+    text = logged.read_text()
+    assert logged != path and not [s for s in SECRETS if s in text]
+    doc = yaml.safe_load(text)
+    assert doc["train"]["args"]["hub_token"] == "[redacted]"
+    assert doc["register"]["tracking_uri"] == "http://tunegate:[redacted]@mlflow.internal:5000"
+    # everything that is not a secret survives, so `tunegate reproduce` still reads the run's settings
+    assert doc["train"]["lora"] == raw["train"]["lora"] and doc["seed"] == raw["seed"]
+    assert doc["data"]["sources"]["domain"] == raw["data"]["sources"]["domain"]
+
+
+def test_dvc_lock_artifact_is_logged_without_the_params_it_records(tmp_path):
+    """dvc.lock records every stage's params values, so the hub token is in it too."""
+    lock = {"schema": "2.0", "stages": {"train": {"cmd": "python -m stages.train", "params": {"params.yaml": {}}}}}
+    lock["stages"]["train"]["params"]["params.yaml"] = {"train": _params_with_secrets()["train"], "seed": 1}
+    path = tmp_path / DVC_LOCK.name
+    path.write_text(yaml.safe_dump(lock))
+    (tmp_path / "scratch").mkdir()
+    text = register.provenance_file(path, tmp_path / "scratch").read_text()
+    assert HUB_TOKEN not in text and "[redacted]" in text
+
+
+def test_params_without_secrets_are_logged_as_written(tmp_path):
+    assert register.redacted_yaml((ROOT / PARAMS).read_text()) == (ROOT / PARAMS).read_text()  # comments kept
+    report = tmp_path / "report.md"
+    report.write_text("token: not yaml to redact")
+    assert register.provenance_file(report, tmp_path / "scratch") == report
+
+
+def test_run_params_and_tags_carry_no_secret():
+    cfg = parse_config(_params_with_secrets())
+    params = register.logged_params(cfg)
+    assert not [(k, v) for k, v in params.items() for s in SECRETS if s in v]
+    assert params["register.tracking_uri"] == "http://tunegate:[redacted]@mlflow.internal:5000"
+    assert params["train.args.learning_rate"] == str(cfg.train.args["learning_rate"])  # the rest is logged as is
+    base = {"model": "demo", "resolved_revision": "r", "weights_sha256": {}, "tokenizer_sha256": {}}
+    mix = {"train_sha256": "t", "rows": 1, "by": "tokens", "general_share_tokens": 0.2, "sources": {}}
+    tags = redact(register.provenance(cfg, base, mix, {"passed": True, "failed": []}, {}, "f"))
+    assert tags["hp.args.hub_token"] == "[redacted]"
+    assert not [(k, v) for k, v in tags.items() for s in SECRETS if s in v]

@@ -1,0 +1,161 @@
+"""What a training run is before it starts: device defaults, the memory plan, and the multi-process launch.
+
+The train stage and `tunegate check` both call these, so a refusal for memory is the same instant
+one-liner in either place, computed from the base's config.json without loading any weights.
+
+    train.args            passed to TRL unchanged; the device defaults below fill what it leaves out
+    train.deterministic   None: deterministic kernels on CPU (bit-identical reruns), fast kernels on CUDA
+    train.launch          {processes: N, config: infra/accelerate/<strategy>.yaml}: the stage re-runs
+                          itself under `accelerate launch`; only the main process writes outputs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from tunegate.adapters import ADAPTERS
+from tunegate.config import Train
+from tunegate.errors import UserError
+from tunegate.preflight import Plan, Shape
+
+LAUNCHED = "TUNEGATE_LAUNCHED"  # set in the processes `accelerate launch` starts for the stage
+
+
+def device_defaults(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any]:
+    """Trainer settings that depend on the device, before train.args (which overrides any of them).
+
+    On CPU: fp32, no gradient checkpointing (both slow CPU training down), deterministic kernels.
+    On CUDA: bf16 where the GPU supports it, TF32 matmuls, and PyTorch's fast non-deterministic kernels
+    unless train.deterministic asks otherwise (deterministic algorithms rule out the fused attention
+    backward, which costs most of a GPU's throughput on long rows). The choice is recorded in metrics.
+    """
+    deterministic = (not cuda) if cfg.deterministic is None else cfg.deterministic
+    return {
+        "use_cpu": not cuda,
+        "full_determinism": deterministic,
+        "gradient_checkpointing": False,
+        "bf16": bool(cuda and bf16_supported),
+        **({"tf32": True} if cuda and not deterministic else {}),
+    }
+
+
+def resolved_args(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any]:
+    """The trainer settings that decide memory and speed: device defaults, then train.args, then (DPO)
+    train.dpo_args — what the stage hands TRL, less its bookkeeping (paths, seeds, logging)."""
+    return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **(cfg.dpo_args if cfg.method == "dpo" else {})}
+
+
+def preflight(cfg: Train, model_dir: str | Path) -> tuple[dict[str, float], str]:
+    """The memory estimate for this machine's device, or the one-line refusal (a UserError); returns
+    (estimate, device). Reads only the base's config.json."""
+    import torch
+
+    from tunegate.preflight import available_bytes, check
+
+    cuda = torch.cuda.is_available()
+    args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    shape = read_shape(model_dir)
+    device, free = available_bytes()
+    return check(shape, plan(cfg, args, shape), device, free), device
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and in rank 0 of a launched one (decided from the launcher's
+    environment, so it can be asked before the trainer sets up torch.distributed)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sharded(accelerate_config: str | Path | None) -> bool:
+    """Whether the accelerate config shards weights, gradients and optimizer states (FSDP, ZeRO-3)."""
+    if not accelerate_config or not Path(accelerate_config).exists():
+        return False
+    import yaml
+
+    doc = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    if doc.get("distributed_type") == "FSDP":
+        return True
+    return (
+        doc.get("distributed_type") == "DEEPSPEED"
+        and int((doc.get("deepspeed_config") or {}).get("zero_stage", 0)) == 3
+    )
+
+
+def read_shape(model_dir: str | Path) -> Shape:
+    """The model's shape from its config.json (no weights are read)."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{path}: missing; the base model folder needs its config.json")
+    try:
+        return Shape.from_config(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def plan(cfg: Train, args: dict[str, Any], shape: Shape, method: str | None = None) -> Plan:
+    """The memory plan of one training phase with its resolved trainer settings."""
+    kind = ADAPTERS[cfg.adapter]
+    launch = cfg.launch
+    processes = launch.processes if launch else 1
+    return Plan(
+        adapter=cfg.adapter,
+        trainable=shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if kind.peft else shape.params,
+        batch=int(args.get("per_device_train_batch_size", 8)),
+        seq=int(args.get("max_length", 1024)),
+        gradient_checkpointing=bool(args.get("gradient_checkpointing")),
+        optim=str(args.get("optim", "adamw_torch")),
+        bf16=bool(args.get("bf16") or args.get("fp16")),
+        weights_16bit=shape.weights_16bit,
+        method="dpo" if (method or cfg.method) in ("dpo",) else "sft",
+        processes=processes,
+        sharded=sharded(launch.config) if launch else False,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(cfg: Train, module: str = "stages.train") -> list[str]:
+    """`accelerate launch` for the stage, with the config file and process count from train.launch.
+
+    Precision is the trainer's decision (train.args bf16 / fp16, or the device default), so the launcher
+    is told the same rather than the config file's `mixed_precision`. On a machine without GPUs the DDP
+    config starts the processes all the same and they train on the CPU over gloo.
+    """
+    import sys
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "no"
+    launch = cfg.launch
+    if launch is None:
+        raise ValueError("train.launch is not set")
+    if not Path(launch.config).exists():
+        raise UserError(f"train.launch.config {launch.config}: not found (see infra/accelerate/ for ready configs)")
+    bin_dir = Path(sys.executable).parent
+    return [
+        str(bin_dir / "accelerate"),
+        "launch",
+        "--config_file",
+        launch.config,
+        "--num_processes",
+        str(launch.processes),
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        precision,
+        "-m",
+        module,
+    ]
