@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PLOT_FIELDS = ("step", "loss", "learning_rate", "grad_norm", "probe_loss")
 SPEED_FIELDS = ("step", "tokens", "tokens_per_second")  # step, tokens so far, tokens/s since the previous log
 PEFT_CONFIG = "adapter_config.json"  # PEFT's name
+TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' name
 TRAINER_STATE = "trainer_state.json"  # the transformers Trainer's name, written last in a checkpoint
 
 
@@ -243,7 +244,16 @@ def _portable(adapter: Path, base_ref: str) -> None:
     if config.exists():
         doc = json.loads(config.read_text())
         doc["base_model_name_or_path"] = base_ref
+        # PEFT writes target_modules from a set: its order follows the process's hash seed, so two
+        # identical runs would differ in this file (and in the DVC hash of the output) without sorting.
+        if isinstance(doc.get("target_modules"), list):
+            doc["target_modules"] = sorted(doc["target_modules"])
         config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = adapter / TOKENIZER_CONFIG
+    if tokenizer_config.exists():  # how this process loaded files (HF_HUB_OFFLINE) is not part of the tokenizer
+        doc = json.loads(tokenizer_config.read_text())
+        if doc.pop("local_files_only", None) is not None:
+            tokenizer_config.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def _preflight(cfg: Train, manifest: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:

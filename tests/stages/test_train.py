@@ -247,7 +247,7 @@ def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
 def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
     cfg = Train(args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
     with pytest.raises(
-        UserError, match="estimated peak memory .* exceeds .* try per_device_train_batch_size 100000 -> 50000"
+        UserError, match="estimated peak memory .* exceeds .* try train.args.gradient_checkpointing: true"
     ):
         train.run(
             cfg,
@@ -361,6 +361,8 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     cut.mkdir()
     (cut / "trainer_state.json").write_text('{"global_st')  # killed mid-write
     assert train._last_checkpoint(tmp_path) == str(good)
+    assert cut.exists()  # only the main process removes: the others merely skip it
+    assert train._last_checkpoint(tmp_path, clean=True) == str(good)
     assert not cut.exists()
 
 
@@ -589,12 +591,14 @@ def test_plot_rows_after_the_resumed_checkpoint_are_dropped(tmp_path):
 
     plot = tmp_path / "train.csv"
     plot.write_text("step,loss,learning_rate,grad_norm,probe_loss\n" + "".join(f"{i},1.0,,,\n" for i in range(1, 9)))
-    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=5), None)
+    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=5, is_world_process_zero=True), None)
     assert [line.split(",")[0] for line in plot.read_text().splitlines()] == ["step", "1", "2", "3", "4", "5"]
     # the DPO phase of sft+dpo, resumed at its step 1, continues after the SFT phase's 3 steps
-    train._plot_callback(plot, step_offset=3).on_train_begin(None, SimpleNamespace(global_step=1), None)
+    train._plot_callback(plot, step_offset=3).on_train_begin(
+        None, SimpleNamespace(global_step=1, is_world_process_zero=True), None
+    )
     assert [line.split(",")[0] for line in plot.read_text().splitlines()] == ["step", "1", "2", "3", "4"]
-    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=0), None)
+    train._plot_callback(plot).on_train_begin(None, SimpleNamespace(global_step=0, is_world_process_zero=True), None)
     assert plot.read_text() == "step,loss,learning_rate,grad_norm,probe_loss\n"  # a fresh run starts a fresh plot
 
 
@@ -666,3 +670,17 @@ def test_two_processes_through_train_launch_write_one_adapter_and_resume_after_a
     PeftModel.from_pretrained(
         load_model({"path": str(project / "models/base")}), str(project / "models/candidate/adapter")
     )
+
+
+def test_saved_configs_do_not_depend_on_the_hash_seed_or_offline_mode(tmp_path):
+    """PEFT writes target_modules from a set (order = the process's hash seed) and transformers records
+    local_files_only: either would make two identical runs' outputs differ for DVC."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"target_modules": ["v_proj", "k_proj", "q_proj"]}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"local_files_only": True, "model_max_length": 9}))
+    train._portable(tmp_path, "models/base")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (
+        config["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+        and config["base_model_name_or_path"] == "models/base"
+    )
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"model_max_length": 9}
