@@ -286,3 +286,28 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
             assert got["chosen_equals_rejected"] == (
                 [m.content.strip() for m in row.chosen] == [m.content.strip() for m in row.rejected]
             )
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_rows_outside_the_token_bounds_are_quarantined_as_length(tmp_path, tokenizer, kind):
+    """The token-length check runs for both kinds: too long and too short rows leave with `length`,
+    rows inside the bounds stay (with the chat template counted)."""
+    long_text = " ".join(["the parcel arrived broken and nobody answers"] * 60)  # far past max_tokens
+    texts = [
+        long_text,
+        "ok",
+        "Where is order 12345? It left the depot on Monday and the tracking page still says it is on its way.",
+    ]
+    path = tmp_path / "d.jsonl"
+    if kind == "sft":
+        path.write_text("".join(json.dumps({"prompt": t, "completion": "Sorry about that."}) + "\n" for t in texts))
+    else:
+        path.write_text(
+            "".join(json.dumps({"prompt": t, "chosen": "We will refund you.", "rejected": "No."}) + "\n" for t in texts)
+        )
+    cfg = Validate(min_tokens=30, max_tokens=120, max_invalid_share=1.0)
+    role = "domain" if kind == "sft" else "preference"
+    metrics = validate.run(cfg, {"s": Source(path=str(path), role=role)}, tokenizer, tmp_path / "out")
+    q = {r["line"]: r["reason"] for r in read_jsonl(tmp_path / "out" / validate.QUARANTINE)}
+    assert q == {1: "length", 2: "length"}, q
+    assert metrics["sources"]["s"]["kept"] == 1
