@@ -259,11 +259,10 @@ def _portable(adapter: Path, base_ref: str) -> None:
 def _preflight(cfg: Train, manifest: dict[str, Any], args: dict[str, Any]) -> dict[str, float]:
     """Refuse, before any weights load, a run whose estimated peak memory does not fit the device
     (estimated from the base's config.json; see tunegate/preflight.py)."""
-    from tunegate.preflight import GIB, available_bytes, check
-    from tunegate.training import plan, read_shape
+    from tunegate.preflight import GIB
+    from tunegate.training import preflight
 
-    device, free = available_bytes()
-    est = check(read_shape(manifest["path"]), plan(cfg, args, read_shape(manifest["path"])), device, free)
+    est, device, free = preflight(cfg, manifest["path"], args)
     if is_main_process():
         log.info(
             "preflight: estimated peak %.2f GiB per device (weights %.2f, trainable+optimizer %.2f, activations %.2f) "

@@ -60,7 +60,7 @@ def check(params: Path | None = PARAMS) -> None:
             from tunegate.preflight import GIB
             from tunegate.training import preflight
 
-            est, device = preflight(cfg.train, load_manifest(layout.base)["path"])
+            est, device, _ = preflight(cfg.train, load_manifest(layout.base)["path"])
             memory = f"memory: training needs about {est['total'] / GIB:.2f} GiB per device on {device}"
     except UserError as err:
         _fail(err)

@@ -49,18 +49,22 @@ def resolved_args(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any
     return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **(cfg.dpo_args if cfg.method == "dpo" else {})}
 
 
-def preflight(cfg: Train, model_dir: str | Path) -> tuple[dict[str, float], str]:
+def preflight(
+    cfg: Train, model_dir: str | Path, args: dict[str, Any] | None = None
+) -> tuple[dict[str, float], str, float]:
     """The memory estimate for this machine's device, or the one-line refusal (a UserError); returns
-    (estimate, device). Reads only the base's config.json."""
-    import torch
-
+    (estimate, device, free bytes). Reads only the base's config.json. args: the trainer settings already
+    resolved (the train stage has them); None resolves them for this device."""
     from tunegate.preflight import available_bytes, check
 
-    cuda = torch.cuda.is_available()
-    args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    if args is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
     shape = read_shape(model_dir)
     device, free = available_bytes()
-    return check(shape, plan(cfg, args, shape), device, free), device
+    return check(shape, plan(cfg, args, shape), device, free), device, free
 
 
 def is_main_process() -> bool:
