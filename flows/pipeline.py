@@ -11,6 +11,7 @@ flow-run id recorded in MLflow next to the dvc.lock hash (see `register`).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,33 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# Stages that talk to a server get retries; the others are deterministic and fail the same way twice.
+# Stages that talk to a server (the hub, MLflow) get retries, and only for a fault that may pass: a bad
+# setting or a bug fails the same way twice, so those end the run at once with the stage's own line.
 RETRIES = {"register": 2, "base": 1}
+TRANSIENT = re.compile(
+    r"not reachable|lost the MLflow server|cannot reach the Hugging Face hub|Unable to acquire lock|"
+    r"Connection(Error| refused| reset)|Timeout|timed out|503 Service|502 Bad Gateway",
+    re.I,
+)
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage that exited non-zero; the message is the stage's own error line (or DVC's)."""
+
+    def __init__(self, stage: str, code: int, why: str):
+        super().__init__(f"stage {stage} failed (exit {code}): {why}")
+        self.stage, self.why = stage, why
+        self.transient = bool(TRANSIENT.search(why))
+
+
+def why_failed(output: str) -> str:
+    """The one line that says why a stage failed: tunegate's own error line, else DVC's, else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for marker in (": error: ", "ERROR: "):
+        found = [line for line in lines if marker in line]
+        if found:
+            return found[-1][:300]
+    return lines[-1][:300] if lines else "no output"
 
 
 def dvc_stages(root: Path = ROOT) -> list[str]:
@@ -44,7 +70,13 @@ def _dvc(args: list[str], root: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(bin_dir / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
 
 
-@task(task_run_name="{stage}", retry_delay_seconds=10)
+def transient_only(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a stage only for a fault that may pass (a server, the network, a lock)."""
+    err = state.data if isinstance(state.data, BaseException) else None
+    return isinstance(err, StageFailed) and err.transient
+
+
+@task(task_run_name="{stage}", retry_delay_seconds=10, retry_condition_fn=transient_only)
 def run_stage(stage: str, root: str, force: bool = False) -> str:
     """`dvc repro --single-item STAGE`: DVC skips it when nothing it depends on changed."""
     log = get_run_logger()
@@ -53,17 +85,23 @@ def run_stage(stage: str, root: str, force: bool = False) -> str:
     for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
         log.info("%s", line)
     if proc.returncode:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); see the task log")
+        raise StageFailed(stage, proc.returncode, why_failed(proc.stdout + proc.stderr))
     return "skipped" if "didn't change, skipping" in proc.stdout else "ran"
+
+
+def run_stages(root: str, force_stages: list[str] | None = None) -> dict[str, str]:
+    """Every DVC stage as a task run of the calling flow, in DVC's order; {stage: 'ran' | 'skipped'}."""
+    force = set(force_stages or [])
+    return {
+        stage: run_stage.with_options(retries=RETRIES.get(stage, 0))(stage, root, stage in force)
+        for stage in dvc_stages(Path(root))
+    }
 
 
 @flow(name="tunegate-pipeline", log_prints=True)
 def pipeline(root: str = str(ROOT), force_stages: list[str] | None = None) -> dict[str, str]:
     """Run every DVC stage as its own task, in order; returns {stage: 'ran' | 'skipped'}."""
-    force = set(force_stages or [])
-    outcome = {}
-    for stage in dvc_stages(Path(root)):
-        outcome[stage] = run_stage.with_options(retries=RETRIES.get(stage, 0))(stage, root, stage in force)
+    outcome = run_stages(root, force_stages)
     get_run_logger().info("pipeline: %s", outcome)
     return outcome
 

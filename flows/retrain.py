@@ -1,74 +1,96 @@
-"""Scheduled retraining when the base model gets a new revision.
+"""Retrain on a new base revision: pin it, run every stage, and say in one line what came of it.
 
-    python -m flows.retrain                        # check once, retrain if the base moved
-    python -m flows.retrain --serve --cron "0 3 * * *"   # a deployment in the Prefect UI, on a schedule
-    tunegate serve --cron "0 3 * * *"                    # the same
+    python -m flows.retrain                        # retrain on the tracked branch's current revision
+    python -m flows.retrain --revision <commit>    # on a given revision
+    tunegate deploy                                # as a deployment: on `tunegate.base.updated` and on a cron
 
-The watch resolves `base.model`@`base.revision` (a hub branch such as `main`, or a local folder) to
-its current revision and compares it with the last built `base.json`. When it moved, the pipeline
-flow rebuilds `base` (forced: the params did not change, the model behind them did) and everything
-downstream; `gate` and `register` then decide, without a human, whether the new candidate becomes
-the champion.
+The revision is pinned in params.yaml (`base.revision: <commit>`, edited in place, comments kept), so
+`dvc.lock` records it, `base` rebuilds from it and the registered version carries it as
+`base_revision`; commit params.yaml with dvc.lock to keep the run. Then every DVC stage runs as a task
+run of this flow (flows/pipeline.py), and `gate` and `register` decide, without a human, whether the
+candidate becomes the champion. The final state says which, in one line: `Promoted`, `Rejected` (the
+gate, or the champion comparison, with the failed checks) or `Failed` (the stage and its error line).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
 
-from flows.pipeline import ROOT, pipeline
+from flows.pipeline import ROOT, StageFailed, run_stages
+
+# `base:` block's `revision:` line in params.yaml; value replaced in place so the comments stay
+REVISION_LINE = re.compile(r"^(base:\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+revision:[ \t]*)(\S+)", re.M)
 
 
-@task(retries=2, retry_delay_seconds=30)
-def base_changed(root: str) -> tuple[bool, str, str]:
-    """(changed?, last built revision, current revision) of the configured base model."""
+def pin_base_revision(params: Path, revision: str) -> str:
+    """Set base.revision in params.yaml to `revision` (one line changed); returns the value it had."""
+    text = params.read_text(encoding="utf-8")
+    match = REVISION_LINE.search(text)
+    if match is None:
+        from tunegate.errors import UserError
+
+        raise UserError(f"{params}: no `revision:` under `base:` to pin")
+    params.write_text(text[: match.start(2)] + revision + text[match.end(2) :], encoding="utf-8")
+    return match.group(2)
+
+
+def outcome(result: dict, base: str, ran: bool) -> tuple[str, str]:
+    """(state name, one line) from register's result: promoted, rejected by the gate, or not promoted."""
+    name, version, champ = result["model_name"], result["version"], result["champion"] or "-"
+    if not ran:
+        return "Completed", f"unchanged: nothing was stale; {name} champion stays at v{champ} (base {base})"
+    if result["gate_passed"] and result["champion"] == version:
+        was = f", was v{result['previous_champion']}" if result.get("previous_champion") else ""
+        return "Promoted", f"promoted: {name} v{version} is champion (base {base}{was})"
+    if not result["gate_passed"]:
+        failed = [line for line in result.get("lines", []) if line.startswith("FAIL")] or [result["champion_check"]]
+        why = "; ".join(failed)
+        return "Rejected", f"gate rejected {name} v{version} (base {base}): {why}; champion stays at v{champ}"
+    notes = "; ".join(result.get("notes", [])) or "see reports/register.json"
+    return "Completed", f"not promoted: {name} v{version} passed the gate (base {base}) but {notes}"
+
+
+@flow(name="tunegate-retrain", log_prints=True)
+def retrain(root: str = str(ROOT), revision: str | None = None, track: str | None = None, reason: str = "by hand"):
+    """Pin base.revision to `revision` (default: base.model@track's current commit), run every stage."""
     from tunegate.config import load_config
-    from tunegate.io import read_json, sha256_of
-    from tunegate.models import current_revision
+    from tunegate.errors import UserError
+    from tunegate.io import read_json
+    from tunegate.models import revision_of
     from tunegate.paths import PARAMS, Layout
 
-    cfg = load_config(Path(root) / PARAMS)
-    manifest_path = Layout.of(cfg.paths, root).base_manifest
-    last = read_json(manifest_path) if manifest_path.exists() else None
-    if cfg.base.is_demo:  # built from committed data: only a params/data change (DVC's job) moves it
-        return last is None, last["resolved_revision"] if last else "-", last["resolved_revision"] if last else "-"
-    current = current_revision(cfg.base.model, cfg.base.revision, root)
-    resolved = current["resolved_revision"]
-    if last is None:
-        return True, "-", resolved
-    moved = (resolved, sha256_of(current["weights_sha256"])) != (
-        last["resolved_revision"],
-        sha256_of(last["weights_sha256"]),
-    )
-    return moved, last["resolved_revision"], resolved
-
-
-@flow(name="tunegate-retrain-on-base-update", log_prints=True)
-def retrain_on_base_update(root: str = str(ROOT)) -> dict:
     log = get_run_logger()
-    changed, last, current = base_changed(root)
-    if not changed:
-        log.info("base unchanged at %s; nothing to do", current)
-        return {"retrained": False, "revision": current}
-    log.info("base moved %s -> %s: retraining, re-gating and registering", last, current)
-    outcome = pipeline(root=root, force_stages=["base"])
-    return {"retrained": True, "from": last, "to": current, "stages": outcome}
+    params = Path(root) / PARAMS
+    try:
+        cfg = load_config(params)
+        if not cfg.base.is_demo:
+            revision = revision or revision_of(cfg.base.model, track or cfg.base.revision, root)
+            was = pin_base_revision(params, revision)
+            log.info("retrain (%s): base %s pinned to %s (was %s)", reason, cfg.base.model, revision, was)
+        stages = run_stages(root)
+        result = read_json(Layout.of(cfg.paths, root).register)
+    except (StageFailed, UserError) as err:
+        return Failed(message=f"failed: {err}")
+    base = f"{cfg.base.model}@{(revision or 'demo')[:12]}"
+    state, line = outcome(result, base, ran=stages.get("register") == "ran")
+    log.info("%s", line)
+    return Completed(name=state, message=line, data={"stages": stages, "register": result})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve", action="store_true", help="serve a scheduled deployment (needs a Prefect server)")
-    parser.add_argument("--cron", default="0 3 * * *", help="schedule for --serve (default: daily 03:00)")
     parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--revision", default=None, help="commit to pin (default: the tracked branch's current one)")
+    parser.add_argument("--track", default=None, help="branch to follow (default: base.revision)")
     args = parser.parse_args()
-    if args.serve:
-        retrain_on_base_update.serve(
-            name="base-watch", cron=args.cron, parameters={"root": args.root}, tags=["tunegate"], global_limit=1
-        )  # never two retrains at once
-    else:
-        print(retrain_on_base_update(root=args.root))
+    state = retrain(root=args.root, revision=args.revision, track=args.track, return_state=True)
+    print(f"{state.name}: {state.message}")
+    raise SystemExit(0 if state.is_completed() else 1)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
 
     model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
     tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
-    local_base = base["resolved_revision"] == "local" or base["model"] == "demo"  # no hub id to refer to
+    local_base = base["model"] == "demo" or Path(base["model"]).expanduser().is_dir()  # no hub id to refer to
     requirements = [
         f"{p}=={metadata.version(p)}"
         for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")

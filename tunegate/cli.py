@@ -6,7 +6,8 @@
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
-    tunegate serve --cron "0 3 * * *"   # scheduled retrain when the base model gets a new revision
+    tunegate deploy                # Prefect: watch the base, retrain on a new revision (event) and on a cron
+    tunegate demo-base             # publish a new revision of the demo base model (models/demo-hub)
     tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
 
 Heavy libraries are imported inside the commands, so `tunegate --help` starts instantly.
@@ -196,16 +197,77 @@ def reproduce(
 
 
 @app.command()
-def serve(
-    cron: str = typer.Option("0 3 * * *", help="when to check the base model for a new revision"),
+def deploy(
     root: Path = typer.Option(Path("."), help="project root"),
+    interval: float = typer.Option(600, help="seconds between checks of the base model for a new revision"),
+    cron: str = typer.Option("0 3 * * *", help="the retrain deployment's own schedule"),
+    track: str | None = typer.Option(
+        None, help="branch of base.model to follow (default: base.revision; main if pinned)"
+    ),
+    notify: str | None = typer.Option(None, help="Prefect notification block for rejected retrains (slack-webhook/ml)"),
 ) -> None:
-    """Serve the scheduled retrain-on-base-update deployment (needs PREFECT_API_URL or a local Prefect server)."""
+    """Serve the retraining loop against PREFECT_API_URL: base watcher (interval), retrain (on its event + cron)."""
     import os
 
-    # The deployment is defined once, in flows/retrain.py; this command is its launcher.
-    args = [sys.executable, "-m", "flows.retrain", "--serve", "--cron", cron, "--root", str(root.resolve())]
-    os.execv(sys.executable, args)
+    # The deployments are defined once, in flows/deploy.py; this command is their launcher (the library
+    # does not import flows). The flows import `flows` and `tunegate` from the project root.
+    project = root.resolve()
+    args = [sys.executable, "-m", "flows.deploy", "--root", str(project), "--interval", str(interval), "--cron", cron]
+    args += ["--track", track] if track else []
+    args += ["--notify", notify] if notify else []
+    path = os.environ.get("PYTHONPATH")
+    os.chdir(project)
+    os.execve(sys.executable, args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), path]))})
+
+
+@app.command(hidden=True)
+def serve(
+    cron: str = typer.Option("0 3 * * *", help="the retrain deployment's own schedule"),
+    root: Path = typer.Option(Path("."), help="project root"),
+) -> None:
+    """Former name of `tunegate deploy`."""
+    deploy(root=root, interval=600, cron=cron, track=None, notify=None)
+
+
+@app.command("demo-base")
+def demo_base(
+    into: Path = typer.Option(Path("models/demo-hub"), help="local model repository to publish into"),
+    steps: int = typer.Option(200, help="more pretraining steps on the demo's general corpus (0: publish as is)"),
+    seed: int = typer.Option(1, help="seed of those steps (another seed, another revision)"),
+    source: Path | None = typer.Option(
+        None, help="model folder to start from (default: the branch's revision, else the built demo base)"
+    ),
+    branch: str = typer.Option("main", help="branch to move to the new revision"),
+    params: Path | None = PARAMS,
+) -> None:
+    """Publish a new revision of the demo base model; with base.model set to that folder, the watcher sees it."""
+    import tempfile
+
+    from demo.publish import continue_pretraining, head, publish
+    from tunegate.config import load_config
+    from tunegate.io import read_jsonl
+    from tunegate.paths import Layout
+    from tunegate.runtime import configure
+
+    configure(stage="cli")
+    try:
+        cfg = load_config(params)
+        start = source or head(into, branch) or Layout.of(cfg.paths).base
+        if not start.is_dir():
+            raise UserError(f"{start}: no model to start from; build the demo base first (dvc repro base)")
+        with tempfile.TemporaryDirectory() as scratch:
+            if steps:
+                loss = continue_pretraining(
+                    start, read_jsonl(Path(cfg.paths.pretrain)), cfg.base.demo, steps, seed, Path(scratch)
+                )
+                typer.echo(f"{steps} more pretraining steps from {start} (seed {seed}): loss {loss:.3f}")
+                start = Path(scratch)
+            commit = publish(start, into, branch)
+    except UserError as err:
+        _fail(err)
+    typer.echo(
+        f"published {into}@{commit} ({branch}); `base.model: {into}` follows it, `base.revision: {commit}` pins it"
+    )
 
 
 @app.command("demo-data")

@@ -13,7 +13,7 @@ from typing import Any
 
 from tunegate.errors import UserError
 from tunegate.io import read_json, sha256_file, sha256_of
-from tunegate.paths import BASE_MANIFEST
+from tunegate.paths import BASE_MANIFEST, REPO_REFS, REPO_SNAPSHOTS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,9 @@ DEFAULT_CHAT_TEMPLATE = (
 def snapshot(model: str, revision: str, root: str | Path = ".") -> tuple[Path, str]:
     """A local folder with the model's files and the commit sha it came from (downloads if needed).
     A relative local folder is taken relative to the project `root`."""
-    local = Path(model).expanduser()
-    if not local.is_absolute():
-        local = Path(root) / local
+    local = _local(model, root)
     if local.is_dir():
-        return local.resolve(), "local"
+        return local_snapshot(local, model, revision)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -201,8 +199,55 @@ def load_with_adapter(
     return model.merge_and_unload() if merge else model
 
 
-def current_revision(model: str, revision: str, root: str | Path = ".") -> dict[str, Any]:
-    """Where the base model is now: the manifest `describe` would write for it today (resolved
-    revision and the sha256 of every weight and tokenizer file), for a hub id or a local folder."""
-    path, resolved = snapshot(model, revision, root)
-    return describe(path, model, revision, resolved)
+def _local(model: str, root: str | Path) -> Path:
+    local = Path(model).expanduser()
+    return local if local.is_absolute() else Path(root) / local
+
+
+def content_revision(folder: Path) -> str:
+    """The revision of a plain model folder (no refs/): a commit-like id of its weight and tokenizer files."""
+    files = sorted(p for g in (*WEIGHT_GLOBS, *TOKENIZER_FILES, "config.json") for p in folder.glob(g))
+    return sha256_of({p.name: sha256_file(p) for p in files})[:40]
+
+
+def local_snapshot(folder: Path, model: str, revision: str) -> tuple[Path, str]:
+    """(files, commit) of a local base. In a model repository (refs/ + snapshots/, as `tunegate demo-base`
+    publishes) `revision` is a branch under refs/ or a commit under snapshots/, as on the hub, so a branch
+    follows new revisions and a commit pins one; a plain folder is its one revision, named by its content."""
+    snapshots = folder / REPO_SNAPSHOTS
+    if not snapshots.is_dir():
+        return folder.resolve(), content_revision(folder)
+    ref = folder / REPO_REFS / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    if not (snapshots / commit).is_dir():
+        branches = sorted(p.name for p in (folder / REPO_REFS).glob("*")) or ["none"]
+        raise UserError(
+            f"base.model {model!r}: no revision {revision!r} in {folder} "
+            f"(branches: {', '.join(branches)}; or a commit under {REPO_SNAPSHOTS}/); set base.revision"
+        )
+    return (snapshots / commit).resolve(), commit
+
+
+def revision_of(model: str, revision: str, root: str | Path = ".") -> str:
+    """The commit `model`@`revision` points at now, without downloading anything: the hub's answer for a
+    hub id (one API call), the ref file or the content id for a local folder. What the retrain watch
+    compares with the champion's recorded base revision."""
+    local = _local(model, root)
+    if local.is_dir():
+        return local_snapshot(local, model, revision)[1]
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi().model_info(model, revision=revision).sha
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"base.model {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(f"base.model {model!r}: the hub has no revision {revision!r}; check base.revision") from None
+    except Exception as err:  # offline mode, DNS, timeouts: the HTTP client's own types
+        raise UserError(
+            f"base.model {model!r} (revision {revision!r}): cannot ask the Hugging Face hub for its current "
+            f"revision ({type(err).__name__}); the watch needs network access (HF_HUB_OFFLINE unset)"
+        ) from None

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 # --- names inside a stage's folder ---------------------------------------------------------------
 BASE_MANIFEST = "base.json"  # base/: identity of the base model (what every later stage loads)
+# A local model repository (`base.model` a folder; `tunegate demo-base` publishes into one), laid out like the
+# hub's cache: refs/<branch> holds a commit id, snapshots/<commit>/ that revision's files.
+REPO_REFS = "refs"
+REPO_SNAPSHOTS = "snapshots"
 QUARANTINE = "quarantine.jsonl"  # validated/: rows that failed a check, with the reason
 REPORT = "report.md"  # validated/, dedup/, gate/: the human-readable account
 DROPPED = "dropped.jsonl"  # dedup/: rows removed, with the reason and what they duplicate
