@@ -25,11 +25,19 @@ BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # Roles become single special tokens and each turn ends with <|end|> (= eos), so generation stops
 # after one assistant turn. The {% generation %} markers let TRL's assistant_only_loss find the
-# assistant tokens; plain rendering ignores them.
+# assistant tokens; plain rendering ignores them. Tools (OpenAI chat format) render the way most
+# tool-calling templates do: the tools list as a system turn of JSON lines, each assistant call as
+# <tool_call>{"name", "arguments"}</tool_call>, each tool result as a user turn in <tool_response>.
+# A conversation without tools renders exactly as it would without those branches.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>You can call these tools:"
+    "{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}<|end|>{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}"
+    "{% for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "<|end|>{% endgeneration %}"
+    "{% elif message['role'] == 'tool' %}<|user|><tool_response>{{ message['content'] }}</tool_response><|end|>"
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -46,6 +46,14 @@ def _take_tokens(rows: list[dict], tokens: list[int], budget: int, rng: random.R
     return out
 
 
+def _trained(row: dict) -> dict:
+    """What training reads of a row: its conversation, and the tools it was given."""
+    out = {"id": row["id"], "source": row["source"], "messages": row["messages"]}
+    if row.get("tools"):
+        out["tools"] = row["tools"]
+    return out
+
+
 def run(
     cfg: Mix, sources: dict[str, Source], rows: dict[str, list[dict]], n_tokens, seed: int
 ) -> tuple[list[dict], list[dict], list[dict], dict]:
@@ -90,13 +98,8 @@ def run(
 
     used_ids = {r["id"] for n in general for r in chosen[n]}
     unused = [r for n in general for r in rows[n] if r["id"] not in used_ids]
-    probe = [
-        {"id": r["id"], "source": r["source"], "messages": r["messages"]}
-        for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))
-    ]
-    train = [
-        {"id": r["id"], "source": r["source"], "messages": r["messages"]} for n in domain + general for r in chosen[n]
-    ]
+    probe = [_trained(r) for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))]
+    train = [_trained(r) for n in domain + general for r in chosen[n]]
     rng.shuffle(train)
     per_source = {}
     for n in domain + general:
@@ -132,6 +135,7 @@ def run(
 
 def main() -> None:
     def body() -> None:
+        from tunegate.chat import Renderer, token_count
         from tunegate.models import load_manifest, load_tokenizer
 
         cfg = load_config()
@@ -140,8 +144,10 @@ def main() -> None:
         inputs = {n: layout.dedup_source(n) for n in cfg.data.sources}
         rows = {n: read_jsonl(p) for n, p in inputs.items()}
 
-        def n_tokens(row: dict) -> int:
-            return len(tok.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+        render = Renderer(tok)
+
+        def n_tokens(row: dict) -> int:  # the rendering training sees, tools and tool calls included
+            return token_count(tok, render, row["messages"], row.get("tools"))
 
         train, prefs, probe, manifest = run(cfg.mix, cfg.data.sources, rows, n_tokens, cfg.seed)
         write_jsonl(layout.mix_train, train)

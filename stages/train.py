@@ -62,7 +62,19 @@ def _sft_classes() -> tuple[type, type]:
 def _dpo_classes() -> tuple[type, type]:
     from trl import DPOConfig, DPOTrainer
 
-    return DPOConfig, DPOTrainer
+    class PreTokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPO trainer on pairs tokenised by `preference_examples` (the rendering every stage uses,
+        tools included); TRL's own preparation would pass the messages through Arrow, which gives every
+        tool call's arguments the keys of all the others."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: no signal left
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            return dataset
+
+    return DPOConfig, PreTokenizedDPOTrainer
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,43 @@ class Outputs:
     step_offset: int = 0  # where this run's steps start in the plot files (after an earlier phase's)
 
 
-def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """messages -> {"prompt": all turns before the last, "completion": [the last assistant turn]}."""
-    return [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows]
+def sft_examples(rows: list[dict[str, Any]], tokenizer) -> tuple[list[dict[str, list[int]]], int]:
+    """Rows -> what the SFT trainer trains on: the conversation rendered by the chat template (with its
+    tools), tokenised, and `assistant_masks` = 1 exactly on the tokens of every assistant turn whose
+    weight is not 0 (TRL builds the labels from it: -100 everywhere else). Returns the examples and the
+    number of rows the template cannot split into turns (only their final turn is trained; see
+    tunegate.chat)."""
+    from tunegate.chat import Renderer, tokenize
+
+    render = Renderer(tokenizer)
+    out, unstable = [], 0
+    for row in rows:
+        ids, mask, stable = tokenize(tokenizer, render, row["messages"], row.get("tools"))
+        unstable += not stable
+        out.append({"input_ids": ids, "assistant_masks": mask})
+    return out, unstable
+
+
+def preference_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str, list[int]]]:
+    """Preference rows -> DPO's prompt_ids / chosen_ids / rejected_ids, exactly as TRL tokenises a
+    conversational pair (the prompt with the generation prompt; the answer starts where the prompt's and
+    the whole conversation's tokens diverge), with the row's tools and tool turns rendered."""
+    from tunegate.chat import Renderer, common_prefix, template_messages
+
+    render = Renderer(tokenizer)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for row in rows:
+        tools, prompt = row.get("tools"), template_messages(row["prompt"])
+        prompt_ids = ids(render(prompt, tools, generation=True))
+        chosen = ids(render(prompt + template_messages(row["chosen"]), tools))
+        rejected = ids(render(prompt + template_messages(row["rejected"]), tools))
+        n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
+        out.append({"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+    return out
 
 
 def peft_config(cfg: Train):
@@ -337,14 +383,23 @@ def _trainer_config(cfg: Train, args: dict[str, Any]):
         raise UserError(f"{keys}: {err}") from None
 
 
-def _datasets(method: MethodKind, data: Inputs):
-    """(training set, probe set) in the shape TRL's trainer for the method reads."""
+def _datasets(method: MethodKind, data: Inputs, tokenizer):
+    """(training set, probe set) in the shape TRL's trainer for the method reads. SFT rows and the
+    forgetting probe are tokenised here with the same rendering and loss mask (`sft_examples`)."""
     from datasets import Dataset
 
     if method.preference:
-        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.pref_rows]), None
-    probe = Dataset.from_list(to_prompt_completion(data.probe_rows)) if data.probe_rows else None
-    return Dataset.from_list(to_prompt_completion(data.train_rows)), probe
+        return Dataset.from_list(preference_examples(data.pref_rows, tokenizer)), None
+    examples, unstable = sft_examples(data.train_rows, tokenizer)
+    if unstable:
+        log.warning(
+            "train: %d of %d rows trained on their final assistant turn only: the chat template renders earlier "
+            "turns differently once later ones follow",
+            unstable,
+            len(examples),
+        )
+    probe = Dataset.from_list(sft_examples(data.probe_rows, tokenizer)[0]) if data.probe_rows else None
+    return Dataset.from_list(examples), probe
 
 
 def run(
@@ -389,7 +444,7 @@ def run(
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     _, trainer_cls = method.classes()
-    train_ds, probe_ds = _datasets(method, data)
+    train_ds, probe_ds = _datasets(method, data, tokenizer)
     probe_state: dict[str, Any] = {}
     callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset)]
     if cfg.probe_max_rise and probe_ds is not None:

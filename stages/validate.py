@@ -25,9 +25,10 @@ from typing import Any
 
 import msgspec
 
+from tunegate.chat import message_text, tool_support, uses_tools
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
-from tunegate.formats import Row, load_rows
+from tunegate.formats import Message, Row, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
@@ -36,8 +37,14 @@ from tunegate.runtime import gc_paused, stage_main
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = r"\{[A-Za-z_][A-Za-z0-9_]*\}|\{\{[^}]*\}\}"
-SFT_ROLES = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
-PREF_ROLES = r"^(?:system,)?(?:user,assistant,)*user\|assistant\|assistant$"
+# A turn: the user, then any number of tool rounds (an assistant turn that calls tools, then one tool
+# result or more), then the assistant's answer. A conversation's last answer may itself be a tool call.
+CALLS = r"(?:assistant\+call,(?:tool,)+)*"
+SFT_ROLES = rf"^(?:system,)?(?:user,{CALLS}assistant,)*user,{CALLS}assistant(?:\+call)?$"
+ANSWER = r"assistant(?:\+call)?"
+PREF_ROLES = rf"^(?:system,)?(?:user,{CALLS}assistant,)*user(?:,assistant\+call(?:,tool)+)*\|{ANSWER}\|{ANSWER}$"
+CALL_ROLE = "assistant+call"  # an assistant message with tool calls, in the roles column only
+NO_TOOLS = "template_no_tools"
 WRITE_ROWS = 16384  # rows encoded per chunk while the previous chunk is written
 PII = "pii"  # the combined PII check; rows it flags get one `pii_<name>` reason per matching pattern
 PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
@@ -74,17 +81,20 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
     import pyarrow.compute as pc
 
     columns: dict[str, Any] = {"id": pa.array([row.id for row in rows], pa.large_string())}
+    rich = [i for i, row in enumerate(rows) if row.tools or any(type(m) is not Message for m in row.all_messages())]
     if all(row.kind == "sft" for row in rows):
-        flat = Flat([row.messages for row in rows])
+        flat = Flat([_shown(row.messages) for row in rows] if rich else [row.messages for row in rows])
         columns["roles"] = flat.join(flat.roles, ",")
         columns["min_chars"] = flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0)
         columns["text"] = flat.join(flat.contents, "\n")
-        columns["n_tokens"] = counter.count_bytes(sizes.sizes(flat), sizes.text_of(flat))
+        columns["n_tokens"] = counter.count_bytes(
+            *_rich_sizes(sizes, rows, rich, flat, lambda row: (row.messages, row.tools))
+        )
     else:
         parts = [
-            Flat([row.prompt for row in rows]),
-            Flat([row.chosen for row in rows]),
-            Flat([row.rejected for row in rows]),
+            Flat([_shown(row.prompt) for row in rows] if rich else [row.prompt for row in rows]),
+            Flat([_shown(row.chosen) for row in rows] if rich else [row.chosen for row in rows]),
+            Flat([_shown(row.rejected) for row in rows] if rich else [row.rejected for row in rows]),
         ]
         prompt, chosen, rejected = parts
         roles = [part.join(part.roles, ",") for part in parts]
@@ -96,18 +106,57 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
         columns["min_chars"] = np.where(shortest == none, 0, shortest)
         columns["text"] = joined(parts, [part.join(part.contents, "\n") for part in parts], "\n")
         columns["n_tokens"] = np.maximum(
-            counter.count_bytes(sizes.sizes(prompt, chosen), sizes.text_of(prompt, chosen)),
-            counter.count_bytes(sizes.sizes(prompt, rejected), sizes.text_of(prompt, rejected)),
+            counter.count_bytes(
+                *_rich_sizes(sizes, rows, rich, (prompt, chosen), lambda row: (row.prompt + row.chosen, row.tools))
+            ),
+            counter.count_bytes(
+                *_rich_sizes(sizes, rows, rich, (prompt, rejected), lambda row: (row.prompt + row.rejected, row.tools))
+            ),
         )
         # chosen == rejected (contents, trimmed): candidates by joined text, confirmed row by row
         same = [part.join(pc.utf8_trim(part.contents, PY_WHITESPACE), ROLE_SEP) for part in (chosen, rejected)]
         candidates = np.flatnonzero(pc.equal(*same).to_numpy(zero_copy_only=False) & (chosen.counts == rejected.counts))
         equal = np.zeros(len(rows), bool)
         for i in candidates.tolist():
-            equal[i] = [m.content.strip() for m in rows[i].chosen] == [m.content.strip() for m in rows[i].rejected]
+            equal[i] = [message_text(m).strip() for m in rows[i].chosen] == [
+                message_text(m).strip() for m in rows[i].rejected
+            ]
         columns["chosen_equals_rejected"] = equal
     columns["invisible"] = pc.match_substring_regex(columns["text"], INVISIBLE_RE2)
     return pa.table(columns).to_pandas()
+
+
+def _shown(messages: list[Message]) -> list[Message]:
+    """Messages as the table's columns see them: tool calls are part of the text (so an assistant turn
+    that only calls a tool is not empty, and PII in arguments is found) and mark their role."""
+    if all(type(m) is Message for m in messages):
+        return messages
+    return [
+        Message(CALL_ROLE if m.role == "assistant" and getattr(m, "tool_calls", None) else m.role, message_text(m))
+        for m in messages
+    ]
+
+
+def _rich_sizes(sizes: RenderedSize, rows: list[Row], rich: list[int], parts, conversation):
+    """(rendered sizes, text of row i) for `TokenCounter.count_bytes`: plain rows from the template's
+    layouts, rows with tool calls, tool results, names, weights or a tools list rendered for real."""
+    parts = parts if isinstance(parts, tuple) else (parts,)
+    if not rich:
+        return sizes.sizes(*parts), sizes.text_of(*parts)
+    import numpy as np
+
+    plain = np.ones(len(rows), bool)
+    plain[rich] = False
+    out = np.zeros(len(rows), np.int64)
+    index = np.flatnonzero(plain)
+    if index.size:
+        subset = tuple(Flat([part.groups[i] for i in index.tolist()]) for part in parts)
+        out[index] = sizes.sizes(*subset)
+    texts = {i: sizes.rendered(*conversation(rows[i])) for i in rich}
+    for i, text in texts.items():
+        out[i] = len(text.encode())
+    layout_text = sizes.text_of(*parts)
+    return out, lambda i: texts[i] if i in texts else layout_text(i)
 
 
 def _expectations(cfg: Validate, kind: str) -> list[Any]:
@@ -154,7 +203,7 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
 
 
 def _pii_reasons(row: Row, patterns: dict[str, re.Pattern[str]]) -> list[str]:
-    text = "\n".join(m.content for m in row.all_messages())
+    text = "\n".join(map(message_text, row.all_messages()))
     return [f"pii_{name}" for name, p in patterns.items() if p.search(text)] or [PII]
 
 
@@ -202,14 +251,14 @@ def _invisible(
     flagged = np.flatnonzero(frame.pop("invisible").to_numpy(dtype=bool))  # not a column the suite checks
     found: dict[str, list[str]] = {}
     for i in flagged.tolist():
-        text = "\n".join(m.content for m in rows[i].all_messages())
+        text = "\n".join(map(message_text, rows[i].all_messages()))
         found[rows[i].id] = [f"invisible_{name}" for name, p in INVISIBLE_PY.items() if p.search(text)]
     if mode == "strip" and flagged.size:
         strip = [p.sub for p in INVISIBLE_PY.values()]
         for i in flagged.tolist():
             for msg in rows[i].all_messages():
                 for sub in strip:
-                    msg.content = sub("", msg.content)
+                    _edit_text(msg, lambda text, sub=sub: sub("", text))
         redone = _table([rows[i] for i in flagged.tolist()], counter, sizes).drop(columns="invisible")
         for column in redone.columns:
             frame.iloc[flagged, frame.columns.get_loc(column)] = redone[column].to_numpy()
@@ -221,21 +270,40 @@ def _mask(row: Row, patterns: dict[str, re.Pattern[str]]) -> Row:
     merged under the earliest (then longest), so one pattern's mask never hides the rest of another's
     match from it (`xoxb-123456789012-...` is one API key, not a phone number inside a kept key)."""
     for msg in row.all_messages():
-        found = sorted(
-            (m.start(), -m.end(), name) for name, p in patterns.items() for m in p.finditer(msg.content) if m.end()
-        )
-        merged: list[list[Any]] = []  # [start, end, name]
-        for start, neg_end, name in found:
-            if merged and start < merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], -neg_end)
-            else:
-                merged.append([start, -neg_end, name])
-        parts, at = [], 0
-        for start, end, name in merged:
-            parts += [msg.content[at:start], f"[{name.upper()}]"]
-            at = end
-        msg.content = "".join(parts) + msg.content[at:]
+        _edit_text(msg, lambda text: _masked(text, patterns))
     return row
+
+
+def _edit_text(msg: Message, edit) -> None:
+    """Apply a text edit to a message's content and to every string inside its tool calls' arguments."""
+    msg.content = edit(msg.content)
+    for call in getattr(msg, "tool_calls", None) or ():
+        call["function"]["arguments"] = _strings(call["function"]["arguments"], edit)
+
+
+def _strings(value: Any, edit) -> Any:
+    if isinstance(value, str):
+        return edit(value)
+    if isinstance(value, dict):
+        return {k: _strings(v, edit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strings(v, edit) for v in value]
+    return value
+
+
+def _masked(text: str, patterns: dict[str, re.Pattern[str]]) -> str:
+    found = sorted((m.start(), -m.end(), name) for name, p in patterns.items() for m in p.finditer(text) if m.end())
+    merged: list[list[Any]] = []  # [start, end, name]
+    for start, neg_end, name in found:
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], -neg_end)
+        else:
+            merged.append([start, -neg_end, name])
+    parts, at = [], 0
+    for start, end, name in merged:
+        parts += [text[at:start], f"[{name.upper()}]"]
+        at = end
+    return "".join(parts) + text[at:]
 
 
 def run(
@@ -278,6 +346,7 @@ def _run(
     quarantine: list[dict[str, Any]] = []
     valid: dict[str, list[Row]] = {}
     failures: list[str] = []
+    no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
     for name, source in sources.items():
         started = time.perf_counter()
         rows, problems, fmt, notes = load_rows(name, source.path, source.format)
@@ -296,6 +365,20 @@ def _run(
             }
             for r in wrong_kind
         ]
+        tool_rows: list[Row] = []  # quarantined when the template cannot render them
+        if any(uses_tools(r.all_messages(), r.tools) for r in rows):
+            if no_tools is None:
+                why = tool_support(tokenizer)
+                template = getattr(tokenizer, "name_or_path", "") or "the base model"
+                no_tools = "" if why is None else f"the chat template of {template} cannot train tool rows: {why}"
+            if no_tools:
+                tool_rows = [r for r in rows if uses_tools(r.all_messages(), r.tools)]
+                rows = [r for r in rows if not uses_tools(r.all_messages(), r.tools)]
+                log.warning("validate %s: %d tool rows quarantined: %s", name, len(tool_rows), no_tools)
+                quarantine += [
+                    {"source": name, "line": r.line, "id": r.id, "reason": NO_TOOLS, "detail": no_tools}
+                    for r in tool_rows
+                ]
         failed, invisible = {}, {}
         if rows:
             frame, invisible = _invisible(rows, _table(rows, counter, sizes), cfg.invisible, counter, sizes)
@@ -332,7 +415,7 @@ def _run(
             pii_hits.update(hits)
             kept.append(_mask(row, pii) if cfg.pii == "mask" else row)
         valid[name] = kept
-        n_in = len(rows) + len(problems) + len(wrong_kind)
+        n_in = len(rows) + len(problems) + len(wrong_kind) + len(tool_rows)
         reasons = Counter(q["reason"] for q in quarantine if q["source"] == name)
         n_quarantined = sum(reasons.values())  # counted from the quarantine itself, so `conserved` is a real check
         metrics["sources"][name] = {

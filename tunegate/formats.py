@@ -297,19 +297,127 @@ class NormaliseError(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]:
+WEIGHTS = (0, 1)
+ROLES_WITH_NAME = ("system", "user", "assistant")
+
+
+def _text_content(value: Any, where: str) -> str:
+    """A message's content: a string, or the OpenAI list of content parts whose text parts are joined
+    with newlines. Parts that are not text (images, audio, files) cannot train a text model."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(part, dict) for part in value):
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "text":
+                raise NormaliseError("wrong_type", f"{where}.content[{j}].text must be a string")
+            else:
+                raise NormaliseError(
+                    "non_text_content", f"{where}.content[{j}] is a {kind!r} part; only text parts can be trained"
+                )
+        return "\n".join(texts)
+    raise NormaliseError("wrong_type", f"{where}.content must be a string or a list of text parts")
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """One assistant tool call in the OpenAI shape; `arguments` (a JSON string there) is parsed, as chat
+    templates expect an object."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise NormaliseError("bad_tool_call", f"{where} needs function.name")
+    if call.get("type", "function") != "function":
+        raise NormaliseError("bad_tool_call", f"{where}.type {call.get('type')!r} is not 'function'")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            raise NormaliseError("bad_tool_call", f"{where}.function.arguments is not valid JSON") from None
+    if not isinstance(args, dict):
+        raise NormaliseError("bad_tool_call", f"{where}.function.arguments must be a JSON object")
+    out: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise NormaliseError("bad_tool_call", f"{where}.id must be a string")
+        out = {"id": call["id"], **out}
+    return out
+
+
+def _message(m: dict[str, Any], where: str) -> dict[str, Any]:
+    role = m.get("role")
+    if "role" not in m or ("content" not in m and not m.get("tool_calls")):
+        raise NormaliseError("missing_field", f"{where} needs 'role' and 'content'")
+    if not isinstance(role, str):
+        raise NormaliseError("wrong_type", f"{where}.content and .role must be strings")
+    calls = m.get("tool_calls")
+    content = m.get("content")
+    if content is None and role == "assistant" and calls:
+        content = ""  # an assistant turn that only calls tools
+    out: dict[str, Any] = {"role": role, "content": _text_content(content, where)}
+    if m.get("name") is not None:
+        if not isinstance(m["name"], str):
+            raise NormaliseError("wrong_type", f"{where}.name must be a string")
+        out["name"] = m["name"]
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise NormaliseError("bad_tool_call", f"{where}.tool_calls must be a list on an assistant message")
+        if calls:
+            out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    if m.get("tool_call_id") is not None:
+        if role != "tool" or not isinstance(m["tool_call_id"], str):
+            raise NormaliseError("bad_tool_call", f"{where}.tool_call_id belongs on a tool message, as a string")
+        out["tool_call_id"] = m["tool_call_id"]
+    if "weight" in m and m["weight"] is not None:
+        weight = m["weight"]
+        if role != "assistant":
+            raise NormaliseError("bad_weight", f"{where}.weight is read on assistant messages only")
+        if type(weight) not in (int, bool) or int(weight) not in WEIGHTS:
+            raise NormaliseError("bad_weight", f"{where}.weight must be 0 or 1, got {weight!r}")
+        out["weight"] = int(weight)
+    return out
+
+
+def _check_tool_turns(messages: list[dict[str, Any]], field: str) -> None:
+    """Tool results answer the calls just before them: a tool message follows an assistant turn with
+    tool calls (or another tool message), and where the calls carry ids, it names one of them."""
+    ids: set[str] | None = None
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            calls = m.get("tool_calls") or []
+            ids = {c["id"] for c in calls if "id" in c} if calls else None
+        elif m["role"] == "tool":
+            if ids is None:
+                raise NormaliseError("bad_tool_call", f"{field}[{i}] is a tool result with no tool call before it")
+            if ids and m.get("tool_call_id") not in ids:
+                raise NormaliseError(
+                    "bad_tool_call",
+                    f"{field}[{i}].tool_call_id {m.get('tool_call_id')!r} names none of the calls before it",
+                )
+        else:
+            ids = None
+
+
+def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        out = []
-        for i, m in enumerate(value):
-            if "role" not in m or "content" not in m:
-                raise NormaliseError("missing_field", f"{field}[{i}] needs 'role' and 'content'")
-            if not isinstance(m["content"], str) or not isinstance(m["role"], str):
-                raise NormaliseError("wrong_type", f"{field}[{i}].content and .role must be strings")
-            out.append({"role": m["role"], "content": m["content"]})
+        out = [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+        if any(m["role"] == "tool" for m in out):
+            _check_tool_turns(out, field)
         return out
     raise NormaliseError("wrong_type", f"{field} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = record.get("tools")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise NormaliseError("wrong_type", "tools must be a list of tool definitions (objects)")
+    return tools
 
 
 def alpaca_user(instruction: str, extra: str | None, notes: Counter | None = None) -> str:
@@ -333,13 +441,13 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
     if missing:
         raise NormaliseError("missing_field", ", ".join(missing))
     if fmt == "messages":
-        return {"kind": "sft", "messages": _as_messages(record["messages"], "messages", "user")}
+        return _sft(_as_messages(record["messages"], "messages", "user"), _tools(record))
     if fmt == "prompt_completion":
-        return {
-            "kind": "sft",
-            "messages": _as_messages(record["prompt"], "prompt", "user")
+        return _sft(
+            _as_messages(record["prompt"], "prompt", "user")
             + _as_messages(record["completion"], "completion", "assistant"),
-        }
+            _tools(record),
+        )
     if fmt == "alpaca":
         for f in ("instruction", "output", "input"):
             if record.get(f) is not None and not isinstance(record[f], str):
@@ -349,17 +457,44 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
             "kind": "sft",
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
         }
-    return {
+    out = {
         "kind": "preference",
         "prompt": _as_messages(record["prompt"], "prompt", "user"),
         "chosen": _as_messages(record["chosen"], "chosen", "assistant"),
         "rejected": _as_messages(record["rejected"], "rejected", "assistant"),
     }
+    if any("weight" in m for part in ("prompt", "chosen", "rejected") for m in out[part]):
+        raise NormaliseError("bad_weight", "weight has no meaning in a preference row (chosen vs rejected is)")
+    if tools := _tools(record):
+        out["tools"] = tools
+    return out
 
 
-class Message(msgspec.Struct, gc=False):
+def _sft(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    trained = [m for m in messages if m["role"] == "assistant"]
+    if trained and all(m.get("weight") == 0 for m in trained):
+        raise NormaliseError("no_trained_turn", "every assistant turn has weight 0: nothing to train on")
+    out: dict[str, Any] = {"kind": "sft", "messages": messages}
+    if tools:
+        out["tools"] = tools
+    return out
+
+
+class Message(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknown_fields=True):
+    """One message: role and text content. Also the fast path's shape, so a message with any other key
+    (name, tool calls, a weight, content parts) takes the general path, which checks it."""
+
     role: str
     content: str
+
+
+class RichMessage(Message):
+    """A message with what the OpenAI chat format adds (tunegate.chat reads these fields)."""
+
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    weight: int | None = None
 
 
 class Row(msgspec.Struct, gc=False, omit_defaults=True):
@@ -373,6 +508,7 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
     prompt: list[Message] | None = None
     chosen: list[Message] | None = None
     rejected: list[Message] | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def all_messages(self) -> list[Message]:
         return self.messages if self.kind == "sft" else self.prompt + self.chosen + self.rejected
@@ -446,8 +582,12 @@ INFER_SAMPLE = 1000  # `format: auto` on JSONL looks at the first this many reco
 def _row(record: Any, fmt: str, name: str, line: int, notes: Counter) -> Row:
     """The general path: any record, through `normalise` (raises NormaliseError naming the field)."""
     norm = normalise(record, fmt, notes)
-    parts = {k: [Message(m["role"], m["content"]) for m in v] for k, v in norm.items() if k != "kind"}
-    row = Row("", name, line, norm["kind"], **parts)
+    parts = {
+        k: [RichMessage(**m) if len(m) > 2 else Message(m["role"], m["content"]) for m in v]
+        for k, v in norm.items()
+        if k not in ("kind", "tools")
+    }
+    row = Row("", name, line, norm["kind"], **parts, tools=norm.get("tools"))
     for m in row.all_messages():
         _check_encodable(m.role)
         _check_encodable(m.content)
@@ -488,9 +628,7 @@ def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row]
 
 def _assign_ids(name: str, rows: list[Row]) -> None:
     encode, sha = msgspec.json.encode, hashlib.sha256
-    keys = [
-        sha(encode(r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected))).hexdigest()[:12] for r in rows
-    ]
+    keys = [sha(encode(_content(r) if r.tools is None else (_content(r), r.tools))).hexdigest()[:12] for r in rows]
     prefix = f"{name}-"
     ids = [prefix + key for key in keys]
     if len(set(keys)) < len(keys):  # repeats of the same content: -2, -3, ... in file order
@@ -501,6 +639,10 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
                 ids[i] = f"{prefix}{key}-{n}"
     for row, rid in zip(rows, ids, strict=True):
         row.id = rid
+
+
+def _content(r: Row) -> Any:
+    return r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected)
 
 
 def _infer(path: str | Path, records: Iterable[Any]) -> str:
@@ -600,14 +742,19 @@ def load_source(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[di
 
 
 def row_text(row: dict[str, Any]) -> str:
-    """All message content of a row, for pattern checks and n-gram matching."""
-    parts = [m["content"] for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, ())]
-    return "\n".join(parts)
+    """All message text of a row (contents and tool calls, `tunegate.chat.message_text`), for pattern
+    checks and n-gram matching."""
+    from tunegate.chat import message_text
+
+    return "\n".join(message_text(m) for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, ()))
 
 
 def prompt_and_answer(row: dict[str, Any]) -> tuple[str, str]:
-    """(everything before the final assistant turn, the final answer) for SFT and preference rows."""
+    """(everything before the final assistant turn, the final answer) for SFT and preference rows, as
+    text that includes tool calls and tool results."""
+    from tunegate.chat import message_text
+
     if row["kind"] == "preference":
-        return "\n".join(m["content"] for m in row["prompt"]), "\n".join(m["content"] for m in row["chosen"])
+        return "\n".join(map(message_text, row["prompt"])), "\n".join(map(message_text, row["chosen"]))
     msgs = row["messages"]
-    return "\n".join(m["content"] for m in msgs[:-1]), msgs[-1]["content"] if msgs else ""
+    return "\n".join(map(message_text, msgs[:-1])), message_text(msgs[-1]) if msgs else ""

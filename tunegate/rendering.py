@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from tunegate.chat import message_text, template_messages
 from tunegate.formats import Message
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,8 @@ class RenderedSize:
 
     def __init__(self, tokenizer, *, use_layouts: bool = True):
         self.use_layouts = use_layouts
+        self.tokenizer = tokenizer
+        self._chat = None
         self.render = renderer(tokenizer)
         self.layouts: dict[tuple[str, ...], Layout | None] = {}
         self.checked: dict[tuple[str, ...], int] = {}
@@ -241,6 +244,17 @@ class RenderedSize:
 
     def text(self, conv: list[Message]) -> str:
         return self.render([{"role": m.role, "content": m.content} for m in conv])
+
+    def rendered(self, conv: list[Message], tools: list[dict[str, Any]] | None = None) -> str:
+        """A conversation with tool calls, tool results, names or a tools list, rendered for real."""
+        if self._chat is None:
+            from tunegate.chat import Renderer
+
+            self._chat = Renderer(self.tokenizer)
+        try:
+            return self._chat(template_messages(conv), tools)
+        except Exception:  # a template that rejects the role order; the roles check reports it
+            return "\n".join(map(message_text, conv))
 
     def sizes(self, *parts: Flat):
         """Rendered size of every conversation, where conversation i is the i-th groups of `parts`

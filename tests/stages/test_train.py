@@ -123,8 +123,8 @@ def test_sft_batches_mask_the_prompt_so_the_loss_is_on_the_answer_only(base, row
     cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
     config = train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path / "ckpt", with_probe=False))
     sft_rows = rows[0][:4]
-    train_ds, _ = train._datasets(train.METHODS["sft"], train.Inputs(base, sft_rows))
     tokenizer = load_tokenizer(base)
+    train_ds, _ = train._datasets(train.METHODS["sft"], train.Inputs(base, sft_rows), tokenizer)
     _, trainer_cls = train.METHODS["sft"].classes()
     trainer = trainer_cls(
         model=load_model(base),
