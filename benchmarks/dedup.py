@@ -13,6 +13,7 @@ is used the way its README shows (query, then insert); tunegate verifies candida
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
@@ -30,7 +31,8 @@ class Corpus:
 def make_corpus(n_docs: int, seed: int = 0, dup_share: float = 0.25) -> Corpus:
     rng = random.Random(seed)
     vocab = [f"w{i}" for i in range(20000)]
-    weights = [1 / (i + 1) ** 0.8 for i in range(len(vocab))]
+    # cumulative weights once: with plain weights every draw re-adds 20,000 of them (the same draws either way)
+    cum = list(itertools.accumulate(1 / (i + 1) ** 0.8 for i in range(len(vocab))))
     templates = [
         [rng.choice(vocab[:3000]) if rng.random() < 0.6 else None for _ in range(rng.randint(40, 80))]
         for _ in range(150)
@@ -39,9 +41,9 @@ def make_corpus(n_docs: int, seed: int = 0, dup_share: float = 0.25) -> Corpus:
     docs, origin = [], []
     for i in range(n_orig):
         if i % 2:
-            words = rng.choices(vocab, weights, k=rng.randint(40, 80))
+            words = rng.choices(vocab, cum_weights=cum, k=rng.randint(40, 80))
         else:  # a hard negative: shares a template's fixed words with many other originals
-            words = [w or rng.choices(vocab, weights)[0] for w in rng.choice(templates)]
+            words = [w or rng.choices(vocab, cum_weights=cum)[0] for w in rng.choice(templates)]
         docs.append(" ".join(words))
         origin.append(i)
     for _ in range(n_docs - n_orig):

@@ -9,8 +9,9 @@ Order matters and is deliberate:
    `dedup.contradictions` (keep_majority / keep_first / drop_all) before duplicates are collapsed,
    so the majority vote still counts every copy;
 3. exact duplicates after case / whitespace / punctuation / unicode normalisation;
-4. near duplicates: MinHash LSH on word n-grams, candidates verified by real Jaccard, greedy leader
-   clustering (a row is dropped only for a verified resemblance to a row that is kept).
+4. near duplicates: MinHash LSH on word n-grams (rensa signatures), candidates verified by their exact
+   Jaccard similarity, greedy leader clustering (a row is dropped only for a verified resemblance to a
+   row that is kept).
 Sources are processed in params order, so rows of an earlier source (domain) win over later ones.
 For every source: in = kept + dropped.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tunegate.config import Dedup, load_config
 from tunegate.dedup import ContaminationIndex, exact_key, near_duplicates
@@ -79,9 +80,14 @@ def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[
 
 
 def run(
-    cfg: Dedup, sources: dict[str, list[dict[str, Any]]], evals: list[tuple[str, str, bool]], seed: int
+    cfg: Dedup,
+    sources: dict[str, list[dict[str, Any]]],
+    evals: list[tuple[str, str, bool]],
+    seed: int,
+    minhash: Literal["rensa", "numpy"] = "rensa",
 ) -> tuple[dict[str, list], list[dict], dict]:
-    """Returns (kept rows per source, dropped rows with reasons, metrics)."""
+    """Returns (kept rows per source, dropped rows with reasons, metrics). `minhash="numpy"` runs the
+    previous signature path on one machine (the reference tests and benchmarks compare with)."""
     index = ContaminationIndex(cfg.contamination_ngram)
     for item, text, is_prompt in evals:
         index.add(text, item, whole=is_prompt)
@@ -115,7 +121,7 @@ def run(
             texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
         )
     else:
-        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed)
+        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, minhash=minhash)
     for k, (rep, sim) in near.items():
         verdict[live[k]] = ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
 

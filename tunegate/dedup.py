@@ -2,23 +2,31 @@
 
 The near-duplicate path is staged so each step could run sharded on a cluster engine:
 `signatures()` (per row, embarrassingly parallel) -> `candidate_pairs()` (group by band key) ->
-`verify()` (per pair, real Jaccard) -> `leaders()` (greedy clustering over verified pairs).
+`verify_exact()` (per pair, real Jaccard) -> `leaders()` (greedy clustering over verified pairs).
 
-MinHash is vectorised with numpy and uses multiply-shift hashing, h(x) = ((a*x + b) mod 2^64) >> 32 with
-odd 64-bit a: the modulo is uint64 wrap-around, so there is no division and no Python loop per
-permutation (3x faster than (a*x + b) mod p in numpy).
+Shingling never builds a string per n-gram: a chunk of texts is folded into one byte buffer
+(`tunegate.text.normalised_bytes`), its words are found and hashed in numpy, and each n-gram's hash is
+a mix of its words' hashes. rensa (Rust) turns those hashes into MinHash signatures. Verification is
+exact: n-grams are numbered by their words (the word hashes are checked for collisions byte by byte),
+so the Jaccard similarity of two rows is that of their shingle-string sets, computed for all plausible
+pairs at once as a sparse row product.
+
+`MinHasher`, `shingles`, `jaccard` and `verify` are the previous numpy path over shingle strings; it stays
+as the reference (`near_duplicates(..., minhash="numpy")`) that tests and `benchmarks.dedup` compare with.
 """
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from tunegate.text import normalise_text, words
+from tunegate.text import normalise_text, normalised_bytes, words
 
 
 def shingles(text: str, n: int) -> set[str]:
@@ -33,6 +41,149 @@ def shingles(text: str, n: int) -> set[str]:
 
 def exact_key(text: str) -> str:
     return normalise_text(text)
+
+
+@dataclass(frozen=True)
+class Words:
+    """The words of many texts in one byte buffer: word k is `buf[start[k] : start[k] + length[k]]`, the
+    words of text i are `offsets[i] : offsets[i + 1]`, and `hash[k]` is a 64-bit hash of word k's bytes."""
+
+    buf: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    offsets: np.ndarray
+    hash: np.ndarray
+
+
+_M1, _M2, _SHIFT = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
+_BASE = 0x100000001B3  # odd, so it has an inverse modulo 2**64
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser: a bijection that spreads every input bit over the whole output."""
+    h = h ^ (h >> _SHIFT)
+    h *= _M1
+    h ^= h >> _SHIFT
+    h *= _M2
+    h ^= h >> _SHIFT
+    return h
+
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**(n-1) modulo 2**64."""
+    out = np.full(n, base, np.uint64)
+    out[0] = 1
+    return np.cumprod(out, out=out)
+
+
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """0..len-1 for each run of `lengths`, concatenated."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def split_words(texts: Sequence[str]) -> Words:
+    """Fold every text (`normalised_bytes`), join them with spaces, and find and hash the words in numpy.
+
+    A word's hash mixes its polynomial hash sum(byte_k * B**k) mod 2**64, read off one prefix sum of the
+    buffer (multiplying by B**-start re-bases each word), with its length: no Python work per word.
+    """
+    parts = [normalised_bytes(t) for t in texts]
+    sizes = np.fromiter(map(len, parts), np.int64, len(parts)) + 1
+    buf = np.frombuffer(b" ".join(parts) + b" ", np.uint8)
+    letter = np.empty(len(buf) + 1, np.int8)
+    letter[0] = 0
+    np.not_equal(buf, 32, out=letter[1:])
+    edge = np.diff(letter)
+    start, end = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    owner = np.searchsorted(np.cumsum(sizes), start, side="right")
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum(np.bincount(owner, minlength=len(parts)), out=offsets[1:])
+    prefix = np.zeros(len(buf) + 1, np.uint64)
+    np.cumsum(buf * _powers(_BASE, len(buf)), out=prefix[1:])
+    rebase = _powers(pow(_BASE, -1, 1 << 64), len(buf))[start]
+    length = end - start
+    poly = (prefix[end] - prefix[start]) * rebase
+    return Words(buf, start, length, offsets, _mix(poly ^ length.astype(np.uint64)))
+
+
+def _grams(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first word, words in the gram, gram offsets per text): a text of L >= n words has L - n + 1
+    n-grams, a shorter one a single gram of all its L words (as `shingles` makes one shingle of it)."""
+    count = np.diff(offsets)
+    grams = np.maximum(count - n + 1, 1)
+    gram_offsets = np.zeros(len(count) + 1, np.int64)
+    np.cumsum(grams, out=gram_offsets[1:])
+    first = np.repeat(offsets[:-1], grams) + _within(grams)
+    return first, np.repeat(np.minimum(count, n), grams), gram_offsets
+
+
+def gram_hashes(w: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hash of every word n-gram, gram offsets per text), from the word hashes alone."""
+    first, size, gram_offsets = _grams(w.offsets, n)
+    padded = np.concatenate((w.hash, np.zeros(n, np.uint64)))
+    acc = size.astype(np.uint64)
+    for k in range(n):
+        acc = _mix(acc ^ np.where(k < size, padded[first + k], np.uint64(0)) + np.uint64(k + 1))
+    return acc, gram_offsets
+
+
+def signatures(texts: Sequence[str], ngram: int, num_perm: int = 128, seed: int = 1, chunk: int = 16384) -> np.ndarray:
+    """(n_texts, num_perm) uint32 MinHash signatures of the texts' word n-grams, by rensa (Rust) from the
+    n-gram hashes of `gram_hashes`; chunk by chunk, so only the signatures stay in memory."""
+    import rensa
+
+    out = np.empty((len(texts), num_perm), np.uint32)
+    for lo in range(0, len(texts), chunk):
+        hashes, offsets = gram_hashes(split_words(texts[lo : lo + chunk]), ngram)
+        digests = rensa.RMinHash.digest_matrix_from_flat_token_hashes(hashes, offsets.astype(np.uint64), num_perm, seed)
+        rows = digests.to_rows()  # lists of Python ints: rensa offers no buffer, and this copy is half its time
+        out[lo : lo + len(rows)] = np.fromiter(itertools.chain.from_iterable(rows), np.uint32).reshape(-1, num_perm)
+    return out
+
+
+def word_ids(w: Words) -> np.ndarray:
+    """Exact numbers 1..V of the words: equal hashes are confirmed equal byte by byte (a 64-bit collision
+    has never been seen, but if one occurs the words are numbered by their bytes instead)."""
+    _, first, ids = np.unique(w.hash, return_index=True, return_inverse=True)
+    twin = first[ids]
+    other = np.flatnonzero(twin != np.arange(len(twin)))
+    if np.array_equal(w.length[other], w.length[twin[other]]):
+        lengths = w.length[other]
+        within = _within(lengths)
+        mine = w.buf[np.repeat(w.start[other], lengths) + within]
+        theirs = w.buf[np.repeat(w.start[twin[other]], lengths) + within]
+        if np.array_equal(mine, theirs):
+            return ids.astype(np.int64) + 1
+    numbers: dict[bytes, int] = {}
+    spans = zip(w.start.tolist(), (w.start + w.length).tolist(), strict=True)
+    return np.array([numbers.setdefault(w.buf[a:b].tobytes(), len(numbers) + 1) for a, b in spans], dtype=np.int64)
+
+
+def gram_sets(w: Words, n: int):
+    """The texts' n-gram sets as a 0/1 scipy CSR matrix (text x n-gram). An n-gram is numbered by its
+    exact words (zero-padded for a text shorter than n words), so two rows share a column exactly when
+    they share a shingle of `shingles`."""
+    import scipy.sparse
+
+    ids = word_ids(w)
+    first, size, gram_offsets = _grams(w.offsets, n)
+    padded = np.concatenate((ids, np.zeros(n, np.int64)))
+    columns = [np.where(k < size, padded[first + k], 0) for k in range(n)]
+    radix = int(ids.max(initial=0)) + 1
+    if radix**n < 1 << 63:  # the words as digits of one exact int64 key
+        key = sum(c * radix ** (n - 1 - k) for k, c in enumerate(columns))
+        if radix**n >= 1 << 31:  # too wide for a column index: renumber the n-grams that occur
+            _, key = np.unique(key, return_inverse=True)
+    else:
+        _, key = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)
+    width = int(key.max(initial=0)) + 1
+    owner = np.repeat(np.arange(len(gram_offsets) - 1), np.diff(gram_offsets))
+    sets = scipy.sparse.csr_matrix(
+        (np.ones(len(owner), np.int32), (owner, key.ravel())), shape=(len(gram_offsets) - 1, width)
+    )
+    sets.sum_duplicates()
+    sets.data[:] = 1
+    return sets
 
 
 @dataclass(frozen=True)
@@ -73,46 +224,42 @@ class MinHasher:
         return out
 
 
-def band_key(signatures: np.ndarray, band: int, bands: int) -> np.ndarray:
-    """One uint64 key per row for one LSH band: rows with equal keys share that band's bucket."""
-    rows = signatures.shape[1] // bands
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """(n_rows, bands) uint64: one key per row and LSH band; rows with equal keys share that band's bucket."""
+    n, num_perm = signatures.shape
+    rows = num_perm // bands
     mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
-    return (signatures[:, band * rows : (band + 1) * rows].astype(np.uint64) * mult).sum(axis=1)
+    return (signatures.reshape(n, bands, rows).astype(np.uint64) * mult).sum(axis=2)
 
 
-_TRIANGLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def bucket_pairs(members: np.ndarray, max_bucket: int) -> np.ndarray:
-    """The candidate pairs of one bucket whose rows are in ascending order: all pairs, or, for a bucket
-    larger than max_bucket (a shared template, say), a star on its first row, which bounds the work."""
-    size = len(members)
-    if size > max_bucket:
-        return np.stack([np.full(size - 1, members[0]), members[1:]], axis=1)
-    if size not in _TRIANGLES:
-        _TRIANGLES[size] = np.triu_indices(size, 1)
-    i, j = _TRIANGLES[size]
-    return np.stack([members[i], members[j]], axis=1)
+def bucket_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, max_bucket: int) -> np.ndarray:
+    """The candidate pairs of buckets given as runs `order[start : start + size]` of ascending rows: all
+    pairs of a bucket, or, for a bucket larger than max_bucket (a shared template, say), a star on its
+    first row, which bounds the work. (k, 2) int64, i < j; no Python loop over buckets."""
+    small = (sizes >= 2) & (sizes <= max_bucket)
+    st, sz = starts[small], sizes[small]
+    position = np.repeat(st, sz) + _within(sz)
+    later = np.repeat(st + sz, sz) - position - 1  # the bucket's members after this one
+    left = np.repeat(position, later)
+    right = left + 1 + _within(later)
+    big = sizes > max_bucket
+    hub = np.repeat(starts[big], sizes[big] - 1)
+    spokes = hub + 1 + _within(sizes[big] - 1)
+    return np.stack([order[np.concatenate((left, hub))], order[np.concatenate((right, spokes))]], axis=1)
 
 
 def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) -> np.ndarray:
     """LSH: rows that agree on every value of at least one band become candidate pairs, (k, 2) int64, i < j.
 
-    Each bucket gives its pairs by `bucket_pairs`; verification then decides each pair. Pairs of
-    two-row buckets (the common case) are produced without a Python loop.
+    Each band's buckets give their pairs by `bucket_pairs`; verification then decides each pair.
     """
     n = signatures.shape[0]
     found: list[np.ndarray] = []
-    for band in range(bands):
-        keys = band_key(signatures, band, bands)
+    for keys in band_keys(signatures, bands).T:
         # A stable sort keeps equal keys in row order, so every bucket's members are already ascending.
         order = np.argsort(keys, kind="stable")
         starts = np.flatnonzero(np.concatenate(([True], np.diff(keys[order]) != 0)))
-        sizes = np.diff(np.append(starts, n))
-        two = starts[sizes == 2]
-        found.append(np.stack([order[two], order[two + 1]], axis=1))
-        for lo, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist(), strict=True):
-            found.append(bucket_pairs(order[lo : lo + size], max_bucket))
+        found.append(bucket_pairs(order, starts, np.diff(np.append(starts, n)), max_bucket))
     if not found:
         return np.empty((0, 2), np.int64)
     return _unique_pairs(np.concatenate(found))
@@ -157,6 +304,38 @@ def verify(
     return out
 
 
+def verify_exact(
+    pairs: np.ndarray,
+    texts: Sequence[str],
+    ngram: int,
+    threshold: float,
+    signatures: np.ndarray | None = None,
+    slack: float = 0.15,
+    chunk: int = 65536,
+) -> list[tuple[int, int, float]]:
+    """`verify` without shingle strings: the same pairs, the same similarities (exact Jaccard of the
+    n-gram sets, |A & B| / |A | B| in floating point), all pairs of a chunk in one sparse product."""
+    idx = _unique_pairs(np.asarray(pairs, dtype=np.int64))
+    if signatures is not None and len(idx):
+        estimate = (signatures[idx[:, 0]] == signatures[idx[:, 1]]).mean(axis=1)
+        idx = idx[estimate >= threshold - slack]
+    if not len(idx):
+        return []
+    rows = np.unique(idx)  # only the rows in plausible pairs are shingled again
+    sets = gram_sets(split_words([texts[i] for i in rows.tolist()]), ngram)
+    local = np.searchsorted(rows, idx)
+    sizes = np.diff(sets.indptr)
+    out: list[tuple[int, int, float]] = []
+    for lo in range(0, len(idx), chunk):
+        a, b = local[lo : lo + chunk, 0], local[lo : lo + chunk, 1]
+        shared = np.asarray(sets[a].multiply(sets[b]).sum(axis=1)).ravel()
+        sim = shared / (sizes[a] + sizes[b] - shared)
+        hit = np.flatnonzero(sim >= threshold)
+        found = idx[lo + hit]
+        out += zip(found[:, 0].tolist(), found[:, 1].tolist(), sim[hit].tolist(), strict=True)
+    return out
+
+
 def leaders(edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[int, float]]:
     """Greedy leader clustering in row order: a row is a duplicate when it is verified-similar to an
     earlier *kept* row, and points at the most similar one. Unlike union-find over all edges, a chain
@@ -175,11 +354,22 @@ def leaders(edges: Iterable[tuple[int, int, float]]) -> dict[int, tuple[int, flo
 
 
 def near_duplicates(
-    texts: Sequence[str], ngram: int, num_perm: int, bands: int, threshold: float, seed: int = 1
+    texts: Sequence[str],
+    ngram: int,
+    num_perm: int,
+    bands: int,
+    threshold: float,
+    seed: int = 1,
+    minhash: Literal["rensa", "numpy"] = "rensa",
 ) -> dict[int, tuple[int, float]]:
-    """{index: (representative index, best verified similarity)} for every row that is a near copy of an earlier one."""
-    sigs = MinHasher(num_perm, seed).signatures(texts, shingle=lambda t: shingles(t, ngram))
-    return leaders(verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))
+    """{index: (representative index, best verified similarity)} for every row that is a near copy of an
+    earlier one. `minhash="numpy"` is the previous path (numpy signatures of shingle strings, verified
+    on string sets), kept as the reference the default is tested against."""
+    if minhash == "numpy":
+        sigs = MinHasher(num_perm, seed).signatures(texts, shingle=lambda t: shingles(t, ngram))
+        return leaders(verify(candidate_pairs(sigs, bands), _ShingleCache(texts, ngram), threshold, sigs))
+    sigs = signatures(texts, ngram, num_perm, seed)
+    return leaders(verify_exact(candidate_pairs(sigs, bands), texts, ngram, threshold, sigs))
 
 
 class _ShingleCache:

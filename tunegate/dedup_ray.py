@@ -8,12 +8,13 @@ or, on a corpus that lives in Parquet on a cluster:
     ds = ray.data.read_parquet("s3://bucket/corpus/")        # columns: row (0..n-1), text
     near = near_duplicates_ray(ds, ngram=3, num_perm=128, bands=32, threshold=0.7)
 
-1. signatures and band keys: `map_batches` over blocks, each block on any worker;
+1. signatures (rensa, from numpy-hashed n-grams) and band keys: `map_batches` over blocks, each block on
+   any worker;
 2. buckets: every (band, key) is counted with a grouped aggregate; only buckets with two or more rows
    (near-duplicate candidates, a small share) and their members come back to the driver;
 3. candidate pairs from those buckets, by the same rule as `candidate_pairs` (all pairs, or a star
    on the first row of a bucket larger than `max_bucket`);
-4. the signatures and texts of the rows in candidate pairs are fetched, and `verify` + `leaders`
+4. the signatures and texts of the rows in candidate pairs are fetched, and `verify_exact` + `leaders`
    run on the driver exactly as on one machine.
 
 The result equals `tunegate.dedup.near_duplicates` on the same texts (tested). Row order decides
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tunegate.dedup import MinHasher, band_key, bucket_pairs, leaders, shingles, verify
+from tunegate.dedup import band_keys, bucket_pairs, leaders, signatures, verify_exact
 from tunegate.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,10 @@ def near_duplicates_ray(
         if isinstance(data, ray.data.Dataset)
         else ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(data)])
     )
-    hasher = MinHasher(num_perm, seed)
 
     def sign(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sigs = hasher.signatures(list(batch["text"]), shingle=lambda t: shingles(t, ngram))
-        keys = np.stack([band_key(sigs, b, bands) for b in range(bands)], axis=1)
-        return {"row": batch["row"].astype(np.int64), "sig": sigs, "keys": keys}
+        sigs = signatures(batch["text"].tolist(), ngram, num_perm, seed)
+        return {"row": batch["row"].astype(np.int64), "sig": sigs, "keys": band_keys(sigs, bands)}
 
     signed = ds.map_batches(sign, batch_format="numpy").materialize()
 
@@ -102,20 +101,20 @@ def near_duplicates_ray(
         for r in ds.map_batches(lambda b: _select(b, needed, ("row", "text")), batch_format="numpy").take_all()
     }
     sigs = np.stack([picked[int(row)] for row in needed])
-    sets = [shingles(texts[int(row)], ngram) for row in needed]
-    edges = verify(np.searchsorted(needed, pairs), sets, threshold, sigs)
+    edges = verify_exact(np.searchsorted(needed, pairs), [texts[int(row)] for row in needed], ngram, threshold, sigs)
     return leaders((int(needed[i]), int(needed[j]), sim) for i, j, sim in edges)
 
 
 def _pairs(members: list[dict[str, Any]], max_bucket: int) -> np.ndarray:
     """Candidate pairs of every shared bucket, rows ascending within a bucket (as one machine sorts them)."""
-    buckets: dict[tuple[int, int], list[int]] = {}
-    for m in members:
-        buckets.setdefault((int(m["band"]), int(m["key"])), []).append(int(m["row"]))
-    found = [bucket_pairs(np.array(sorted(rows), np.int64), max_bucket) for rows in buckets.values() if len(rows) > 1]
-    if not found:
+    if not members:
         return np.empty((0, 2), np.int64)
-    return np.concatenate(found)  # verify() drops the repeats
+    band, key, row = (np.array([m[c] for m in members]) for c in ("band", "key", "row"))
+    order = np.lexsort((row, key, band))  # buckets as runs, each run in row order
+    band, key = band[order], key[order]
+    starts = np.flatnonzero(np.concatenate(([True], (np.diff(band) != 0) | (np.diff(key) != 0))))
+    sizes = np.diff(np.append(starts, len(order)))
+    return bucket_pairs(row[order].astype(np.int64), starts, sizes, max_bucket)  # verify_exact drops the repeats
 
 
 def _select(batch: dict[str, np.ndarray], rows: np.ndarray, columns: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -96,3 +96,15 @@ def test_ray_engine_drops_the_same_rows(cfg, validated, result):
         ray.shutdown()
     assert dropped == result[1] and metrics == result[2]
     assert any(d["reason"] == "near_duplicate" for d in dropped)
+
+
+def test_demo_drops_the_same_rows_as_the_previous_numpy_path(cfg, validated, result):
+    """rensa signatures + exact verification drop exactly the rows, with the same pointers and similarities,
+    that the previous numpy-signature, string-set path dropped on the demo data."""
+    out, _ = validated
+    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
+    _, dropped, metrics = dedup.run(
+        cfg.dedup, sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed, minhash="numpy"
+    )
+    assert dropped == result[1] and metrics == result[2]
+    assert sum(d["reason"] == "near_duplicate" for d in dropped) >= 10
