@@ -89,6 +89,8 @@ TRICKY = [
     "?!",
     "the quick brown fox",
     "the quick brown fox jumps over the lazy dog again and again and again",
+    "see abcdefghMiddleAijklmnop now",  # long words equal in length and first and last 8 bytes:
+    "see abcdefghMiddleBijklmnop now",  # their hashes collide, and only the byte check tells them apart
 ]
 
 
@@ -112,6 +114,10 @@ def test_a_word_hash_collision_does_not_merge_words():
     forged = dataclasses.replace(words, hash=np.array([7, 9, 7, 9], np.uint64))  # pear and plum: same length
     ids = word_ids(forged).tolist()
     assert ids[0] == ids[2] and len(set(ids)) == 3
+    long = split_words(["abcdefghMiddleAijklmnop abcdefghMiddleBijklmnop abcdefghMiddleAijklmnop"])
+    assert len(set(long.hash.tolist())) == 1  # a real collision of the word hash
+    ids = word_ids(long).tolist()
+    assert ids[0] == ids[2] != ids[1]
 
 
 def test_signatures_do_not_depend_on_the_chunking():

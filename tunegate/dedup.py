@@ -56,7 +56,6 @@ class Words:
 
 
 _M1, _M2, _SHIFT = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(33)
-_BASE = 0x100000001B3  # odd, so it has an inverse modulo 2**64
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -69,24 +68,27 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h
 
 
-def _powers(base: int, n: int) -> np.ndarray:
-    """base**0 .. base**(n-1) modulo 2**64."""
-    out = np.full(n, base, np.uint64)
-    out[0] = 1
-    return np.cumprod(out, out=out)
-
-
 def _within(lengths: np.ndarray) -> np.ndarray:
     """0..len-1 for each run of `lengths`, concatenated."""
     return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def split_words(texts: Sequence[str]) -> Words:
-    """Fold every text (`normalised_bytes`), join them with spaces, and find and hash the words in numpy.
+def _ends(buf: np.ndarray, start: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each word's first and last 8 bytes as little-endian uint64 (zeros past a shorter word's end): with
+    the length they are the whole word for words of up to 16 bytes."""
+    padded = np.concatenate((buf, np.zeros(8, np.uint8)))
+    window = np.ndarray((len(buf),), dtype="<u8", buffer=padded, strides=(1,))  # 8 bytes from every offset
+    short = length < 8
+    keep = np.left_shift(np.uint64(1), (8 * np.minimum(length, 7)).astype(np.uint64)) - np.uint64(1)
+    head = window[start] & np.where(short, keep, ~np.uint64(0))
+    tail = np.where(short, np.uint64(0), window[np.maximum(start + length - 8, 0)])
+    return head, tail
 
-    A word's hash mixes its polynomial hash sum(byte_k * B**k) mod 2**64, read off one prefix sum of the
-    buffer (multiplying by B**-start re-bases each word), with its length: no Python work per word.
-    """
+
+def split_words(texts: Sequence[str]) -> Words:
+    """Fold every text (`normalised_bytes`), join them with spaces, and find and hash the words in numpy:
+    a word's hash mixes its length with its first and last 8 bytes (no Python work per word; longer
+    words that differ only in the middle collide, which costs a signature nothing and `word_ids` checks)."""
     parts = [normalised_bytes(t) for t in texts]
     sizes = np.fromiter(map(len, parts), np.int64, len(parts)) + 1
     buf = np.frombuffer(b" ".join(parts) + b" ", np.uint8)
@@ -98,12 +100,9 @@ def split_words(texts: Sequence[str]) -> Words:
     owner = np.searchsorted(np.cumsum(sizes), start, side="right")
     offsets = np.zeros(len(parts) + 1, np.int64)
     np.cumsum(np.bincount(owner, minlength=len(parts)), out=offsets[1:])
-    prefix = np.zeros(len(buf) + 1, np.uint64)
-    np.cumsum(buf * _powers(_BASE, len(buf)), out=prefix[1:])
-    rebase = _powers(pow(_BASE, -1, 1 << 64), len(buf))[start]
     length = end - start
-    poly = (prefix[end] - prefix[start]) * rebase
-    return Words(buf, start, length, offsets, _mix(poly ^ length.astype(np.uint64)))
+    head, tail = _ends(buf, start, length)
+    return Words(buf, start, length, offsets, _mix(_mix(head ^ length.astype(np.uint64)) ^ tail))
 
 
 def _grams(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,18 +141,21 @@ def signatures(texts: Sequence[str], ngram: int, num_perm: int = 128, seed: int 
 
 
 def word_ids(w: Words) -> np.ndarray:
-    """Exact numbers 1..V of the words: equal hashes are confirmed equal byte by byte (a 64-bit collision
-    has never been seen, but if one occurs the words are numbered by their bytes instead)."""
-    _, first, ids = np.unique(w.hash, return_index=True, return_inverse=True)
+    """Exact numbers 1..V of the words: words with equal hashes are confirmed equal (length, first and
+    last 8 bytes, and every byte of words longer than 16). A 64-bit collision has never been seen; if one
+    occurs, the words are numbered by their bytes instead."""
+    ids, first = _codes(w.hash)
     twin = first[ids]
-    other = np.flatnonzero(twin != np.arange(len(twin)))
-    if np.array_equal(w.length[other], w.length[twin[other]]):
-        lengths = w.length[other]
+    head, tail = _ends(w.buf, w.start, w.length)
+    same = (w.length == w.length[twin]) & (head == head[twin]) & (tail == tail[twin])
+    long = np.flatnonzero((w.length > 16) & (twin != np.arange(len(twin))))
+    if same.all() and len(long):
+        lengths = w.length[long]
         within = _within(lengths)
-        mine = w.buf[np.repeat(w.start[other], lengths) + within]
-        theirs = w.buf[np.repeat(w.start[twin[other]], lengths) + within]
-        if np.array_equal(mine, theirs):
-            return ids.astype(np.int64) + 1
+        mine = w.buf[np.repeat(w.start[long], lengths) + within]
+        same[long] = np.array_equal(mine, w.buf[np.repeat(w.start[twin[long]], lengths) + within])
+    if same.all():
+        return ids.astype(np.int64) + 1
     numbers: dict[bytes, int] = {}
     spans = zip(w.start.tolist(), (w.start + w.length).tolist(), strict=True)
     return np.array([numbers.setdefault(w.buf[a:b].tobytes(), len(numbers) + 1) for a, b in spans], dtype=np.int64)
@@ -173,7 +175,7 @@ def gram_sets(w: Words, n: int):
     if radix**n < 1 << 63:  # the words as digits of one exact int64 key
         key = sum(c * radix ** (n - 1 - k) for k, c in enumerate(columns))
         if radix**n >= 1 << 31:  # too wide for a column index: renumber the n-grams that occur
-            _, key = np.unique(key, return_inverse=True)
+            key = _codes(key)[0]
     else:
         _, key = np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)
     width = int(key.max(initial=0)) + 1
@@ -229,7 +231,10 @@ def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
     n, num_perm = signatures.shape
     rows = num_perm // bands
     mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
-    return (signatures.reshape(n, bands, rows).astype(np.uint64) * mult).sum(axis=2)
+    keys = np.zeros((n, bands), np.uint64)
+    for k in range(rows):  # column k of every band at once (4x faster than summing a short last axis)
+        keys += signatures[:, k::rows].astype(np.uint64) * mult[k]
+    return keys
 
 
 def bucket_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, max_bucket: int) -> np.ndarray:
@@ -253,13 +258,14 @@ def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) ->
 
     Each band's buckets give their pairs by `bucket_pairs`; verification then decides each pair.
     """
-    n = signatures.shape[0]
     found: list[np.ndarray] = []
     for keys in band_keys(signatures, bands).T:
-        # A stable sort keeps equal keys in row order, so every bucket's members are already ascending.
-        order = np.argsort(keys, kind="stable")
-        starts = np.flatnonzero(np.concatenate(([True], np.diff(keys[order]) != 0)))
-        found.append(bucket_pairs(order, starts, np.diff(np.append(starts, n)), max_bucket))
+        bucket = _codes(keys)[0]
+        shared = np.flatnonzero(np.bincount(bucket)[bucket] >= 2)  # most rows are alone in their bucket
+        # A stable sort keeps a bucket's rows in row order, so every bucket's members are ascending.
+        order = shared[np.argsort(bucket[shared], kind="stable")]
+        starts = np.flatnonzero(np.concatenate(([True], np.diff(bucket[order]) != 0)))
+        found.append(bucket_pairs(order, starts, np.diff(np.append(starts, len(order))), max_bucket))
     if not found:
         return np.empty((0, 2), np.int64)
     return _unique_pairs(np.concatenate(found))
@@ -271,8 +277,34 @@ def _unique_pairs(pairs: np.ndarray) -> np.ndarray:
     if not len(pairs):
         return pairs
     width = int(pairs.max()) + 1
-    keys = np.unique(pairs[:, 0] * width + pairs[:, 1])
+    keys = _sorted_unique(pairs[:, 0] * width + pairs[:, 1])
     return np.stack([keys // width, keys % width], axis=1)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) by a sort and a mask (np.unique itself is several times slower on numpy 2.4)."""
+    ordered = np.sort(values, axis=None)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
+def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a dense code 0..k-1 for every value, in order of first appearance; the index of each code's first
+    appearance), by pandas' hash table: 6x faster than the sort np.unique needs."""
+    import pandas as pd
+
+    codes = pd.factorize(values)[0].astype(np.int64, copy=False)
+    first = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)
+    return codes, first
+
+
+def _estimates(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """The MinHash estimate of every pair's similarity (share of equal values), a chunk of pairs at a time
+    so the compared rows stay in cache (5x faster than one gather of all pairs)."""
+    equal = np.empty(len(pairs), np.int64)
+    for lo in range(0, len(pairs), chunk):
+        part = pairs[lo : lo + chunk]
+        equal[lo : lo + chunk] = np.count_nonzero(signatures[part[:, 0]] == signatures[part[:, 1]], axis=1)
+    return equal / signatures.shape[1]
 
 
 def jaccard(x: set[str], y: set[str]) -> float:
@@ -294,8 +326,7 @@ def verify(
     """
     idx = _unique_pairs(np.asarray(list(pairs) if not isinstance(pairs, np.ndarray) else pairs, dtype=np.int64))
     if signatures is not None and len(idx):
-        estimate = (signatures[idx[:, 0]] == signatures[idx[:, 1]]).mean(axis=1)
-        idx = idx[estimate >= threshold - slack]
+        idx = idx[_estimates(signatures, idx) >= threshold - slack]
     out = []
     for i, j in idx.tolist():
         sim = jaccard(shingle_sets[i], shingle_sets[j])
@@ -317,11 +348,10 @@ def verify_exact(
     n-gram sets, |A & B| / |A | B| in floating point), all pairs of a chunk in one sparse product."""
     idx = _unique_pairs(np.asarray(pairs, dtype=np.int64))
     if signatures is not None and len(idx):
-        estimate = (signatures[idx[:, 0]] == signatures[idx[:, 1]]).mean(axis=1)
-        idx = idx[estimate >= threshold - slack]
+        idx = idx[_estimates(signatures, idx) >= threshold - slack]
     if not len(idx):
         return []
-    rows = np.unique(idx)  # only the rows in plausible pairs are shingled again
+    rows = _sorted_unique(idx)  # only the rows in plausible pairs are shingled again
     sets = gram_sets(split_words([texts[i] for i in rows.tolist()]), ngram)
     local = np.searchsorted(rows, idx)
     sizes = np.diff(sets.indptr)
