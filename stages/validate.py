@@ -28,7 +28,7 @@ import msgspec
 from tunegate.chat import message_text, tool_support, uses_tools
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
-from tunegate.formats import Message, Row, load_rows
+from tunegate.formats import NOTE_EXTRAS, Message, Row, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
@@ -74,14 +74,20 @@ INVISIBLE_PY = {name: re.compile(_char_class(ranges, lambda c: f"\\U{c:08x}")) f
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
 
-def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize) -> Any:
-    """One line per row with the derived columns the expectations check, built column-wise in Arrow."""
+def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: bool = True) -> Any:
+    """One line per row with the derived columns the expectations check, built column-wise in Arrow.
+    `extras`: whether any row may have tool calls, names or weights (`chat_extras` when read); without
+    them no row is looked at one by one."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     columns: dict[str, Any] = {"id": pa.array([row.id for row in rows], pa.large_string())}
-    rich = [i for i, row in enumerate(rows) if row.tools or any(type(m) is not Message for m in row.all_messages())]
+    rich = (
+        [i for i, row in enumerate(rows) if row.tools or any(type(m) is not Message for m in row.all_messages())]
+        if extras
+        else []
+    )
     if all(row.kind == "sft" for row in rows):
         flat = Flat([_shown(row.messages) for row in rows] if rich else [row.messages for row in rows])
         columns["roles"] = flat.join(flat.roles, ",")
@@ -366,7 +372,7 @@ def _run(
             for r in wrong_kind
         ]
         tool_rows: list[Row] = []  # quarantined when the template cannot render them
-        if any(uses_tools(r.all_messages(), r.tools) for r in rows):
+        if NOTE_EXTRAS in notes and any(uses_tools(r.all_messages(), r.tools) for r in rows):
             if no_tools is None:
                 why = tool_support(tokenizer)
                 template = getattr(tokenizer, "name_or_path", "") or "the base model"
@@ -381,7 +387,8 @@ def _run(
                 ]
         failed, invisible = {}, {}
         if rows:
-            frame, invisible = _invisible(rows, _table(rows, counter, sizes), cfg.invisible, counter, sizes)
+            table = _table(rows, counter, sizes, extras=NOTE_EXTRAS in notes)
+            frame, invisible = _invisible(rows, table, cfg.invisible, counter, sizes)
             failed = _run_suite(ctx, name, frame, _expectations(cfg, expected_kind))
         kept, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
         invisible_hits = Counter(r for found in invisible.values() for r in found)

@@ -90,6 +90,7 @@ SNIFF_BYTES = 4096  # what the NUL-byte test for UTF-16/32 without a byte order 
 NOTE_BOM = "byte_order_mark"  # a UTF-8 byte order mark at the start of the file (or of a JSONL line) was dropped
 NOTE_UTF16 = "decoded_utf16_utf32"  # the file was UTF-16 / UTF-32 with a byte order mark; its records were decoded
 NOTE_ALPACA = "alpaca_input_as_instruction"  # empty instruction, non-empty input: the input is the user turn
+NOTE_EXTRAS = "chat_extras"  # rows with tool calls, tool results, a tools list, names or weights (OpenAI format)
 
 
 def source_kind(path: str | Path) -> str:
@@ -588,6 +589,8 @@ def _row(record: Any, fmt: str, name: str, line: int, notes: Counter) -> Row:
         if k not in ("kind", "tools")
     }
     row = Row("", name, line, norm["kind"], **parts, tools=norm.get("tools"))
+    if row.tools is not None or any(type(m) is RichMessage for m in row.all_messages()):
+        notes[NOTE_EXTRAS] += 1
     for m in row.all_messages():
         _check_encodable(m.role)
         _check_encodable(m.content)
