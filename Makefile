@@ -27,10 +27,15 @@ demo: setup
 test: setup
 	pytest
 
-# The benchmarks that need no pipeline outputs (eval_cost and train need `make demo` first; see README).
+# Every figure of README's Performance section that needs no pipeline outputs, each next to its baseline
+# measured in the same run (interleaved, medians): near duplicates vs datasketch, validation vs json.loads for
+# chat and preference rows, dedup memory on 1M rows vs the rows' own (about 15 minutes on 2 cores).
+# eval_cost and train need `make demo` first, benchmarks.gpu a GPU; see README.
 bench: setup
-	python -m benchmarks.dedup
-	python -m benchmarks.validate_cost
+	python -m benchmarks.dedup --repeat 5
+	python -m benchmarks.validate_cost --repeat 5
+	python -m benchmarks.validate_cost --source preferences --repeat 3
+	python -m benchmarks.dedup_memory
 
 # Mutation testing of the pure core modules ([tool.mutmut] in pyproject.toml names them and the fast tests),
 # then the score per module: mutants killed (or timed out) / mutants, as mutmut's own badge counts them.

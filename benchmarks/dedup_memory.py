@@ -87,6 +87,7 @@ def main() -> None:
         f"+ the rows in memory {with_rows - before:.2f}, + dedup {peak - with_rows:.2f}); "
         f"{seconds:.0f} s, {args.rows / seconds:,.0f} rows/s"
     )
+    print(f"dedup's own memory / the rows' own memory: {(peak - with_rows) / (with_rows - before):.2f}x")
 
 
 if __name__ == "__main__":

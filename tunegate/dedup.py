@@ -126,7 +126,7 @@ def gram_hashes(w: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
     return acc, gram_offsets
 
 
-def signatures(texts: Sequence[str], ngram: int, num_perm: int = 128, seed: int = 1, chunk: int = 16384) -> np.ndarray:
+def signatures(texts: Sequence[str], ngram: int, num_perm: int = 128, seed: int = 1, chunk: int = 4096) -> np.ndarray:
     """(n_texts, num_perm) uint32 MinHash signatures of the texts' word n-grams, by rensa (Rust) from the
     n-gram hashes of `gram_hashes`; chunk by chunk, so only the signatures stay in memory."""
     import rensa
@@ -226,15 +226,19 @@ class MinHasher:
         return out
 
 
-def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
-    """(n_rows, bands) uint64: one key per row and LSH band; rows with equal keys share that band's bucket."""
-    n, num_perm = signatures.shape
-    rows = num_perm // bands
+def band_key(signatures: np.ndarray, band: int, bands: int) -> np.ndarray:
+    """One uint64 key per row for one LSH band: rows with equal keys share that band's bucket."""
+    rows = signatures.shape[1] // bands
     mult = np.random.default_rng(7).integers(1, 1 << 61, size=rows, dtype=np.uint64)
-    keys = np.zeros((n, bands), np.uint64)
-    for k in range(rows):  # column k of every band at once (4x faster than summing a short last axis)
-        keys += signatures[:, k::rows].astype(np.uint64) * mult[k]
-    return keys
+    key = np.zeros(signatures.shape[0], np.uint64)
+    for k in range(rows):  # column by column: no (n, rows) temporary
+        key += signatures[:, band * rows + k].astype(np.uint64) * mult[k]
+    return key
+
+
+def band_keys(signatures: np.ndarray, bands: int) -> np.ndarray:
+    """(n_rows, bands) uint64: `band_key` of every band (for a block of rows; one machine goes band by band)."""
+    return np.stack([band_key(signatures, band, bands) for band in range(bands)], axis=1)
 
 
 def bucket_pairs(order: np.ndarray, starts: np.ndarray, sizes: np.ndarray, max_bucket: int) -> np.ndarray:
@@ -259,8 +263,8 @@ def candidate_pairs(signatures: np.ndarray, bands: int, max_bucket: int = 64) ->
     Each band's buckets give their pairs by `bucket_pairs`; verification then decides each pair.
     """
     found: list[np.ndarray] = []
-    for keys in band_keys(signatures, bands).T:
-        bucket = _codes(keys)[0]
+    for band in range(bands):
+        bucket = _codes(band_key(signatures, band, bands))[0]
         shared = np.flatnonzero(np.bincount(bucket)[bucket] >= 2)  # most rows are alone in their bucket
         # A stable sort keeps a bucket's rows in row order, so every bucket's members are ascending.
         order = shared[np.argsort(bucket[shared], kind="stable")]
