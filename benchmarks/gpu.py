@@ -139,7 +139,7 @@ def memory_child(model: str, adapter: str, method: str, gc: bool, batch: int, se
         "gradient_checkpointing": gc,
         "learning_rate": 1e-4,
     }
-    cfg = Train(method=method, adapter=adapter, lora=Lora(r=16, alpha=32), args=args)
+    cfg = Train(method=method, adapter=adapter, lora=Lora(r=16, alpha=32), args=args, truncate=True)
     manifest = {"model": "llama-1b-shape", "path": model}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = train.Inputs(manifest, [] if method == "dpo" else data, data if method == "dpo" else [], [])
@@ -211,7 +211,7 @@ def stage_child(
         "save_steps": 10_000,
         "gradient_checkpointing": True,
     }
-    cfg = Train(lora=Lora(r=16, alpha=32), args=args, deterministic=deterministic)
+    cfg = Train(lora=Lora(r=16, alpha=32), args=args, deterministic=deterministic, truncate=True)
     with tempfile.TemporaryDirectory() as tmp:
         speed = Path(tmp) / "speed.csv"
         out = train.Outputs(Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "p.csv", speed_path=speed)

@@ -383,13 +383,19 @@ def _trainer_config(cfg: Train, args: dict[str, Any]):
         raise UserError(f"{keys}: {err}") from None
 
 
-def _datasets(method: MethodKind, data: Inputs, tokenizer):
+def _datasets(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any] | None = None, truncate: bool = True):
     """(training set, probe set) in the shape TRL's trainer for the method reads. SFT rows and the
-    forgetting probe are tokenised here with the same rendering and loss mask (`sft_examples`)."""
+    forgetting probe are tokenised here with the same rendering and loss mask (`sft_examples`). Rows
+    longer than `max_length` stop the stage with their count unless `truncate` (packing cuts none)."""
     from datasets import Dataset
 
+    args = args or {}
     if method.preference:
-        return Dataset.from_list(preference_examples(data.pref_rows, tokenizer)), None
+        examples = preference_examples(data.pref_rows, tokenizer)
+        _check_lengths(
+            [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples], args, truncate
+        )
+        return Dataset.from_list(examples), None
     examples, unstable = sft_examples(data.train_rows, tokenizer)
     if unstable:
         log.warning(
@@ -398,8 +404,30 @@ def _datasets(method: MethodKind, data: Inputs, tokenizer):
             unstable,
             len(examples),
         )
+    if not args.get("packing"):
+        _check_lengths([len(e["input_ids"]) for e in examples], args, truncate)
     probe = Dataset.from_list(sft_examples(data.probe_rows, tokenizer)[0]) if data.probe_rows else None
     return Dataset.from_list(examples), probe
+
+
+def _check_lengths(lengths: list[int], args: dict[str, Any], truncate: bool) -> None:
+    """Rows the trainer would cut to max_length: counted, and refused unless train.truncate is set."""
+    limit = args.get("max_length")
+    if not isinstance(limit, int) or not lengths:
+        return
+    over = sorted(n for n in lengths if n > limit)
+    if not over:
+        return
+    what = (
+        f"{len(over)} of {len(lengths)} rows are longer than train.args.max_length {limit} tokens (longest {over[-1]})"
+    )
+    if truncate:
+        log.warning("train: %s; they are cut to %d (train.truncate: true)", what, limit)
+        return
+    raise UserError(
+        f"train: {what}; training would cut them without a word. Raise train.args.max_length to {over[-1]}, "
+        "lower validate.max_tokens, or set train.truncate: true"
+    )
 
 
 def run(
@@ -444,7 +472,7 @@ def run(
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     _, trainer_cls = method.classes()
-    train_ds, probe_ds = _datasets(method, data, tokenizer)
+    train_ds, probe_ds = _datasets(method, data, tokenizer, args, cfg.truncate)
     probe_state: dict[str, Any] = {}
     callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset)]
     if cfg.probe_max_rise and probe_ds is not None:

@@ -525,9 +525,12 @@ def _report(m: dict[str, Any]) -> str:
 
 def main() -> None:
     def body() -> None:
+        from tunegate.consistency import data_problems
         from tunegate.models import load_manifest, load_tokenizer
 
         cfg = load_config()
+        if found := data_problems(cfg):  # before reading anything: DVC must see every source change
+            raise UserError("; ".join(found))
         tokenizer = load_tokenizer(load_manifest(cfg.paths.base), cfg.base.trust_remote_code)
         out = Path(cfg.paths.validated)
         metrics = run(cfg.validate_, cfg.data.sources, tokenizer, out, Path(cfg.paths.data_docs))

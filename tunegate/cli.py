@@ -1,5 +1,6 @@
 """The `tunegate` command: user actions that are not pipeline stages (the stages run under `dvc repro`).
 
+    tunegate init --model M --data F   # set the project up for your base model, data and target eval
     tunegate check                 # validate params.yaml and the gate policy, without running anything
     tunegate status                # registered versions, gate verdicts, base revisions, champion
     tunegate show VERSION          # the full provenance record of a version
@@ -56,6 +57,13 @@ def check(params: Path | None = PARAMS) -> None:
         cfg = load_config(params)
         policy = load_policy(Path(cfg.gate.policy))
         layout = Layout.of(cfg.paths)
+        from tunegate import consistency
+
+        for line in consistency.warnings(cfg):
+            typer.echo(f"warning: {line}")
+        found = consistency.problems(cfg)
+        if found:
+            raise UserError("\n".join(found) if len(found) == 1 else f"{len(found)} problems:\n" + "\n".join(found))
         if layout.base_manifest.exists():
             from tunegate.models import load_manifest
             from tunegate.preflight import GIB
@@ -69,6 +77,44 @@ def check(params: Path | None = PARAMS) -> None:
         f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, "
         f"{len(policy.checks)} gate checks; {memory}"
     )
+
+
+@app.command()
+def init(
+    model: str = typer.Option(..., "--model", help="hub id (org/name) or local folder of the base model"),
+    data: list[str] = typer.Option(..., "--data", help="a file of your domain data (repeat for several)"),
+    general: list[str] = typer.Option(None, "--general", help="general data to mix in (default: the embedded set)"),
+    preferences: list[str] = typer.Option(None, "--preferences", help="preference pairs (then sft+dpo)"),
+    task: str = typer.Option(None, help="name of the target eval task (default: <first data file>_gen)"),
+    eval_size: int = typer.Option(None, help="rows held out for the target eval (default: 10%, 30..200)"),
+    label: str = typer.Option(None, help="JSON key of the answers to stratify the eval by (default: detected)"),
+    general_tasks: str = typer.Option(
+        ",".join(("arc_easy", "hellaswag")),
+        help="forgetting checks: lm-eval tasks, task or task:metric, comma-separated",
+    ),
+    revision: str = typer.Option("main", help="hub branch, tag or commit of the base"),
+    force: bool = typer.Option(False, help="write params.yaml again when it is already set up"),
+) -> None:
+    """Set the project up for your model and data: held-out eval task, gate policy, params.yaml, dvc.yaml."""
+    from tunegate.project import init as setup
+    from tunegate.project import summary
+
+    try:
+        plan = setup(
+            model,
+            data,
+            general or None,
+            preferences or None,
+            task=task,
+            eval_size=eval_size,
+            label=label,
+            general_tasks=[t.strip() for t in general_tasks.split(",") if t.strip()],
+            revision=revision,
+            force=force,
+        )
+    except UserError as err:
+        _fail(err)
+    typer.echo(summary(plan))
 
 
 @app.command()

@@ -192,6 +192,10 @@ class Train(_Section):
         "(beta, loss_type, learning_rate, max_steps, ...)",
     )
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
+    truncate: bool = Field(
+        False,
+        description="train rows longer than train.args.max_length cut to it; False: the stage counts them and stops",
+    )
     deterministic: bool | None = Field(
         None,
         description="deterministic kernels (bit-identical reruns, slower on CUDA); None: on for CPU, off for CUDA",

@@ -185,7 +185,8 @@ def evaluate(
         raise UserError(
             f"eval.tasks: a task's data could not be loaded ({' '.join(str(err).split())[:300]}); check "
             f"dataset_kwargs.data_files in {tasks_dir}; built-in tasks need their dataset in the local HF cache "
-            "when offline"
+            "when offline: fill it once with network access (lm_eval --model hf --model_args "
+            f"pretrained={manifest['model']} --tasks {','.join(t for t in cfg.tasks if t not in local)} --limit 1)"
         ) from None
     except TypeError as err:  # lm-eval's TaskConfig refuses a key it does not know
         key = re.search(r"unexpected keyword argument '(\w+)'", str(err))
@@ -224,6 +225,7 @@ def run_stage(side: str) -> None:
     the base, or, for `adapter: full`, the fine-tuned model itself.
     """
     from tunegate.config import load_config
+    from tunegate.consistency import gate_problems
     from tunegate.io import read_json
     from tunegate.models import load_manifest
     from tunegate.paths import Layout
@@ -231,6 +233,8 @@ def run_stage(side: str) -> None:
 
     cfg = load_config()
     layout = Layout.of(cfg.paths)
+    if found := gate_problems(cfg):  # a gate that could never decide: said before any model loads
+        raise UserError("; ".join(found))
     seed_everything(cfg.seed)
     adapter = full_model = None
     if side == "candidate":

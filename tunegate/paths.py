@@ -68,6 +68,7 @@ THROUGHPUT = Path("reports/train_throughput.csv")  # tokens/s per logging interv
 LOGS = Path("reports/logs")  # <stage>.log: everything a run logs, third-party warnings included
 PARAMS = Path("params.yaml")
 DVC_LOCK = Path("dvc.lock")
+DVC_YAML = Path("dvc.yaml")
 
 
 @dataclass(frozen=True)

@@ -437,3 +437,30 @@ def test_secrets_in_tool_arguments_are_masked(tok, tmp_path):
     kept = read_jsonl(tmp_path / "o" / "s.jsonl")
     assert metrics["sources"]["s"]["pii_masked"] == {"pii_email": 1}
     assert kept[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"to": "[EMAIL]"}
+
+
+def test_rows_longer_than_max_length_are_counted_and_refused_unless_truncating(validated, base, tmp_path):
+    from tunegate.errors import UserError
+
+    out, _ = validated
+    rows = read_jsonl(out / "chat.jsonl")
+    tok_lengths = sorted(len(train.sft_examples([r], _tok(base))[0][0]["input_ids"]) for r in rows)
+    limit = tok_lengths[len(tok_lengths) // 2]
+    over = sum(n > limit for n in tok_lengths)
+    args = {"max_steps": 1, "per_device_train_batch_size": 4, "max_length": limit}
+    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+    outputs = train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv")
+    message = (
+        f"^train: {over} of {len(rows)} rows are longer than train.args.max_length {limit} tokens "
+        f"\\(longest {tok_lengths[-1]}\\); training would cut them"
+    )
+    with pytest.raises(UserError, match=message):
+        train.run(cfg, 1, train.Inputs(base, rows), outputs)
+    cut = train.run(cfg.model_copy(update={"truncate": True}), 1, train.Inputs(base, rows), outputs)
+    assert cut["steps"] == 1
+
+
+def _tok(base):
+    from tunegate.models import load_tokenizer
+
+    return load_tokenizer(base)

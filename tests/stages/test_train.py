@@ -69,7 +69,7 @@ def weights(path):
 
 @pytest.mark.parametrize("adapter", ["lora", "dora", "qlora", "full"])
 def test_each_adapter_trains_and_saves_safetensors(base, rows, tmp_path, adapter):
-    cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS)
+    cfg = Train(truncate=True, adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS)
     metrics = train.run(
         cfg,
         1,
@@ -120,7 +120,7 @@ def test_sft_batches_mask_the_prompt_so_the_loss_is_on_the_answer_only(base, row
     keeps its id (loss on the prompt too would teach the model to write support messages)."""
     from tunegate.models import load_model, load_tokenizer
 
-    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
+    cfg = Train(truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
     config = train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path / "ckpt", with_probe=False))
     sft_rows = rows[0][:4]
     tokenizer = load_tokenizer(base)
@@ -151,12 +151,14 @@ def test_checkpoint_folder_changes_with_any_train_setting_seed_data_or_base(tmp_
     data = (tmp_path / "train.jsonl", tmp_path / "preferences.jsonl")
     for path in data:
         path.write_text('{"id": "a"}\n')
-    cfg, weights = Train(args=ARGS), {"model.safetensors": "aa"}
+    cfg, weights = Train(truncate=True, args=ARGS), {"model.safetensors": "aa"}
     folder = train.checkpoint_folder(cfg, 1, data, weights)
-    assert folder == train.checkpoint_folder(Train(args=dict(ARGS)), 1, data, dict(weights))  # same inputs
+    assert folder == train.checkpoint_folder(
+        Train(truncate=True, args=dict(ARGS)), 1, data, dict(weights)
+    )  # same inputs
     changed = [
-        train.checkpoint_folder(Train(args={**ARGS, "learning_rate": 1e-4}), 1, data, weights),
-        train.checkpoint_folder(Train(args=ARGS, lora=Lora(r=4)), 1, data, weights),
+        train.checkpoint_folder(Train(truncate=True, args={**ARGS, "learning_rate": 1e-4}), 1, data, weights),
+        train.checkpoint_folder(Train(truncate=True, args=ARGS, lora=Lora(r=4)), 1, data, weights),
         train.checkpoint_folder(cfg, 2, data, weights),
         train.checkpoint_folder(cfg, 1, data, {"model.safetensors": "bb"}),
     ]
@@ -169,7 +171,7 @@ def test_checkpoint_folder_changes_with_any_train_setting_seed_data_or_base(tmp_
 
 
 def test_same_params_same_adapter_bytes(base, rows, tmp_path):
-    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
+    cfg = Train(truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
     shas = []
     for run in ("a", "b"):
         train.run(
@@ -190,6 +192,7 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
 
     prefs = rows[1]
     cfg = Train(
+        truncate=True,
         method="dpo",
         adapter="lora",
         lora=Lora(r=8, alpha=16),
@@ -227,7 +230,7 @@ def test_dpo_moves_margins_towards_chosen(base, rows, tmp_path):
 def test_empty_training_set_is_refused(base, tmp_path):
     with pytest.raises(UserError, match="training set is empty"):
         train.run(
-            Train(),
+            Train(truncate=True),
             1,
             train.Inputs(base, [], [], []),
             train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
@@ -237,7 +240,7 @@ def test_empty_training_set_is_refused(base, tmp_path):
 def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.args: .*learnin_rate"):
         train.run(
-            Train(args={"learnin_rate": 1e-3}),
+            Train(truncate=True, args={"learnin_rate": 1e-3}),
             1,
             train.Inputs(base, rows[0], [], []),
             train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
@@ -245,7 +248,7 @@ def test_unknown_trainer_arg_is_named(base, rows, tmp_path):
 
 
 def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
-    cfg = Train(args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
+    cfg = Train(truncate=True, args={**ARGS, "per_device_train_batch_size": 100_000, "max_length": 4096})
     with pytest.raises(
         UserError, match="estimated peak memory .* exceeds .* try train.args.gradient_checkpointing: true"
     ):
@@ -271,10 +274,10 @@ prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] 
 args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, \
 "logging_steps": 1, "save_steps": 5, "max_length": 64}
 if sys.argv[4] == "sft+dpo":
-    cfg = Train(method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
+    cfg = Train(truncate=True, method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
 dpo_args={"max_steps": 20, "beta": 0.1})
 else:
-    cfg = Train(adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+    cfg = Train(truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
 train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 """
 
@@ -338,7 +341,7 @@ def test_merged_model_matches_base_plus_adapter(base, rows, tmp_path, adapter):
 
     from tunegate.models import load_model
 
-    cfg = Train(adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS, merge=True)
+    cfg = Train(truncate=True, adapter=adapter, lora=Lora(r=4, alpha=8), args=ARGS, merge=True)
     train.run(
         cfg,
         1,
@@ -384,7 +387,7 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
         "per_device_eval_batch_size": 16,
     }
     stopped = train.run(
-        Train(lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2),
+        Train(truncate=True, lora=Lora(r=4, alpha=8), args=args, probe_max_rise=0.2),
         1,
         train.Inputs(base, rows[0], [], general),
         train.Outputs(tmp_path / "a", tmp_path / "ck-a", tmp_path / "a.csv"),
@@ -398,7 +401,7 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
     )
     assert (tmp_path / "a" / train.ADAPTER / "adapter_model.safetensors").exists()
     full = train.run(
-        Train(lora=Lora(r=4, alpha=8), args=args),
+        Train(truncate=True, lora=Lora(r=4, alpha=8), args=args),
         1,
         train.Inputs(base, rows[0], [], general),
         train.Outputs(tmp_path / "b", tmp_path / "ck-b", tmp_path / "b.csv"),
@@ -460,12 +463,18 @@ def test_sft_then_dpo_continues_the_sft_adapter(base, rows, tmp_path):
     lora = Lora(r=8, alpha=16)
     args = {**ARGS, "completion_only_loss": True}  # an SFT-only key: the DPO phase goes without it
     sft_only = train.run(
-        Train(lora=lora, args=args),
+        Train(truncate=True, lora=lora, args=args),
         1,
         train.Inputs(base, sft_rows, [], []),
         train.Outputs(tmp_path / "sft", tmp_path / "ck1", tmp_path / "a.csv"),
     )
-    cfg = Train(method="sft+dpo", lora=lora, args=args, dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1})
+    cfg = Train(
+        truncate=True,
+        method="sft+dpo",
+        lora=lora,
+        args=args,
+        dpo_args={"max_steps": 12, "learning_rate": 1e-2, "beta": 0.1},
+    )
     chain = train.run(
         cfg,
         1,
@@ -498,6 +507,7 @@ def test_sft_then_dpo_with_other_adapters(base, rows, tmp_path, adapter):
     from tunegate.models import load_model
 
     cfg = Train(
+        truncate=True,
         method="sft+dpo",
         adapter=adapter,
         lora=Lora(r=4, alpha=8),
@@ -523,7 +533,7 @@ def test_sft_then_dpo_with_other_adapters(base, rows, tmp_path, adapter):
 def test_sft_then_dpo_checks_the_dpo_settings_before_training(base, rows, tmp_path):
     """A typo in dpo_args (or an SFT-only key there) stops the chain before the SFT phase spends anything."""
     for dpo_args, bad in (({"bta": 0.1}, "bta"), ({"packing": True}, "packing")):
-        cfg = Train(method="sft+dpo", args=ARGS, dpo_args=dpo_args)
+        cfg = Train(truncate=True, method="sft+dpo", args=ARGS, dpo_args=dpo_args)
         with pytest.raises(UserError, match=f"train.args / train.dpo_args: .*'{bad}'"):
             train.run(
                 cfg,
@@ -537,14 +547,14 @@ def test_sft_then_dpo_checks_the_dpo_settings_before_training(base, rows, tmp_pa
 def test_sft_then_dpo_needs_an_adapter_and_preferences(base, rows, tmp_path):
     with pytest.raises(UserError, match="train.method sft\\+dpo: needs an adapter"):
         train.run(
-            Train(method="sft+dpo", adapter="full", args=ARGS),
+            Train(truncate=True, method="sft+dpo", adapter="full", args=ARGS),
             1,
             train.Inputs(base, rows[0], rows[1], []),
             train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
         )
     with pytest.raises(UserError, match="no preference rows"):
         train.run(
-            Train(method="sft+dpo", args=ARGS),
+            Train(truncate=True, method="sft+dpo", args=ARGS),
             1,
             train.Inputs(base, rows[0], [], []),
             train.Outputs(tmp_path / "o", tmp_path / "c", tmp_path / "p.csv"),
@@ -574,7 +584,7 @@ def test_tokens_per_second_are_logged_apart_from_the_tracked_plot(base, rows, tm
     import csv
 
     train.run(
-        Train(lora=Lora(r=4, alpha=8), args=ARGS),
+        Train(truncate=True, lora=Lora(r=4, alpha=8), args=ARGS),
         1,
         train.Inputs(base, rows[0], [], []),
         train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "train.csv", speed_path=tmp_path / "speed.csv"),
@@ -616,7 +626,7 @@ def _project(tmp_path: Path, base: dict, rows: list, launch: dict, args: dict) -
     for name, data in (("train", rows[0]), ("preferences", []), ("probe", [])):
         write_jsonl(project / f"data/mix/{name}.jsonl", data)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(lora={"r": 4, "alpha": 8}, args=args, launch=launch)
+    params["train"].update(lora={"r": 4, "alpha": 8}, args=args, launch=launch, truncate=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     return project
 

@@ -1,0 +1,180 @@
+"""The path a real user takes, command by command as the README's "Using your own model and data" shows:
+a base of another architecture and chat template than the demo (a tiny random Qwen2 with ChatML, a local
+folder), their own OpenAI chat JSONL outside data/raw, `tunegate init`, `dvc repro` through `register`.
+
+Then: the held-out eval rows reach no training row, the gate checks the generated target task and a
+general task, editing the data file makes validate (and what follows) stale, and a base without a chat
+template gets the documented default one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.e2e.conftest import copy_project, sh
+from tunegate.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen2(out: Path, texts: list[str], chat_template: str | None = CHATML) -> Path:
+    """A random-init Qwen2-style model with its own byte-level BPE tokenizer, saved as safetensors."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=768, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return out
+
+
+def own_data(path: Path, rows_wanted: int = 400) -> int:
+    """The demo's support tickets as a user would have them: OpenAI chat JSONL, some with a system turn
+    (400 rows: enough for a 60-row eval and a training set, few enough to train in a minute on CPU)."""
+    from tunegate.formats import load_source
+
+    rows, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
+    system = {"role": "system", "content": "You turn support messages into JSON tickets."}
+    lines = []
+    for i, row in enumerate(rows):
+        msgs = row["messages"]
+        if [m["role"] for m in msgs] != ["user", "assistant"] or not msgs[1]["content"].startswith("{"):
+            continue
+        lines.append(json.dumps({"messages": ([system] if i % 3 == 0 else []) + msgs}))
+        if len(lines) == rows_wanted:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("own"))
+    texts = [r["prompt"] + " " + r["completion"] for r in read_jsonl(ROOT / "data/pretrain/general.jsonl")[:3000]]
+    texts += (ROOT / "data/raw/domain.jsonl").read_text().splitlines()[:1000]
+    tiny_qwen2(project / "models/tiny-qwen", texts)
+    n = own_data(project / "data/my_tickets.jsonl")
+    init = sh(
+        project,
+        "tunegate",
+        "init",
+        "--model",
+        "models/tiny-qwen",
+        "--data",
+        "data/my_tickets.jsonl",
+        "--general-tasks",
+        "general_mc",
+        "--eval-size",
+        "60",
+    )
+    check = sh(project, "tunegate", "check")
+    repro = sh(project, "dvc", "repro")
+    return project, n, init.stdout, check.stdout, repro.stdout + repro.stderr
+
+
+def test_init_writes_an_eval_a_policy_and_params_for_the_model_and_data(own):
+    import yaml
+
+    project, n, init_out, check_out, _ = own
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["base"]["model"] == "models/tiny-qwen"
+    assert params["data"]["sources"]["my_tickets"] == {"path": "data/my_tickets.jsonl", "role": "domain"}
+    assert params["eval"]["tasks"] == ["my_tickets_gen", "general_mc"]
+    assert params["train"]["args"]["max_length"] >= params["validate"]["max_tokens"]
+    assert params["train"]["args"]["learning_rate"] == 2.0e-4 and params["train"]["lora"]["dropout"] == 0.05
+    held_out = read_jsonl(project / "evals/data/my_tickets_gen.jsonl")
+    assert len(held_out) == 60 and all(set(r) >= {"id", "prompt", "answer"} for r in held_out)
+    assert "stratified by 'urgency'" in init_out  # the JSON answers' label with fewest values
+    task = (project / "evals/tasks/my_tickets_gen.yaml").read_text()
+    assert "utils.json_fields" in task and '"<|im_end|>"' in task  # ChatML's end of turn stops generation
+    policy = yaml.safe_load((project / "evals/gates.yaml").read_text())
+    assert [(c["task"], c["metric"], c["role"]) for c in policy["checks"]] == [
+        ("my_tickets_gen", "json_fields", "target"),
+        ("general_mc", "acc", "general"),
+    ]
+    assert "data/my_tickets.jsonl" in (project / "dvc.yaml").read_text()
+    assert check_out.startswith("ok:") and "warning" not in check_out
+
+
+def test_dvc_repro_runs_through_register_and_the_gate_checks_both_tasks(own):
+    project, _, _, _, repro = own
+    for stage in ("base", "validate", "dedup", "mix", "train", "eval_base", "eval_candidate", "gate", "register"):
+        assert f"Running stage '{stage}'" in repro
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    checked = {(c["task"], c["metric"], c["role"]) for c in verdict["checks"] if c.get("against", "base") == "base"}
+    assert {("my_tickets_gen", "json_fields", "target"), ("general_mc", "acc", "general")} <= checked
+    assert all(c["n"] == 60 for c in verdict["checks"] if c["task"] == "my_tickets_gen")
+    status = sh(project, "tunegate", "status").stdout
+    assert re.search(r"tiny-qwen-my-tickets-gen", status)
+
+
+def test_held_out_rows_reach_no_training_row(own):
+    project, *_ = own
+    prompts = {r["prompt"] for r in read_jsonl(project / "evals/data/my_tickets_gen.jsonl")}
+    trained = [m["content"].strip() for r in read_jsonl(project / "data/mix/train.jsonl") for m in r["messages"]]
+    assert not prompts & set(trained)
+    leaks = [d for d in read_jsonl(project / "data/dedup/dropped.jsonl") if d["reason"] == "eval_leak"]
+    assert len({d["of"] for d in leaks if d["of"].startswith("my_tickets_gen:")}) == len(prompts)
+
+
+def test_editing_the_data_file_makes_validate_and_what_follows_stale(own):
+    project, *_ = own
+    path = project / "data/my_tickets.jsonl"
+    original = path.read_text()
+    try:
+        row = {
+            "messages": [{"role": "user", "content": "Where is order 99999?"}, {"role": "assistant", "content": "{}"}]
+        }
+        path.write_text(original + json.dumps(row) + "\n")
+        status = sh(project, "dvc", "status").stdout
+        assert re.search(r"validate:\s*\n\s*changed deps:\s*\n\s*modified:\s*data/my_tickets.jsonl", status), status
+    finally:
+        path.write_text(original)
+
+
+def test_a_base_without_a_chat_template_gets_the_default_one(tmp_path):
+    """A pretrained-only checkpoint: init measures rows with the documented default template."""
+    from tunegate.models import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+    from tunegate.project import _tokenizer
+
+    texts = [r["prompt"] for r in read_jsonl(ROOT / "data/pretrain/general.jsonl")[:500]]
+    folder = tiny_qwen2(tmp_path / "plain", texts, chat_template=None)
+    assert load_tokenizer({"path": str(folder)}).chat_template == DEFAULT_CHAT_TEMPLATE
+    assert _tokenizer(str(folder), "main", {}).chat_template == DEFAULT_CHAT_TEMPLATE

@@ -1,0 +1,158 @@
+"""tunegate init's pieces (carving, labels, scorer choice, dvc.yaml edit), the consistency checks that
+run before compute, and the generic eval scorers."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import Counter
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tunegate import consistency, project
+from tunegate.config import load_config
+from tunegate.errors import UserError
+
+
+def answers(rng: random.Random, n: int, labels=("refund", "track", "cancel"), weights=(6, 3, 1)) -> list[str]:
+    return [
+        json.dumps({"intent": rng.choices(labels, weights)[0], "order_id": str(rng.randint(10000, 99999))})
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_carve_is_seeded_and_stratified_in_proportion(seed):
+    rng = random.Random(seed)
+    items = [(f"q{i}", a) for i, a in enumerate(answers(rng, rng.randint(200, 600)))]
+    size = rng.randint(30, 120)
+    key = project.pick_label([a for _, a in items], None)
+    assert key == "intent"  # the key with few values; order ids are all different
+    chosen = project.carve(items, size, seed, key)
+    assert chosen == project.carve(items, size, seed, key) and len(chosen) == len(set(chosen)) == size
+    population = Counter(json.loads(a)["intent"] for _, a in items)
+    held = Counter(json.loads(items[i][1])["intent"] for i in chosen)
+    for label, count in population.items():  # every class within one item of its share
+        assert abs(held[label] - size * count / len(items)) < 1.0001
+    assert project.carve(items, size, seed + 1, key) != chosen
+
+
+def test_labels_are_only_read_where_answers_have_them():
+    assert project.pick_label(["plain text", "more text"], None) is None
+    with pytest.raises(UserError, match="not all JSON objects"):
+        project.pick_label(["plain text"], "intent")
+    with pytest.raises(UserError, match="missing from 1 of 2"):
+        project.pick_label(['{"intent": "a"}', '{"other": "b"}'], "intent")
+
+
+def test_scorer_follows_the_answers():
+    assert project.scorer(['{"a": 1}', '{"a": 2, "b": 3}'])[0] == "json_fields"
+    assert project.scorer(["Paris", "41", "two words"])[0] == "exact"
+    assert project.scorer(["a long answer with many words in it", "another one that goes on and on"])[2] == "chrf"
+
+
+def test_validate_deps_are_added_once_and_comments_stay():
+    text = (ROOT / "dvc.yaml").read_text()
+    once = project.add_validate_deps(text, ["data/my.jsonl", "/abs/other.parquet"])
+    assert project.add_validate_deps(once, ["data/my.jsonl"]) == once
+    stages = yaml.safe_load(once)["stages"]
+    assert stages["validate"]["deps"][-2:] == ["data/my.jsonl", "/abs/other.parquet"]
+    assert once.splitlines()[0] == text.splitlines()[0]  # the header comment
+    assert yaml.safe_load(text)["stages"]["dedup"] == stages["dedup"]
+
+
+@pytest.fixture
+def proj(tmp_path):
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "evals", tmp_path / "evals")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    return tmp_path
+
+
+def test_the_demo_is_consistent():
+    cfg = load_config(ROOT / "params.yaml")
+    assert consistency.problems(cfg, ROOT) == [] and consistency.warnings(cfg, ROOT) == []
+
+
+def test_a_gate_check_on_a_task_that_is_not_run_is_named(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["eval"]["tasks"] = ["support_gen", "general_mc"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    found = consistency.gate_problems(load_config(proj / "params.yaml"), proj)
+    assert [p.split(":")[1].strip() for p in found] == ["checks[1] (general_gen/exact)", "checks[2] (support_mc/acc)"]
+    assert "not in eval.tasks" in found[0]
+
+
+def test_a_metric_the_task_does_not_report_and_too_few_items_are_named(proj):
+    policy = yaml.safe_load((proj / "evals/gates.yaml").read_text())
+    policy["checks"][0]["metric"] = "accuracy"
+    policy["min_items"] = 10_000
+    (proj / "evals/gates.yaml").write_text(yaml.safe_dump(policy))
+    found = consistency.gate_problems(load_config(proj / "params.yaml"), proj)
+    assert "reports acc, not 'accuracy'" in found[0]
+    assert sum("fewer than the policy's min_items 10000" in p for p in found) == 4
+
+
+def test_a_data_file_dvc_does_not_track_is_named(proj):
+    (proj / "data/mine.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["data"]["sources"]["domain"]["path"] = "data/mine.jsonl"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_config(proj / "params.yaml")
+    [line] = consistency.data_problems(cfg, proj)
+    assert line.startswith("data.sources.domain: data/mine.jsonl is not a dependency of the validate stage")
+    (proj / "dvc.yaml").write_text(project.add_validate_deps((proj / "dvc.yaml").read_text(), ["data/mine.jsonl"]))
+    assert consistency.data_problems(cfg, proj) == []
+
+
+def test_max_length_shorter_than_validated_rows_is_a_warning_unless_truncating(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"]["args"]["max_length"] = 64
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    [line] = consistency.length_warnings(load_config(proj / "params.yaml"))
+    assert "train.args.max_length 64 < validate.max_tokens 256" in line
+    params["train"]["truncate"] = True
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    assert consistency.length_warnings(load_config(proj / "params.yaml")) == []
+
+
+def test_init_refuses_to_overwrite_a_set_up_project(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["base"]["model"] = "org/model"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match="already set up for org/model; `tunegate init --force`"):
+        project.init("org/other", ["x.jsonl"], root=proj)
+
+
+def test_init_with_a_hub_model_offline_is_one_line(proj, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^--model nobody/no-such-model: not a local folder, and its tokenizer"):
+        project.init("nobody/no-such-model", [str(ROOT / "data/raw/domain.jsonl")], root=proj)
+
+
+def test_scorers_read_the_references_own_keys():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utils", ROOT / "evals/tasks/utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"answer": json.dumps({"intent": "refund", "order_id": "51973", "lang": "en"})}
+    assert utils.json_fields(doc, ['{"intent": "refund", "order_id": 51973, "lang": "de", "x": 1}']) == {
+        "json_exact": 0.0,
+        "json_fields": 2 / 3,
+    }
+    assert utils.json_fields(doc, [doc["answer"]]) == {"json_exact": 1.0, "json_fields": 1.0}
+    assert utils.json_fields(doc, ["not json"]) == {"json_exact": 0.0, "json_fields": 0.0}
+    assert utils.exact({"answer": "Paris"}, [" Paris\n"]) == {"exact": 1.0}
+    same = utils.text_overlap({"answer": "the parcel left the depot"}, ["the parcel left the depot"])
+    assert same == {"chrf": 1.0, "rouge_l": 1.0}
+    assert utils.rouge_l("a c d", "a b c d") == pytest.approx(2 * 1 * 0.75 / 1.75)
+    assert utils.chrf("", "abc") == 0.0 and 0 < utils.chrf("the parcel", "the parcels") < 1
+    # chrF weighs recall twice as much as precision (beta = 2): a short, correct prefix scores lower
+    assert utils.chrf("the parcel", "the parcel left the depot") < utils.chrf(
+        "the parcel left the depot today", "the parcel left the depot"
+    )

@@ -1,0 +1,202 @@
+"""Checks that params.yaml, the gate policy, the eval tasks and dvc.yaml agree, before any compute.
+
+Each part can be valid on its own and the whole still wrong: a gate check on a task that `eval.tasks`
+never runs fails every gate with "no paired samples" after the training was paid for; a data file DVC
+does not track changes without `dvc repro` noticing. `tunegate check` reports all of them; the stages
+check their own part when they start (validate: the data is tracked; the eval stages: gate and tasks
+agree), so a mistake costs one line, not a run.
+
+`problems()` are errors; `warnings()` are settings that are legal but usually a mistake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunegate.config import Config
+from tunegate.paths import DVC_YAML, Layout
+
+# The stage whose dependencies must cover every data source.
+VALIDATE = "validate"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a local lm-eval task YAML says about itself: its metrics and its data file."""
+
+    metrics: frozenset[str]
+    data: Path | None
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """lm-eval's own tags (`!function utils.score`) are read as nothing."""
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}  # tunegate.evaluation.local_tasks names unreadable task files in one line
+    return doc if isinstance(doc, dict) else {}
+
+
+def local_task_info(tasks_dir: Path, root: Path) -> dict[str, TaskInfo]:
+    """{task name: TaskInfo} for the YAML files in tasks_dir (following `include:`)."""
+    out = {}
+    for path in sorted(Path(tasks_dir).glob("*.yaml")):
+        doc = _yaml(path)
+        if not isinstance(doc.get("task"), str):
+            continue
+        merged: dict[str, Any] = {}
+        seen = set()
+        chain = [doc]
+        while isinstance(chain[-1].get("include"), str) and chain[-1]["include"] not in seen:
+            seen.add(chain[-1]["include"])
+            chain.append(_yaml(path.parent / chain[-1]["include"]))
+        for part in reversed(chain):
+            merged.update(part)
+        metrics = frozenset(
+            m["metric"] for m in merged.get("metric_list") or [] if isinstance(m, dict) and "metric" in m
+        )
+        files = (merged.get("dataset_kwargs") or {}).get("data_files") or {}
+        split = merged.get("test_split") or "test"
+        data = files.get(split) if isinstance(files, dict) else None
+        out[doc["task"]] = TaskInfo(metrics, root / data if isinstance(data, str) else None)
+    return out
+
+
+def _items(path: Path | None) -> int | None:
+    if path is None or not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def gate_problems(cfg: Config, root: Path | str = ".") -> list[str]:
+    """The gate policy against the eval tasks: every check's task runs and reports its metric, and has
+    at least `min_items` items."""
+    from tunegate.gate import load_policy
+
+    root = Path(root)
+    layout = Layout.of(cfg.paths, root)
+    policy_path = root / cfg.gate.policy
+    policy = load_policy(policy_path)
+    local = local_task_info(layout.eval_tasks, root)
+    out = []
+    for i, check in enumerate(policy.checks):
+        where = f"{cfg.gate.policy}: checks[{i}] ({check.task}/{check.metric})"
+        if check.task not in cfg.eval.tasks:
+            out.append(
+                f"{where}: task {check.task!r} is not in eval.tasks {list(cfg.eval.tasks)}, so the gate would "
+                "have no samples for it; add it to eval.tasks or remove the check"
+            )
+            continue
+        info = local.get(check.task)
+        if info is None:
+            continue  # a built-in lm-eval task: its metrics are lm-eval's (acc, acc_norm, exact_match, ...)
+        if info.metrics and check.metric not in info.metrics:
+            out.append(f"{where}: task {check.task} reports {', '.join(sorted(info.metrics))}, not {check.metric!r}")
+        n = _items(info.data)
+        if n is not None and n < policy.min_items and cfg.eval.limit is None:
+            out.append(
+                f"{where}: {info.data} has {n} items, fewer than the policy's min_items {policy.min_items}; "
+                "the check would always fail (add items or lower min_items)"
+            )
+    return out
+
+
+def gate_warnings(cfg: Config, root: Path | str = ".") -> list[str]:
+    """Margins finer than one item of their task: the check then turns on a single answer."""
+    from tunegate.gate import load_policy
+
+    root = Path(root)
+    policy = load_policy(root / cfg.gate.policy)
+    local = local_task_info(Layout.of(cfg.paths, root).eval_tasks, root)
+    out = []
+    for check in policy.checks:
+        n = _items(local[check.task].data) if check.task in local else None
+        step = 1 / n if n else None
+        bound = check.margin if check.role == "general" else check.min_gain
+        if step and 0 < bound < step:
+            kind = "margin" if check.role == "general" else "min_gain"
+            out.append(
+                f"{cfg.gate.policy}: {check.task}/{check.metric} {kind} {bound} is finer than one item of {n} "
+                f"({step:.3f}): one answer decides it"
+            )
+    return out
+
+
+def validate_deps(cfg: Config, root: Path | str = ".") -> list[str]:
+    """The validate stage's dependencies as dvc.yaml writes them, with ${...} filled from params.yaml."""
+    import yaml
+
+    root = Path(root)
+    try:
+        stages = yaml.safe_load((root / DVC_YAML).read_text(encoding="utf-8"))["stages"]
+        deps = stages[VALIDATE].get("deps") or []
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return []
+    paths = cfg.paths.model_dump(by_alias=True)
+
+    def fill(dep: str) -> str:
+        for key, value in paths.items():
+            dep = dep.replace(f"${{paths.{key}}}", str(value))
+        return dep
+
+    return [fill(d) for d in deps if isinstance(d, str)]
+
+
+def data_problems(cfg: Config, root: Path | str = ".") -> list[str]:
+    """Every local data source is a dependency of validate in dvc.yaml (or inside one), so DVC re-runs
+    validate and everything after it when the file changes."""
+    from tunegate.formats import source_kind
+
+    root = Path(root)
+    deps = [Path(d) for d in validate_deps(cfg, root)]
+    if not deps:
+        return []
+    out = []
+    for name, source in cfg.data.sources.items():
+        path = Path(source.path)
+        try:
+            if source_kind(root / path if not path.is_absolute() else path) == "hub":
+                continue
+        except Exception:  # a missing file is validate's own one-line error
+            continue
+        rel = path if not path.is_absolute() else _relative(path, root)
+        if rel is None or not any(rel == d or d in rel.parents for d in deps):
+            out.append(
+                f"data.sources.{name}: {source.path} is not a dependency of the validate stage in {DVC_YAML}, so "
+                f"`dvc repro` would not notice it change; add it under stages.validate.deps (tunegate init does)"
+            )
+    return out
+
+
+def _relative(path: Path, root: Path) -> Path | None:
+    try:
+        return path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return path  # outside the project: dvc.yaml must name it by this absolute path
+
+
+def length_warnings(cfg: Config) -> list[str]:
+    max_length = cfg.train.args.get("max_length")
+    if isinstance(max_length, int) and max_length < cfg.validate_.max_tokens and not cfg.train.truncate:
+        return [
+            f"train.args.max_length {max_length} < validate.max_tokens {cfg.validate_.max_tokens}: rows validate "
+            "accepts may be longer than training reads; the train stage counts them and stops unless "
+            "train.truncate: true"
+        ]
+    return []
+
+
+def problems(cfg: Config, root: Path | str = ".") -> list[str]:
+    return gate_problems(cfg, root) + data_problems(cfg, root)
+
+
+def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
+    return gate_warnings(cfg, root) + length_warnings(cfg)

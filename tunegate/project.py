@@ -1,0 +1,427 @@
+"""`tunegate init`: set the project up for your base model, your data and an eval of your task.
+
+    tunegate init --model Qwen/Qwen2.5-0.5B-Instruct --data data/my_tickets.jsonl
+    tunegate init --model /models/llama --data a.jsonl --data b.jsonl --general general.parquet --preferences p.jsonl
+
+What it writes, from what it reads:
+- **A held-out eval of your task**, carved from your domain data before dedup and mixing: `eval_size`
+  single-turn rows (seeded; stratified by a label where the answers have one: a JSON key with few
+  values, or `--label`), written to `evals/data/<task>.jsonl` as prompt + answer. They stay in your
+  file; `dedup` removes them from training as `eval_leak` (its decontamination reads evals/data), so
+  they can never be trained on.
+- **An lm-eval task** `evals/tasks/<task>.yaml` with a scorer chosen from the answers: JSON objects →
+  field by field against the reference's own keys (`json_fields`); short answers → `exact`; free text →
+  `chrf` (and `rouge_l`). It stops generation at the template's end-of-turn text.
+- **A gate policy** `evals/gates.yaml`: the target check on that task, forgetting checks on general
+  tasks (lm-eval built-ins for real models: arc_easy, hellaswag; or any local task), champion rule.
+- **params.yaml**: the base, the sources, settings for a real model (SFT lr 2e-4, DPO lr 5e-6, 2 epochs,
+  LoRA r 16 / alpha 32 / dropout 0.05, gradient checkpointing above 1B parameters; bf16 and TF32 come
+  with a CUDA device), `validate.max_tokens` and `train.args.max_length` covering your longest row
+  under the base's own tokenizer and chat template, and `eval.max_gen_toks` covering the longest answer.
+- **dvc.yaml**: every data file you named becomes a dependency of `validate`, so `dvc repro` re-runs
+  when it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunegate.errors import UserError
+from tunegate.paths import DVC_YAML, PARAMS
+
+# lm-eval built-in tasks that make good forgetting checks, and the metric each is gated on.
+BUILTIN_METRIC = {
+    "arc_easy": "acc",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc",
+    "winogrande": "acc",
+    "boolq": "acc",
+    "openbookqa": "acc_norm",
+    "mmlu": "acc",
+    "gsm8k": "exact_match",
+}
+DEFAULT_GENERAL = ("arc_easy", "hellaswag")
+EMBEDDED_GENERAL = "data/raw/general.jsonl"  # the demo's general instruction set, the mix's default guard
+MIN_EVAL = 30  # the gate's min_items: fewer eval items decide nothing
+LABEL_VALUES = 20  # a JSON key with 2..this many values across answers is a label to stratify by
+BIG_MODEL = 1_000_000_000  # parameters above which gradient checkpointing is on
+
+
+@dataclass
+class Plan:
+    """What init decided, for the summary it prints."""
+
+    lines: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "data"
+
+
+def _single_turn(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(user text, answer) of a plain single-turn row ([system], user, assistant; no tools)."""
+    msgs = row.get("messages") or []
+    if row.get("tools") or any(len(m) > 2 for m in msgs):
+        return None
+    roles = [m["role"] for m in msgs]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        return None
+    user, answer = msgs[-2]["content"].strip(), msgs[-1]["content"].strip()
+    return (user, answer) if user and answer else None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def pick_label(answers: list[str], label: str | None) -> str | None:
+    """The JSON key to stratify by: `label` if given (it must be in every answer), else a key every
+    answer has with 2..LABEL_VALUES distinct values (the one with fewest values), else None."""
+    objects = [_json_object(a) for a in answers]
+    if any(o is None for o in objects) or not objects:
+        if label:
+            raise UserError(f"--label {label}: the answers are not all JSON objects, so there is no field to read")
+        return None
+    if label:
+        missing = sum(label not in o for o in objects)
+        if missing:
+            raise UserError(f"--label {label}: missing from {missing} of {len(objects)} answers")
+        return label
+    common = set.intersection(*(set(o) for o in objects))
+    counts = {k: len({json.dumps(o[k], sort_keys=True) for o in objects}) for k in common}
+    fits = [k for k, n in counts.items() if 2 <= n <= LABEL_VALUES]
+    return min(fits, key=lambda k: (counts[k], k)) if fits else None
+
+
+def carve(items: list[tuple[str, str]], size: int, seed: int, label: str | None) -> list[int]:
+    """Indices of `size` items, seeded; proportional per label value (largest remainder) when a label
+    is given, so rare classes are in the eval too."""
+    rng = random.Random(seed)
+    if not label:
+        return sorted(rng.sample(range(len(items)), size))
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (_, answer) in enumerate(items):
+        groups[json.dumps(_json_object(answer)[label], sort_keys=True)].append(i)
+    quotas = {k: size * len(v) / len(items) for k, v in groups.items()}
+    take = {k: math.floor(q) for k, q in quotas.items()}
+    for k in sorted(groups, key=lambda k: (take[k] - quotas[k], k))[: size - sum(take.values())]:
+        take[k] += 1
+    chosen = [i for k in sorted(groups) for i in rng.sample(groups[k], min(take[k], len(groups[k])))]
+    return sorted(chosen)
+
+
+def scorer(answers: list[str]) -> tuple[str, list[str], str]:
+    """(utils function, metrics it reports, metric the gate checks) for these reference answers."""
+    if all(_json_object(a) is not None for a in answers):
+        return "json_fields", ["json_exact", "json_fields"], "json_fields"
+    words = sorted(len(a.split()) for a in answers)
+    if words[len(words) // 2] <= 3:
+        return "exact", ["exact"], "exact"
+    return "text_overlap", ["chrf", "rouge_l"], "chrf"
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text the chat template puts after an assistant turn (`<|im_end|>`, `<|eot_id|>`, ...)."""
+    from tunegate.chat import Renderer
+
+    marker = "tgAnswerMarker"
+    try:
+        text = Renderer(tokenizer)([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}])
+    except Exception:  # noqa: BLE001 - no usable template: lm-eval stops at the tokenizer's EOS alone
+        return ""
+    tail = text[text.index(marker) + len(marker) :] if marker in text else ""
+    return tail.strip().split()[0] if tail.strip() else ""
+
+
+def task_yaml(task: str, data: str, function: str, metrics: list[str], until: list[str], source: str) -> str:
+    lines = [
+        f"# Target skill: {task}, held out from {source} by `tunegate init` (prompt -> answer).",
+        f"# Scored by utils.{function}.",
+        "include: _common.yaml",
+        f"task: {task}",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {data}",
+        "output_type: generate_until",
+        'doc_to_text: "{{prompt}}"',
+        'doc_to_target: "{{answer}}"',
+        'target_delimiter: ""',
+        "generation_kwargs:",
+        f"  until: {json.dumps(until)}",
+        "  do_sample: false",
+        f"process_results: !function utils.{function}",
+        "metric_list:",
+    ]
+    for m in metrics:
+        lines += [f"  - metric: {m}", "    aggregation: mean", "    higher_is_better: true"]
+    return "\n".join(lines) + "\n"
+
+
+def policy_yaml(task: str, metric: str, general: list[tuple[str, str]], items: int) -> str:
+    lines = [
+        "# Gate policy written by `tunegate init`: the candidate must improve the target task over the base",
+        "# and must not forget the general tasks (one-sided paired bootstrap bounds at `confidence`).",
+        "confidence: 0.95",
+        f"min_items: {min(MIN_EVAL, items)}",
+        "checks:",
+        f"  - {{task: {task}, metric: {metric}, role: target, min_gain: 0.02}}",
+    ]
+    lines += [f"  - {{task: {t}, metric: {m}, role: general, margin: 0.02}}" for t, m in general]
+    lines += ["champion:", "  beat_on_target: true", "  margin: 0.01"]
+    return "\n".join(lines) + "\n"
+
+
+def add_validate_deps(text: str, paths: list[str]) -> str:
+    """dvc.yaml with `paths` added to the validate stage's deps (text edit: comments stay)."""
+    lines = text.splitlines(keepends=True)
+    try:
+        start = next(i for i, line in enumerate(lines) if re.match(r"^  validate:\s*$", line))
+        deps = next(i for i in range(start, len(lines)) if re.match(r"^    deps:\s*$", lines[i]))
+    except StopIteration:
+        raise UserError(f"{DVC_YAML}: no `validate:` stage with `deps:`; add the data files to it by hand") from None
+    end = deps + 1
+    while end < len(lines) and lines[end].startswith("      - "):
+        end += 1
+    present = {line.strip()[2:].strip() for line in lines[deps + 1 : end]}
+    new = [f"      - {p}\n" for p in paths if p not in present]
+    return "".join(lines[:end] + new + lines[end:])
+
+
+def _general_checks(names: list[str], tasks_dir: Path) -> list[tuple[str, str]]:
+    from tunegate.consistency import local_task_info
+
+    local = local_task_info(tasks_dir, tasks_dir.parent.parent)
+    out = []
+    for spec in names:
+        name, _, metric = spec.partition(":")
+        if not metric:
+            if name in local and local[name].metrics:
+                metric = sorted(local[name].metrics)[0]
+            elif name in BUILTIN_METRIC:
+                metric = BUILTIN_METRIC[name]
+            else:
+                raise UserError(
+                    f"--general-tasks {name}: its metric is not known here; name it as {name}:<metric> "
+                    f"(known: {', '.join(sorted(BUILTIN_METRIC))} and the tasks in {tasks_dir})"
+                )
+        out.append((name, metric))
+    return out
+
+
+def _measure(tokenizer, rows: list[dict[str, Any]]) -> int:
+    from tunegate.chat import Renderer, token_count
+
+    render = Renderer(tokenizer)
+    return max((token_count(tokenizer, render, r["messages"], r.get("tools")) for r in rows), default=0)
+
+
+def _round_up(n: int, step: int = 64) -> int:
+    return -(-n // step) * step
+
+
+def _relative(path: str, root: Path) -> str:
+    """A path as params.yaml and dvc.yaml name it: relative to the project when inside it, else absolute."""
+    p = Path(path)
+    if not p.is_absolute():
+        return path
+    try:
+        return str(p.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(p.resolve())
+
+
+def init(
+    model: str,
+    data: list[str],
+    general: list[str] | None = None,
+    preferences: list[str] | None = None,
+    *,
+    task: str | None = None,
+    eval_size: int | None = None,
+    label: str | None = None,
+    general_tasks: list[str] | None = None,
+    revision: str = "main",
+    root: Path | str = ".",
+    force: bool = False,
+) -> Plan:
+    import yaml
+
+    from tunegate.formats import load_source, source_kind
+    from tunegate.io import write_jsonl, write_text
+
+    root = Path(root)
+    plan = Plan()
+    params_path = root / PARAMS
+    params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    if params.get("base", {}).get("model") != "demo" and not force:
+        raise UserError(
+            f"{params_path}: already set up for {params['base']['model']}; `tunegate init --force` writes it again"
+        )
+    if not data:
+        raise UserError("--data: name at least one file of your domain data")
+    seed = int(params.get("seed", 0))
+    tokenizer = _tokenizer(model, revision, params)
+
+    # the domain rows, normalised as validate will read them; the eval is carved from them
+    rows: list[dict[str, Any]] = []
+    for path in data:
+        source_kind(path)  # a missing file or an unsupported type: one line
+        got, problems, _ = load_source(_slug(Path(path).stem), path)
+        rows += got
+        if problems:
+            plan.lines.append(f"{path}: {len(problems)} unreadable rows (validate will quarantine them with reasons)")
+    eligible = [(i, pair) for i, r in enumerate(rows) if (pair := _single_turn(r))]
+    size = eval_size or min(200, max(MIN_EVAL, len(eligible) // 10))
+    if len(eligible) < size + MIN_EVAL:
+        raise UserError(
+            f"--data: {len(eligible)} single-turn rows, too few to hold out {size} for the eval and train on the rest; "
+            "add data or lower --eval-size"
+        )
+    items = [pair for _, pair in eligible]
+    key = pick_label([a for _, a in items], label)
+    chosen = carve(items, size, seed, key)
+    task = _slug(task or f"{Path(data[0]).stem}_gen")
+    answers = [items[i][1] for i in chosen]
+    function, metrics, metric = scorer(answers)
+    layout_evals = root / params["paths"]["evals"]
+    eval_file = f"{params['paths']['evals']}/data/{task}.jsonl"
+    write_jsonl(
+        root / eval_file,
+        [
+            {
+                "id": f"{task}-{n:04d}",
+                "prompt": items[i][0],
+                "answer": items[i][1],
+                **({"label": _json_object(items[i][1])[key]} if key else {}),
+            }
+            for n, i in enumerate(chosen, 1)
+        ],
+    )
+    plan.written.append(eval_file)
+    stop = end_of_turn(tokenizer)
+    until = [s for s in (stop, "\n" if all("\n" not in a for a in answers) else "") if s]
+    task_file = layout_evals / "tasks" / f"{task}.yaml"
+    write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data)))
+    plan.written.append(str(task_file.relative_to(root)))
+    how = f"stratified by {key!r}" if key else "uniformly"
+    plan.lines.append(
+        f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}; task "
+        f"{task} scored by {', '.join(metrics)}. They stay in your file: dedup drops them from training (eval_leak)"
+    )
+
+    general_checks = _general_checks(list(general_tasks or DEFAULT_GENERAL), layout_evals / "tasks")
+    policy_file = params.get("gate", {}).get("policy", "evals/gates.yaml")
+    write_text(root / policy_file, policy_yaml(task, metric, general_checks, size))
+    plan.written.append(policy_file)
+
+    # the sources, and settings sized for this model and data
+    sources: dict[str, dict[str, Any]] = {}
+    for path in data:
+        sources[_slug(Path(path).stem)] = {"path": _relative(path, root), "role": "domain"}
+    for path in general or [EMBEDDED_GENERAL]:
+        sources.setdefault(_slug(Path(path).stem), {"path": _relative(path, root), "role": "general"})
+    for path in preferences or []:
+        sources.setdefault(_slug(Path(path).stem), {"path": _relative(path, root), "role": "preference"})
+    if not general:
+        plan.lines.append(
+            f"mix: your rows are mixed with the embedded general set ({EMBEDDED_GENERAL}, 20%); "
+            "pass --general for your own"
+        )
+    longest = _measure(tokenizer, rows)
+    max_tokens = max(256, _round_up(int(longest * 1.1) + 1))
+    answer_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    params["base"].update(model=model, revision=revision)
+    params["data"] = {"sources": sources}
+    params["validate"]["max_tokens"] = max_tokens
+    train = params["train"]
+    train["method"] = "sft+dpo" if preferences else "sft"
+    train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
+    train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
+    train["args"] = {
+        "learning_rate": 2.0e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,  # a share of the steps (transformers >= 5)
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "max_length": max_tokens,
+        "logging_steps": 10,
+        "save_steps": 200,
+        "eval_steps": 200,
+        "per_device_eval_batch_size": 8,
+        **({"gradient_checkpointing": True} if _parameters(model, tokenizer) > BIG_MODEL else {}),
+    }
+    params["eval"].update(
+        tasks=[task, *(t for t, _ in general_checks)], max_gen_toks=_round_up(answer_tokens + 8, 16), batch_size=8
+    )
+    params["register"]["model_name"] = _slug(f"{Path(model).name}-{task}").replace("_", "-")
+    write_text(
+        params_path,
+        "# tunegate pipeline parameters, written by `tunegate init` (see README: Using your own model and data).\n"
+        + yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
+    )
+    plan.written.append(str(PARAMS))
+    plan.lines.append(
+        f"lengths: longest row {longest} tokens under {model}'s chat template -> validate.max_tokens and "
+        f"train.args.max_length {max_tokens}; eval.max_gen_toks {params['eval']['max_gen_toks']}"
+    )
+
+    dvc_yaml = root / DVC_YAML
+    tracked = [p["path"] for p in sources.values() if not p["path"].startswith(params["paths"]["raw"] + "/")]
+    write_text(dvc_yaml, add_validate_deps(dvc_yaml.read_text(encoding="utf-8"), tracked))
+    plan.written.append(str(DVC_YAML))
+    return plan
+
+
+def _tokenizer(model: str, revision: str, params: dict[str, Any]):
+    """The base's tokenizer (local folder or the Hugging Face cache), with the default chat template
+    where it has none; one line when it cannot be had."""
+    from tunegate.models import load_tokenizer
+
+    trust = bool(params.get("base", {}).get("trust_remote_code"))
+    path = Path(model)
+    if path.is_dir():
+        return load_tokenizer({"path": str(path)}, trust)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust)
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated repo: all end the same way
+        raise UserError(
+            f"--model {model}: not a local folder, and its tokenizer cannot be loaded from the Hugging Face hub or "
+            f"cache ({type(err).__name__}); download it first (huggingface-cli download {model}) or pass a folder"
+        ) from None
+    from tunegate.models import DEFAULT_CHAT_TEMPLATE
+
+    if not tok.chat_template:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def _parameters(model: str, tokenizer) -> int:
+    """Parameter count estimated from config.json (hidden size, layers, vocabulary), 0 when unknown."""
+    config = Path(model) / "config.json"
+    try:
+        doc = json.loads(config.read_text()) if config.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return 0
+    h, layers = doc.get("hidden_size", 0), doc.get("num_hidden_layers", 0)
+    inter = doc.get("intermediate_size", 4 * h)
+    return layers * (4 * h * h + 3 * h * inter) + 2 * h * doc.get("vocab_size", len(tokenizer))
+
+
+def summary(plan: Plan) -> str:
+    return "\n".join([*plan.lines, "wrote: " + ", ".join(plan.written), "next: tunegate check && dvc repro"])
