@@ -32,6 +32,9 @@ from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.io import read_json, sha256_file, sha256_of, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.registry import (
+    BASE_ARTIFACT,
+    BASE_FILES,
+    BASES_EXPERIMENT,
     ROLLED_BACK,
     SECRET_KEY,
     SECRET_VALUE,
@@ -40,6 +43,7 @@ from tunegate.registry import (
     champion,
     client,
     find_version,
+    log_base,
     move_champion,
     reachable,
     redact,
@@ -202,6 +206,11 @@ def _log_datasets(cfg: Config, mix: dict) -> None:
         mlflow.log_input(ds, context=context)
 
 
+def _local_base(base: dict) -> bool:
+    """The demo's base or a folder: no hub id to refer to."""
+    return base["model"] == "demo" or Path(base["model"]).expanduser().is_dir()
+
+
 def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     """adapter + tokenizer via mlflow.transformers, pointing at the base weights it needs."""
     import mlflow
@@ -210,7 +219,7 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
 
     model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
     tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
-    local_base = base["model"] == "demo" or Path(base["model"]).expanduser().is_dir()  # no hub id to refer to
+    local_base = _local_base(base)
     requirements = [
         f"{p}=={metadata.version(p)}"
         for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
@@ -296,6 +305,10 @@ def _register(
             )
         )
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
+        if _local_base(base):  # stored once, by content, so another machine can load this version (tunegate fetch)
+            remote = cfg.register_.tracking_uri.startswith(("http://", "https://"))
+            location = None if remote else (Path(cfg.register_.artifact_root).resolve() / BASES_EXPERIMENT).as_uri()
+            tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, base, location)
         with mlflow.start_run(
             experiment_id=exp_id,
             run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",

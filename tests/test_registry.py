@@ -294,3 +294,52 @@ def test_tampered_file_in_the_artifact_store_blocks_promotion(tmp_path):
         move_champion(c, "m", str(versions[1]), "tampered")
     assert str(champion(c, "m").version) == str(versions[0])
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"trained weights"  # only the stored copy changed
+
+
+def test_a_local_base_is_stored_once_by_content_and_a_version_loads_without_it(tmp_path):
+    """log_base stores the base folder in the artifact store once per content; fetch brings adapter and base
+    back into another folder, checked by sha256, and the loaded model equals the original, with the
+    original base folder gone. A changed base file is refused."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from demo.model import build
+    from tests.conftest import ROOT
+    from tunegate.config import DemoBase
+    from tunegate.io import read_jsonl
+    from tunegate.models import describe, load_model, load_with_adapter
+    from tunegate.registry import BASE_ARTIFACT, BASE_FILES, fetch, load, log_base
+
+    tiny = DemoBase(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=32, steps=2)
+    folder = tmp_path / "base"
+    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:200], tiny, 1, folder)
+    base = {**describe(folder, "demo", "seeded", "seed-1"), "path": str(folder)}
+    torch.manual_seed(0)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    adapter = tmp_path / "run" / "peft"
+    get_peft_model(load_model(base), lora).save_pretrained(adapter)
+    shutil.copy(folder / "tokenizer.json", adapter)
+    shutil.copy(folder / "tokenizer_config.json", adapter)
+
+    c = client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    location = (tmp_path / "store").as_uri()
+    uri, key = log_base(c, base, location)
+    assert log_base(c, base, location) == (uri, key)  # the same content is stored once
+    c.create_registered_model("m")
+    tags = {"adapter_sha256": adapter_fingerprint(adapter.parent), BASE_ARTIFACT: uri, BASE_FILES: key}
+    v = c.create_model_version("m", str(adapter.parent), tags={**tags, "base_model": "demo"}).version
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        expected = load_with_adapter(base, adapter)(input_ids=ids).logits
+    shutil.rmtree(folder)
+
+    got = fetch(c, "m", str(v), tmp_path / "elsewhere")
+    model, _ = load(got)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    stored = next((tmp_path / "store").rglob("model.safetensors"))
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
+    with pytest.raises(UserError, match="the base at runs:/.* does not match its sha256"):
+        fetch(c, "m", str(v), tmp_path / "third")

@@ -4,6 +4,7 @@
     tunegate check                 # validate params.yaml and the gate policy, without running anything
     tunegate status                # registered versions, gate verdicts, base revisions, champion
     tunegate show VERSION          # the full provenance record of a version
+    tunegate fetch [VERSION|ALIAS] # download a version's adapter and base anywhere, sha256-checked
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
@@ -115,6 +116,28 @@ def init(
     except UserError as err:
         _fail(err)
     typer.echo(summary(plan))
+
+
+@app.command()
+def fetch(
+    ref: str = typer.Argument("champion", help="version number or alias"),
+    to: Path = typer.Option(Path("fetched"), "--to", help="folder to download into"),
+    params: Path | None = PARAMS,
+) -> None:
+    """Download a version's adapter and its base (artifact store or hub, by the recorded sha256) and check both."""
+    from tunegate.registry import fetch as download
+
+    try:
+        cfg, c = _registry(params)
+        got = download(c, cfg.register_.model_name, ref, to)
+    except UserError as err:
+        _fail(err)
+    typer.echo(
+        f"{cfg.register_.model_name} v{got['version']}: adapter {got['adapter']}\n"
+        f"base {got['base_model']}@{got['base_revision']}: {got['base']} (sha256 checked)\n"
+        "load: from tunegate.registry import load; model, tokenizer = load("
+        f"{{'adapter': {got['adapter']!r}, 'base': {got['base']!r}, 'base_model': {got['base_model']!r}}})"
+    )
 
 
 @app.command()

@@ -340,3 +340,118 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         "match": fingerprint == v.tags.get("adapter_sha256"),
         "comparison": comparison,
     }
+
+
+# Local base models (the demo's, a folder of your own) are stored once in the artifact store, in this
+# experiment, one run per content (sha256 over every file), so a version can be loaded on any machine
+# that reaches the same tracking server and artifact store. A hub base is referenced by id + commit sha.
+BASES_EXPERIMENT = "tunegate-bases"
+BASE_ARTIFACT = "base_artifact"  # on a version: runs:/<run>/base of its local base
+BASE_FILES = "base_files_sha256"  # on a version and on the base's run: sha256 over the base's files
+
+
+def base_files(path: Path) -> dict[str, str]:
+    """{relative path: sha256} of a base folder, less the manifest the base stage writes into it (it
+    names this machine's path)."""
+    from tunegate.paths import BASE_MANIFEST
+
+    return {rel: sha for rel, sha in sha256_tree(path).items() if Path(rel).name != str(BASE_MANIFEST)}
+
+
+def log_base(c, base: dict[str, Any], artifact_location: str | None = None) -> tuple[str, str]:
+    """(runs:/<run>/base, content sha256) of the local base in the artifact store, logged the first time
+    this content is registered and found by its sha256 afterwards."""
+    import shutil
+    import tempfile
+
+    from tunegate.io import sha256_of
+
+    folder = Path(base["path"])
+    files = base_files(folder)
+    key = sha256_of(files)
+    exp = c.get_experiment_by_name(BASES_EXPERIMENT)
+    exp_id = exp.experiment_id if exp else c.create_experiment(BASES_EXPERIMENT, artifact_location=artifact_location)
+    for run in c.search_runs([exp_id], f"tags.{BASE_FILES} = '{key}'", max_results=10):
+        if run.info.status == "FINISHED":
+            return f"runs:/{run.info.run_id}/base", key
+    run = c.create_run(
+        exp_id, tags={BASE_FILES: key, "base_model": base["model"], "mlflow.runName": f"base {key[:12]}"}
+    )
+    with tempfile.TemporaryDirectory() as scratch:  # the files alone, without this machine's manifest
+        for rel in files:
+            (Path(scratch) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(folder / rel, Path(scratch) / rel)
+        c.log_artifacts(run.info.run_id, scratch, artifact_path="base")
+    c.set_terminated(run.info.run_id)
+    log.info("register: base %s stored once in the artifact store (%s, %d files)", base["model"], key[:12], len(files))
+    return f"runs:/{run.info.run_id}/base", key
+
+
+def resolve_version(c, name: str, ref: str, alias: str = "champion"):
+    """A version by number or by alias (`champion`), or one line saying there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version(name, ref) if ref.isdigit() else c.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        what = f"v{ref}" if ref.isdigit() else f"no version has the alias {ref!r}"
+        raise UserError(f"{name}: {what} not found (see `tunegate status`)") from None
+
+
+def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
+    """Download a registered version's adapter and its base into dest and check both against the sha256
+    recorded at registration. Returns {"version", "adapter", "base", "base_model", "base_revision"};
+    `base` is a local folder (from the artifact store) or, for a hub base, the snapshot of the recorded
+    commit from the Hugging Face hub or cache."""
+    import mlflow
+
+    from tunegate.io import sha256_of
+
+    v = resolve_version(c, name, ref)
+    dest = Path(dest)
+    try:
+        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest / "model")))
+    except Exception as err:  # noqa: BLE001 - unreachable store, missing files: one line
+        raise UserError(
+            f"{name} v{v.version}: model files at {v.source} cannot be read ({type(err).__name__})"
+        ) from None
+    if adapter_fingerprint(model) != v.tags.get("adapter_sha256"):
+        raise UserError(f"{name} v{v.version}: model files at {v.source} do not match the registered adapter sha256")
+    configs = sorted(model.rglob("adapter_config.json"))
+    adapter = configs[0].parent if configs else model
+    tags = v.tags
+    if tags.get(BASE_ARTIFACT):
+        try:
+            base = Path(mlflow.artifacts.download_artifacts(artifact_uri=tags[BASE_ARTIFACT], dst_path=str(dest)))
+        except Exception as err:  # noqa: BLE001
+            raise UserError(
+                f"{name} v{v.version}: its base at {tags[BASE_ARTIFACT]} cannot be read ({type(err).__name__})"
+            ) from None
+        if sha256_of(base_files(base)) != tags.get(BASE_FILES):
+            raise UserError(f"{name} v{v.version}: the base at {tags[BASE_ARTIFACT]} does not match its sha256")
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            base = Path(snapshot_download(tags["base_model"], revision=tags.get("base_revision")))
+        except Exception as err:  # noqa: BLE001 - offline, gated: one line
+            raise UserError(
+                f"{name} v{v.version}: base {tags['base_model']}@{tags.get('base_revision')} is not in the Hugging "
+                f"Face cache and cannot be downloaded ({type(err).__name__})"
+            ) from None
+    return {
+        "version": str(v.version),
+        "adapter": str(adapter),
+        "base": str(base),
+        "base_model": tags.get("base_model"),
+        "base_revision": tags.get("base_revision"),
+    }
+
+
+def load(fetched: dict[str, Any], trust_remote_code: bool = False):
+    """(model, tokenizer) of a fetched version: the base with the adapter applied, the adapter's tokenizer."""
+    from tunegate.models import load_tokenizer, load_with_adapter
+
+    manifest = {"model": fetched["base_model"], "path": fetched["base"]}
+    model = load_with_adapter(manifest, Path(fetched["adapter"]), trust_remote_code)
+    return model, load_tokenizer({"path": fetched["adapter"]}, trust_remote_code)
