@@ -286,7 +286,8 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     The project is cloned at the recorded git commit into `workdir`, the params.yaml logged with the
     run replaces the checkout's (so `dvc exp run -S ...` runs reproduce too), and `train` is re-run.
     With share_cache the upstream stages are restored from this project's DVC cache (their hashes are
-    checked by DVC) and only training is forced to run again.
+    checked by DVC) and only training is forced to run again. Data tracked with `dvc add` is restored
+    from the cache (or pulled from the DVC remote), so private data need not be in git.
     """
     import shutil
     import subprocess
@@ -314,6 +315,10 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
     if share_cache:
         dvc("cache", "dir", "--local", str((project / ".dvc" / "cache").resolve()))
+    # Data kept out of git (`dvc add`, a .dvc file in the commit) comes back from the DVC cache, or from the
+    # project's DVC remote when the cache lacks it; anything still missing ends in DVC's own line below.
+    if dvc("checkout", "--quiet").returncode and dvc("remote", "list").stdout.strip():
+        dvc("pull", "--quiet")
     for args in (["repro", "mix"], ["repro", "--force", "--single-item", "train"]):
         proc = dvc(*args)
         if proc.returncode:
@@ -348,6 +353,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
 BASES_EXPERIMENT = "tunegate-bases"
 BASE_ARTIFACT = "base_artifact"  # on a version: runs:/<run>/base of its local base
 BASE_FILES = "base_files_sha256"  # on a version and on the base's run: sha256 over the base's files
+FETCHED_MODEL = "model"  # fetch's folder for the version's logged model
 
 
 def base_files(path: Path) -> dict[str, str]:
@@ -410,7 +416,7 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
     v = resolve_version(c, name, ref)
     dest = Path(dest)
     try:
-        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest / "model")))
+        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest / FETCHED_MODEL)))
     except Exception as err:  # noqa: BLE001 - unreachable store, missing files: one line
         raise UserError(
             f"{name} v{v.version}: model files at {v.source} cannot be read ({type(err).__name__})"

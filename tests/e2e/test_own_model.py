@@ -105,6 +105,10 @@ def own(tmp_path_factory):
         "60",
     )
     check = sh(project, "tunegate", "check")
+    # private data: tracked by DVC (cache, remote), not by git; the project state is committed
+    sh(project, "dvc", "add", "data/my_tickets.jsonl")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tunegate init")
     repro = sh(project, "dvc", "repro")
     return project, n, init.stdout, check.stdout, repro.stdout + repro.stderr
 
@@ -178,3 +182,15 @@ def test_a_base_without_a_chat_template_gets_the_default_one(tmp_path):
     folder = tiny_qwen2(tmp_path / "plain", texts, chat_template=None)
     assert load_tokenizer({"path": str(folder)}).chat_template == DEFAULT_CHAT_TEMPLATE
     assert _tokenizer(str(folder), "main", {}).chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_reproduce_restores_the_private_data_from_the_dvc_cache(own):
+    """The data file is not in git; `tunegate reproduce` clones the recorded commit and gets the data back
+    from the DVC cache (`dvc add`), then re-trains to the same adapter bytes."""
+    project, *_ = own
+    assert "my_tickets.jsonl" in (project / "data/.gitignore").read_text()
+    out = sh(project, "tunegate", "reproduce", "1", "--workdir", str(project.parent / "reproduced"))
+    assert "MATCH" in out.stdout and "MISMATCH" not in out.stdout
+    assert (project.parent / "reproduced/data/my_tickets.jsonl").read_bytes() == (
+        project / "data/my_tickets.jsonl"
+    ).read_bytes()
