@@ -370,7 +370,7 @@ def _register(
         moved_from = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
         promoted = moved_from if moved_from != str(version) else None
     current = champion(c, name, cfg.register_.alias)
-    return {
+    result = {
         "model_name": name,
         "version": str(version),
         "run_id": run_id,
@@ -382,6 +382,9 @@ def _register(
         "lines": lines,
         "notes": notes,
     }
+    described = c.get_model_version(name, str(version))
+    c.update_model_version(name, str(version), description=description(cfg, base, mix, result, described.tags))
+    return result
 
 
 def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) -> dict[str, Any]:
@@ -438,6 +441,44 @@ def champion_samples(current) -> tuple[Samples, str | None]:
     if not samples:
         return {}, f"no <task>.jsonl under {EVAL_ARTIFACTS}"
     return samples, None
+
+
+def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags: dict[str, str]) -> str:
+    """The version's description in the MLflow UI (markdown): why it was or was not promoted, every gate
+    check with its numbers, what it was trained from, and how to reproduce or load it."""
+    verdict = "PASSED" if result["gate_passed"] else "FAILED"
+    status = (
+        "champion"
+        if result["champion"] == result["version"]
+        else f"not champion (champion: v{result['champion'] or '-'})"
+    )
+    lines = [
+        f"**Gate {verdict}**; at registration: {status}. Champion check: {result['champion_check']}.",
+        "",
+        "| check |",
+        "|---|",
+        *[f"| `{line}` |" for line in result["lines"]],
+        "",
+        f"**Base**: `{base['model']}` at revision `{base['resolved_revision']}`"
+        + (f" (stored as `{tags[BASE_ARTIFACT]}`)" if tags.get(BASE_ARTIFACT) else ""),
+        "",
+        f"**Training**: {cfg.train.method} / {cfg.train.adapter}, seed {cfg.seed}, {mix['rows']} rows "
+        f"(general share {mix['general_share_' + mix['by']]} of {mix['by']}), train set sha256 "
+        f"`{mix['train_sha256'][:12]}`",
+        "",
+        "| source | role | rows used | sha256 |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {src.get('role', '')} | {src.get('used', '')} | `{str(src.get('sha256', ''))[:12]}` |"
+            for name, src in mix["sources"].items()
+        ],
+        "",
+        f"**Reproduce**: `tunegate reproduce {result['version']}` (commit `{tags.get('git_commit', '')[:12]}`, "
+        f"dvc.lock sha256 `{tags.get('dvc_lock_sha256', '')[:12]}`). **Load**: `tunegate fetch {result['version']}`.",
+    ]
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}"]
+    return "\n".join(lines)
 
 
 def banner(result: dict[str, Any]) -> str:

@@ -43,7 +43,14 @@ def test_the_champion_loads_from_another_directory_with_the_base_folder_gone(pro
     finally:
         away.rename(base)
     # the base that came back is the one the version was trained on, bit for bit
-    tags = resolve_version(client(uri), name, "champion").tags
+    champion = resolve_version(client(uri), name, "champion")
+    tags = champion.tags
+    # what a teammate reads in the MLflow UI: why, every check, the base, the data, how to reproduce
+    text = champion.description
+    assert (
+        text.startswith("**Gate PASSED**") and "vs base:" in text and f"tunegate reproduce {champion.version}" in text
+    )
+    assert f"`{tags['base_model']}` at revision `{tags['base_revision']}`" in text and "| domain | domain |" in text
     weights = {p.name: sha256_file(p) for p in sorted(Path(got["base"]).glob("*.safetensors"))}
     assert sha256_of(weights) == tags["base_weights_sha256"]
     reply = tokenizer.decode(answer[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -72,3 +72,33 @@ def test_run_params_and_tags_carry_no_secret():
     tags = redact(register.provenance(cfg, base, mix, {"passed": True, "failed": []}, {}, "f"))
     assert tags["hp.args.hub_token"] == "[redacted]"
     assert not [(k, v) for k, v in tags.items() for s in SECRETS if s in v]
+
+
+def test_the_version_description_says_why_and_from_what():
+    from stages.register import description
+    from tests.conftest import ROOT
+    from tunegate.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    base = {"model": "demo", "resolved_revision": "seed-1234"}
+    mix = {
+        "rows": 2704,
+        "by": "tokens",
+        "general_share_tokens": 0.2,
+        "train_sha256": "ab" * 32,
+        "sources": {"domain": {"role": "domain", "used": 1500, "sha256": "cd" * 32}},
+    }
+    result = {
+        "version": "3",
+        "champion": "2",
+        "gate_passed": False,
+        "champion_check": "not run: gate failed",
+        "lines": ["FAIL general general_mc/acc vs base: 0.800 -> 0.500 (diff -0.300, ...)"],
+        "notes": ["a note"],
+    }
+    text = description(cfg, base, mix, result, {"git_commit": "1234567890abcdef", "base_artifact": "runs:/r/base"})
+    assert text.startswith("**Gate FAILED**; at registration: not champion (champion: v2).")
+    assert "| `FAIL general general_mc/acc vs base: 0.800 -> 0.500 (diff -0.300, ...)` |" in text
+    assert "**Base**: `demo` at revision `seed-1234` (stored as `runs:/r/base`)" in text
+    assert "| domain | domain | 1500 | `cdcdcdcdcdcd` |" in text and "tunegate reproduce 3" in text
+    assert text.endswith("Note: a note")
