@@ -31,7 +31,7 @@ from tunegate.errors import UserError
 from tunegate.formats import NOTE_EXTRAS, Message, Row, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
-from tunegate.rendering import PY_WHITESPACE, ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
+from tunegate.rendering import ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
 from tunegate.runtime import gc_paused, stage_main
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
             ),
         )
         # chosen == rejected (contents, trimmed): candidates by joined text, confirmed row by row
-        same = [part.join(pc.utf8_trim(part.contents, PY_WHITESPACE), ROLE_SEP) for part in (chosen, rejected)]
+        same = [part.join(part.trimmed, ROLE_SEP) for part in (chosen, rejected)]
         candidates = np.flatnonzero(pc.equal(*same).to_numpy(zero_copy_only=False) & (chosen.counts == rejected.counts))
         equal = np.zeros(len(rows), bool)
         for i in candidates.tolist():

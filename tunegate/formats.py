@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
 import json
 import re
 from collections import Counter
@@ -559,15 +560,17 @@ def _from_alpaca(rec: _Alpaca, name: str, line: int, notes: Counter) -> Row:
 
 
 def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> Row:
+    # `_turns` written out: three calls fewer per row on the fast path
+    prompt, chosen, rejected = rec.prompt, rec.chosen, rec.rejected
     return Row(
         "",
         name,
         line,
         "preference",
         None,
-        _turns(rec.prompt, "user"),
-        _turns(rec.chosen, "assistant"),
-        _turns(rec.rejected, "assistant"),
+        [Message("user", prompt)] if type(prompt) is str else prompt,
+        [Message("assistant", chosen)] if type(chosen) is str else chosen,
+        [Message("assistant", rejected)] if type(rejected) is str else rejected,
     )
 
 
@@ -630,18 +633,17 @@ def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row]
 
 
 def _assign_ids(name: str, rows: list[Row]) -> None:
-    encode, sha = msgspec.json.encode, hashlib.sha256
-    keys = [sha(encode(_content(r) if r.tools is None else (_content(r), r.tools))).hexdigest()[:12] for r in rows]
-    prefix = f"{name}-"
-    ids = [prefix + key for key in keys]
-    if len(set(keys)) < len(keys):  # repeats of the same content: -2, -3, ... in file order
+    # The content's JSON (msgspec.json.encode's bytes) is encoded into one reused buffer, no bytes object per row.
+    encode, sha, buf, prefix = msgspec.json.Encoder().encode_into, hashlib.sha256, bytearray(), f"{name}-"
+    for r in rows:
+        encode(_content(r) if r.tools is None else (_content(r), r.tools), buf)
+        r.id = prefix + sha(buf).hexdigest()[:12]
+    if len({r.id for r in rows}) < len(rows):  # repeats of the same content: -2, -3, ... in file order
         seen: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            n = seen[key] = seen.get(key, 0) + 1
+        for r in rows:
+            n = seen[r.id] = seen.get(r.id, 0) + 1
             if n > 1:
-                ids[i] = f"{prefix}{key}-{n}"
-    for row, rid in zip(rows, ids, strict=True):
-        row.id = rid
+                r.id = f"{r.id}-{n}"
 
 
 def _content(r: Row) -> Any:
@@ -683,19 +685,26 @@ def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row]
         raise UserError(f"{p}: empty file; add records or remove the source from data.sources")
     data = utf8_bytes(p, data, notes)
     # Lines end in \n or \r\n (the \r is JSON whitespace); a file with only old-Mac \r endings is split on \r.
-    lines = data.split(b"\n") if b"\n" in data or b"\r" not in data else data.split(b"\r")
+    # \n lines are read from the buffer one at a time (with their \n, also JSON whitespace), each freed once
+    # decoded: splitting the file into a list of every line first would copy all of it at once.
+    newline = b"\n" if b"\n" in data or b"\r" not in data else b"\r"
+
+    def lines() -> Iterable[bytes]:
+        return io.BytesIO(data) if newline == b"\n" else data.split(newline)
+
     if fmt == "auto":
-        fmt = _infer(p, _sample(lines))
+        fmt = _infer(p, _sample(lines()))
     shape, make = FAST[fmt]
     decode = msgspec.json.Decoder(shape).decode
-    last_open = len(lines) if not data.endswith((b"\n", b"\r")) else -1
+    last_open = data.count(newline) + 1 if not data.endswith((b"\n", b"\r")) else -1
     rows: list[Row] = []
     problems: list[Problem] = []
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate(lines(), 1):
         try:
             rows.append(make(decode(raw), name, number, notes))
         # not the usual shape (or not UTF-8, or nested past msgspec's depth limit): the general path decides
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            raw = raw.removesuffix(b"\n")
             if not raw.strip():
                 continue
             row = _jsonl_line(name, number, raw, fmt, number == last_open, notes)

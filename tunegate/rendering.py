@@ -135,17 +135,32 @@ class Flat:
         self.offsets = np.zeros(len(groups) + 1, np.int64)
         np.cumsum(self.counts, out=self.offsets[1:])
         self._sums: dict[bool, Any] = {}
-        if len(groups) and self.counts.min() == self.counts.max() == 1:  # one message each (string fields)
+        self._trimmed = None
+        # one message each (string fields, the usual preference row): a group's values are its message's
+        self.single = bool(len(groups) and self.counts.min() == self.counts.max() == 1)
+        if self.single:
             self.contents = pa.array([g[0].content for g in groups], pa.large_string())
             self.roles = pa.array([g[0].role for g in groups], pa.large_string())
         else:
             self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
             self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
 
+    @property
+    def trimmed(self):
+        """The contents, each trimmed as str.strip() does (built once: lengths and comparisons share it)."""
+        import pyarrow.compute as pc
+
+        if self._trimmed is None:
+            self._trimmed = pc.utf8_trim(self.contents, PY_WHITESPACE)
+        return self._trimmed
+
     def join(self, values, sep: str):
+        """Each group's values (one per message) joined with sep."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        if self.single:  # a group of one: its value as it is (no list array, no copy of the text)
+            return values
         lists = pa.LargeListArray.from_arrays(pa.array(self.offsets), values)
         return pc.binary_join(lists, pa.scalar(sep, pa.large_string()))
 
@@ -164,7 +179,7 @@ class Flat:
     def lengths(self, trimmed: bool, unit: str = "bytes"):
         import pyarrow.compute as pc
 
-        values = pc.utf8_trim(self.contents, PY_WHITESPACE) if trimmed else self.contents
+        values = self.trimmed if trimmed else self.contents
         return (pc.binary_length(values) if unit == "bytes" else pc.utf8_length(values)).to_numpy()
 
     def byte_sums(self, trimmed: bool):
@@ -186,6 +201,8 @@ def joined(parts: list[Flat], values: list[Any], sep: str):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if all(part.counts.all() for part in parts):  # every row has every part: one join, no intermediate arrays
+        return pc.binary_join_element_wise(*values, pa.scalar(sep, pa.large_string()))
     out, seen = values[0], pa.array(parts[0].counts > 0)
     for part, value in zip(parts[1:], values[1:], strict=True):
         has = pa.array(part.counts > 0)
