@@ -134,7 +134,7 @@ def test_new_base_revision_is_announced_retrained_and_promoted_by_its_gate(proje
 
     c = client(project)
     assert c.search_model_versions(f"name = '{MODEL}'") == []
-    (run,) = wait_for("the triggered retrain", lambda: retrain_finished(loop, 1), 900, loop)
+    (run,) = wait_for("the triggered retrain", lambda: retrain_finished(loop, 1), 1800, loop)
     message = run["state"]["message"]
     assert run["state_name"] == "Promoted", message
 
@@ -178,7 +178,7 @@ def test_base_that_already_does_the_task_is_rejected_and_the_champion_stays(proj
     AutoTokenizer.from_pretrained(project / "models/candidate/adapter").save_pretrained(merged)
     second = publish(project, "--steps", "0", "--source", str(merged))
 
-    runs = wait_for("the second retrain", lambda: retrain_finished(loop, 2), 900, loop)
+    runs = wait_for("the second retrain", lambda: retrain_finished(loop, 2), 1800, loop)
     run = runs[-1]
     message = run["state"]["message"]
     assert run["state_name"] == "Rejected" and run["parameters"]["revision"] == second, message
