@@ -377,7 +377,7 @@ def test_sft_and_dpo_train_on_tool_conversations(files, validated, base, tmp_pat
     prefs = read_jsonl(out / "prefs.jsonl")
     args = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 512}
     for method in ("sft", "dpo"):
-        cfg = Train(method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+        cfg = Train(method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args, truncate=True)
         metrics = train.run(
             cfg,
             1,
