@@ -136,7 +136,8 @@ def fetch(
         f"{cfg.register_.model_name} v{got['version']}: adapter {got['adapter']}\n"
         f"base {got['base_model']}@{got['base_revision']}: {got['base']} (sha256 checked)\n"
         "load: from tunegate.registry import load; model, tokenizer = load("
-        f"{{'adapter': {got['adapter']!r}, 'base': {got['base']!r}, 'base_model': {got['base_model']!r}}})"
+        f"{{'adapter': {got['adapter']!r}, 'tokenizer': {got['tokenizer']!r}, 'base': {got['base']!r}, "
+        f"'base_model': {got['base_model']!r}}})"
     )
 
 

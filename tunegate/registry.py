@@ -406,7 +406,7 @@ def resolve_version(c, name: str, ref: str, alias: str = "champion"):
 
 def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
     """Download a registered version's adapter and its base into dest and check both against the sha256
-    recorded at registration. Returns {"version", "adapter", "base", "base_model", "base_revision"};
+    recorded at registration. Returns {"version", "adapter", "tokenizer", "base", "base_model", "base_revision"};
     `base` is a local folder (from the artifact store) or, for a hub base, the snapshot of the recorded
     commit from the Hugging Face hub or cache."""
     import mlflow
@@ -425,6 +425,9 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
         raise UserError(f"{name} v{v.version}: model files at {v.source} do not match the registered adapter sha256")
     configs = sorted(model.rglob("adapter_config.json"))
     adapter = configs[0].parent if configs else model
+    # the tokenizer the adapter was trained with: MLflow keeps it beside the adapter (components/tokenizer)
+    tokenizers = sorted(p.parent for p in model.rglob("tokenizer_config.json"))
+    tokenizer = next((t for t in tokenizers if t == adapter), tokenizers[0] if tokenizers else None)
     tags = v.tags
     if tags.get(BASE_ARTIFACT):
         try:
@@ -448,6 +451,7 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
     return {
         "version": str(v.version),
         "adapter": str(adapter),
+        "tokenizer": str(tokenizer or base),
         "base": str(base),
         "base_model": tags.get("base_model"),
         "base_revision": tags.get("base_revision"),
@@ -460,4 +464,4 @@ def load(fetched: dict[str, Any], trust_remote_code: bool = False):
 
     manifest = {"model": fetched["base_model"], "path": fetched["base"]}
     model = load_with_adapter(manifest, Path(fetched["adapter"]), trust_remote_code)
-    return model, load_tokenizer({"path": fetched["adapter"]}, trust_remote_code)
+    return model, load_tokenizer({"path": fetched.get("tokenizer") or fetched["adapter"]}, trust_remote_code)
