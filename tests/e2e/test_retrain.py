@@ -182,7 +182,7 @@ def test_base_that_already_does_the_task_is_rejected_and_the_champion_stays(proj
     run = runs[-1]
     message = run["state"]["message"]
     assert run["state_name"] == "Rejected" and run["parameters"]["revision"] == second, message
-    assert message.startswith(f"gate rejected {MODEL} v") and "FAIL support_" in message, message
+    assert message.startswith(f"gate rejected {MODEL} v") and "FAIL target  support_" in message, message
     assert message.endswith(f"champion stays at v{champion.version}")
 
     newest = newest_version(c)
