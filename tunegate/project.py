@@ -362,7 +362,7 @@ def init(
         "save_steps": 200,
         "eval_steps": 200,
         "per_device_eval_batch_size": 8,
-        **({"gradient_checkpointing": True} if _parameters(model, tokenizer) > BIG_MODEL else {}),
+        **({"gradient_checkpointing": True} if _parameters(model) > BIG_MODEL else {}),
     }
     params["eval"].update(
         tasks=[task, *(t for t, _ in general_checks)], max_gen_toks=_round_up(answer_tokens + 8, 16), batch_size=8
@@ -411,16 +411,15 @@ def _tokenizer(model: str, revision: str, params: dict[str, Any]):
     return tok
 
 
-def _parameters(model: str, tokenizer) -> int:
-    """Parameter count estimated from config.json (hidden size, layers, vocabulary), 0 when unknown."""
+def _parameters(model: str) -> int:
+    """Parameter count from config.json, as the memory preflight reads it (0 when there is none to read)."""
+    from tunegate.preflight import Shape
+
     config = Path(model) / "config.json"
     try:
-        doc = json.loads(config.read_text()) if config.exists() else {}
-    except (OSError, json.JSONDecodeError):
+        return Shape.from_config(json.loads(config.read_text())).params if config.exists() else 0
+    except (OSError, json.JSONDecodeError, UserError):
         return 0
-    h, layers = doc.get("hidden_size", 0), doc.get("num_hidden_layers", 0)
-    inter = doc.get("intermediate_size", 4 * h)
-    return layers * (4 * h * h + 3 * h * inter) + 2 * h * doc.get("vocab_size", len(tokenizer))
 
 
 def summary(plan: Plan) -> str:
