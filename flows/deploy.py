@@ -1,7 +1,14 @@
-"""The retraining loop as two Prefect deployments, served from this process.
+"""The retraining loop as Prefect deployments: served from this process, or run by a work pool's workers.
 
     prefect server start &                 # or PREFECT_API_URL pointing at a team server
     tunegate deploy                        # = python -m flows.deploy --root . (stays in the foreground)
+    tunegate deploy --pool tunegate        # registered with a work pool instead; its workers run them
+
+With `--pool`, the deployments are stored on the server and this command returns: a worker of the
+pool (`prefect worker start --pool tunegate`, or infra/compose's worker) runs each flow run in the
+project folder, which must be at the same path on the worker (a shared volume, or the worker's own
+clone). The pool's deployments are these two and `tunegate-pipeline/pipeline` (every DVC stage once,
+by hand: `prefect deployment run tunegate-pipeline/pipeline`).
 
 - `tunegate-watch-base/watch-base`: flows/watch.py on an interval (default every 10 minutes);
   announces a new base revision as the event `tunegate.base.updated`.
@@ -23,7 +30,7 @@ from flows.pipeline import ROOT
 from flows.retrain import retrain
 from flows.watch import EVENT, watch_base
 
-WATCH, RETRAIN = "watch-base", "retrain"
+WATCH, RETRAIN, PIPELINE = "watch-base", "retrain", "pipeline"
 REJECTED = "Rejected"  # the retrain's final state name when the gate says no (flows/retrain.py: outcome)
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -39,17 +46,18 @@ def tracked_branch(root: str, track: str | None) -> str:
     return "main" if COMMIT.fullmatch(revision) else revision
 
 
-def deployments(root: str, interval: float, cron: str, track: str) -> list:
-    """The watcher on an interval and the retrain on the event and a cron, both for the project at root."""
+def specs(root: str, interval: float, cron: str, track: str) -> list[tuple]:
+    """(flow, entrypoint, settings) of each deployment: the watcher on an interval, the retrain on the
+    event and a cron, both for the project at root. Served or sent to a pool, the settings are these."""
     from prefect.events import DeploymentEventTrigger
 
-    watcher = watch_base.to_deployment(
-        name=WATCH,
-        interval=interval,
-        parameters={"root": root, "track": track},
-        tags=["tunegate"],
-        description=f"Announces a new revision of the base model ({EVENT}) when it differs from the champion's.",
-    )
+    watcher = {
+        "name": WATCH,
+        "interval": interval,
+        "parameters": {"root": root, "track": track},
+        "tags": ["tunegate"],
+        "description": f"Announces a new revision of the base model ({EVENT}) when it differs from the champion's.",
+    }
     on_new_base = DeploymentEventTrigger(
         name="retrain on a new base revision",
         expect={EVENT},
@@ -61,16 +69,52 @@ def deployments(root: str, interval: float, cron: str, track: str) -> list:
             "reason": "new base {{ event.payload.old_revision or 'none' }} -> {{ event.payload.new_revision }}",
         },
     )
-    trainer = retrain.to_deployment(
-        name=RETRAIN,
-        cron=cron,
-        parameters={"root": root, "track": track, "reason": "schedule"},
-        triggers=[on_new_base],
-        concurrency_limit=1,  # one retrain at a time per project; a second one waits in the queue
-        tags=["tunegate"],
-        description="Pins the new base revision, runs every DVC stage, gates, registers: Promoted / Rejected / Failed.",
-    )
-    return [watcher, trainer]
+    trainer = {
+        "name": RETRAIN,
+        "cron": cron,
+        "parameters": {"root": root, "track": track, "reason": "schedule"},
+        "triggers": [on_new_base],
+        "concurrency_limit": 1,  # one retrain at a time per project; a second one waits in the queue
+        "tags": ["tunegate"],
+        "description": "Pins the new base revision, runs every DVC stage, gates, registers: Promoted/Rejected/Failed.",
+    }
+    return [(watch_base, "flows/watch.py:watch_base", watcher), (retrain, "flows/retrain.py:retrain", trainer)]
+
+
+def deployments(root: str, interval: float, cron: str, track: str) -> list:
+    """The deployments `tunegate deploy` serves from its own process."""
+    return [flow.to_deployment(**settings) for flow, _, settings in specs(root, interval, cron, track)]
+
+
+def to_pool(root: str, pool: str, interval: float, cron: str, track: str) -> list[str]:
+    """Store the deployments on the server for work pool `pool` (the pipeline's as well); returns their
+    names. Each flow is loaded from the project folder (`from_source`), and the worker runs it there."""
+    from prefect import flow as prefect_flow
+
+    from flows.pipeline import pipeline
+
+    runs_in = {"working_dir": root, "env": {"PYTHONPATH": root}}
+    everything = specs(root, interval, cron, track) + [
+        (
+            pipeline,
+            "flows/pipeline.py:pipeline",
+            {
+                "name": PIPELINE,
+                "parameters": {"root": root},
+                "tags": ["tunegate"],
+                "concurrency_limit": 1,
+                "description": "Every DVC stage once, in DVC's order (the stale ones run), gate and register.",
+            },
+        )
+    ]
+    names = []
+    for flow, entrypoint, settings in everything:
+        loaded = prefect_flow.from_source(source=root, entrypoint=entrypoint)
+        loaded.deploy(
+            work_pool_name=pool, job_variables=runs_in, build=False, push=False, print_next_steps=False, **settings
+        )
+        names.append(f"{flow.name}/{settings['name']}")
+    return names
 
 
 def notify_on_rejection(block: str) -> str:
@@ -113,13 +157,19 @@ def main() -> None:
     parser.add_argument("--cron", default="0 3 * * *", help="the retrain's own schedule (default: daily 03:00)")
     parser.add_argument("--track", default=None, help="branch to follow (default: base.revision, or main if pinned)")
     parser.add_argument("--notify", default=None, help="notification block for rejected retrains (slack-webhook/ml)")
+    parser.add_argument("--pool", default=None, help="work pool whose workers run the flows (default: serve them here)")
     args = parser.parse_args()
-    from prefect import serve
-
     root = str(Path(args.root).resolve())
     if args.notify:
         print(f"automation: {notify_on_rejection(args.notify)} -> {args.notify}")
-    serve(*deployments(root, args.interval, args.cron, tracked_branch(root, args.track)))
+    track = tracked_branch(root, args.track)
+    if args.pool:
+        for name in to_pool(root, args.pool, args.interval, args.cron, track):
+            print(f"deployment {name} -> work pool {args.pool}")
+        return
+    from prefect import serve
+
+    serve(*deployments(root, args.interval, args.cron, track))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,34 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
     )
 
 
+def artifact_location(cfg: Config, experiment_name: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: for a tracking server, wherever the server says (its
+    artifact proxy, or its default root), so they reach the team's store; for a local store,
+    register.artifact_root (a folder per experiment other than the main one)."""
+    if cfg.register_.tracking_uri.startswith(("http://", "https://", "databricks")):
+        return None
+    root = Path(cfg.register_.artifact_root).resolve()
+    return (root / experiment_name if experiment_name else root).as_uri()
+
+
+def experiment(c, name: str, location: str | None) -> str:
+    """The id of experiment `name`, created with `location` the first time. On a tracking server, an
+    experiment whose artifacts live on one machine's disk (made by an older client, or a server
+    without an artifact proxy) is named in a warning: only that machine can fetch its models."""
+    exp = c.get_experiment_by_name(name)
+    if exp is None:
+        return c.create_experiment(name, artifact_location=location)
+    where = exp.artifact_location or ""
+    if location is None and (where.startswith("file:") or where.startswith("/")):
+        log.warning(
+            "register: experiment %s keeps its artifacts at %s, on one machine's disk; teammates cannot fetch or "
+            "promote its versions (start the server with --serve-artifacts, or register into a new experiment)",
+            name,
+            where,
+        )
+    return exp.experiment_id
+
+
 def run(
     cfg: Config,
     base: dict,
@@ -296,19 +324,10 @@ def _register(
         c.set_model_version_tag(name, str(version), "gate_failed", "; ".join(verdict["failed"]))
         c.set_model_version_tag(name, str(version), "gate_policy_sha256", str(verdict.get("policy_sha256")))
     else:
-        exp = c.get_experiment_by_name(cfg.register_.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else c.create_experiment(
-                cfg.register_.experiment, artifact_location=Path(cfg.register_.artifact_root).resolve().as_uri()
-            )
-        )
+        exp_id = experiment(c, cfg.register_.experiment, artifact_location(cfg))
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
         if _local_base(base):  # stored once, by content, so another machine can load this version (tunegate fetch)
-            remote = cfg.register_.tracking_uri.startswith(("http://", "https://"))
-            location = None if remote else (Path(cfg.register_.artifact_root).resolve() / BASES_EXPERIMENT).as_uri()
-            tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, base, location)
+            tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, base, artifact_location(cfg, BASES_EXPERIMENT))
         with mlflow.start_run(
             experiment_id=exp_id,
             run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",

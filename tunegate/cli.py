@@ -3,12 +3,14 @@
     tunegate init --model M --data F   # set the project up for your base model, data and target eval
     tunegate check                 # validate params.yaml and the gate policy, without running anything
     tunegate status                # registered versions, gate verdicts, base revisions, champion
+                                   # (registry commands work from any folder with --tracking-uri/--model)
     tunegate show VERSION          # the full provenance record of a version
     tunegate fetch [VERSION|ALIAS] # download a version's adapter and base anywhere, sha256-checked
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
     tunegate deploy                # Prefect: watch the base, retrain on a new revision (event) and on a cron
+    tunegate team up               # the team setup on this machine: PostgreSQL, S3, MLflow, Prefect, a worker
     tunegate demo-base             # publish a new revision of the demo base model (models/demo-hub)
     tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
 
@@ -17,7 +19,9 @@ Heavy libraries are imported inside the commands, so `tunegate --help` starts in
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -36,14 +40,42 @@ def _fail(err: UserError) -> None:
     raise typer.Exit(2)
 
 
-def _registry(params: Path | None):
+TRACKING = typer.Option(
+    None, "--tracking-uri", help="MLflow server (default: register.tracking_uri, else $MLFLOW_TRACKING_URI)"
+)
+MODEL = typer.Option(None, "--model", help="registered model name (default: register.model_name, else $TUNEGATE_MODEL)")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Which registry a command talks to: the project's params.yaml, or (from any folder, no project
+    needed) --tracking-uri/--model or $MLFLOW_TRACKING_URI/$TUNEGATE_MODEL."""
+
+    tracking_uri: str
+    model_name: str
+    alias: str = "champion"
+
+
+def _registry(params: Path | None, tracking_uri: str | None = None, model: str | None = None):
     from tunegate.config import load_config
     from tunegate.registry import client
     from tunegate.runtime import configure
 
-    configure(stage="cli")  # what MLflow logs or warns goes to reports/logs/cli.log
-    cfg = load_config(params)
-    return cfg, client(cfg.register_.tracking_uri)
+    found = Path(params or os.environ.get("TUNEGATE_PARAMS") or "params.yaml")
+    # in a project, what MLflow logs or warns goes to reports/logs/cli.log; elsewhere nothing is written
+    configure(stage="cli" if found.exists() else None)
+    if found.exists() or params:
+        reg = load_config(params).register_
+        target = Registry(tracking_uri or reg.tracking_uri, model or reg.model_name, reg.alias)
+    else:
+        uri, name = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), model or os.environ.get("TUNEGATE_MODEL")
+        if not uri or not name:
+            raise UserError(
+                f"{found}: not found; outside a project, name the registry with --tracking-uri and --model "
+                "(or $MLFLOW_TRACKING_URI and $TUNEGATE_MODEL)"
+            )
+        target = Registry(uri, name)
+    return target, client(target.tracking_uri)
 
 
 @app.command()
@@ -123,17 +155,19 @@ def fetch(
     ref: str = typer.Argument("champion", help="version number or alias"),
     to: Path = typer.Option(Path("fetched"), "--to", help="folder to download into"),
     params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
 ) -> None:
     """Download a version's adapter and its base (artifact store or hub, by the recorded sha256) and check both."""
     from tunegate.registry import fetch as download
 
     try:
-        cfg, c = _registry(params)
-        got = download(c, cfg.register_.model_name, ref, to)
+        reg, c = _registry(params, tracking_uri, model)
+        got = download(c, reg.model_name, ref, to)
     except UserError as err:
         _fail(err)
     typer.echo(
-        f"{cfg.register_.model_name} v{got['version']}: adapter {got['adapter']}\n"
+        f"{reg.model_name} v{got['version']}: adapter {got['adapter']}\n"
         f"base {got['base_model']}@{got['base_revision']}: {got['base']} (sha256 checked)\n"
         "load: from tunegate.registry import load; model, tokenizer = load("
         f"{{'adapter': {got['adapter']!r}, 'tokenizer': {got['tokenizer']!r}, 'base': {got['base']!r}, "
@@ -142,22 +176,22 @@ def fetch(
 
 
 @app.command()
-def status(params: Path | None = PARAMS) -> None:
+def status(params: Path | None = PARAMS, tracking_uri: str | None = TRACKING, model: str | None = MODEL) -> None:
     """Registered versions with gate verdict, base revision, data hash; * marks the champion."""
     from tunegate.registry import versions_table
 
     try:
-        cfg, c = _registry(params)
-        rows = versions_table(c, cfg.register_.model_name, cfg.register_.alias)
+        reg, c = _registry(params, tracking_uri, model)
+        rows = versions_table(c, reg.model_name, reg.alias)
     except UserError as err:
         _fail(err)
     if not rows:
-        typer.echo(f"{cfg.register_.model_name}: no versions registered yet (run `dvc repro`)")
+        typer.echo(f"{reg.model_name}: no versions registered yet (run `dvc repro`)")
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{cfg.register_.model_name} ({cfg.register_.tracking_uri})")
+    table = Table(title=f"{reg.model_name} ({reg.tracking_uri})")
     for col in rows[0]:
         table.add_column(col)
     for row in rows:
@@ -166,23 +200,25 @@ def status(params: Path | None = PARAMS) -> None:
 
 
 @app.command()
-def show(version: str, params: Path | None = PARAMS) -> None:
+def show(
+    version: str, params: Path | None = PARAMS, tracking_uri: str | None = TRACKING, model: str | None = MODEL
+) -> None:
     """The provenance record of one version: base, data, hyperparameters, evals, gate, code."""
     try:
-        cfg, c = _registry(params)
+        reg, c = _registry(params, tracking_uri, model)
         from mlflow.exceptions import MlflowException
 
         try:
-            v = c.get_model_version(cfg.register_.model_name, version)
+            v = c.get_model_version(reg.model_name, version)
         except MlflowException:
-            raise UserError(f"{cfg.register_.model_name} v{version}: no such version (see `tunegate status`)") from None
+            raise UserError(f"{reg.model_name} v{version}: no such version (see `tunegate status`)") from None
     except UserError as err:
         _fail(err)
     groups: dict[str, list[tuple[str, str]]] = {}
     for key, value in sorted(v.tags.items()):
         group = key.split(".")[0] if "." in key else "model"
         groups.setdefault(group, []).append((key, value))
-    typer.echo(f"{cfg.register_.model_name} v{v.version}  run {v.run_id}  source {v.source}")
+    typer.echo(f"{reg.model_name} v{v.version}  run {v.run_id}  source {v.source}")
     titles = {
         "model": "identity",
         "source": "data sources",
@@ -203,34 +239,39 @@ def promote(
     version: str,
     reason: str = typer.Option("manual promotion", help="recorded with the move"),
     params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
 ) -> None:
     """Make VERSION the champion (refused unless its gate passed and its files match the recorded sha256)."""
     from tunegate.registry import move_champion
 
     try:
-        cfg, c = _registry(params)
-        prev = move_champion(c, cfg.register_.model_name, version, reason, cfg.register_.alias)
+        reg, c = _registry(params, tracking_uri, model)
+        prev = move_champion(c, reg.model_name, version, reason, reg.alias)
     except UserError as err:
         _fail(err)
     if prev == str(version):
-        typer.echo(f"{cfg.register_.alias}: v{version} already")
+        typer.echo(f"{reg.alias}: v{version} already")
         return
-    typer.echo(f"{cfg.register_.alias}: v{prev or '-'} -> v{version}")
+    typer.echo(f"{reg.alias}: v{prev or '-'} -> v{version}")
 
 
 @app.command()
 def rollback(
-    reason: str = typer.Option("rollback", help="recorded with the move"), params: Path | None = PARAMS
+    reason: str = typer.Option("rollback", help="recorded with the move"),
+    params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
 ) -> None:
     """Move the champion back to the version it replaced; repeated, walks the promotion history backwards."""
     from tunegate.registry import rollback as roll_back
 
     try:
-        cfg, c = _registry(params)
-        moved_from, moved_to = roll_back(c, cfg.register_.model_name, reason, cfg.register_.alias)
+        reg, c = _registry(params, tracking_uri, model)
+        moved_from, moved_to = roll_back(c, reg.model_name, reason, reg.alias)
     except UserError as err:
         _fail(err)
-    typer.echo(f"{cfg.register_.alias}: v{moved_from} -> v{moved_to} (v{moved_from} marked rolled back)")
+    typer.echo(f"{reg.alias}: v{moved_from} -> v{moved_to} (v{moved_from} marked rolled back)")
 
 
 @app.command()
@@ -248,12 +289,10 @@ def reproduce(
     from tunegate.registry import reproduce as reproduce_version
 
     try:
-        cfg, c = _registry(params)
+        reg, c = _registry(params)
         folder = workdir or Path(tempfile.mkdtemp(prefix=f"tunegate-v{version}-"))
-        typer.echo(f"reproducing {cfg.register_.model_name} v{version} in {folder} ...")
-        result = reproduce_version(
-            c, cfg.register_.model_name, version, Path.cwd(), folder, share_cache=not from_scratch
-        )
+        typer.echo(f"reproducing {reg.model_name} v{version} in {folder} ...")
+        result = reproduce_version(c, reg.model_name, version, Path.cwd(), folder, share_cache=not from_scratch)
     except UserError as err:
         _fail(err)
     verdict = "MATCH" if result["match"] else "MISMATCH"
@@ -275,8 +314,13 @@ def deploy(
         None, help="branch of base.model to follow (default: base.revision; main if pinned)"
     ),
     notify: str | None = typer.Option(None, help="Prefect notification block for rejected retrains (slack-webhook/ml)"),
+    pool: str | None = typer.Option(
+        None, help="work pool whose workers run the flows (stored on the server; default: served from here)"
+    ),
 ) -> None:
-    """Serve the retraining loop against PREFECT_API_URL: base watcher (interval), retrain (on its event + cron)."""
+    """Serve the retraining loop against PREFECT_API_URL: base watcher (interval), retrain (on its event + cron).
+
+    With --pool, the deployments (and the pipeline's) go to that work pool's workers and this returns."""
     import os
 
     # The deployments are defined once, in flows/deploy.py; this command is their launcher (the library
@@ -285,6 +329,7 @@ def deploy(
     args = [sys.executable, "-m", "flows.deploy", "--root", str(project), "--interval", str(interval), "--cron", cron]
     args += ["--track", track] if track else []
     args += ["--notify", notify] if notify else []
+    args += ["--pool", pool] if pool else []
     path = os.environ.get("PYTHONPATH")
     os.chdir(project)
     os.execve(sys.executable, args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), path]))})
@@ -296,7 +341,7 @@ def serve(
     root: Path = typer.Option(Path("."), help="project root"),
 ) -> None:
     """Former name of `tunegate deploy`."""
-    deploy(root=root, interval=600, cron=cron, track=None, notify=None)
+    deploy(root=root, interval=600, cron=cron, track=None, notify=None, pool=None)
 
 
 @app.command("demo-base")
@@ -349,6 +394,23 @@ def demo_data(
 
     for path, sha in write(root, seed).items():
         typer.echo(f"{sha[:12]}  {path}")
+
+
+team = typer.Typer(no_args_is_help=True, help="The team setup (infra/compose's services) on this machine, no Docker.")
+app.add_typer(team, name="team")
+
+
+@team.command("up")
+def team_up(
+    home: Path = typer.Option(Path(".team"), "--dir", help="folder for the servers' data, logs, secrets"),
+) -> None:
+    """Start PostgreSQL, S3 (moto), MLflow (artifact proxy, basic auth), Prefect server and a worker on 127.0.0.1."""
+    from tunegate.team import up
+
+    try:
+        up(home)
+    except UserError as err:
+        _fail(err)
 
 
 def main() -> None:  # pragma: no cover - console entry point

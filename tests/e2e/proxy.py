@@ -90,3 +90,50 @@ class DyingProxy:
                 s.close()
             except OSError:
                 pass
+
+
+class AuthProxy:
+    """Forwards to target_port, adding a basic-auth header to every request: a headless browser can be
+    given no credentials for the requests a web UI makes itself (screenshots of the MLflow UI)."""
+
+    def __init__(self, target_port: int, user: str, password: str):
+        import base64
+
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self.header = f"Authorization: Basic {token}\r\n".encode()
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(REQUEST_LINE.sub(lambda m: m.group(0) + self.header, data) if from_client else data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +16,12 @@ from tests.e2e.conftest import BIN, edit_params, env_for, free_port, sh, wait_ht
 pytestmark = pytest.mark.slow
 
 SECRET = "hf_" + "S3cr3tT0kenThatMustNeverLeak0123456789"
+
+
+class Server(str):
+    """The server's URL, and the folder where it keeps artifacts (its default artifact root)."""
+
+    artifacts: Path
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,8 @@ def mlflow_server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = Server(f"http://127.0.0.1:{port}")
+    url.artifacts = tmp_path / "artifacts"
     try:
         wait_http(f"{url}/health")
         yield url
@@ -53,6 +61,7 @@ def mlflow_server(tmp_path_factory):
 def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
     original = (project / "params.yaml").read_text()
     try:
+        # register.artifact_root is for a local store: with a server, artifacts go where the server says
         edit_params(
             project, **{"register.tracking_uri": mlflow_server, "register.artifact_root": str(tmp_path / "art")}
         )
@@ -73,7 +82,9 @@ def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
 
         run = requests.get(f"{api}/runs/get", params={"run_id": result["run_id"]}, timeout=10).json()["run"]
         everything = json.dumps(run) + json.dumps(versions) + proc.stdout + proc.stderr
-        artifacts = (tmp_path / "art").rglob("*")
+        assert not (tmp_path / "art").exists()
+        artifacts = list(mlflow_server.artifacts.rglob("*"))
+        assert any(p.name == "adapter_model.safetensors" for p in artifacts)
         everything += "".join(
             p.read_text(errors="ignore") for p in artifacts if p.is_file() and p.stat().st_size < 5_000_000
         )

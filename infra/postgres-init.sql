@@ -1,2 +1,0 @@
--- One server, two databases: MLflow's registry and Prefect's state.
-CREATE DATABASE prefect OWNER mlflow;
