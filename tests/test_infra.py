@@ -163,3 +163,30 @@ def test_registry_commands_work_from_any_folder_given_the_server(tmp_path, monke
     shown = runner.invoke(app, ["show", "3"])
     assert shown.exit_code == 2 and "shared-model v3: no such version" in shown.output
     assert not (tmp_path / "reports").exists()  # outside a project nothing is written besides the store
+
+
+def test_kubernetes_workers_take_credentials_from_a_secret_and_the_gpu_one_asks_for_a_gpu():
+    docs = list(yaml.safe_load_all((ROOT / "infra/k8s/workers.yaml").read_text()))
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert kinds == {
+        ("ConfigMap", "tunegate-servers"),
+        ("Deployment", "tunegate-worker"),
+        ("Deployment", "tunegate-gpu-worker"),
+    }
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert not any(re.search(r"PASSWORD|SECRET|AUTH|TOKEN", key) for key in config)  # secrets live in a Secret
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        spec = deployment["spec"]
+        assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["command"][:3] == ["prefect", "worker", "start"] and "process" in container["command"]
+        assert {"secretRef": {"name": "tunegate-credentials"}} in container["envFrom"]
+        assert container["livenessProbe"]["httpGet"]["port"] == 8080 and "--with-healthcheck" in container["command"]
+        assert container["workingDir"] == config["PROJECT_DIR"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert config["PROJECT_DIR"].startswith(mounts["project"])
+        gpu = deployment["metadata"]["name"] == "tunegate-gpu-worker"
+        assert ("nvidia.com/gpu" in container["resources"].get("limits", {})) == gpu
+        assert container["image"].endswith(":gpu" if gpu else ":cpu")
+        pool = container["command"][container["command"].index("--pool") + 1]
+        assert pool == ("tunegate-gpu" if gpu else "tunegate")

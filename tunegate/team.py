@@ -333,6 +333,8 @@ class TeamStack:
             "AWS_ACCESS_KEY_ID": self.creds["AWS_ACCESS_KEY_ID"],
             "AWS_SECRET_ACCESS_KEY": self.creds["AWS_SECRET_ACCESS_KEY"],
             "AWS_DEFAULT_REGION": "us-east-1",
+            # MLflow's job runner (GenAI evaluation jobs: six huey processes) is nothing tunegate uses
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         exe = Path(sys.executable).parent / "mlflow"
         self._spawn(
@@ -419,7 +421,15 @@ def _reachable_by(user: str, folder: Path) -> bool:
 
 
 def up(home: Path) -> None:
-    """`tunegate team up`: start everything, print what to export, run until Ctrl-C, then stop it all."""
+    """`tunegate team up`: start everything, print what to export, run until Ctrl-C (or SIGTERM), then stop
+    it all; a service that stops by itself ends it too, with the service named."""
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and a service manager's SIGTERM, stop everything (a shell's `&` would leave SIGINT ignored)
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     stack = TeamStack(home)
     print(f"team: starting PostgreSQL, S3 ({BUCKET}), MLflow, Prefect and a worker under {stack.home} ...")
     with stack:
