@@ -304,3 +304,35 @@ def test_deployments_watch_on_interval_and_retrain_on_event_and_cron(tmp_path):
     (trigger,) = trainer.triggers
     assert trigger.expect == {EVENT} and trigger.match.model_dump()["tunegate.project"] == str(tmp_path)
     assert trigger.parameters["revision"] == "{{ event.payload.new_revision }}"
+
+
+def test_deployments_go_to_a_work_pool_with_the_project_as_working_dir(harness):
+    """`tunegate deploy --pool`: stored on the server for the pool's workers, loaded from the project
+    folder, the same schedules and trigger as when served, plus the pipeline's own deployment."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from flows.deploy import to_pool
+
+    async def pool_and_deployments(names: list[str]):
+        async with get_client() as client:
+            if not names:
+                await client.create_work_pool(WorkPoolCreate(name="team", type="process"), overwrite=True)
+                return []
+            return [await client.read_deployment_by_name(name) for name in names]
+
+    run_coro_as_sync(pool_and_deployments([]))
+    root = str(ROOT)
+    names = to_pool(root, "team", 45, "0 5 * * *", "main")
+    assert names == ["tunegate-watch-base/watch-base", "tunegate-retrain/retrain", "tunegate-pipeline/pipeline"]
+    watcher, trainer, pipeline = run_coro_as_sync(pool_and_deployments(names))
+    for deployment in (watcher, trainer, pipeline):
+        assert deployment.work_pool_name == "team"
+        assert deployment.job_variables == {"working_dir": root, "env": {"PYTHONPATH": root}}
+        assert deployment.parameters["root"] == root
+    assert watcher.entrypoint == "flows/watch.py:watch_base" and pipeline.entrypoint == "flows/pipeline.py:pipeline"
+    assert watcher.schedules[0].schedule.interval.total_seconds() == 45
+    assert trainer.schedules[0].schedule.cron == "0 5 * * *" and not pipeline.schedules
+    limits = [d.global_concurrency_limit.limit for d in (trainer, pipeline)]  # the server's form of concurrency_limit
+    assert limits == [1, 1]
