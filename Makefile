@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench clean-outputs mutation
+.PHONY: setup demo test bench clean-outputs mutation postgres
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ setup: $(VENV)/.installed
 demo: setup
 	dvc repro
 
-test: setup
+test: setup postgres
 	pytest
+
+# The team tests (tests/e2e/test_team.py) start a real PostgreSQL: its server binaries come from the OS
+# package, installed here when missing and this is a Debian/Ubuntu machine we may install on (root).
+postgres:
+	@command -v postgres >/dev/null || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "PostgreSQL server binaries not found: the team tests will say so (apt-get install postgresql)"
 
 # Every figure of README's Performance section that needs no pipeline outputs, each next to its baseline
 # measured in the same run (interleaved, medians): near duplicates vs datasketch, validation vs json.loads for

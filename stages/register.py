@@ -211,8 +211,10 @@ def _local_base(base: dict) -> bool:
     return base["model"] == "demo" or Path(base["model"]).expanduser().is_dir()
 
 
-def _log_model(cfg: Config, base: dict, adapter_dir: Path):
-    """adapter + tokenizer via mlflow.transformers, pointing at the base weights it needs."""
+def _log_model(cfg: Config, base: dict, adapter_dir: Path, tags: dict[str, str]):
+    """adapter + tokenizer via mlflow.transformers. For a local base, MLflow records the registering
+    machine's folder; the model's metadata also names the copy in the artifact store and its sha256,
+    which any client with access to the server loads (`tunegate fetch`)."""
     import mlflow
 
     from tunegate.models import load_tokenizer, load_with_adapter
@@ -230,6 +232,12 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path):
         task="text-generation",
         pip_requirements=requirements,
         base_model_path=base["path"] if local_base else None,
+        metadata={
+            key: tags[key]
+            for key in ("base_model", "base_revision", BASE_ARTIFACT, BASE_FILES, "adapter_sha256")
+            if tags.get(key)
+        }
+        | {"load_with": "tunegate fetch (adapter, tokenizer and base, sha256-checked)"},
     )
 
 
@@ -364,7 +372,7 @@ def _register(
                         mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
                     elif path.exists():
                         mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
-            info = _log_model(cfg, base, adapter_dir)
+            info = _log_model(cfg, base, adapter_dir, tags)
         version = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id}).version
         log.info("register: %s v%s (run %s)", name, version, run_id)
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left

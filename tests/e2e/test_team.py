@@ -165,6 +165,9 @@ def test_a_teammate_reads_promotes_and_loads_from_another_folder(stack, workspac
 
     fetched = run(mate, env, tunegate, "fetch", "champion", "--to", "fetched").stdout
     assert "sha256 checked" in fetched and str(workspace) not in fetched
+    # the logged model itself names where its base is stored (MLflow keeps the registering machine's folder)
+    metadata = yaml.safe_load(next((mate / "fetched").rglob("MLmodel")).read_text())["metadata"]
+    assert metadata["base_artifact"].startswith("runs:/") and len(metadata["base_files_sha256"]) == 64
     load = (
         "import json, sys, torch\n"
         "from tunegate.registry import client, fetch, load\n"
