@@ -488,13 +488,15 @@ def test_word_ids_and_gram_sets_of_empty_texts():
 
 @pytest.mark.parametrize("n", [3, 4, 5, 9])
 def test_exact_verification_with_a_large_vocabulary(n):
-    """2,000 distinct words: n-gram keys too wide for a column index (renumbered; past 2**53 for n=5) and,
-    for n=9, too wide for an int64 (numbered by np.unique): the same similarities as the string sets."""
+    """2,000 distinct words: n-gram keys too wide for a column index (renumbered; past 2**53 for n=5, where a
+    float would merge them) and, for n=9, too wide for an int64 (numbered by np.unique): the same
+    similarities as the string sets."""
     rng = random.Random(n)
     vocab = [f"w{i}" for i in range(2000)]
     texts = [" ".join(vocab[k : k + 50]) for k in range(0, 2000, 50)]
     texts += [" ".join(rng.choices(vocab[:300], k=60)) for _ in range(10)]
     texts += [t.replace(t.split()[20], "changed") for t in texts[:5]]
+    texts += [f"w1999 w1998 w1997 w1996 w{k}" for k in range(1990, 1995)]  # 5-gram keys 1 apart, past 2**53
     pairs = np.array(list(itertools.combinations(range(len(texts)), 2)))
     got = verify_exact(pairs, texts, n, threshold=0.0)
     assert got == verify(pairs, [shingles(t, n) for t in texts], threshold=0.0)
