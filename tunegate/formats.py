@@ -94,6 +94,8 @@ NOTE_ALPACA = "alpaca_input_as_instruction"  # empty instruction, non-empty inpu
 NOTE_EXTRAS = "chat_extras"  # rows with tool calls, tool results, a tools list, names or weights (OpenAI format)
 
 
+# pragma: no mutate start (reading files, saved and hub datasets: tests/test_formats.py; `make mutation` covers the
+# normalisation below, which is pure)
 def source_kind(path: str | Path) -> str:
     """'file', 'dataset' (a save_to_disk folder) or 'hub', or a UserError naming what is wrong with the path."""
     path_s = str(path)
@@ -255,6 +257,7 @@ def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
         yield i, rec, ""
 
 
+# pragma: no mutate end
 def _from_table(key: str, value: Any) -> Any:
     # A message-list field saved as JSON text (CSV cells, string columns) is read as a list of messages;
     # any other text, JSON-looking or not (an answer that is `{"intent": ...}`), stays text.
@@ -612,6 +615,7 @@ def _check_encodable(text: str) -> None:
         raise NormaliseError("encoding", f"lone surrogate \\u{char:04x} (not valid Unicode text)") from None
 
 
+# pragma: no mutate block (loading a source line by line, below: tests/test_formats.py)
 def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row], list[Problem], str, dict[str, int]]:
     """Read and normalise one source. Returns (rows, problems, format, notes); every input record ends in
     one of the two lists, and a source that cannot be read at all raises a one-line UserError.
