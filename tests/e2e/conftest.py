@@ -137,7 +137,13 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
-    """The demo pipeline after one full `dvc repro` with the default params."""
+    """The demo pipeline after one full `dvc repro` with the default params.
+
+    TUNEGATE_TEST_PROJECT=<folder> reuses a copy already built there (copy_project + `dvc repro`) while
+    working on one end-to-end test; the tests change it, and put back what they change."""
+    reuse = os.environ.get("TUNEGATE_TEST_PROJECT")
+    if reuse:
+        return Path(reuse).resolve()
     path = copy_project(tmp_path_factory.mktemp("project"))
     started = time.time()
     proc = sh(path, "dvc", "repro")

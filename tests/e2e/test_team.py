@@ -130,6 +130,8 @@ def test_pipeline_runs_as_a_deployment_through_the_worker(stack, workspace):
     ]
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys[:20]
     assert any("/base/" in k and k.endswith("model.safetensors") for k in keys), keys[:20]
+    run_files = [k for k in keys if f"/{result['run_id']}/artifacts/" in k]
+    assert {"reports/gate/chart.png", "reports/gate/report.md"} <= {k.split("/artifacts/", 1)[1] for k in run_files}
     assert not (workspace / "mlartifacts").exists()
 
 
@@ -217,7 +219,7 @@ def test_mlflow_and_postgres_killed_mid_registration_then_registered_exactly_onc
         versions = mlflow_api(stack, "model-versions/search", params={"filter": f"name='{name}'"})["model_versions"]
         assert [v["version"] for v in versions] == [result["version"]] == ["1"]
         exp = mlflow_api(stack, "experiments/get-by-name", params={"experiment_name": name})["experiment"]
-        runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]})["runs"]
+        runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
         marks = [{t["key"]: t["value"] for t in r["data"]["tags"]}.get("registration") for r in runs]
         assert marks == ["complete"], marks
         alias = mlflow_api(stack, "registered-models/alias", params={"name": name, "alias": "champion"})
@@ -231,7 +233,7 @@ def started_runs(stack, experiment: str) -> list:
         exp = mlflow_api(stack, "experiments/get-by-name", params={"experiment_name": experiment})["experiment"]
     except requests.HTTPError:
         return []
-    runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]})["runs"]
+    runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
     return [
         r for r in runs if {t["key"]: t["value"] for t in r["data"].get("tags", [])}.get("registration") == "started"
     ]
@@ -243,7 +245,7 @@ def test_no_credential_reaches_a_log_tag_description_or_artifact(stack, workspac
     secrets = {stack.creds[key].split(":")[-1] for key in SECRET_VARS}
     seen = []
     for exp in mlflow_api(stack, "experiments/search", params={"max_results": 100})["experiments"]:
-        runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]})["runs"]
+        runs = mlflow_api(stack, "runs/search", "POST", json={"experiment_ids": [exp["experiment_id"]]}).get("runs", [])
         seen.append(json.dumps(exp) + json.dumps(runs))
     for model in mlflow_api(stack, "registered-models/search")["registered_models"]:
         found = mlflow_api(stack, "model-versions/search", params={"filter": f"name='{model['name']}'"})
@@ -278,7 +280,8 @@ def screenshots(stack, folder: Path, run_id: str) -> None:
     try:
         screenshot(f"{proxy.url}/#/models/tunegate-demo/versions/1", folder / "mlflow-version.png")
         screenshot(
-            f"{proxy.url}/#/experiments/{experiment}/runs/{run_id}/artifacts", folder / "mlflow-run-artifacts.png"
+            f"{proxy.url}/#/experiments/{experiment}/runs/{run_id}/artifacts/reports/gate/chart.png",
+            folder / "mlflow-run-artifacts.png",
         )
     finally:
         proxy.close()
