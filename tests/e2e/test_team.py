@@ -100,6 +100,7 @@ def test_pipeline_runs_as_a_deployment_through_the_worker(stack, workspace):
     deployment = stack.prefect_api("GET", "deployments/name/tunegate-pipeline/pipeline")
     assert deployment["work_pool_name"] == stack.pool and deployment["job_variables"]["working_dir"] == str(workspace)
 
+    lock_before = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
     flow_run = stack.prefect_api("POST", f"deployments/{deployment['id']}/create_flow_run", json={})
     deadline = time.time() + 900
     while (state := stack.prefect_api("GET", f"flow_runs/{flow_run['id']}"))["state_type"] not in FINISHED:
@@ -109,9 +110,24 @@ def test_pipeline_runs_as_a_deployment_through_the_worker(stack, workspace):
     assert state["state_type"] == "COMPLETED", [entry["message"] for entry in logs][-20:]
     assert any("Worker" in entry["message"] or "process" in entry["message"].lower() for entry in logs) or logs
 
-    tasks = stack.prefect_api("POST", "task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    from flows.pipeline import dvc_stages
+
+    tasks = stack.prefect_api(
+        "POST",
+        "task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    )
+    order = dvc_stages(workspace)
     declared = yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"]
-    assert sorted(t["name"] for t in tasks) == sorted(declared)  # one task run per stage, run by the worker
+    assert sorted(order) == sorted(declared)  # the flow's stages are exactly dvc.yaml's, never a hand-kept list
+    assert order[0] == "base" and order[-1] == "register" and order.index("train") < order.index("gate")
+    assert [t["name"] for t in tasks] == order  # one task run per stage, in DVC's order, run by the worker
+    # only register was stale; the rest of dvc.lock is as a manual `dvc repro` left it, and DVC agrees
+    lock_after = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    assert {k: v for k, v in lock_after.items() if k != "register"} == {
+        k: v for k, v in lock_before.items() if k != "register"
+    }
+    assert "up to date" in sh(workspace, "dvc", "status").stdout
 
     result = json.loads((workspace / "reports/register.json").read_text())
     assert result["gate_passed"] and result["champion"] == result["version"] == "1"
