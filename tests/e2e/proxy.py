@@ -15,13 +15,31 @@ import threading
 REQUEST_LINE = re.compile(rb"(?:GET|POST|PUT|PATCH|DELETE|HEAD) (\S+) HTTP/1\.[01]\r\n")
 
 
+def _accept(listener: socket.socket, target_port: int, stop: threading.Event, pair) -> None:
+    """Accept clients until `stop`; each gets its own connection to the target, handed to pair(client, upstream)."""
+    while not stop.is_set():
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return
+        pair(client, socket.create_connection(("127.0.0.1", target_port)))
+
+
+def _shut(*sockets: socket.socket) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class DyingProxy:
     """Forwards to target_port until the first request whose path contains `cut_after` has been
     forwarded; the next request finds the server gone. The server's answers to the first request
     whose path contains each of `lose_answers_to` are dropped (connection closed instead)."""
 
     def __init__(self, target_port: int, cut_after: str | None = None, lose_answers_to: tuple[str, ...] = ()):
-        self.target_port, self.cut_after = target_port, cut_after
+        self.cut_after = cut_after
         self.lose_answers_to = list(lose_answers_to)
         self.lost: list[str] = []
         self.paths: list[str] = []
@@ -30,24 +48,18 @@ class DyingProxy:
         self._conns: list[socket.socket] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=_accept, args=(self.listener, target_port, self.dead, self._pair), daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while not self.dead.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self._lock:
-                self._conns += [client, upstream]
-            conn = {"lose": False}  # shared by the two directions of one connection
-            threading.Thread(target=self._pump, args=(client, upstream, True, conn), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
+    def _pair(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            self._conns += [client, upstream]
+        conn = {"lose": False}  # shared by the two directions of one connection
+        threading.Thread(target=self._pump, args=(client, upstream, True, conn), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, False, conn), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool, conn: dict) -> None:
         try:
@@ -76,11 +88,7 @@ class DyingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def kill(self) -> None:
         """The server is gone: close everything and refuse new connections."""
@@ -101,25 +109,20 @@ class AuthProxy:
 
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self.header = f"Authorization: Basic {token}\r\n".encode()
-        self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(
+            target=_accept, args=(self.listener, target_port, self.closed, self._pair), daemon=True
+        ).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+    def _pair(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:
@@ -128,11 +131,7 @@ class AuthProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def close(self) -> None:
         self.closed.set()

@@ -19,16 +19,16 @@ pytestmark = pytest.mark.slow
 SECRET = "hf_" + "S3cr3tT0kenThatMustNeverLeak0123456789"
 
 
-class Server(str):
-    """The server's URL, and the folder where it keeps artifacts (its default artifact root)."""
-
-    artifacts: Path
+@pytest.fixture(scope="module")
+def server_home(tmp_path_factory) -> Path:
+    """The server's store; its artifacts (its default artifact root) are under artifacts/."""
+    return tmp_path_factory.mktemp("mlflow_server")
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(server_home):
     """One real server for the module; tests that need an empty registry use a model name of their own."""
-    tmp_path = tmp_path_factory.mktemp("mlflow_server")
+    tmp_path = server_home
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -49,8 +49,7 @@ def mlflow_server(tmp_path_factory):
         stderr=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
-    url = Server(f"http://127.0.0.1:{port}")
-    url.artifacts = tmp_path / "artifacts"
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health")
         yield url
@@ -59,7 +58,7 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
+def test_register_promote_status_over_http(project, mlflow_server, server_home, tmp_path):
     original = (project / "params.yaml").read_text()
     try:
         # register.artifact_root is for a local store: with a server, artifacts go where the server says
@@ -84,7 +83,7 @@ def test_register_promote_status_over_http(project, mlflow_server, tmp_path):
         run = requests.get(f"{api}/runs/get", params={"run_id": result["run_id"]}, timeout=10).json()["run"]
         everything = json.dumps(run) + json.dumps(versions) + proc.stdout + proc.stderr
         assert not (tmp_path / "art").exists()
-        artifacts = list(mlflow_server.artifacts.rglob("*"))
+        artifacts = list((server_home / "artifacts").rglob("*"))
         assert any(p.name == "adapter_model.safetensors" for p in artifacts)
         everything += "".join(
             p.read_text(errors="ignore") for p in artifacts if p.is_file() and p.stat().st_size < 5_000_000
