@@ -134,6 +134,15 @@ def test_init_with_a_hub_model_offline_is_one_line(proj, monkeypatch):
         project.init("nobody/no-such-model", [str(ROOT / "data/raw/domain.jsonl")], root=proj)
 
 
+def test_init_outside_a_project_or_with_a_folder_without_a_tokenizer_is_one_line(proj, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("elsewhere")
+    with pytest.raises(UserError, match=r"not a tunegate project \(no params.yaml and dvc.yaml\)"):
+        project.init("org/model", ["x.jsonl"], root=tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"the tokenizer cannot be loaded .*; check --model"):
+        project.init(str(tmp_path / "empty"), [str(ROOT / "data/raw/domain.jsonl")], root=proj)
+
+
 def test_scorers_read_the_references_own_keys():
     import importlib.util
 

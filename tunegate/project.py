@@ -265,6 +265,11 @@ def init(
     root = Path(root)
     plan = Plan()
     params_path = root / PARAMS
+    if not params_path.is_file() or not (root / DVC_YAML).is_file():
+        raise UserError(
+            f"{root.resolve()}: not a tunegate project (no {PARAMS} and {DVC_YAML}); run `tunegate init` in a "
+            "clone of the project, which holds the stages, the eval tasks and the embedded general data"
+        )
     params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     if params.get("base", {}).get("model") != "demo" and not force:
         raise UserError(
@@ -394,7 +399,10 @@ def _tokenizer(model: str, revision: str, params: dict[str, Any]):
     trust = bool(params.get("base", {}).get("trust_remote_code"))
     path = Path(model)
     if path.is_dir():
-        return load_tokenizer({"path": str(path)}, trust)
+        try:
+            return load_tokenizer({"path": str(path)}, trust)
+        except UserError as err:  # the same line, naming the option the user gave rather than base.model
+            raise UserError(str(err).replace("check base.model", "check --model")) from None
     try:
         from transformers import AutoTokenizer
 
