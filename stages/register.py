@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from tunegate.config import Config, flatten, load_config
+from tunegate.decisions import ROLLED_BACK, SECRET_KEY, SECRET_VALUE, URL_PASSWORD, redact, redact_value
 from tunegate.errors import UserError
 from tunegate.evaluation import load_samples, read_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
@@ -35,10 +36,6 @@ from tunegate.registry import (
     BASE_ARTIFACT,
     BASE_FILES,
     BASES_EXPERIMENT,
-    ROLLED_BACK,
-    SECRET_KEY,
-    SECRET_VALUE,
-    URL_PASSWORD,
     adapter_fingerprint,
     champion,
     client,
@@ -46,8 +43,6 @@ from tunegate.registry import (
     log_base,
     move_champion,
     reachable,
-    redact,
-    redact_value,
     settle,
 )
 from tunegate.runtime import stage_main

@@ -11,37 +11,22 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from tunegate import decisions
+from tunegate.decisions import ROLLED_BACK, Version, redact_value
+from tunegate.decisions import redact as redact  # re-exported: callers that import it from here
 from tunegate.errors import UserError
 from tunegate.io import sha256_tree
 from tunegate.paths import PARAMS
 
-SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
-SECRET_VALUE = re.compile(
-    r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b"
-)
-# scheme://user:password@host: the password is masked, the rest still says which server it was
-URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s/]+@")
-PROMOTIONS = "promotion_log"
-PREVIOUS = "previous_champion"  # on a version: the champion it replaced when it was promoted
-ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved back from it
-
 log = logging.getLogger(__name__)
 
 
-def redact_value(key: str, text: str) -> str:
-    """text as it may be logged under key: "[redacted]" for a secret-looking key or value, URL passwords masked."""
-    if SECRET_KEY.search(key) or SECRET_VALUE.search(text):
-        return "[redacted]"
-    return URL_PASSWORD.sub(r"\1[redacted]@", text)
-
-
-def redact(items: dict[str, Any]) -> dict[str, str]:
-    """Stringify values for MLflow, dropping anything that is, or looks like, a secret."""
-    return {key: redact_value(key, "" if value is None else str(value))[:5000] for key, value in items.items()}
+def _plain(v) -> Version:
+    """What the decisions read of an MLflow model version."""
+    return Version(str(v.version), dict(v.tags), v.run_id, v.source, v.model_id, v.creation_timestamp)
 
 
 def client(tracking_uri: str, timeout_s: int = 10, retries: int = 3):
@@ -74,11 +59,9 @@ def reachable(tracking_uri: str) -> None:
 def find_version(c, name: str, fingerprint: str):
     """The existing version of `name` with this adapter fingerprint, if any (idempotent registration)."""
     # No except here: a server error must not read as "not registered yet" (that would register twice).
-    versions = c.search_model_versions(f"name = '{name}'")
-    # the oldest, should a retried request have left a duplicate (settle removes it)
-    return min(
-        (v for v in versions if v.tags.get("adapter_sha256") == fingerprint), key=lambda v: int(v.version), default=None
-    )
+    versions = c.search_model_versions(decisions.versions_filter(name))
+    found = decisions.oldest_with(map(_plain, versions), fingerprint)
+    return None if found is None else next(v for v in versions if str(v.version) == found.version)
 
 
 def settle(c, name: str, fingerprint: str, run_id: str) -> str:
@@ -92,42 +75,30 @@ def settle(c, name: str, fingerprint: str, run_id: str) -> str:
     """
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    mine = sorted(
-        (
-            v
-            for v in c.search_model_versions(f"name = '{name}'")
-            if v.tags.get("adapter_sha256") == fingerprint and v.run_id == run_id
-        ),
-        key=lambda v: int(v.version),
-    )
-    kept = mine[0]
-    for extra in mine[1:]:
+    versions = c.search_model_versions(decisions.versions_filter(name))
+    kept, extras = decisions.duplicates(map(_plain, versions), fingerprint, run_id)
+    for extra in extras:
         log.warning(
             "register: removing %s v%s, a duplicate of v%s made by a retried request", name, extra.version, kept.version
         )
-        c.delete_model_version(name, str(extra.version))
+        c.delete_model_version(name, extra.version)
     # The logged model lists the versions made from it (the MLflow UI links them): none deleted above.
-    # The REST API leaves a version's model_id out; its source is models:/<model_id>.
-    source = kept.source or ""
-    model_id = kept.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else None)
+    model_id = decisions.logged_model_id(kept)
     if model_id:
         links = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
-        if {str(link.get("version")) for link in links if link.get("name") == name} != {str(kept.version)}:
-            wanted = [link for link in links if link.get("name") != name] + [
-                {"name": name, "version": str(kept.version)}
-            ]
+        wanted = decisions.relinked(links, name, kept.version)
+        if wanted is not None:
             c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(wanted)})
     if not run_id:  # a version registered by hand, outside any run: nothing more to settle
-        return str(kept.version)
+        return kept.version
     run = c.get_run(run_id)
-    stale = f"tags.adapter_sha256 = '{fingerprint}' and tags.registration = 'started'"
-    for old in c.search_runs([run.info.experiment_id], filter_string=stale):
-        if old.info.run_id != run_id:
-            log.warning("register: removing incomplete registration run %s of this adapter", old.info.run_id)
-            c.delete_run(old.info.run_id)
-    if run.data.tags.get("registration") != "complete":
+    stale = c.search_runs([run.info.experiment_id], filter_string=decisions.stale_runs_filter(fingerprint))
+    for old in decisions.incomplete_runs((old.info.run_id for old in stale), run_id):
+        log.warning("register: removing incomplete registration run %s of this adapter", old)
+        c.delete_run(old)
+    if decisions.needs_completion(run.data.tags):
         c.set_tag(run_id, "registration", "complete")
-    return str(kept.version)
+    return kept.version
 
 
 def adapter_fingerprint(adapter_dir: Path) -> str:
@@ -151,15 +122,14 @@ def champion(c, name: str, alias: str = "champion"):
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return decisions.timestamp(dt.datetime.now(dt.UTC))
 
 
 def _check_promotable(c, name: str, version: str, check_files: bool):
     v = c.get_model_version(name, version)
-    if v.tags.get("gate_passed") != "true":
-        raise UserError(
-            f"{name} v{version}: gate did not pass ({v.tags.get('gate_failed', 'no verdict')}); refusing to promote"
-        )
+    refusal = decisions.gate_refusal(name, version, v.tags)
+    if refusal:
+        raise UserError(refusal)
     if check_files:
         import mlflow
 
@@ -189,14 +159,13 @@ def move_champion(
     v = _check_promotable(c, name, version, check_files)
     previous = champion(c, name, alias)
     prev = str(previous.version) if previous else None
-    if prev == str(version):
+    tags = decisions.promotion_tags(alias, str(version), prev, reason, _now())
+    if tags is None:
         return prev
     # The record is written before the move: a move cut off in between is retried and recorded again,
     # but an alias never moves without a record of where it came from.
-    c.set_model_version_tag(
-        name, str(version), f"{PROMOTIONS}.{_now()}", f"{alias} <- v{version} (was v{prev or '-'}): {reason}"
-    )
-    c.set_model_version_tag(name, str(version), PREVIOUS, str(prev or ""))
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, value)
     if ROLLED_BACK in v.tags:
         c.delete_model_version_tag(name, str(version), ROLLED_BACK)
     c.set_registered_model_alias(name, alias, str(version))
@@ -208,18 +177,13 @@ def rollback_target(c, name: str, current) -> str | None:
     from (and past versions since deleted); None when there is nothing earlier on record."""
     from mlflow.exceptions import MlflowException
 
-    seen = {str(current.version)}
-    target = current.tags.get(PREVIOUS) or None
-    while target and target not in seen:
-        seen.add(target)
+    def tags_of(version: str) -> dict[str, str] | None:
         try:
-            v = c.get_model_version(name, target)
-        except MlflowException:  # deleted since: look at what it had replaced? unknown, so stop here
+            return dict(c.get_model_version(name, version).tags)
+        except MlflowException:  # deleted since
             return None
-        if ROLLED_BACK not in v.tags:
-            return target
-        target = v.tags.get(PREVIOUS) or None
-    return None
+
+    return decisions.rollback_target(str(current.version), current.tags, tags_of)
 
 
 def rollback(c, name: str, reason: str, alias: str = "champion", check_files: bool = True) -> tuple[str, str]:
@@ -239,16 +203,11 @@ def rollback(c, name: str, reason: str, alias: str = "champion", check_files: bo
             "(use `tunegate promote VERSION` to choose a version by name)"
         )
     _check_promotable(c, name, target, check_files)
-    stamp = _now()
-    c.set_model_version_tag(
-        name,
-        str(target),
-        f"{PROMOTIONS}.{stamp}",
-        f"{alias} <- v{target} (rolled back from v{current.version}): {reason}",
-    )
-    c.set_model_version_tag(
-        name, str(current.version), ROLLED_BACK, f"{stamp}: {alias} moved back to v{target}: {reason}"
-    )
+    on_target, on_current = decisions.rollback_tags(alias, str(current.version), str(target), reason, _now())
+    for key, value in on_target.items():
+        c.set_model_version_tag(name, str(target), key, value)
+    for key, value in on_current.items():
+        c.set_model_version_tag(name, str(current.version), key, value)
     c.set_registered_model_alias(name, alias, str(target))
     return str(current.version), str(target)
 
@@ -257,27 +216,11 @@ def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = c.search_model_versions(f"name = '{name}'")
+        versions = c.search_model_versions(decisions.versions_filter(name))
     except MlflowException as err:
         raise UserError(f"registered model {name!r}: {err.message}") from None
     current = champion(c, name, alias)
-    rows = []
-    for v in sorted(versions, key=lambda v: int(v.version)):
-        t = v.tags
-        rows.append(
-            {
-                "version": str(v.version),
-                "champion": "*" if current and str(current.version) == str(v.version) else "",
-                "gate": "pass"
-                if t.get("gate_passed") == "true"
-                else f"FAIL {t.get('gate_failed', '?').split(' vs ')[0]}",
-                "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
-                "train_sha256": t.get("train_sha256", "")[:12],
-                "adapter_sha256": t.get("adapter_sha256", "")[:12],
-                "created": dt.datetime.fromtimestamp(v.creation_timestamp / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M"),
-            }
-        )
-    return rows
+    return decisions.version_rows(map(_plain, versions), str(current.version) if current else None)
 
 
 def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_cache: bool = True) -> dict[str, Any]:
