@@ -451,3 +451,20 @@ def test_status_rows_without_a_champion_mark_none():
         "adapter_sha256",
         "created",
     ]
+
+
+@pytest.fixture
+def away_from_utc(monkeypatch):
+    """The process's local time zone set to UTC-5 (and back to what it was afterwards)."""
+    import time
+
+    monkeypatch.setenv("TZ", "EST+05")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_status_times_are_utc_whatever_the_machines_time_zone(away_from_utc):
+    assert dt.datetime.fromtimestamp(0).hour == 19  # the local zone did move
+    assert version_rows([Version("1", created_ms=0)], None)[0]["created"] == "1970-01-01 00:00"
