@@ -6,8 +6,10 @@ Rows are read and normalised (tunegate.formats), their derived columns are built
 with rendered sizes and token counts from tunegate.rendering), then a GX 1.x suite runs over that
 table, one row per record: role order, non-empty content, token length under the base tokenizer and
 its chat template, unfilled template placeholders, unique ids, chosen != rejected for preference
-rows, and PII and secret patterns (one pass for all). A row failing any expectation is quarantined
-with the first failing check as its reason; unreadable lines are quarantined with file:line.
+rows, and PII and secret patterns (one pass for all). The suite is handed the narrow columns it
+reads (`_narrow`): ids as numbers and, per regex on the text, whether it matched, not the text
+itself, which GX would hash whole to fingerprint the batch. A row failing any expectation is
+quarantined with the first failing check as its reason; unreadable lines are quarantined with file:line.
 Characters that do not show (bidi overrides, zero-width and control characters) are found in the
 same Arrow pass that builds the table and reported, stripped or quarantined (`validate.invisible`).
 For every source, in = kept + quarantined, and the stage fails in one line when a source's invalid
@@ -45,7 +47,9 @@ ANSWER = r"assistant(?:\+call)?"
 PREF_ROLES = rf"^(?:system,)?(?:user,{CALLS}assistant,)*user(?:,assistant\+call(?:,tool)+)*\|{ANSWER}\|{ANSWER}$"
 CALL_ROLE = "assistant+call"  # an assistant message with tool calls, in the roles column only
 NO_TOOLS = "template_no_tools"
-WRITE_ROWS = 16384  # rows encoded per chunk while the previous chunk is written
+ID_NUMBER = "id_number"  # the suite's id column: a number per distinct id (`_narrow`)
+WRITE_ROWS = 1024  # rows encoded per chunk while the previous one is written; small enough (~0.3 MB) that
+# the allocator reuses the chunk buffers instead of mapping (and page-faulting) fresh memory for each
 PII = "pii"  # the combined PII check; rows it flags get one `pii_<name>` reason per matching pattern
 PII_KEY = {"mask": "pii_masked", "report": "pii_reported", "quarantine": "pii_quarantined"}
 # Characters a reader cannot see, by class (inclusive code point ranges). Left out on purpose: tab,
@@ -165,20 +169,45 @@ def _rich_sizes(sizes: RenderedSize, rows: list[Row], rich: list[int], parts, co
     return out, lambda i: texts[i] if i in texts else layout_text(i)
 
 
+def _text_checks(cfg: Validate) -> list[tuple[str, str]]:
+    """(reason, regex) of the checks that read the text: unfilled template placeholders, then PII.
+    One pass over the text for all PII patterns; which of them matched is worked out afterwards for
+    the flagged rows only (`_pii_reasons`). Patterns that cannot be combined get a pass each."""
+    checks = [("template_leftover", PLACEHOLDER)]
+    if cfg.pii_patterns:
+        combined = "|".join(f"(?:{p})" for p in cfg.pii_patterns.values())
+        try:
+            re.compile(combined)
+            checks.append((PII, combined))
+        except re.error:  # e.g. the same group name in two patterns
+            checks += [(f"pii_{name}", p) for name, p in cfg.pii_patterns.items()]
+    return checks
+
+
+def _matches(reason: str) -> str:
+    return f"{reason}_in_text"  # the suite's column: whether the text matches that check's regex
+
+
 def _expectations(cfg: Validate, kind: str) -> list[Any]:
-    """The suite, in the order reasons are assigned: a row's first failing check names it in quarantine."""
+    """The suite, in the order reasons are assigned: a row's first failing check names it in quarantine.
+    It reads the table `_narrow` makes: the ids as numbers, and per regex check on the text
+    (`_text_checks`) whether the row's text matched."""
     import great_expectations as gx
 
     E = gx.expectations
-    checks: list[tuple[str, Any]] = [
-        ("duplicate_id", E.ExpectColumnValuesToBeUnique, {"column": "id"}),
+    leftover, *pii = [
+        (reason, E.ExpectColumnValuesToBeInSet, {"column": _matches(reason), "value_set": [False]})
+        for reason, _ in _text_checks(cfg)
+    ]
+    checks: list[tuple[str, Any, dict[str, Any]]] = [
+        ("duplicate_id", E.ExpectColumnValuesToBeUnique, {"column": ID_NUMBER}),
         (
             "wrong_role",
             E.ExpectColumnValuesToMatchRegex,
             {"column": "roles", "regex": SFT_ROLES if kind == "sft" else PREF_ROLES},
         ),
         ("empty_content", E.ExpectColumnValuesToBeBetween, {"column": "min_chars", "min_value": 1}),
-        ("template_leftover", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": PLACEHOLDER}),
+        leftover,
         (
             "length",
             E.ExpectColumnValuesToBeBetween,
@@ -193,19 +222,22 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
                 {"column": "chosen_equals_rejected", "value_set": [False]},
             )
         )
-    if cfg.pii_patterns:
-        # One pass over the text for all patterns; which of them matched is worked out afterwards for
-        # the flagged rows only (`_pii_reasons`). Patterns that cannot be combined get a pass each.
-        combined = "|".join(f"(?:{p})" for p in cfg.pii_patterns.values())
-        try:
-            re.compile(combined)
-            checks.append((PII, E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": combined}))
-        except re.error:  # e.g. the same group name in two patterns
-            checks += [
-                (f"pii_{name}", E.ExpectColumnValuesToNotMatchRegex, {"column": "text", "regex": p})
-                for name, p in cfg.pii_patterns.items()
-            ]
-    return [cls(**kwargs, meta={"reason": reason}) for reason, cls, kwargs in checks]
+    return [cls(**kwargs, meta={"reason": reason}) for reason, cls, kwargs in checks + pii]
+
+
+def _narrow(frame, cfg: Validate):
+    """The table the suite reads: no text and no id strings, which GX would hash whole for its batch
+    fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and
+    each regex check on the text a flag, computed with the very call GX's pandas engine makes
+    (`column.astype(str).str.contains(regex)`), so the same rows match."""
+    import pandas as pd
+
+    text = frame["text"].astype(str)
+    out = frame.drop(columns=["id", "text"])
+    out.insert(0, ID_NUMBER, pd.factorize(frame["id"])[0])
+    for reason, regex in _text_checks(cfg):
+        out[_matches(reason)] = text.str.contains(regex).to_numpy(dtype=bool)
+    return out
 
 
 def _pii_reasons(row: Row, patterns: dict[str, re.Pattern[str]]) -> list[str]:
@@ -213,8 +245,8 @@ def _pii_reasons(row: Row, patterns: dict[str, re.Pattern[str]]) -> list[str]:
     return [f"pii_{name}" for name, p in patterns.items() if p.search(text)] or [PII]
 
 
-def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[str, list[str]]:
-    """Run the suite; return {row id: [failed check reasons, in suite order]}."""
+def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[int, list[str]]:
+    """Run the suite; return {row number in the table: [failed check reasons, in suite order]}."""
     import great_expectations as gx
 
     asset = ctx.data_sources.add_pandas(f"{name}_rows").add_dataframe_asset(name)
@@ -226,39 +258,36 @@ def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[str, list[str]]
     )
     result = definition.run(
         batch_parameters={"dataframe": frame},
-        # every failing row's id, and nothing else: the values themselves (whole texts) are not copied into the result
+        # every failing row's index (its row number), and nothing else: no values are copied into the result
         result_format={
             "result_format": "COMPLETE",
-            "unexpected_index_column_names": ["id"],
             "exclude_unexpected_values": True,
             "partial_unexpected_count": 0,
             "return_unexpected_index_query": False,
         },
     )
     order = [c.meta["reason"] for c in checks]
-    failed: dict[str, list[str]] = {}
+    failed: dict[int, list[str]] = {}
     for res in result.results:
         reason = res.expectation_config.meta["reason"]
-        for item in res.result.get("unexpected_index_list") or []:
-            ids = item["id"]  # {"id": [ids...]} when values are excluded, {"id": id} per row otherwise
-            for rid in ids if isinstance(ids, list) else [ids]:
-                failed.setdefault(rid, []).append(reason)
-    return {rid: sorted(set(rs), key=order.index) for rid, rs in failed.items()}
+        for i in res.result.get("unexpected_index_list") or []:
+            failed.setdefault(int(i), []).append(reason)
+    return {i: sorted(set(rs), key=order.index) for i, rs in failed.items()}
 
 
 def _invisible(
     rows: list[Row], frame, mode: str, counter: TokenCounter, sizes: RenderedSize
-) -> tuple[Any, dict[str, list[str]]]:
+) -> tuple[Any, dict[int, list[str]]]:
     """Rows with characters that do not show, by class. `strip` removes them from the contents and
     rebuilds those rows' table lines, so every check sees the text as it will be trained on (a message
-    of nothing but zero-width spaces is then empty). Returns the table and {row id: [invisible_<class>]}."""
+    of nothing but zero-width spaces is then empty). Returns the table and {row number: [invisible_<class>]}."""
     import numpy as np
 
     flagged = np.flatnonzero(frame.pop("invisible").to_numpy(dtype=bool))  # not a column the suite checks
-    found: dict[str, list[str]] = {}
+    found: dict[int, list[str]] = {}
     for i in flagged.tolist():
         text = "\n".join(map(message_text, rows[i].all_messages()))
-        found[rows[i].id] = [f"invisible_{name}" for name, p in INVISIBLE_PY.items() if p.search(text)]
+        found[i] = [f"invisible_{name}" for name, p in INVISIBLE_PY.items() if p.search(text)]
     if mode == "strip" and flagged.size:
         strip = [p.sub for p in INVISIBLE_PY.values()]
         for i in flagged.tolist():
@@ -389,12 +418,18 @@ def _run(
         if rows:
             table = _table(rows, counter, sizes, extras=NOTE_EXTRAS in notes)
             frame, invisible = _invisible(rows, table, cfg.invisible, counter, sizes)
-            failed = _run_suite(ctx, name, frame, _expectations(cfg, expected_kind))
+            failed = _run_suite(ctx, name, _narrow(frame, cfg), _expectations(cfg, expected_kind))
         kept, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
         invisible_hits = Counter(r for found in invisible.values() for r in found)
-        for row in rows:
-            reasons = failed.get(row.id)
-            hidden = invisible.get(row.id, []) if cfg.invisible == "quarantine" else []
+        # only the rows something was found in are looked at one by one; the rest are kept as they are
+        suspects = sorted(failed.keys() | (invisible.keys() if cfg.invisible == "quarantine" else set()))
+        after = 0  # rows before this one, not yet kept, have nothing found
+        for i in suspects:
+            kept += rows[after:i]
+            after = i + 1
+            row = rows[i]
+            reasons = failed.get(i)
+            hidden = invisible.get(i, []) if cfg.invisible == "quarantine" else []
             if reasons is None and not hidden:
                 kept.append(row)
                 continue
@@ -421,6 +456,7 @@ def _run(
                 continue
             pii_hits.update(hits)
             kept.append(_mask(row, pii) if cfg.pii == "mask" else row)
+        kept += rows[after:]
         valid[name] = kept
         n_in = len(rows) + len(problems) + len(wrong_kind) + len(tool_rows)
         reasons = Counter(q["reason"] for q in quarantine if q["source"] == name)
