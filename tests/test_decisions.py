@@ -278,9 +278,11 @@ def test_a_run_is_marked_complete_unless_it_already_is():
 # --- champion moves and rollback history ---
 
 
-def test_timestamps_are_utc_to_the_second():
+def test_timestamps_are_utc_to_the_microsecond_and_sort_in_time_order():
     moment = dt.datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=dt.UTC)
-    assert timestamp(moment) == "2026-01-02T03:04:05Z"
+    assert timestamp(moment) == "2026-01-02T03:04:05.999999Z"
+    later = moment + dt.timedelta(microseconds=1)  # the next second: a record key never collides or misorders
+    assert timestamp(later) == "2026-01-02T03:04:06.000000Z" and timestamp(later) > timestamp(moment)
 
 
 def test_only_a_passed_gate_is_promotable():

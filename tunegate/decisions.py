@@ -115,8 +115,9 @@ def needs_completion(run_tags: Mapping[str, str]) -> bool:
 
 
 def timestamp(moment: dt.datetime) -> str:
-    """The stamp of a promotion record or a rollback mark, for a moment in UTC."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """The stamp of a promotion record or a rollback mark, for a moment in UTC, to the microsecond: two
+    moves of the same version within one second (a promotion, then a rollback to it) keep both records."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def gate_refusal(name: str, version: str, tags: Mapping[str, str]) -> str | None:
