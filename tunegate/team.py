@@ -177,8 +177,8 @@ class TeamStack:
                 os.killpg(proc.pid, signal.SIGKILL)
             else:
                 os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
+            try:  # PostgreSQL writes a checkpoint on the way down; the others get 10 s to finish their requests
+                proc.wait(timeout=30 if name == "postgres" else 10)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
