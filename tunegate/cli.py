@@ -57,11 +57,11 @@ class Registry:
 
 
 def _registry(params: Path | None, tracking_uri: str | None = None, model: str | None = None):
-    from tunegate.config import load_config
+    from tunegate.config import load_config, params_path
     from tunegate.registry import client
     from tunegate.runtime import configure
 
-    found = Path(params or os.environ.get("TUNEGATE_PARAMS") or "params.yaml")
+    found = params_path(params)
     # in a project, what MLflow logs or warns goes to reports/logs/cli.log; elsewhere nothing is written
     configure(stage="cli" if found.exists() else None)
     if found.exists() or params:
@@ -321,7 +321,6 @@ def deploy(
     """Serve the retraining loop against PREFECT_API_URL: base watcher (interval), retrain (on its event + cron).
 
     With --pool, the deployments (and the pipeline's) go to that work pool's workers and this returns."""
-    import os
 
     # The deployments are defined once, in flows/deploy.py; this command is their launcher (the library
     # does not import flows). The flows import `flows` and `tunegate` from the project root.

@@ -281,9 +281,14 @@ def parse_config(raw: dict[str, Any], source: str = DEFAULT_PARAMS) -> Config:
         raise UserError(_format_error(source, err)) from None
 
 
+def params_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Which params.yaml: the argument, else $TUNEGATE_PARAMS, else ./params.yaml."""
+    return Path(path or os.environ.get("TUNEGATE_PARAMS", DEFAULT_PARAMS))
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load and validate params.yaml (path from the argument, $TUNEGATE_PARAMS, or ./params.yaml)."""
-    path = Path(path or os.environ.get("TUNEGATE_PARAMS", DEFAULT_PARAMS))
+    path = params_path(path)
     if not path.exists():
         raise UserError(f"{path}: not found (run from the project root or set TUNEGATE_PARAMS)")
     try:

@@ -153,6 +153,12 @@ class TeamStack:
         _write_private(path, "".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
         return path
 
+    @property
+    def prefect_auth(self) -> tuple[str, str]:
+        """(user, password) of Prefect's basic auth."""
+        user, password = self.creds["PREFECT_API_AUTH_STRING"].split(":", 1)
+        return user, password
+
     def _db_url(self, database: str, driver: str = "postgresql") -> str:
         return f"{driver}://{DB_USER}:{self.creds['POSTGRES_PASSWORD']}@127.0.0.1:{self.ports['postgres']}/{database}"
 
@@ -368,8 +374,9 @@ class TeamStack:
         self._spawn("prefect", [str(exe), "server", "start", "--host", "127.0.0.1", "--port", port], env=env)
         import requests
 
-        auth = tuple(self.creds["PREFECT_API_AUTH_STRING"].split(":", 1))
-        self._wait("prefect", lambda: requests.get(f"{self.prefect_url}/health", auth=auth, timeout=3).ok, timeout)
+        self._wait(
+            "prefect", lambda: requests.get(f"{self.prefect_url}/health", auth=self.prefect_auth, timeout=3).ok, timeout
+        )
 
     def _start_worker(self, timeout: float) -> None:
         exe = Path(sys.executable).parent / "prefect"
@@ -389,8 +396,8 @@ class TeamStack:
     def prefect_api(self, method: str, path: str, **kw):
         import requests
 
-        auth = tuple(self.creds["PREFECT_API_AUTH_STRING"].split(":", 1))
-        response = requests.request(method, f"{self.prefect_url}/{path.lstrip('/')}", auth=auth, timeout=10, **kw)
+        url = f"{self.prefect_url}/{path.lstrip('/')}"
+        response = requests.request(method, url, auth=self.prefect_auth, timeout=10, **kw)
         response.raise_for_status()
         return response.json()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tunegate.team import free_port  # noqa: F401 - the e2e tests import it from here
 
 BIN = Path(sys.executable).parent
 
@@ -49,12 +49,6 @@ def edit_params(project: Path, **changes) -> None:
             node = node[key]
         node[leaf] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
