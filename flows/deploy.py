@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 from flows.pipeline import ROOT
@@ -107,6 +108,7 @@ def to_pool(root: str, pool: str, interval: float, cron: str, track: str) -> lis
             },
         )
     ]
+    _check_pool(pool)
     names = []
     for flow, entrypoint, settings in everything:
         loaded = prefect_flow.from_source(source=root, entrypoint=entrypoint)
@@ -115,6 +117,34 @@ def to_pool(root: str, pool: str, interval: float, cron: str, track: str) -> lis
         )
         names.append(f"{flow.name}/{settings['name']}")
     return names
+
+
+def _check_pool(pool: str) -> None:
+    """One line, before anything is stored, when the Prefect API cannot be reached or has no such pool."""
+    import httpx
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from tunegate.errors import UserError
+
+    async def read():
+        async with get_client() as client:
+            await client.read_work_pool(pool)
+
+    try:
+        run_coro_as_sync(read())
+    except ObjectNotFound:
+        raise UserError(
+            f"work pool {pool}: not found on {PREFECT_API_URL.value() or 'the local Prefect API'}; create it "
+            f"(`prefect work-pool create {pool} --type process`) or start a worker of it"
+        ) from None
+    except httpx.HTTPError as err:
+        raise UserError(
+            f"PREFECT_API_URL {PREFECT_API_URL.value()}: Prefect API not reachable ({type(err).__name__}); "
+            "nothing was deployed"
+        ) from None
 
 
 def notify_on_rejection(block: str) -> str:
@@ -164,7 +194,13 @@ def main() -> None:
         print(f"automation: {notify_on_rejection(args.notify)} -> {args.notify}")
     track = tracked_branch(root, args.track)
     if args.pool:
-        for name in to_pool(root, args.pool, args.interval, args.cron, track):
+        from tunegate.errors import UserError
+
+        try:
+            names = to_pool(root, args.pool, args.interval, args.cron, track)
+        except UserError as err:
+            sys.exit(f"tunegate deploy: error: {err}")
+        for name in names:
             print(f"deployment {name} -> work pool {args.pool}")
         return
     from prefect import serve

@@ -322,8 +322,12 @@ def test_deployments_go_to_a_work_pool_with_the_project_as_working_dir(harness):
                 return []
             return [await client.read_deployment_by_name(name) for name in names]
 
-    run_coro_as_sync(pool_and_deployments([]))
     root = str(ROOT)
+    with pytest.raises(
+        UserError, match=r"^work pool team: not found on .*`prefect work-pool create team --type process`"
+    ):
+        to_pool(root, "team", 45, "0 5 * * *", "main")  # before the pool exists: one line, nothing stored
+    run_coro_as_sync(pool_and_deployments([]))
     names = to_pool(root, "team", 45, "0 5 * * *", "main")
     assert names == ["tunegate-watch-base/watch-base", "tunegate-retrain/retrain", "tunegate-pipeline/pipeline"]
     watcher, trainer, pipeline = run_coro_as_sync(pool_and_deployments(names))
