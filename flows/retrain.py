@@ -41,16 +41,18 @@ def pin_base_revision(params: Path, revision: str) -> str:
 
 def outcome(result: dict, base: str, ran: bool) -> tuple[str, str]:
     """(state name, one line) from register's result: promoted, rejected by the gate, or not promoted."""
-    name, version, champ = result["model_name"], result["version"], result["champion"] or "-"
+    name, version = result["model_name"], result["version"]
+    stays = f"champion stays at v{result['champion']}" if result["champion"] else "no champion yet"
     if not ran:
-        return "Completed", f"unchanged: nothing was stale; {name} champion stays at v{champ} (base {base})"
+        now = f"{name} champion stays at v{result['champion']}" if result["champion"] else f"{name} has no champion yet"
+        return "Completed", f"unchanged: nothing was stale; {now} (base {base})"
     if result["gate_passed"] and result["champion"] == version:
         was = f", was v{result['previous_champion']}" if result.get("previous_champion") else ""
         return "Promoted", f"promoted: {name} v{version} is champion (base {base}{was})"
     if not result["gate_passed"]:
         failed = [line for line in result.get("lines", []) if line.startswith("FAIL")] or [result["champion_check"]]
         why = "; ".join(failed)
-        return "Rejected", f"gate rejected {name} v{version} (base {base}): {why}; champion stays at v{champ}"
+        return "Rejected", f"gate rejected {name} v{version} (base {base}): {why}; {stays}"
     notes = "; ".join(result.get("notes", [])) or "see reports/register.json"
     return "Completed", f"not promoted: {name} v{version} passed the gate (base {base}) but {notes}"
 

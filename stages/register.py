@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from tunegate.adapters import ADAPTERS
 from tunegate.config import Config, flatten, load_config
 from tunegate.decisions import ROLLED_BACK, SECRET_KEY, SECRET_VALUE, URL_PASSWORD, redact, redact_value
 from tunegate.errors import UserError
@@ -36,7 +37,6 @@ from tunegate.registry import (
     BASE_ARTIFACT,
     BASE_FILES,
     BASES_EXPERIMENT,
-    adapter_fingerprint,
     champion,
     client,
     find_version,
@@ -44,6 +44,9 @@ from tunegate.registry import (
     move_champion,
     reachable,
     settle,
+)
+from tunegate.registry import (
+    fingerprint as model_fingerprint,
 )
 from tunegate.runtime import stage_main
 
@@ -207,32 +210,49 @@ def _local_base(base: dict) -> bool:
 
 
 def _log_model(cfg: Config, base: dict, adapter_dir: Path, tags: dict[str, str]):
-    """adapter + tokenizer via mlflow.transformers. For a local base, MLflow records the registering
-    machine's folder; the model's metadata also names the copy in the artifact store and its sha256,
-    which any client with access to the server loads (`tunegate fetch`)."""
+    """The trained model via mlflow.transformers, as its adapter kind wrote it.
+
+    A PEFT kind (lora, qlora, dora): adapter + tokenizer pointing at the base. For a local base, MLflow
+    records the registering machine's folder; the model's metadata also names the copy in the artifact
+    store and its sha256, which any client with access to the server loads (`tunegate fetch`).
+    `full`: the fine-tuned model itself (weights in the dtype it was trained in, tokenizer, chat template);
+    it needs no base to load. MLflow re-saves either in its own way: the fingerprint is of the weights, not files."""
     import mlflow
 
-    from tunegate.models import load_tokenizer, load_with_adapter
-
-    model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
-    tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
-    local_base = _local_base(base)
     requirements = [
         f"{p}=={metadata.version(p)}"
         for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
     ]
+    meta = {
+        key: tags[key]
+        for key in ("base_model", "base_revision", BASE_ARTIFACT, BASE_FILES, "adapter_sha256", "adapter")
+        if tags.get(key)
+    }
+    if not ADAPTERS[cfg.train.adapter].peft:  # the fine-tuned weights as trained (dtype kept), its own tokenizer
+        from tunegate.models import load_model, load_tokenizer
+
+        folder = {"model": base["model"], "path": str(adapter_dir)}
+        return mlflow.transformers.log_model(
+            transformers_model={
+                "model": load_model(folder, cfg.base.trust_remote_code, dtype="auto"),
+                "tokenizer": load_tokenizer(folder, cfg.base.trust_remote_code),
+            },
+            name="model",
+            task="text-generation",
+            pip_requirements=requirements,
+            metadata=meta | {"load_with": "tunegate fetch (the full fine-tuned model, sha256-checked)"},
+        )
+    from tunegate.models import load_tokenizer, load_with_adapter
+
+    model = load_with_adapter(base, adapter_dir, cfg.base.trust_remote_code)
+    tokenizer = load_tokenizer({"path": str(adapter_dir)}, cfg.base.trust_remote_code)
     return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="model",
         task="text-generation",
         pip_requirements=requirements,
-        base_model_path=base["path"] if local_base else None,
-        metadata={
-            key: tags[key]
-            for key in ("base_model", "base_revision", BASE_ARTIFACT, BASE_FILES, "adapter_sha256")
-            if tags.get(key)
-        }
-        | {"load_with": "tunegate fetch (adapter, tokenizer and base, sha256-checked)"},
+        base_model_path=base["path"] if _local_base(base) else None,
+        metadata=meta | {"load_with": "tunegate fetch (adapter, tokenizer and base, sha256-checked)"},
     )
 
 
@@ -315,7 +335,7 @@ def _register(
 
     c = client(cfg.register_.tracking_uri)
     name = cfg.register_.model_name
-    fingerprint = adapter_fingerprint(adapter_dir)
+    fingerprint = model_fingerprint(adapter_dir)
     existing = find_version(c, name, fingerprint)
     if existing is not None:
         log.info(
@@ -329,7 +349,9 @@ def _register(
     else:
         exp_id = experiment(c, cfg.register_.experiment, artifact_location(cfg))
         tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
-        if _local_base(base):  # stored once, by content, so another machine can load this version (tunegate fetch)
+        # a local base is stored once, by content, so another machine can load this version (tunegate fetch);
+        # a fully fine-tuned model loads without it (its base stays in the provenance tags)
+        if _local_base(base) and ADAPTERS[cfg.train.adapter].peft:
             tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, base, artifact_location(cfg, BASES_EXPERIMENT))
         with mlflow.start_run(
             experiment_id=exp_id,
@@ -469,11 +491,7 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
     """The version's description in the MLflow UI (markdown): why it was or was not promoted, every gate
     check with its numbers, what it was trained from, and how to reproduce or load it."""
     verdict = "PASSED" if result["gate_passed"] else "FAILED"
-    status = (
-        "champion"
-        if result["champion"] == result["version"]
-        else f"not champion (champion: v{result['champion'] or '-'})"
-    )
+    status = "champion" if result["champion"] == result["version"] else f"not champion ({_champion_now(result)})"
     lines = [
         f"**Gate {verdict}**; at registration: {status}. Champion check: {result['champion_check']}.",
         "",
@@ -496,11 +514,19 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
         ],
         "",
         f"**Reproduce**: `tunegate reproduce {result['version']}` (commit `{tags.get('git_commit', '')[:12]}`, "
-        f"dvc.lock sha256 `{tags.get('dvc_lock_sha256', '')[:12]}`). **Load**: `tunegate fetch {result['version']}`.",
+        f"dvc.lock sha256 `{tags.get('dvc_lock_sha256', '')[:12]}`). **Load**: `tunegate fetch {result['version']}`"
+        + ("." if ADAPTERS[cfg.train.adapter].peft else " (a full model: loads without its base)."),
     ]
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines)
+
+
+def _champion_now(result: dict[str, Any], verb: str = "") -> str:
+    """`champion stays at v2` / `champion: v2`, or `no champion yet` when no version has the alias."""
+    if not result["champion"]:
+        return "no champion yet"
+    return f"champion {verb} v{result['champion']}" if verb else f"champion: v{result['champion']}"
 
 
 def banner(result: dict[str, Any]) -> str:
@@ -512,7 +538,7 @@ def banner(result: dict[str, Any]) -> str:
             [
                 *notes,
                 f"tunegate: gate PASSED; {result['model_name']} v{result['version']} registered; "
-                f"champion stays at v{result['champion'] or '-'}",
+                f"{_champion_now(result, 'stays at')}",
             ]
         )
     bar = "!" * 72
@@ -522,7 +548,7 @@ def banner(result: dict[str, Any]) -> str:
             f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
             *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
             *[f"!!   {note}" for note in result.get("notes", [])],
-            f"!! champion stays at v{result['champion'] or '-'}; see reports/gate/report.md",
+            f"!! {_champion_now(result, 'stays at')}; see reports/gate/report.md",
             bar,
         ]
     )

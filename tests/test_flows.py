@@ -340,3 +340,14 @@ def test_deployments_go_to_a_work_pool_with_the_project_as_working_dir(harness):
     assert trainer.schedules[0].schedule.cron == "0 5 * * *" and not pipeline.schedules
     limits = [d.global_concurrency_limit.limit for d in (trainer, pipeline)]  # the server's form of concurrency_limit
     assert limits == [1, 1]
+
+
+def test_a_retrain_with_no_champion_says_so():
+    from flows.retrain import outcome
+
+    result = {"model_name": "m", "version": "1", "champion": None, "gate_passed": False, "lines": ["FAIL x"]}
+    state, line = outcome({**result, "champion_check": "not run"}, "demo@r", ran=True)
+    assert state == "Rejected" and line.endswith("FAIL x; no champion yet") and "v-" not in line
+    assert (
+        outcome(result, "demo@r", ran=False)[1] == "unchanged: nothing was stale; m has no champion yet (base demo@r)"
+    )

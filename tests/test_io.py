@@ -71,3 +71,56 @@ def test_other_os_errors_are_not_disguised(tmp_path):
     with pytest.raises(PermissionError):
         with io.atomic_path(tmp_path / "x.json"):
             raise PermissionError(13, "Permission denied")
+
+
+def _save(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def test_weights_hash_ignores_files_and_shards_and_sees_every_value(tmp_path):
+    """sha256_tensors: the same weights in one file or two shards hash the same (MLflow re-saves a full model
+    at its own shard size); a changed value, name or shape does not."""
+    import torch
+
+    torch.manual_seed(0)
+    weights = {"a.weight": torch.randn(4, 3), "b.bias": torch.randn(5), "c.ids": torch.arange(6)}
+    _save(tmp_path / "one" / "model.safetensors", weights)
+    _save(tmp_path / "two" / "model-00001-of-00002.safetensors", {"c.ids": weights["c.ids"]})
+    _save(tmp_path / "two" / "model-00002-of-00002.safetensors", {k: weights[k] for k in ("a.weight", "b.bias")})
+    one = io.sha256_tensors(tmp_path / "one")
+    assert one == io.sha256_tensors(tmp_path / "two") and len(one) == 64
+    for name, changed in {
+        "value": {**weights, "b.bias": weights["b.bias"] + 1e-6},
+        "name": {"a.other": weights["a.weight"], "b.bias": weights["b.bias"], "c.ids": weights["c.ids"]},
+        "shape": {**weights, "a.weight": weights["a.weight"].reshape(3, 4)},
+        "integer dtype": {**weights, "c.ids": weights["c.ids"].to(torch.int32)},
+    }.items():
+        _save(tmp_path / name / "model.safetensors", changed)
+        assert io.sha256_tensors(tmp_path / name) != one, name
+
+
+def test_weights_hash_widens_bf16_and_f16_exactly_to_float32(tmp_path):
+    """A bf16 adapter (as QLoRA trains it) re-saved in float32 by PEFT is the same weights: the same hash."""
+    import torch
+
+    torch.manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = {"lora_A.weight": torch.randn(8, 4).to(dtype)}
+        _save(tmp_path / str(dtype) / "low" / "adapter_model.safetensors", low)
+        _save(
+            tmp_path / str(dtype) / "wide" / "adapter_model.safetensors",
+            {"lora_A.weight": low["lora_A.weight"].float()},
+        )
+        assert io.sha256_tensors(tmp_path / str(dtype) / "low") == io.sha256_tensors(tmp_path / str(dtype) / "wide")
+        nudged = {"lora_A.weight": low["lora_A.weight"].float() + 1e-7}  # not representable in the low dtype
+        _save(tmp_path / str(dtype) / "nudged" / "adapter_model.safetensors", nudged)
+        assert io.sha256_tensors(tmp_path / str(dtype) / "nudged") != io.sha256_tensors(tmp_path / str(dtype) / "low")
+
+
+def test_a_file_that_is_not_safetensors_is_one_line(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + b"not json")
+    with pytest.raises(UserError, match="model.safetensors: not a safetensors file"):
+        io.sha256_tensors(tmp_path)

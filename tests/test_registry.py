@@ -1,5 +1,7 @@
 """Registry helpers that need no server: secret redaction."""
 
+from pathlib import Path
+
 import pytest
 
 from tunegate.errors import UserError
@@ -52,7 +54,7 @@ def test_failed_gate_and_tampered_files_are_refused(registry):
     with pytest.raises(UserError, match="gate did not pass"):
         move_champion(c, "m", str(v3), "no")
     (tmp / "model0" / "peft" / "adapter_model.safetensors").write_bytes(b"swapped")
-    with pytest.raises(UserError, match="no longer match the registered adapter sha256"):
+    with pytest.raises(UserError, match="present but no longer match the registered sha256"):
         move_champion(c, "m", str(v1), "tampered")
     assert champion(c, "m") is None
 
@@ -290,7 +292,7 @@ def test_tampered_file_in_the_artifact_store_blocks_promotion(tmp_path):
     assert move_champion(c, "m", str(versions[0]), "intact") is None
     (stored,) = (tmp_path / "art" / run.info.run_id).rglob("adapter_model.safetensors")
     stored.write_bytes(b"swapped weights")
-    with pytest.raises(UserError, match="no longer match the registered adapter sha256"):
+    with pytest.raises(UserError, match="present but no longer match the registered sha256"):
         move_champion(c, "m", str(versions[1]), "tampered")
     assert str(champion(c, "m").version) == str(versions[0])
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"trained weights"  # only the stored copy changed
@@ -341,5 +343,56 @@ def test_a_local_base_is_stored_once_by_content_and_a_version_loads_without_it(t
         assert torch.equal(model(input_ids=ids).logits, expected)
     stored = next((tmp_path / "store").rglob("model.safetensors"))
     stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
-    with pytest.raises(UserError, match="the base at runs:/.* does not match its sha256"):
+    with pytest.raises(UserError, match="the base at runs:/.* is present but does not match its recorded sha256"):
         fetch(c, "m", str(v), tmp_path / "third")
+
+
+def test_a_full_model_fetches_and_loads_without_a_base_and_lost_files_are_named_missing(tmp_path):
+    """A fully fine-tuned version (adapter tag `full`) is its own model: fetch brings weights and tokenizer,
+    no base, and load gives the same logits. Files the store lost are reported as missing, naming the
+    version, the URI and the store, not as tampering; changed files as altered."""
+    import shutil
+
+    import mlflow
+    import torch
+
+    from demo.model import build
+    from tests.conftest import ROOT
+    from tunegate.config import DemoBase
+    from tunegate.io import read_jsonl
+    from tunegate.models import load_model
+    from tunegate.registry import fetch, fingerprint, load
+
+    tiny = DemoBase(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=32, steps=2)
+    trained = tmp_path / "candidate"
+    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:200], tiny, 1, trained)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = client(uri)
+    exp = c.create_experiment("e", artifact_location=(tmp_path / "store").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_artifacts(str(trained), artifact_path="model/model")
+    c.create_registered_model("m")
+    tags = {"adapter": "full", "adapter_sha256": fingerprint(trained), "gate_passed": "true", "base_model": "demo"}
+    v = c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version
+
+    got = fetch(c, "m", str(v), tmp_path / "elsewhere")
+    assert got["kind"] == "full" and got["base"] is None and got["adapter"] is None
+    assert Path(got["model"]).is_relative_to(tmp_path / "elsewhere")
+    model, tokenizer = load(got)
+    ids = torch.tensor([tokenizer("order 12345 never came")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, load_model({"path": str(trained)})(input_ids=ids).logits)
+    assert move_champion(c, "m", str(v), "files intact") is None
+
+    (stored,) = (tmp_path / "store" / run.info.run_id).rglob("model.safetensors")
+    original = stored.read_bytes()
+    stored.write_bytes(original[:-4] + b"\0\0\0\1")
+    with pytest.raises(UserError, match=r"m v1: model files at runs:/.* are present but no longer match .*tampered\?"):
+        fetch(c, "m", str(v), tmp_path / "altered")
+    shutil.rmtree(tmp_path / "store" / run.info.run_id / "artifacts" / "model")
+    for attempt in (lambda: fetch(c, "m", str(v), tmp_path / "lost"), lambda: move_champion(c, "m", str(v), "again")):
+        with pytest.raises(UserError) as lost:
+            attempt()
+        line = str(lost.value)
+        assert line.startswith(f"m v1: its model files are missing from the artifact store of {uri}: nothing at runs:/")
+        assert "tampered" not in line and "\n" not in line

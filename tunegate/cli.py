@@ -5,12 +5,12 @@
     tunegate status                # registered versions, gate verdicts, base revisions, champion
                                    # (registry commands work from any folder with --tracking-uri/--model)
     tunegate show VERSION          # the full provenance record of a version
-    tunegate fetch [VERSION|ALIAS] # download a version's adapter and base anywhere, sha256-checked
+    tunegate fetch [VERSION|ALIAS] # download a version (adapter + base, or a full model) anywhere, sha256-checked
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
     tunegate deploy                # Prefect: watch the base, retrain on a new revision (event) and on a cron
-    tunegate team up               # the team setup on this machine: PostgreSQL, S3, MLflow, Prefect, a worker
+    tunegate team up               # the team setup here: PostgreSQL, MLflow (model files on disk), Prefect, a worker
     tunegate demo-base             # publish a new revision of the demo base model (models/demo-hub)
     tunegate demo-data             # regenerate the embedded demo data (seeded, byte-identical)
 
@@ -158,7 +158,7 @@ def fetch(
     tracking_uri: str | None = TRACKING,
     model: str | None = MODEL,
 ) -> None:
-    """Download a version's adapter and its base (artifact store or hub, by the recorded sha256) and check both."""
+    """Download a version (its adapter and base, or its full model) and check it against the recorded sha256."""
     from tunegate.registry import fetch as download
 
     try:
@@ -166,9 +166,23 @@ def fetch(
         got = download(c, reg.model_name, ref, to)
     except UserError as err:
         _fail(err)
-    typer.echo(
-        f"{reg.model_name} v{got['version']}: adapter {got['adapter']}\n"
-        f"base {got['base_model']}@{got['base_revision']}: {got['base']} (sha256 checked)\n"
+    typer.echo(fetched_lines(reg.model_name, got))
+
+
+def fetched_lines(name: str, got: dict) -> str:
+    """What `tunegate fetch` prints: where each part landed, and the one call that loads it."""
+    origin = f"base {got['base_model']}@{got['base_revision']}"
+    if got["model"]:  # a fully fine-tuned model: no base to load it with
+        return (
+            f"{name} v{got['version']}: full model {got['model']} (sha256 checked; trained from {origin})\n"
+            "load: from tunegate.registry import load; model, tokenizer = load("
+            f"{{'model': {got['model']!r}, 'tokenizer': {got['tokenizer']!r}, 'base_model': {got['base_model']!r}}})\n"
+            f"or in plain transformers: AutoModelForCausalLM.from_pretrained({got['model']!r}), "
+            f"AutoTokenizer.from_pretrained({got['tokenizer']!r})"
+        )
+    return (
+        f"{name} v{got['version']}: {got['kind']} adapter {got['adapter']}\n"
+        f"{origin}: {got['base']} (sha256 checked)\n"
         "load: from tunegate.registry import load; model, tokenizer = load("
         f"{{'adapter': {got['adapter']!r}, 'tokenizer': {got['tokenizer']!r}, 'base': {got['base']!r}, "
         f"'base_model': {got['base_model']!r}}})"
@@ -403,7 +417,7 @@ app.add_typer(team, name="team")
 def team_up(
     home: Path = typer.Option(Path(".team"), "--dir", help="folder for the servers' data, logs, secrets"),
 ) -> None:
-    """Start PostgreSQL, S3 (moto), MLflow (artifact proxy, basic auth), Prefect server and a worker on 127.0.0.1."""
+    """Start PostgreSQL, MLflow (basic auth; model files on disk behind its proxy), Prefect, a worker on 127.0.0.1."""
     from tunegate.team import up
 
     try:

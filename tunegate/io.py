@@ -125,3 +125,55 @@ def sha256_tree(root: str | os.PathLike[str], pattern: str = "*") -> dict[str, s
 def sha256_of(obj: Any) -> str:
     """Fingerprint of a JSON-able object, independent of key order."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# Floating-point dtypes that widen to float32 exactly: hashed as float32, so a bf16 adapter re-saved in
+# float32 (PEFT loads adapters in the base's dtype) hashes as it did when trained.
+_WIDENS_TO_F32 = {"BF16", "F16", "F32"}
+
+
+def _as_f32(dtype: str, chunk: bytes) -> bytes:
+    import numpy as np
+
+    if dtype == "BF16":  # bfloat16 is float32's top 16 bits
+        return (np.frombuffer(chunk, dtype="<u2").astype("<u4") << 16).tobytes()
+    if dtype == "F16":
+        return np.frombuffer(chunk, dtype="<f2").astype("<f4").tobytes()
+    return chunk
+
+
+def sha256_tensors(root: str | os.PathLike[str]) -> str:
+    """sha256 over the weights in the safetensors files under root: every tensor's name, shape and values,
+    read from each file's own header and streamed (nothing is loaded as a tensor). The same weights hash
+    the same whatever files, shards or header order hold them, and bf16/f16 values hash as their exact
+    float32 widening: MLflow re-saves a full model at its own shard size, and PEFT re-saves a bf16 adapter
+    in float32."""
+    tensors: dict[str, str] = {}
+    for path in sorted(Path(root).rglob("*.safetensors")):
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(size)) if size <= path.stat().st_size - 8 else None
+            except (ValueError, MemoryError):
+                header = None
+            if not isinstance(header, dict):
+                raise UserError(f"{path}: not a safetensors file (its header cannot be read)")
+            start = 8 + size
+            for name, info in sorted(header.items()):
+                if name == "__metadata__":
+                    continue
+                dtype = info["dtype"]
+                begin, end = info["data_offsets"]
+                digest = hashlib.sha256(
+                    f"{name}|{'F32' if dtype in _WIDENS_TO_F32 else dtype}|{info['shape']}|".encode()
+                )
+                f.seek(start + begin)
+                left = end - begin
+                while left:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise UserError(f"{path}: truncated safetensors file (tensor {name})")
+                    digest.update(_as_f32(dtype, chunk))
+                    left -= len(chunk)
+                tensors[name] = digest.hexdigest()
+    return sha256_of(tensors)

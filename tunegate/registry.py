@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate import decisions
+from tunegate.adapters import ADAPTERS, AdapterKind
 from tunegate.decisions import ROLLED_BACK, Version, redact_value
 from tunegate.decisions import redact as redact  # re-exported: callers that import it from here
 from tunegate.errors import UserError
@@ -102,14 +103,99 @@ def settle(c, name: str, fingerprint: str, run_id: str) -> str:
 
 
 def adapter_fingerprint(adapter_dir: Path) -> str:
-    """sha256 over the adapter's safetensors files by file name, so the trained folder and the copy in
-    the MLflow artifact store (laid out differently) have the same fingerprint."""
+    """The fingerprint versions recorded before `fingerprint`: sha256 over the safetensors files by file name."""
     from tunegate.io import sha256_of
 
     files = {Path(rel).name: sha for rel, sha in sha256_tree(adapter_dir, "*.safetensors").items()}
     if not files:
         raise UserError(f"{adapter_dir}: no .safetensors files to fingerprint")
     return sha256_of(files)
+
+
+def fingerprint(folder: Path) -> str:
+    """A trained model's identity (the `adapter_sha256` tag: idempotent registration and the tamper check):
+    sha256 over its weights' names, shapes and values (`sha256_tensors`), so the trained folder and the copy
+    MLflow re-saved into the artifact store (its own shards; a bf16 adapter widened to float32) agree.
+    Versions registered before this hash recorded `adapter_fingerprint`, which `matches` still accepts."""
+    from tunegate.io import sha256_tensors
+
+    if not list(Path(folder).rglob("*.safetensors")):
+        raise UserError(f"{folder}: no .safetensors files to fingerprint")
+    return sha256_tensors(folder)
+
+
+def matches(folder: Path, recorded: str | None) -> bool:
+    """Whether the weights in folder are those a version recorded (either fingerprint of them)."""
+    if recorded == adapter_fingerprint(folder):
+        return True
+    try:
+        return recorded == fingerprint(folder)
+    except UserError:  # a file that is not safetensors any more: altered
+        return False
+
+
+def kind_of(tags: dict[str, str]) -> AdapterKind:
+    """The adapter kind a version was trained with (its `adapter` tag; versions predating the tag were LoRA)."""
+    return ADAPTERS.get(tags.get("adapter", "lora"), ADAPTERS["lora"])
+
+
+def store_of(uri: str) -> str:
+    """Where an artifact URI's files live, in words: the tracking server's artifact store, or a URL/folder."""
+    import mlflow
+
+    if uri.startswith(("mlflow-artifacts:", "runs:", "models:")):
+        return f"the artifact store of {redact_value('uri', mlflow.get_tracking_uri())}"
+    return redact_value("uri", uri.split("/artifacts/", 1)[0] if "/artifacts/" in uri else uri)
+
+
+def missing(name: str, version: str, what: str, uri: str, detail: str = "") -> UserError:
+    """The one line for files a version's record names that the artifact store no longer holds."""
+    why = f" ({detail})" if detail else ""
+    return UserError(
+        f"{name} v{version}: its {what} are missing from {store_of(uri)}: nothing at {uri}{why}; the registry "
+        "still lists the version, but its files were deleted or the store lost them (an object store that keeps "
+        "data in memory loses it on restart)"
+    )
+
+
+def download(name: str, version: str, what: str, uri: str, dest: Path | None = None) -> Path:
+    """Download `uri` (a folder or file of a version), or say in one line that it is missing or unreachable."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest) if dest else None))
+    except Exception as err:  # noqa: BLE001 - whatever the store raises: missing, unreachable, refused
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if _absent(err):
+            raise missing(name, version, what, uri, text) from None
+        raise UserError(
+            f"{name} v{version}: its {what} at {uri} cannot be read from {store_of(uri)} ({type(err).__name__}: {text})"
+        ) from None
+    if local.is_dir() and not any(p.is_file() for p in local.rglob("*")):
+        raise missing(name, version, what, uri)
+    return local
+
+
+def _absent(err: Exception) -> bool:
+    """Whether a download error says the files are not there (as opposed to a store that cannot be reached)."""
+    text = f"{type(err).__name__} {err}".lower()
+    absent = ("not found", "nosuchkey", "404", "does not exist", "no such file", "ensure that the path is correct")
+    return any(word in text for word in absent)
+
+
+def model_files(c, name: str, v, dest: Path, refusing: str = "") -> Path:
+    """A version's model files downloaded into dest and checked against the recorded sha256; one line when
+    they are missing from the store, another when they are present but altered."""
+    local = download(name, str(v.version), "model files", v.source, dest)
+    if not list(local.rglob("*.safetensors")):
+        raise missing(name, str(v.version), "model weights", v.source, "the folder holds no .safetensors file")
+    if not matches(local, v.tags.get("adapter_sha256")):
+        tail = f"; {refusing}" if refusing else ""
+        raise UserError(
+            f"{name} v{v.version}: model files at {v.source} are present but no longer match the registered "
+            f"sha256 (tampered?){tail}"
+        )
+    return local
 
 
 def champion(c, name: str, alias: str = "champion"):
@@ -131,20 +217,10 @@ def _check_promotable(c, name: str, version: str, check_files: bool):
     if refusal:
         raise UserError(refusal)
     if check_files:
-        import mlflow
+        import tempfile
 
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source))
-        except Exception as err:
-            raise UserError(
-                f"{name} v{version}: model files at {v.source} cannot be read ({type(err).__name__}); "
-                "refusing to promote"
-            ) from None
-        if adapter_fingerprint(local) != v.tags.get("adapter_sha256"):
-            raise UserError(
-                f"{name} v{version}: model files at {v.source} no longer match the registered adapter sha256 "
-                "(tampered?); refusing to promote"
-            )
+        with tempfile.TemporaryDirectory() as scratch:
+            model_files(c, name, v, Path(scratch), "refusing to promote")
     return v
 
 
@@ -236,8 +312,6 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     import subprocess
     import sys
 
-    import mlflow
-
     v = c.get_model_version(name, version)
     commit = v.tags.get("git_commit", "unknown")
     if commit in ("", "unknown"):
@@ -251,7 +325,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         or run("git", "checkout", "--quiet", clean).returncode
     ):
         raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
-    params = Path(mlflow.artifacts.download_artifacts(run_id=v.run_id, artifact_path="provenance/params.yaml"))
+    params = download(name, str(version), "provenance (params.yaml)", f"runs:/{v.run_id}/provenance/params.yaml")
     shutil.copy(params, workdir / PARAMS)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -271,7 +345,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     from tunegate.config import load_config
     from tunegate.paths import Layout
 
-    fingerprint = adapter_fingerprint(Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter)
+    folder = Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter
     if v.tags.get("deterministic_kernels", "true") == "true":
         comparison = "adapter sha256, bit for bit (the recorded run used deterministic kernels)"
     else:  # fast CUDA kernels sum in a different order from run to run: equal bytes are not to be expected
@@ -284,8 +358,8 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         "commit": commit,
         "workdir": str(workdir),
         "recorded": v.tags.get("adapter_sha256"),
-        "reproduced": fingerprint,
-        "match": fingerprint == v.tags.get("adapter_sha256"),
+        "reproduced": fingerprint(folder),
+        "match": matches(folder, v.tags.get("adapter_sha256")),
         "comparison": comparison,
     }
 
@@ -348,39 +422,45 @@ def resolve_version(c, name: str, ref: str, alias: str = "champion"):
 
 
 def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
-    """Download a registered version's adapter and its base into dest and check both against the sha256
-    recorded at registration. Returns {"version", "adapter", "tokenizer", "base", "base_model", "base_revision"};
-    `base` is a local folder (from the artifact store) or, for a hub base, the snapshot of the recorded
-    commit from the Hugging Face hub or cache."""
-    import mlflow
+    """Download a registered version into dest and check it against the sha256 recorded at registration.
 
+    Returns {"version", "kind", "model", "adapter", "tokenizer", "base", "base_model", "base_revision"}:
+    for a PEFT kind (lora, qlora, dora) `adapter` is the adapter folder and `base` its base, a local folder
+    (from the artifact store) or, for a hub base, the snapshot of the recorded commit from the Hugging Face
+    hub or cache; for `full`, `model` is the fine-tuned model itself (its weights, tokenizer and template),
+    which loads without its base (`base_model`/`base_revision` still say where it came from)."""
     from tunegate.io import sha256_of
 
     v = resolve_version(c, name, ref)
-    dest = Path(dest)
-    try:
-        model = Path(mlflow.artifacts.download_artifacts(artifact_uri=v.source, dst_path=str(dest / FETCHED_MODEL)))
-    except Exception as err:  # noqa: BLE001 - unreachable store, missing files: one line
-        raise UserError(
-            f"{name} v{v.version}: model files at {v.source} cannot be read ({type(err).__name__})"
-        ) from None
-    if adapter_fingerprint(model) != v.tags.get("adapter_sha256"):
-        raise UserError(f"{name} v{v.version}: model files at {v.source} do not match the registered adapter sha256")
-    configs = sorted(model.rglob("adapter_config.json"))
-    adapter = configs[0].parent if configs else model
-    # the tokenizer the adapter was trained with: MLflow keeps it beside the adapter (components/tokenizer)
-    tokenizers = sorted(p.parent for p in model.rglob("tokenizer_config.json"))
+    kind, tags = kind_of(v.tags), v.tags
+    files = model_files(c, name, v, Path(dest) / FETCHED_MODEL)
+    got = {
+        "version": str(v.version),
+        "kind": kind.name,
+        "model": None,
+        "adapter": None,
+        "tokenizer": None,
+        "base": None,
+        "base_model": tags.get("base_model"),
+        "base_revision": tags.get("base_revision"),
+    }
+    # the tokenizer the model was trained with: MLflow keeps it beside the weights (components/tokenizer)
+    tokenizers = sorted(p.parent for p in files.rglob("tokenizer_config.json"))
+    if not kind.peft:  # the weights folder (config.json beside the safetensors), loadable without its base
+        configs = [p.parent for p in sorted(files.rglob("config.json")) if list(p.parent.glob("*.safetensors"))]
+        folder = configs[0] if configs else files
+        tokenizer = next((t for t in tokenizers if t == folder), tokenizers[0] if tokenizers else folder)
+        return got | {"model": str(folder), "tokenizer": str(tokenizer)}
+    configs = sorted(files.rglob("adapter_config.json"))
+    adapter = configs[0].parent if configs else files
     tokenizer = next((t for t in tokenizers if t == adapter), tokenizers[0] if tokenizers else None)
-    tags = v.tags
     if tags.get(BASE_ARTIFACT):
-        try:
-            base = Path(mlflow.artifacts.download_artifacts(artifact_uri=tags[BASE_ARTIFACT], dst_path=str(dest)))
-        except Exception as err:  # noqa: BLE001
-            raise UserError(
-                f"{name} v{v.version}: its base at {tags[BASE_ARTIFACT]} cannot be read ({type(err).__name__})"
-            ) from None
+        base = download(name, str(v.version), "base model files", tags[BASE_ARTIFACT], Path(dest))
         if sha256_of(base_files(base)) != tags.get(BASE_FILES):
-            raise UserError(f"{name} v{v.version}: the base at {tags[BASE_ARTIFACT]} does not match its sha256")
+            raise UserError(
+                f"{name} v{v.version}: the base at {tags[BASE_ARTIFACT]} is present but does not match its "
+                "recorded sha256 (tampered?)"
+            )
     else:
         from huggingface_hub import snapshot_download
 
@@ -391,20 +471,17 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
                 f"{name} v{v.version}: base {tags['base_model']}@{tags.get('base_revision')} is not in the Hugging "
                 f"Face cache and cannot be downloaded ({type(err).__name__})"
             ) from None
-    return {
-        "version": str(v.version),
-        "adapter": str(adapter),
-        "tokenizer": str(tokenizer or base),
-        "base": str(base),
-        "base_model": tags.get("base_model"),
-        "base_revision": tags.get("base_revision"),
-    }
+    return got | {"adapter": str(adapter), "tokenizer": str(tokenizer or base), "base": str(base)}
 
 
 def load(fetched: dict[str, Any], trust_remote_code: bool = False):
-    """(model, tokenizer) of a fetched version: the base with the adapter applied, the adapter's tokenizer."""
-    from tunegate.models import load_tokenizer, load_with_adapter
+    """(model, tokenizer) of a fetched version: a full model as it is, or the base with the adapter applied
+    and the adapter's tokenizer."""
+    from tunegate.models import load_model, load_tokenizer, load_with_adapter
 
+    if fetched.get("model"):
+        model = load_model({"model": fetched.get("base_model"), "path": fetched["model"]}, trust_remote_code)
+        return model, load_tokenizer({"path": fetched.get("tokenizer") or fetched["model"]}, trust_remote_code)
     manifest = {"model": fetched["base_model"], "path": fetched["base"]}
     model = load_with_adapter(manifest, Path(fetched["adapter"]), trust_remote_code)
     return model, load_tokenizer({"path": fetched.get("tokenizer") or fetched["adapter"]}, trust_remote_code)

@@ -4,8 +4,13 @@
     source .team/client.env          # in another shell: the URLs and this setup's credentials for tunegate and Prefect
 
 - PostgreSQL (the OS package's server binaries): databases `mlflow`, `mlflow_auth` and `prefect`;
-- an S3-compatible server (moto in server mode) with the artifact bucket created at start;
-- `mlflow server`: PostgreSQL backend, artifacts proxied to S3 (`--serve-artifacts`), basic auth;
+- `mlflow server`: PostgreSQL backend, basic auth, artifacts proxied (`--serve-artifacts`) to a folder on
+  disk, `<home>/artifacts`, so every registered model outlives a restart of the stack; or to the S3 bucket
+  `TUNEGATE_ARTIFACTS_DESTINATION` names (`s3://bucket/prefix`, with `AWS_*` and `MLFLOW_S3_ENDPOINT_URL`
+  in the environment, e.g. MinIO as infra/compose runs it). Clients never hold storage credentials;
+  the proxy checks MLflow's own users first. (No S3 server here by default: the one installable from PyPI,
+  moto, keeps objects in memory and lost every model on restart; a folder served by MLflow is the store
+  that needs no second server to keep alive.)
 - `prefect server` on PostgreSQL, with basic auth;
 - a Prefect worker of a process work pool, which runs the pipeline's deployments (`tunegate deploy --pool`).
 
@@ -31,22 +36,21 @@ from pathlib import Path
 
 from tunegate.errors import UserError
 
-SERVICES = ("postgres", "s3", "mlflow", "prefect", "worker")
-BUCKET = "tunegate-artifacts"
+SERVICES = ("postgres", "mlflow", "prefect", "worker")
+ARTIFACTS = "artifacts"  # <home>/artifacts: the model files MLflow serves
+DESTINATION_VAR = "TUNEGATE_ARTIFACTS_DESTINATION"  # an S3 bucket instead of the folder
 POOL = "tunegate"
 DB_USER = "tunegate"
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
 # What a team sets (infra/compose/.env.example has the same names); generated here when unset.
 TEAM_VARS = (
     "POSTGRES_PASSWORD",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "PREFECT_API_AUTH_STRING",
 )
-SECRET_VARS = {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"}
+SECRET_VARS = {"POSTGRES_PASSWORD", "MLFLOW_TRACKING_PASSWORD"}
 SECRET_VARS |= {"MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_API_AUTH_STRING"}
 
 
@@ -79,8 +83,6 @@ def _credentials(home: Path) -> dict[str, str]:
     saved = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line) if path.exists() else {}
     made = {
         "POSTGRES_PASSWORD": secrets.token_urlsafe(18),
-        "AWS_ACCESS_KEY_ID": "tunegate",
-        "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
         "MLFLOW_TRACKING_USERNAME": "tunegate",
         "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(18),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
@@ -103,7 +105,8 @@ def _write_private(path: Path, text: str) -> None:
 
 @dataclass
 class TeamStack:
-    """PostgreSQL, S3, MLflow, Prefect server and a process worker under `home`, on free 127.0.0.1 ports.
+    """PostgreSQL, MLflow (artifacts in `home`/artifacts), Prefect server and a process worker under `home`,
+    on free 127.0.0.1 ports.
 
     `start()` brings up what is not running, in dependency order, and waits for each health check;
     `stop(name, hard=True)` kills one service the way a crash would (SIGKILL; PostgreSQL's immediate
@@ -121,7 +124,7 @@ class TeamStack:
         self.creds = _credentials(self.home)
         saved = self.home / "ports"
         known = dict(line.split("=") for line in saved.read_text().split()) if saved.exists() else {}
-        for name in ("postgres", "s3", "mlflow", "prefect"):
+        for name in ("postgres", "mlflow", "prefect"):
             self.ports.setdefault(name, int(known.get(name, 0)) or free_port())
         saved.write_text("".join(f"{k}={v}\n" for k, v in self.ports.items()))
 
@@ -135,11 +138,12 @@ class TeamStack:
         return f"http://127.0.0.1:{self.ports['prefect']}/api"
 
     @property
-    def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+    def artifacts(self) -> str:
+        """Where MLflow keeps the model files: the S3 URI of TUNEGATE_ARTIFACTS_DESTINATION, else <home>/artifacts."""
+        return os.environ.get(DESTINATION_VAR) or str(self.home / ARTIFACTS)
 
     def client_env(self) -> dict[str, str]:
-        """What a teammate's shell needs: no S3 credentials (MLflow proxies the artifacts), no database."""
+        """What a teammate's shell needs: no storage credentials (MLflow proxies the artifacts), no database."""
         return {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "MLFLOW_TRACKING_USERNAME": self.creds["MLFLOW_TRACKING_USERNAME"],
@@ -299,27 +303,6 @@ class TeamStack:
         finally:
             conn.close()
 
-    # -- S3 ------------------------------------------------------------------------------------------
-    def s3(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_url,
-            aws_access_key_id=self.creds["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=self.creds["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1",
-        )
-
-    def _start_s3(self, timeout: float) -> None:
-        exe = Path(sys.executable).parent / "moto_server"
-        if not exe.exists():
-            raise UserError("team: moto_server not installed (pip install 'tunegate[team]')")
-        self._spawn("s3", [str(exe), "-H", "127.0.0.1", "-p", str(self.ports["s3"])])
-        self._wait("s3", lambda: self.s3().list_buckets() is not None, timeout)
-        if BUCKET not in {b["Name"] for b in self.s3().list_buckets()["Buckets"]}:
-            self.s3().create_bucket(Bucket=BUCKET)
-
     # -- MLflow --------------------------------------------------------------------------------------
     def _start_mlflow(self, timeout: float) -> None:
         auth = self.home / "mlflow-auth.ini"
@@ -335,18 +318,18 @@ class TeamStack:
             "MLFLOW_BACKEND_STORE_URI": self._db_url("mlflow"),
             "MLFLOW_AUTH_CONFIG_PATH": str(auth),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": self.creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
-            "AWS_ACCESS_KEY_ID": self.creds["AWS_ACCESS_KEY_ID"],
-            "AWS_SECRET_ACCESS_KEY": self.creds["AWS_SECRET_ACCESS_KEY"],
-            "AWS_DEFAULT_REGION": "us-east-1",
             # MLflow's job runner (GenAI evaluation jobs: six huey processes) is nothing tunegate uses
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         exe = Path(sys.executable).parent / "mlflow"
+        if not os.environ.get(DESTINATION_VAR):
+            (self.home / ARTIFACTS).mkdir(exist_ok=True)
+        elif os.environ.get("MLFLOW_S3_ENDPOINT_URL"):  # MinIO or another S3-compatible server
+            env["MLFLOW_S3_ENDPOINT_URL"] = os.environ["MLFLOW_S3_ENDPOINT_URL"]
         self._spawn(
             "mlflow",
             [str(exe), "server", "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]), "--workers", "1"]
-            + ["--app-name", "basic-auth", "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/mlflow"],
+            + ["--app-name", "basic-auth", "--serve-artifacts", "--artifacts-destination", self.artifacts],
             env=env,
         )
         import requests
@@ -405,6 +388,56 @@ class TeamStack:
         workers = self.prefect_api("POST", f"work_pools/{self.pool}/workers/filter", json={})
         return any(w.get("status") == "ONLINE" for w in workers)
 
+    def missing_files(self, sample: int = 3) -> tuple[int, list[str]]:
+        """(versions checked, `name vN` of those whose files the artifact store no longer holds): the latest
+        `sample` versions of every registered model, listed through the server as a client would."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        checked, gone = 0, []
+        with _environment(self.client_env()):
+            c = MlflowClient(tracking_uri=self.mlflow_url, registry_uri=self.mlflow_url)
+            for model in c.search_registered_models(max_results=1000):
+                for v in c.search_model_versions(
+                    f"name = '{model.name}'", max_results=sample, order_by=["version_number DESC"]
+                ):
+                    checked += 1
+                    try:
+                        listed = mlflow.artifacts.list_artifacts(artifact_uri=v.source, tracking_uri=self.mlflow_url)
+                    except Exception:  # noqa: BLE001 - whatever the store says: the files cannot be had
+                        listed = []
+                    if not listed:
+                        gone.append(f"{model.name} v{v.version}")
+        return checked, gone
+
+    def store_line(self) -> str:
+        """One line on whether the artifact store still holds what the registry lists (checked at start)."""
+        try:
+            checked, gone = self.missing_files()
+        except Exception as err:  # noqa: BLE001 - a check that cannot run is said, never fatal
+            return f"team: registry check skipped ({type(err).__name__})"
+        if gone:
+            return (
+                f"team: WARNING: the artifact store ({self.artifacts}) no longer holds the files of "
+                f"{', '.join(gone)}: the registry lists them, but fetch and promote will refuse them"
+            )
+        return f"team: artifact store {self.artifacts}: files present for the {checked} latest version(s) sampled"
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set for the duration (MLflow's client reads its credentials from there)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 
 def _reachable_by(user: str, folder: Path) -> bool:
     """Whether `user` can enter every folder on the way to `folder` (checked through the permission bits)."""
@@ -438,18 +471,18 @@ def up(home: Path) -> None:
     signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     stack = TeamStack(home)
-    print(f"team: starting PostgreSQL, S3 ({BUCKET}), MLflow, Prefect and a worker under {stack.home} ...")
+    print(f"team: starting PostgreSQL, MLflow, Prefect and a worker under {stack.home} ...")
     with stack:
         env = stack.write_client_env()
         print(
-            f"  MLflow   {stack.mlflow_url}  (PostgreSQL backend, artifacts proxied to s3://{BUCKET}/mlflow)\n"
+            f"  MLflow   {stack.mlflow_url}  (PostgreSQL backend, artifacts proxied to {stack.artifacts})\n"
             f"  Prefect  {stack.prefect_url.removesuffix('/api')}  (work pool {stack.pool}: a process worker)\n"
-            f"  S3       {stack.s3_url}\n"
+            f"{stack.store_line()}\n"
             f"credentials: {stack.home / 'secrets.env'}; logs: {stack.home / 'logs'}\n"
             f"in another shell:  source {env}\n"
             f"then in params.yaml register.tracking_uri: {stack.mlflow_url}\n"
             f"and `tunegate deploy --pool {stack.pool}` from the project\n"
-            "Ctrl-C stops everything (the data stays for the next `tunegate team up`)."
+            "Ctrl-C stops everything (the registry, runs and model files stay on disk for the next `tunegate team up`)."
         )
         with contextlib.suppress(KeyboardInterrupt):
             while all(p.poll() is None for p in stack.procs.values()):

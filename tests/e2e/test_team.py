@@ -1,12 +1,14 @@
 """The team setup for real, on 127.0.0.1 (`tunegate team up`'s services, started by the test): PostgreSQL,
-an S3-compatible server (moto), `mlflow server` (PostgreSQL backend, artifacts proxied to S3, basic
-auth), `prefect server` on PostgreSQL and a process worker.
+`mlflow server` (PostgreSQL backend, basic auth, artifacts proxied to the stack's folder on disk),
+`prefect server` on PostgreSQL and a process worker.
 
 The demo pipeline runs as a deployment of the work pool, through the worker; then a teammate, in a
 folder that shares nothing with the project but the server URLs and credentials in the environment,
-reads the registry, has a tampered model in S3 refused, promotes, and loads the champion. MLflow and
-PostgreSQL are killed mid-registration and restarted: the next run registers exactly once. No
-credential reaches a log, a tag, a description or an artifact.
+reads the registry, has a tampered model refused, promotes, and loads the champion. The whole stack is
+stopped and started again: every version still fetches, loads and promotes; with the store's files gone,
+fetch and promote say they are missing (and the start check says so too). MLflow and PostgreSQL are
+killed mid-registration and restarted: the next run registers exactly once. No credential reaches a
+log, a tag, a description or an artifact.
 
 Set TUNEGATE_UI_SHOTS=<folder> (and have chromium on PATH) to save screenshots of the MLflow UI there.
 """
@@ -136,14 +138,10 @@ def test_pipeline_runs_as_a_deployment_through_the_worker(stack, workspace):
     assert tags["orchestrated_by"] == f"prefect:{flow_run['id']}"
     assert version["model_version"]["description"].startswith("**Gate PASSED**")
 
-    # the artifacts went where the server says: its proxy, into the S3 bucket (not this machine's disk)
+    # the artifacts went where the server says: its proxy, into the stack's store (not the project's folder)
     experiment = mlflow_api(stack, "experiments/get-by-name", params={"experiment_name": "tunegate"})["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")
-    keys = [
-        o["Key"]
-        for page in stack.s3().get_paginator("list_objects_v2").paginate(Bucket="tunegate-artifacts")
-        for o in page.get("Contents", [])
-    ]
+    keys = stored(stack)
     assert any(k.endswith("adapter_model.safetensors") for k in keys), keys[:20]
     assert any("/base/" in k and k.endswith("model.safetensors") for k in keys), keys[:20]
     run_files = [k for k in keys if f"/{result['run_id']}/artifacts/" in k]
@@ -165,20 +163,16 @@ def test_a_teammate_reads_promotes_and_loads_from_another_folder(stack, workspac
     assert "train_sha256" in show and "base_revision" in show and "orchestrated_by" in show
     assert not (mate / "reports").exists()  # a registry command outside a project writes nothing there
 
-    # tamper with the adapter in S3: promote re-hashes what the artifact store holds and refuses
-    s3 = stack.s3()
-    key = next(
-        o["Key"]
-        for o in s3.list_objects_v2(Bucket="tunegate-artifacts", Prefix="mlflow/")["Contents"]
-        if o["Key"].endswith("adapter_model.safetensors")
-    )
-    original = s3.get_object(Bucket="tunegate-artifacts", Key=key)["Body"].read()
-    s3.put_object(Bucket="tunegate-artifacts", Key=key, Body=original[:-8] + b"tampered")
+    # tamper with the adapter in the store: promote re-hashes what the artifact store holds and refuses
+    path = Path(stack.artifacts) / next(k for k in stored(stack) if k.endswith("adapter_model.safetensors"))
+    original = path.read_bytes()
+    path.write_bytes(original[:-8] + b"tampered")
     try:
         refused = run(mate, env, tunegate, "promote", "1", check=False)
         assert refused.returncode == 2 and "tampered?" in refused.stderr and "Traceback" not in refused.stderr
+        assert "present but no longer match" in refused.stderr and "missing" not in refused.stderr
     finally:
-        s3.put_object(Bucket="tunegate-artifacts", Key=key, Body=original)
+        path.write_bytes(original)
     assert "champion: v1 already" in run(mate, env, tunegate, "promote", "1").stdout
 
     fetched = run(mate, env, tunegate, "fetch", "champion", "--to", "fetched").stdout
@@ -203,6 +197,63 @@ def test_a_teammate_reads_promotes_and_loads_from_another_folder(stack, workspac
     shots = os.environ.get("TUNEGATE_UI_SHOTS")
     if shots and shutil.which("chromium"):
         screenshots(stack, Path(shots), json.loads((workspace / "reports/register.json").read_text())["run_id"])
+
+
+LOAD = (
+    "import json, os\n"
+    "from tunegate.registry import client, fetch, load\n"
+    "got = fetch(client(os.environ['MLFLOW_TRACKING_URI']), 'tunegate-demo', 'champion', 'after-restart')\n"
+    "model, tok = load(got)\n"
+    "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where is order 12345? The lamp never came.'}],"
+    " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+    "out = model.generate(**ids, max_new_tokens=24, do_sample=False)\n"
+    "print(json.dumps({'reply': tok.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True)}))\n"
+)
+
+
+def test_a_restart_keeps_every_model_and_lost_files_are_named_missing(stack, workspace, tmp_path):
+    """Stop the whole stack (as Ctrl-C on `tunegate team up` does) and start it again: the model files are
+    on disk, so the champion fetches, loads and promotes from another folder. Then the store loses them
+    (its folder moved away): the start check, fetch and promote each say so in one line, as missing files,
+    not as tampering."""
+    mate = tmp_path / "teammate"
+    mate.mkdir()
+    before = set(stored(stack))
+    stack.stop()
+    stack.start()
+    assert set(stored(stack)) == before and before
+    checked, gone = stack.missing_files()
+    assert checked >= 1 and gone == [] and "files present" in stack.store_line()
+
+    env = team_env(stack, TUNEGATE_MODEL="tunegate-demo")
+    tunegate = str(BIN / "tunegate")
+    assert "sha256 checked" in run(mate, env, tunegate, "fetch", "champion", "--to", "fetched").stdout
+    reply = json.loads(run(mate, env, sys.executable, "-c", LOAD).stdout.strip().splitlines()[-1])["reply"]
+    assert reply.strip().startswith("{")
+    assert "champion: v1 already" in run(mate, env, tunegate, "promote", "1").stdout
+
+    store, away = Path(stack.artifacts), Path(stack.artifacts + "-away")
+    store.rename(away)
+    store.mkdir()
+    try:
+        assert stack.missing_files()[1] == ["tunegate-demo v1"]
+        assert "no longer holds the files of tunegate-demo v1" in stack.store_line()
+        for args in (["fetch", "1", "--to", "lost"], ["promote", "1"]):
+            refused = run(mate, env, tunegate, *args, check=False)
+            lines = refused.stderr.strip().splitlines()
+            assert refused.returncode == 2 and len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+            assert "tunegate-demo v1: its model files are missing from the artifact store of" in lines[0], lines
+            assert stack.mlflow_url in lines[0] and "tampered" not in lines[0]
+    finally:
+        shutil.rmtree(store)
+        away.rename(store)
+    assert "sha256 checked" in run(mate, env, tunegate, "fetch", "1", "--to", "back").stdout
+
+
+def stored(stack) -> list[str]:
+    """Every file in the stack's artifact store, relative to it."""
+    root = Path(stack.artifacts)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
 def test_mlflow_and_postgres_killed_mid_registration_then_registered_exactly_once(stack, workspace):
@@ -266,14 +317,11 @@ def test_no_credential_reaches_a_log_tag_description_or_artifact(stack, workspac
     for model in mlflow_api(stack, "registered-models/search")["registered_models"]:
         found = mlflow_api(stack, "model-versions/search", params={"filter": f"name='{model['name']}'"})
         seen.append(json.dumps(model) + json.dumps(found))
-    # every artifact in the store, read straight from S3
-    s3 = stack.s3()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="tunegate-artifacts"):
-        for obj in page.get("Contents", []):
-            if obj["Size"] < 5_000_000:
-                seen.append(
-                    s3.get_object(Bucket="tunegate-artifacts", Key=obj["Key"])["Body"].read().decode(errors="ignore")
-                )
+    # every artifact in the store, read straight from its files
+    for key in stored(stack):
+        path = Path(stack.artifacts) / key
+        if path.stat().st_size < 5_000_000:
+            seen.append(path.read_bytes().decode(errors="ignore"))
     logs = stack.prefect_api("POST", "logs/filter", json={"limit": 200})
     seen.append(json.dumps(logs) + json.dumps(stack.prefect_api("POST", "flow_runs/filter", json={})))
     seen += [p.read_text(errors="ignore") for p in (workspace / "reports").rglob("*") if p.is_file()]

@@ -102,3 +102,36 @@ def test_the_version_description_says_why_and_from_what():
     assert "**Base**: `demo` at revision `seed-1234` (stored as `runs:/r/base`)" in text
     assert "| domain | domain | 1500 | `cdcdcdcdcdcd` |" in text and "tunegate reproduce 3" in text
     assert text.endswith("Note: a note")
+
+
+def test_with_no_champion_yet_the_banner_and_description_say_so():
+    """Not `champion stays at v-`: a first version that failed its gate leaves no champion, in those words."""
+    from stages.register import banner, description
+    from tunegate.config import load_config
+
+    result = {
+        "model_name": "m",
+        "version": "1",
+        "champion": None,
+        "gate_passed": False,
+        "champion_check": "not run: gate failed",
+        "lines": ["FAIL target t/exact vs base: 0.1 -> 0.1"],
+        "notes": [],
+    }
+    failed = banner(result)
+    assert "!! no champion yet; see reports/gate/report.md" in failed and "v-" not in failed
+    passed = banner({**result, "gate_passed": True, "lines": []})
+    assert passed.endswith("m v1 registered; no champion yet")
+    assert banner({**result, "gate_passed": True, "champion": "2"}).endswith("champion stays at v2")
+    cfg = load_config(ROOT / "params.yaml")
+    mix = {"rows": 1, "by": "tokens", "general_share_tokens": 0.2, "train_sha256": "ab" * 32, "sources": {}}
+    text = description(cfg, {"model": "demo", "resolved_revision": "r"}, mix, result, {})
+    assert text.startswith("**Gate FAILED**; at registration: not champion (no champion yet).")
+    full = description(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"adapter": "full"})}),
+        {"model": "demo", "resolved_revision": "r"},
+        mix,
+        result,
+        {},
+    )
+    assert "`tunegate fetch 1` (a full model: loads without its base)." in full

@@ -1,0 +1,90 @@
+"""Every adapter kind of the table (lora, qlora, dora, full) reaches the registry through `dvc repro` and
+loads from another folder, with the project's base moved away: a kind that cannot be registered, fetched
+or loaded fails here, not at a user's last stage.
+
+Each kind trains briefly (the pipeline is the same; the gate's verdict does not matter here, only that the
+version is registered with the right provenance and its files come back sha256-checked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import edit_params, sh
+from tunegate.adapters import ADAPTERS
+
+pytestmark = pytest.mark.slow
+
+SHORT = {"train.args.max_steps": 16, "train.args.warmup_steps": 2, "train.args.save_steps": 1000}
+SHORT |= {"train.args.eval_steps": 1000}
+
+
+def load_script() -> str:
+    """What a teammate's process does with `tunegate fetch`'s output: load it and answer one message."""
+    code = (
+        "import json, sys, torch\n"
+        "from tunegate.registry import load\n"
+        "got = json.loads(sys.argv[1])\n"
+        "model, tok = load(got)\n"
+        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where is order 12345?'}],"
+        " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "out = model.generate(**ids, max_new_tokens=8, do_sample=False)\n"
+        "print(json.dumps({'peft': type(model).__module__.startswith('peft'),"
+        " 'new_tokens': out.shape[1] - ids['input_ids'].shape[1]}))\n"
+    )
+    return code
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_each_adapter_kind_is_registered_fetched_and_loaded_elsewhere(project, tmp_path, kind):
+    from tunegate.registry import client, fetch, model_files, resolve_version
+
+    original = (project / "params.yaml").read_text()
+    name = f"kind-{kind}"
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    base, away = project / "models/base", project / "models/base-away"
+    try:
+        edit_params(project, **SHORT, **{"train.adapter": kind, "register.model_name": name})
+        sh(project, "dvc", "repro")
+        result = json.loads((project / "reports/register.json").read_text())
+        assert result["model_name"] == name and result["version"] == "1"
+        assert (result["champion"] == "1") is result["gate_passed"]
+        trained = json.loads((project / "models/candidate/train_config.json").read_text())
+        assert trained["adapter"] == kind
+
+        c = client(uri)
+        v = resolve_version(c, name, "1")
+        tags = v.tags
+        mix = json.loads((project / "data/mix/manifest.json").read_text())
+        manifest = json.loads((project / "models/base/base.json").read_text())
+        assert tags["adapter"] == kind and tags["method"] == "sft" and tags["base_model"] == "demo"
+        assert tags["base_revision"] == manifest["resolved_revision"] and tags["train_sha256"] == mix["train_sha256"]
+        assert tags["hp.args.max_steps"] == "16" and len(tags["adapter_sha256"]) == 64
+        # a full model is stored whole and needs no base; an adapter's base is stored once beside it
+        assert ("base_artifact" in tags) is ADAPTERS[kind].peft
+        assert ("full model" in v.description) is (not ADAPTERS[kind].peft)
+        assert "champion stays at v-" not in (project / "reports/register.json").read_text()
+        # promote's and rollback's check: the files in the store match the recorded sha256
+        assert list(model_files(c, name, v, tmp_path / "check").rglob("*.safetensors"))
+
+        params = yaml.safe_load(original)
+        params["register"] |= {"tracking_uri": uri, "model_name": name}
+        teammate = tmp_path / "teammate"
+        teammate.mkdir()
+        (teammate / "params.yaml").write_text(yaml.safe_dump(params))
+        base.rename(away)
+        out = sh(teammate, "tunegate", "fetch", "1", "--to", "fetched").stdout
+        assert "sha256 checked" in out and ("full model" in out) is (not ADAPTERS[kind].peft), out
+        got = fetch(c, name, "1", teammate / "again")
+        assert got["kind"] == kind and str(project) not in json.dumps(got)
+        assert (got["base"] is None) is (got["adapter"] is None) is (not ADAPTERS[kind].peft)
+        loaded = json.loads(sh(teammate, sys.executable, "-c", load_script(), json.dumps(got)).stdout.splitlines()[-1])
+        assert loaded["peft"] is ADAPTERS[kind].peft and loaded["new_tokens"] >= 1
+    finally:
+        if away.exists():
+            away.rename(base)
+        (project / "params.yaml").write_text(original)
+        sh(project, "dvc", "repro")  # the default run's outputs back (DVC's run cache), for the tests after this
