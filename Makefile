@@ -35,10 +35,10 @@ postgres:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "PostgreSQL server binaries not found: the team tests will say so (apt-get install postgresql)"
 
-# Every figure of README's Performance section that needs no pipeline outputs, each next to its baseline
+# Every figure of docs/performance.md that needs no pipeline outputs, each next to its baseline
 # measured in the same run (interleaved, medians): near duplicates vs datasketch, validation vs json.loads for
 # chat and preference rows, dedup memory on 1M rows vs the rows' own (about 15 minutes on 2 cores).
-# eval_cost and train need `make demo` first, benchmarks.gpu a GPU; see README.
+# eval_cost and train need `make demo` first, benchmarks.gpu a GPU; see docs/performance.md.
 bench: setup
 	python -m benchmarks.dedup --repeat 5
 	python -m benchmarks.validate_cost --repeat 5

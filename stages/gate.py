@@ -5,7 +5,7 @@
 Writes verdict.json (one line per check with estimate and bounds), report.md and chart.png (base vs
 candidate per task with intervals). A failing gate does not stop `dvc repro`: `register` still
 records the candidate, tagged with the failed checks and without the champion alias, and the run
-ends with an unmissable FAILED banner (see README: "Gate failures").
+ends with an unmissable FAILED banner (see docs/gate.md).
 """
 
 from __future__ import annotations

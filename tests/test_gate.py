@@ -318,3 +318,66 @@ def test_min_items_is_the_smallest_number_of_paired_items_that_may_pass(n, enoug
     outcome = judge(policy.checks[0], {"dom": samples([0] * n)}, {"dom": samples([1] * n)}, policy, 200, 0)
     assert outcome.n == n and outcome.passed is enough
     assert outcome.why == ("" if enough else f"only {n} paired items (< min_items 30): too little evidence")
+
+
+# The statistics at their boundaries: the verdict follows the confidence bound, never the point estimate.
+# Each case below has the mean on one side of its threshold and the bound on the other.
+def _pairs(diffs) -> tuple[dict, dict]:
+    """Base and candidate samples of task `t` whose paired differences are exactly `diffs` (values in -1, 0, 1)."""
+    diffs = np.asarray(diffs, dtype=float)
+    base = np.where(diffs < 0, 1.0, 0.0)
+    return {"t": samples(base)}, {"t": samples(base + diffs)}
+
+
+def _check(role: str, **kw) -> tuple[Check, Policy]:
+    check = Check(task="t", metric="acc", role=role, **kw)
+    return check, Policy(
+        confidence=0.95, min_items=30, checks=[check], champion={"beat_on_target": True, **kw.get("champ", {})}
+    )
+
+
+NOISY_SMALL_LOSS = [-1.0] * 51 + [1.0] * 49  # mean -0.02, bound about -0.18
+STEADY_SMALL_LOSS = [-1.0] * 2 + [0.0] * 98  # mean -0.02, bound about -0.04
+
+
+@pytest.mark.parametrize("against", ["base", "champion"])
+def test_forgetting_is_judged_on_the_bound_not_the_mean(against):
+    """General check (and the champion comparison): a mean loss inside the margin whose lower bound is
+    outside it FAILS; the same mean loss with its bound inside the margin PASSES."""
+    check, policy = _check("general" if against == "base" else "target", margin=0.05)
+    margin = 0.05 if against == "champion" else None
+    noisy = judge(check, *_pairs(NOISY_SMALL_LOSS), policy, 2000, 0, against, margin)
+    assert noisy.diff == pytest.approx(-0.02) and noisy.diff > -0.05 > noisy.lower
+    assert not noisy.passed and "may have lost up to" in noisy.why
+    steady = judge(check, *_pairs(STEADY_SMALL_LOSS), policy, 2000, 0, against, margin)
+    assert steady.diff == pytest.approx(-0.02) and steady.lower >= -0.05
+    assert steady.passed
+
+
+def test_a_bound_exactly_at_the_margin_passes_and_just_below_fails():
+    """`lower >= -margin`: equal passes (every item lost exactly the margin: each bootstrap mean is it)."""
+    check, policy = _check("general", margin=0.25)
+    base, cand = {"t": samples([1.0] * 40)}, {"t": samples([0.75] * 40)}
+    at = judge(check, base, cand, policy, 500, 0)
+    assert at.lower == at.upper == at.diff == -0.25 and at.passed
+    below = judge(check, base, {"t": samples([0.75] * 39 + [0.5])}, policy, 500, 0)
+    assert below.diff < -0.25 and not below.passed
+
+
+def test_a_mean_gain_above_min_gain_with_a_bound_at_or_below_zero_fails():
+    check, policy = _check("target", min_gain=0.03)
+    noisy = judge(check, *_pairs([1.0] * 52 + [-1.0] * 48), policy, 2000, 0)
+    assert noisy.diff == pytest.approx(0.04) and noisy.diff >= 0.03 and noisy.lower <= 0
+    assert not noisy.passed and noisy.why == "no significant gain"
+    flat = judge(check, {"t": samples([0.5] * 40)}, {"t": samples([0.5] * 40)}, policy, 500, 0)
+    assert flat.lower == 0 and not flat.passed  # `lower > 0` is strict
+
+
+def test_a_significant_gain_below_min_gain_fails_and_one_at_min_gain_passes():
+    check, policy = _check("target", min_gain=0.1)
+    small = judge(check, *_pairs([1.0] * 10 + [0.0] * 190), policy, 2000, 0)
+    assert small.lower > 0 and small.diff == pytest.approx(0.05) and small.diff < 0.1
+    assert not small.passed and small.why == "gain 0.050 below min_gain 0.100"
+    exact = Check(task="t", metric="acc", role="target", min_gain=0.25)
+    at = judge(exact, {"t": samples([0.5] * 40)}, {"t": samples([0.75] * 40)}, policy, 500, 0)
+    assert at.diff == 0.25 and at.lower == 0.25 and at.passed  # `diff >= min_gain`: equal passes

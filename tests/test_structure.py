@@ -39,6 +39,36 @@ def test_library_imports_neither_stages_nor_flows(path):
     assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}: the library sits below stages and flows"
 
 
+# What the demo may use of the library (docs/ARCHITECTURE.md, "Imports run downward only").
+DEMO_MAY_IMPORT = {
+    "tunegate.text",
+    "tunegate.config",
+    "tunegate.errors",
+    "tunegate.io",
+    "tunegate.paths",
+    "tunegate.runtime",
+    "tunegate.cli",
+}
+
+
+@pytest.mark.parametrize("path", _modules("tunegate"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_never_imports_the_demo(path):
+    upward = {m for m in _imports(path) if _top(m) == "demo"}
+    assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}: the demo joins the CLI by entry point"
+
+
+def test_the_demo_imports_only_what_the_architecture_allows():
+    used = {m for path in _modules("demo") for m in _imports(path) if _top(m) == "tunegate"}
+    assert used <= DEMO_MAY_IMPORT, f"the demo imports {sorted(used - DEMO_MAY_IMPORT)}: add to docs/ARCHITECTURE.md"
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if line.startswith("demo ───►"))
+    named = {
+        f"tunegate{part.strip()}" if part.strip().startswith(".") else part.strip()
+        for part in line.split("►")[1].split("(")[0].split(",")
+    }
+    assert named == DEMO_MAY_IMPORT, f"docs/ARCHITECTURE.md names {sorted(named)}"
+
+
 @pytest.mark.parametrize("path", _modules("stages"), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_stage_imports_another_stage(path):
     sideways = {m for m in _imports(path) if _top(m) in ("stages", "flows")}

@@ -35,7 +35,7 @@ app = typer.Typer(
 PARAMS = typer.Option(None, "--params", "-p", help="params.yaml to read (default: ./params.yaml or $TUNEGATE_PARAMS)")
 
 
-def _fail(err: UserError) -> None:
+def fail(err: UserError) -> None:
     typer.echo(f"tunegate: error: {err}", err=True)
     raise typer.Exit(2)
 
@@ -105,7 +105,7 @@ def check(params: Path | None = PARAMS) -> None:
             est, device, _ = preflight(cfg.train, load_manifest(layout.base)["path"])
             memory = f"memory: training needs about {est['total'] / GIB:.2f} GiB per device on {device}"
     except UserError as err:
-        _fail(err)
+        fail(err)
     typer.echo(
         f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, "
         f"{len(policy.checks)} gate checks; {memory}"
@@ -146,7 +146,7 @@ def init(
             force=force,
         )
     except UserError as err:
-        _fail(err)
+        fail(err)
     typer.echo(summary(plan))
 
 
@@ -165,7 +165,7 @@ def fetch(
         reg, c = _registry(params, tracking_uri, model)
         got = download(c, reg.model_name, ref, to)
     except UserError as err:
-        _fail(err)
+        fail(err)
     typer.echo(fetched_lines(reg.model_name, got))
 
 
@@ -198,7 +198,7 @@ def status(params: Path | None = PARAMS, tracking_uri: str | None = TRACKING, mo
         reg, c = _registry(params, tracking_uri, model)
         rows = versions_table(c, reg.model_name, reg.alias)
     except UserError as err:
-        _fail(err)
+        fail(err)
     if not rows:
         typer.echo(f"{reg.model_name}: no versions registered yet (run `dvc repro`)")
         return
@@ -227,7 +227,7 @@ def show(
         except MlflowException:
             raise UserError(f"{reg.model_name} v{version}: no such version (see `tunegate status`)") from None
     except UserError as err:
-        _fail(err)
+        fail(err)
     groups: dict[str, list[tuple[str, str]]] = {}
     for key, value in sorted(v.tags.items()):
         group = key.split(".")[0] if "." in key else "model"
@@ -263,7 +263,7 @@ def promote(
         reg, c = _registry(params, tracking_uri, model)
         prev = move_champion(c, reg.model_name, version, reason, reg.alias)
     except UserError as err:
-        _fail(err)
+        fail(err)
     if prev == str(version):
         typer.echo(f"{reg.alias}: v{version} already")
         return
@@ -284,7 +284,7 @@ def rollback(
         reg, c = _registry(params, tracking_uri, model)
         moved_from, moved_to = roll_back(c, reg.model_name, reason, reg.alias)
     except UserError as err:
-        _fail(err)
+        fail(err)
     typer.echo(f"{reg.alias}: v{moved_from} -> v{moved_to} (v{moved_from} marked rolled back)")
 
 
@@ -308,7 +308,7 @@ def reproduce(
         typer.echo(f"reproducing {reg.model_name} v{version} in {folder} ...")
         result = reproduce_version(c, reg.model_name, version, Path.cwd(), folder, share_cache=not from_scratch)
     except UserError as err:
-        _fail(err)
+        fail(err)
     verdict = "MATCH" if result["match"] else "MISMATCH"
     typer.echo(
         f"{verdict}: recorded adapter {result['recorded'][:16]}  "
@@ -357,56 +357,20 @@ def serve(
     deploy(root=root, interval=600, cron=cron, track=None, notify=None, pool=None)
 
 
-@app.command("demo-base")
-def demo_base(
-    into: Path = typer.Option(Path("models/demo-hub"), help="local model repository to publish into"),
-    steps: int = typer.Option(200, help="more pretraining steps on the demo's general corpus (0: publish as is)"),
-    seed: int = typer.Option(1, help="seed of those steps (another seed, another revision)"),
-    source: Path | None = typer.Option(
-        None, help="model folder to start from (default: the branch's revision, else the built demo base)"
-    ),
-    branch: str = typer.Option("main", help="branch to move to the new revision"),
-    params: Path | None = PARAMS,
-) -> None:
-    """Publish a new revision of the demo base model; with base.model set to that folder, the watcher sees it."""
-    import tempfile
-
-    from demo.publish import continue_pretraining, head, publish
-    from tunegate.config import load_config
-    from tunegate.io import read_jsonl
-    from tunegate.paths import Layout
-    from tunegate.runtime import configure
-
-    configure(stage="cli")
-    try:
-        cfg = load_config(params)
-        start = source or head(into, branch) or Layout.of(cfg.paths).base
-        if not start.is_dir():
-            raise UserError(f"{start}: no model to start from; build the demo base first (dvc repro base)")
-        with tempfile.TemporaryDirectory() as scratch:
-            if steps:
-                loss = continue_pretraining(
-                    start, read_jsonl(Path(cfg.paths.pretrain)), cfg.base.demo, steps, seed, Path(scratch)
-                )
-                typer.echo(f"{steps} more pretraining steps from {start} (seed {seed}): loss {loss:.3f}")
-                start = Path(scratch)
-            commit = publish(start, into, branch)
-    except UserError as err:
-        _fail(err)
-    typer.echo(
-        f"published {into}@{commit} ({branch}); `base.model: {into}` follows it, `base.revision: {commit}` pins it"
-    )
+# Commands other packages add to this CLI (the embedded demo's `demo-base` and `demo-data`): each entry point of
+# the group is a function that takes the app. The library names no such package, so nothing here imports upward.
+PLUGINS = "tunegate.commands"
 
 
-@app.command("demo-data")
-def demo_data(
-    root: Path = typer.Option(Path("."), help="project root to write data/ and evals/data/ into"), seed: int = 1234
-) -> None:
-    """Regenerate the embedded demo data (deterministic: the committed files are its output)."""
-    from demo.data import write
+def load_plugins() -> typer.Typer:
+    """Add the commands of every `tunegate.commands` entry point to the app (once); returns the app."""
+    from importlib.metadata import entry_points
 
-    for path, sha in write(root, seed).items():
-        typer.echo(f"{sha[:12]}  {path}")
+    if not getattr(app, "_plugins_loaded", False):
+        for entry in entry_points(group=PLUGINS):
+            entry.load()(app)
+        app._plugins_loaded = True
+    return app
 
 
 team = typer.Typer(no_args_is_help=True, help="The team setup (infra/compose's services) on this machine, no Docker.")
@@ -423,12 +387,12 @@ def team_up(
     try:
         up(home)
     except UserError as err:
-        _fail(err)
+        fail(err)
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    load_plugins()()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -204,3 +204,12 @@ def record_timing(stage: str, seconds: float) -> None:
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[stage] = round(seconds, 1)
     write_json(path, timings)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's choice): for the team stack's servers and torch.distributed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

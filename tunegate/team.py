@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunegate.errors import UserError
+from tunegate.runtime import free_port
 
 SERVICES = ("postgres", "mlflow", "prefect", "worker")
 ARTIFACTS = "artifacts"  # <home>/artifacts: the model files MLflow serves
@@ -52,12 +52,6 @@ TEAM_VARS = (
 )
 SECRET_VARS = {"POSTGRES_PASSWORD", "MLFLOW_TRACKING_PASSWORD"}
 SECRET_VARS |= {"MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_API_AUTH_STRING"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pg_bin() -> Path:

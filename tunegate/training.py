@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tunegate.adapters import ADAPTERS
 from tunegate.config import Train
 from tunegate.errors import UserError
 from tunegate.preflight import Plan, Shape
+from tunegate.runtime import free_port
 
 LAUNCHED = "TUNEGATE_LAUNCHED"  # set in the processes `accelerate launch` starts for the stage
 
@@ -123,12 +123,6 @@ def plan(cfg: Train, args: dict[str, Any], shape: Shape, method: str | None = No
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(cfg: Train, module: str = "stages.train") -> list[str]:
     """`accelerate launch` for the stage, with the config file and process count from train.launch.
 
@@ -157,7 +151,7 @@ def launch_command(cfg: Train, module: str = "stages.train") -> list[str]:
         "--num_processes",
         str(launch.processes),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "--mixed_precision",
         precision,
         "-m",

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tunegate.team import free_port  # noqa: F401 - the e2e tests import it from here
+from tunegate.runtime import free_port  # noqa: F401 - the e2e tests import it from here
 
 BIN = Path(sys.executable).parent
 

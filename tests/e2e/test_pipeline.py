@@ -74,7 +74,7 @@ def test_default_gate_passes_target_and_general(project):
     assert roles == {"general", "target"}
 
 
-# The README's gate-outcome table: its score columns, and the (task, metric) of results.json each one quotes
+# The gate-outcome table of docs/performance.md: its score columns, and the (task, metric) each one quotes
 README_COLUMNS = {
     "general_mc acc": ("general_mc", "acc"),
     "general_gen exact": ("general_gen", "exact"),
@@ -84,10 +84,10 @@ README_COLUMNS = {
 
 
 def _readme_row(label: str) -> list[float]:
-    """The scores of one row of the README's gate-outcome table (`base`, `default ...`)."""
+    """The scores of one row of docs/performance.md's gate-outcome table (`base`, `default ...`)."""
     from tests.conftest import ROOT
 
-    after = (ROOT / "README.md").read_text().split("Gate outcomes on the demo", 1)[1]
+    after = (ROOT / "docs/performance.md").read_text().split("Gate outcomes on the demo", 1)[1]
     rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in after.splitlines() if line.startswith("|")]
     assert rows[0][1:5] == list(README_COLUMNS), rows[0]
     (row,) = [r for r in rows if r[0].split(" ")[0] == label]
@@ -95,7 +95,7 @@ def _readme_row(label: str) -> list[float]:
 
 
 def test_default_run_scores_are_the_readme_table(project):
-    """The README quotes the scores of the base and the default run: the run must give those numbers."""
+    """docs/performance.md quotes the scores of the base and the default run: the run must give those numbers."""
     from tunegate.config import load_config
     from tunegate.paths import RESULTS, Layout
 
