@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test bench clean-outputs mutation postgres
+.PHONY: setup demo test test-fast bench clean-outputs mutation postgres
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup postgres
 	pytest
+
+# The edit loop: unit tests only (no pipeline runs, no servers, no Ray or multi-process training), a few minutes.
+test-fast: setup
+	pytest -m "not slow and not heavy"
 
 # The team tests (tests/e2e/test_team.py) start a real PostgreSQL: its server binaries come from the OS
 # package, installed here when missing and this is a Debian/Ubuntu machine we may install on (root).

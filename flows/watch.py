@@ -47,19 +47,18 @@ def tracking_uri(uri: str, root: str) -> str:
 def registered_bases(cfg, root: str) -> tuple[dict | None, dict[str, str]]:
     """(the champion's base {version, model, revision} or None, {base revision: version} of every version
     trained on this base model)."""
+    from tunegate.provenance import BASE_MODEL, BASE_REVISION
     from tunegate.registry import champion, client
 
     c = client(tracking_uri(cfg.register_.tracking_uri, root))
     name = cfg.register_.model_name
     versions = c.search_model_versions(f"name = '{name}'")  # none registered yet: an empty list
-    tried = {
-        v.tags.get("base_revision"): str(v.version) for v in versions if v.tags.get("base_model") == cfg.base.model
-    }
+    tried = {v.tags.get(BASE_REVISION): str(v.version) for v in versions if v.tags.get(BASE_MODEL) == cfg.base.model}
     current = champion(c, name, cfg.register_.alias)
     if current is None:
         return None, tried
     tags = current.tags
-    recorded = {"version": str(current.version), "model": tags.get("base_model"), "revision": tags.get("base_revision")}
+    recorded = {"version": str(current.version), "model": tags.get(BASE_MODEL), "revision": tags.get(BASE_REVISION)}
     return recorded, tried
 
 

@@ -14,8 +14,6 @@ failed checks and the run ends with a FAILED banner.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,19 +21,35 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunegate.adapters import ADAPTERS
 from tunegate.config import Config, flatten, load_config
-from tunegate.decisions import ROLLED_BACK, SECRET_KEY, SECRET_VALUE, URL_PASSWORD, redact, redact_value
+from tunegate.decisions import redact, redact_value
 from tunegate.errors import UserError
 from tunegate.evaluation import load_samples, read_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
-from tunegate.io import read_json, sha256_file, sha256_of, write_json
+from tunegate.io import read_json, sha256_file, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
-from tunegate.registry import (
+from tunegate.provenance import (
+    ADAPTER,
     BASE_ARTIFACT,
     BASE_FILES,
+    BASE_MODEL,
+    BASE_REVISION,
+    CHAMPION_CHECK,
+    DVC_LOCK_SHA,
+    FINGERPRINT,
+    GATE_FAILED,
+    GATE_PASSED,
+    GATE_POLICY,
+    GIT_COMMIT,
+    REGISTRATION,
+    ROLLED_BACK,
+    RUN_ID,
+    logged_params,
+    provenance_file,
+    record,
+)
+from tunegate.registry import (
     BASES_EXPERIMENT,
     champion,
     client,
@@ -53,111 +67,6 @@ from tunegate.runtime import stage_main
 log = logging.getLogger(__name__)
 
 EVAL_ARTIFACTS = "eval/candidate_samples"  # the champion comparison of later candidates reads these
-PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "lm-eval", "datasets", "mlflow", "tunegate")
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def lock_sha256(lock: Path) -> str:
-    """sha256 of dvc.lock's upstream stages (register's own entry excluded: it is written after this runs)."""
-    if not lock.exists():
-        return "none"
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return sha256_of({k: v for k, v in stages.items() if k != "register"})
-
-
-def provenance(
-    cfg: Config, base: dict, mix: dict, verdict: dict, scores: dict, fingerprint: str, trained: dict | None = None
-) -> dict[str, Any]:
-    """The provenance record (docs/ARCHITECTURE.md) as flat tags; `trained` is train's metrics (how it ran)."""
-    trained = trained or {}
-    tags: dict[str, Any] = {
-        "base_model": base["model"],
-        "base_revision": base["resolved_revision"],
-        "base_weights_sha256": sha256_of(base["weights_sha256"]),
-        "tokenizer_sha256": sha256_of(base["tokenizer_sha256"]),
-        "chat_template_sha256": base.get("chat_template_sha256"),
-        "train_sha256": mix["train_sha256"],
-        "train_rows": mix["rows"],
-        "general_share": f"{mix['general_share_' + mix['by']]} of {mix['by']}",
-        "method": cfg.train.method,
-        "adapter": cfg.train.adapter,
-        "seed": cfg.seed,
-        "git_commit": git_commit(),
-        "dvc_lock_sha256": lock_sha256(DVC_LOCK),
-        "orchestrated_by": os.environ.get("TUNEGATE_ORCHESTRATOR", "dvc"),
-        "gate_passed": str(verdict["passed"]).lower(),
-        "gate_policy_sha256": verdict.get("policy_sha256"),
-        "adapter_sha256": fingerprint,
-        # how training ran: what a reproduction needs to know to compare like with like
-        "effective_batch_size": trained.get("effective_batch_size"),
-        "train_processes": trained.get("processes", 1),
-        "train_device": trained.get("device"),
-        "deterministic_kernels": str(trained.get("deterministic", True)).lower(),
-    }
-    if not verdict["passed"]:
-        tags["gate_failed"] = "; ".join(verdict["failed"])
-    for name, s in mix["sources"].items():
-        tags[f"source.{name}.sha256"] = s.get("sha256")
-        tags[f"source.{name}.rows"] = s.get("used")
-    for pkg in PACKAGES:
-        try:
-            tags[f"pkg.{pkg}"] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    for side, by_task in scores.items():
-        for task, metrics in by_task.items():
-            for m, v in metrics.items():
-                if m != "n":
-                    tags[f"eval.{side}.{task}.{m}"] = v
-    tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
-    return tags
-
-
-def logged_params(cfg: Config) -> dict[str, str]:
-    """Every setting as an MLflow param, flattened, under the same redaction as the tags."""
-    return redact(flatten(cfg))
-
-
-def _scrub(node: Any, key: str) -> Any:
-    """A parsed YAML document with the redaction of `redact` applied to every leaf (key = its dotted path)."""
-    if SECRET_KEY.search(key):
-        return node if node in (None, "") else "[redacted]"
-    if isinstance(node, dict):
-        return {k: _scrub(v, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_scrub(v, key) for v in node]
-    return redact_value(key, node) if isinstance(node, str) else node
-
-
-def redacted_yaml(text: str) -> str:
-    """params.yaml or dvc.lock (which records every stage's params) as logged with the run: values under
-    secret-looking keys (train.args.hub_token), secret-looking values and URL passwords replaced, so an
-    artifact carries no more than the tags and params do. A file with nothing to redact is logged as written,
-    comments included; otherwise as its redacted values (comments dropped: one could hold the secret too)."""
-    doc = yaml.safe_load(text)
-    clean = _scrub(doc, "")
-    if clean == doc and not SECRET_VALUE.search(text) and not URL_PASSWORD.search(text):
-        return text
-    return "# secrets redacted by the register stage\n" + yaml.safe_dump(clean, sort_keys=False, allow_unicode=True)
-
-
-def provenance_file(path: Path, scratch: Path) -> Path:
-    """The file to log for one provenance artifact: params.yaml and dvc.lock redacted into scratch."""
-    if path.name not in (PARAMS.name, DVC_LOCK.name):
-        return path
-    copy = scratch / path.name
-    copy.write_text(redacted_yaml(path.read_text(encoding="utf-8")), encoding="utf-8")
-    return copy
 
 
 def _log_curves(path: Path) -> None:
@@ -225,7 +134,7 @@ def _log_model(cfg: Config, base: dict, adapter_dir: Path, tags: dict[str, str])
     ]
     meta = {
         key: tags[key]
-        for key in ("base_model", "base_revision", BASE_ARTIFACT, BASE_FILES, "adapter_sha256", "adapter")
+        for key in (BASE_MODEL, BASE_REVISION, BASE_ARTIFACT, BASE_FILES, FINGERPRINT, ADAPTER)
         if tags.get(key)
     }
     if not ADAPTERS[cfg.train.adapter].peft:  # the fine-tuned weights as trained (dtype kept), its own tokenizer
@@ -343,12 +252,12 @@ def _register(
         )
         version, run_id = existing.version, existing.run_id
         # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
-        c.set_model_version_tag(name, str(version), "gate_passed", str(verdict["passed"]).lower())
-        c.set_model_version_tag(name, str(version), "gate_failed", "; ".join(verdict["failed"]))
-        c.set_model_version_tag(name, str(version), "gate_policy_sha256", str(verdict.get("policy_sha256")))
+        c.set_model_version_tag(name, str(version), GATE_PASSED, str(verdict["passed"]).lower())
+        c.set_model_version_tag(name, str(version), GATE_FAILED, "; ".join(verdict["failed"]))
+        c.set_model_version_tag(name, str(version), GATE_POLICY, str(verdict.get("policy_sha256")))
     else:
         exp_id = experiment(c, cfg.register_.experiment, artifact_location(cfg))
-        tags = redact(provenance(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
+        tags = redact(record(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
         # a local base is stored once, by content, so another machine can load this version (tunegate fetch);
         # a fully fine-tuned model loads without it (its base stays in the provenance tags)
         if _local_base(base) and ADAPTERS[cfg.train.adapter].peft:
@@ -356,7 +265,7 @@ def _register(
         with mlflow.start_run(
             experiment_id=exp_id,
             run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
-            tags={"adapter_sha256": fingerprint, "registration": "started"},
+            tags={FINGERPRINT: fingerprint, REGISTRATION: "started"},
         ) as active:
             run_id = active.info.run_id
             params = logged_params(cfg)
@@ -390,7 +299,7 @@ def _register(
                     elif path.exists():
                         mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
             info = _log_model(cfg, base, adapter_dir, tags)
-        version = mlflow.register_model(info.model_uri, name, tags={**tags, "run_id": run_id}).version
+        version = mlflow.register_model(info.model_uri, name, tags={**tags, RUN_ID: run_id}).version
         log.info("register: %s v%s (run %s)", name, version, run_id)
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
 
@@ -400,7 +309,7 @@ def _register(
         if verdict["passed"]
         else {"passed": False, "tag": "not run: gate failed", "lines": []}
     )
-    c.set_model_version_tag(name, str(version), "champion_check", check["tag"])
+    c.set_model_version_tag(name, str(version), CHAMPION_CHECK, check["tag"])
     lines += check["lines"]
     notes += check.get("notes", [])
     passed = verdict["passed"] and check["passed"]
@@ -513,8 +422,8 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
             for name, src in mix["sources"].items()
         ],
         "",
-        f"**Reproduce**: `tunegate reproduce {result['version']}` (commit `{tags.get('git_commit', '')[:12]}`, "
-        f"dvc.lock sha256 `{tags.get('dvc_lock_sha256', '')[:12]}`). **Load**: `tunegate fetch {result['version']}`"
+        f"**Reproduce**: `tunegate reproduce {result['version']}` (commit `{tags.get(GIT_COMMIT, '')[:12]}`, "
+        f"dvc.lock sha256 `{tags.get(DVC_LOCK_SHA, '')[:12]}`). **Load**: `tunegate fetch {result['version']}`"
         + ("." if ADAPTERS[cfg.train.adapter].peft else " (a full model: loads without its base)."),
     ]
     for note in result.get("notes", []):

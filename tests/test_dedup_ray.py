@@ -6,6 +6,8 @@ from benchmarks.dedup import make_corpus
 from tunegate.dedup import near_duplicates
 from tunegate.dedup_ray import near_duplicates_ray
 
+pytestmark = pytest.mark.heavy  # a local Ray cluster per test
+
 
 def test_unreachable_cluster_is_one_line():
     """Ray itself retries a dead address for half a minute and then exits the process; tunegate says so in one line."""

@@ -312,7 +312,8 @@ def test_a_local_base_is_stored_once_by_content_and_a_version_loads_without_it(t
     from tunegate.config import DemoBase
     from tunegate.io import read_jsonl
     from tunegate.models import describe, load_model, load_with_adapter
-    from tunegate.registry import BASE_ARTIFACT, BASE_FILES, fetch, load, log_base
+    from tunegate.provenance import BASE_ARTIFACT, BASE_FILES
+    from tunegate.registry import fetch, load, log_base
 
     tiny = DemoBase(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=32, steps=2)
     folder = tmp_path / "base"

@@ -112,6 +112,49 @@ def test_artefact_names_are_spelled_only_in_tunegate_paths(path):
     assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
 
 
+def _tag_names() -> set[str]:
+    import tunegate.provenance as provenance
+
+    return {v for k, v in vars(provenance).items() if k.isupper() and isinstance(v, str) and k != "PACKAGES"}
+
+
+def _is_tags(node: ast.AST) -> bool:
+    """`tags`, `t` (a version's tags in a loop), `x.tags`: what a provenance tag is read from."""
+    return (isinstance(node, ast.Name) and node.id in ("tags", "t")) or (
+        isinstance(node, ast.Attribute) and node.attr == "tags"
+    )
+
+
+TAG_WRITERS = {"set_tag", "set_tags", "set_model_version_tag", "delete_model_version_tag"}
+TAG_USERS = [p for folder in ("stages", "flows", "tunegate") for p in _modules(folder) if p.name != "provenance.py"]
+
+
+@pytest.mark.parametrize("path", TAG_USERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_provenance_tag_names_are_spelled_only_in_tunegate_provenance(path):
+    """A version's tag is read and written through tunegate/provenance.py's constants: no `tags["gate_passed"]`,
+    `v.tags.get("base_revision")`, `set_model_version_tag(..., "champion_check", ...)` or `tags={"registration": ...}`
+    elsewhere."""
+    names, problems = _tag_names(), []
+
+    def literal(node: ast.AST) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        spelled: list[str | None] = []
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in TAG_WRITERS:
+                spelled += [literal(a) for a in node.args]
+            elif node.func.attr == "get" and _is_tags(node.func.value) and node.args:
+                spelled.append(literal(node.args[0]))
+            for kw in node.keywords:
+                if kw.arg == "tags" and isinstance(kw.value, ast.Dict):
+                    spelled += [literal(k) for k in kw.value.keys if k is not None]
+        elif isinstance(node, ast.Subscript) and _is_tags(node.value):
+            spelled.append(literal(node.slice))
+        problems += [f"line {node.lineno}: {name!r}" for name in spelled if name in names]
+    assert not problems, f"{path.relative_to(ROOT)} spells tag names (use tunegate.provenance): " + "; ".join(problems)
+
+
 def _ruff() -> str:
     found = shutil.which("ruff", path=str(Path(sys.executable).parent))
     if found is None:

@@ -14,6 +14,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunegate.provenance import (
+    BASE_MODEL,
+    BASE_REVISION,
+    FINGERPRINT,
+    GATE_FAILED,
+    GATE_PASSED,
+    PREVIOUS,
+    PROMOTIONS,
+    REGISTRATION,
+    ROLLED_BACK,
+    TRAIN_DATA,
+)
+
 SECRET_KEY = re.compile(r"(^|[._-])(token|password|passwd|secret|api[_-]?key|credentials?)($|[._-])", re.I)
 SECRET_VALUE = re.compile(
     r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{20,}|xox[bp]-[A-Za-z0-9-]{10,})\b"
@@ -22,9 +35,6 @@ SECRET_VALUE = re.compile(
 URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s/]+@")
 REDACTED = "[redacted]"
 MAX_VALUE = 5000  # characters of a tag or param value logged (MLflow's limit for a param)
-PROMOTIONS = "promotion_log"
-PREVIOUS = "previous_champion"  # on a version: the champion it replaced when it was promoted
-ROLLED_BACK = "rolled_back"  # on a version: when and why the champion was moved back from it
 MODEL_PREFIX = "models:/"  # a version's source when it was made from a logged model: models:/<model_id>
 
 
@@ -72,7 +82,7 @@ def oldest_with(versions: Iterable[Version], fingerprint: str) -> Version | None
     """The version registered for this adapter fingerprint, if any: the oldest, should a retried request
     have left a duplicate (settle removes it)."""
     return min(
-        (v for v in versions if v.tags.get("adapter_sha256") == fingerprint), key=lambda v: int(v.version), default=None
+        (v for v in versions if v.tags.get(FINGERPRINT) == fingerprint), key=lambda v: int(v.version), default=None
     )
 
 
@@ -80,7 +90,7 @@ def duplicates(versions: Iterable[Version], fingerprint: str, run_id: str | None
     """(the version kept, the duplicates to delete) among this run's versions of this adapter: the oldest is
     kept. IndexError when the run has none."""
     mine = sorted(
-        (v for v in versions if v.tags.get("adapter_sha256") == fingerprint and v.run_id == run_id),
+        (v for v in versions if v.tags.get(FINGERPRINT) == fingerprint and v.run_id == run_id),
         key=lambda v: int(v.version),
     )
     return mine[0], mine[1:]
@@ -108,7 +118,7 @@ def incomplete_runs(run_ids: Iterable[str], run_id: str) -> list[str]:
 
 def needs_completion(run_tags: Mapping[str, str]) -> bool:
     """Whether the run still has to be marked `registration=complete` (the last step of settling)."""
-    return run_tags.get("registration") != "complete"
+    return run_tags.get(REGISTRATION) != "complete"
 
 
 # --- champion moves and rollback history ---
@@ -122,9 +132,9 @@ def timestamp(moment: dt.datetime) -> str:
 
 def gate_refusal(name: str, version: str, tags: Mapping[str, str]) -> str | None:
     """Why a version may not be promoted on its gate verdict; None when its gate passed."""
-    if tags.get("gate_passed") == "true":
+    if tags.get(GATE_PASSED) == "true":
         return None
-    return f"{name} v{version}: gate did not pass ({tags.get('gate_failed', 'no verdict')}); refusing to promote"
+    return f"{name} v{version}: gate did not pass ({tags.get(GATE_FAILED, 'no verdict')}); refusing to promote"
 
 
 def promotion_tags(alias: str, version: str, previous: str | None, reason: str, stamp: str) -> dict[str, str] | None:
@@ -180,12 +190,10 @@ def version_rows(versions: Iterable[Version], champion: str | None) -> list[dict
             {
                 "version": v.version,
                 "champion": "*" if champion == v.version else "",
-                "gate": "pass"
-                if t.get("gate_passed") == "true"
-                else f"FAIL {t.get('gate_failed', '?').split(' vs ')[0]}",
-                "base": f"{t.get('base_model', '?')}@{t.get('base_revision', '?')[:12]}",
-                "train_sha256": t.get("train_sha256", "")[:12],
-                "adapter_sha256": t.get("adapter_sha256", "")[:12],
+                "gate": "pass" if t.get(GATE_PASSED) == "true" else f"FAIL {t.get(GATE_FAILED, '?').split(' vs ')[0]}",
+                "base": f"{t.get(BASE_MODEL, '?')}@{t.get(BASE_REVISION, '?')[:12]}",
+                "train_sha256": t.get(TRAIN_DATA, "")[:12],
+                "adapter_sha256": t.get(FINGERPRINT, "")[:12],
                 "created": dt.datetime.fromtimestamp(v.created_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M"),
             }
         )

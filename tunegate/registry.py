@@ -16,11 +16,23 @@ from typing import Any
 
 from tunegate import decisions
 from tunegate.adapters import ADAPTERS, AdapterKind
-from tunegate.decisions import ROLLED_BACK, Version, redact_value
+from tunegate.decisions import Version, redact_value
 from tunegate.decisions import redact as redact  # re-exported: callers that import it from here
 from tunegate.errors import UserError
 from tunegate.io import sha256_tree
 from tunegate.paths import PARAMS
+from tunegate.provenance import (
+    ADAPTER,
+    BASE_ARTIFACT,
+    BASE_FILES,
+    BASE_MODEL,
+    BASE_REVISION,
+    DETERMINISTIC,
+    FINGERPRINT,
+    GIT_COMMIT,
+    REGISTRATION,
+    ROLLED_BACK,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +110,7 @@ def settle(c, name: str, fingerprint: str, run_id: str) -> str:
         log.warning("register: removing incomplete registration run %s of this adapter", old)
         c.delete_run(old)
     if decisions.needs_completion(run.data.tags):
-        c.set_tag(run_id, "registration", "complete")
+        c.set_tag(run_id, REGISTRATION, "complete")
     return kept.version
 
 
@@ -136,7 +148,7 @@ def matches(folder: Path, recorded: str | None) -> bool:
 
 def kind_of(tags: dict[str, str]) -> AdapterKind:
     """The adapter kind a version was trained with (its `adapter` tag; versions predating the tag were LoRA)."""
-    return ADAPTERS.get(tags.get("adapter", "lora"), ADAPTERS["lora"])
+    return ADAPTERS.get(tags.get(ADAPTER, "lora"), ADAPTERS["lora"])
 
 
 def store_of(uri: str) -> str:
@@ -189,7 +201,7 @@ def model_files(c, name: str, v, dest: Path, refusing: str = "") -> Path:
     local = download(name, str(v.version), "model files", v.source, dest)
     if not list(local.rglob("*.safetensors")):
         raise missing(name, str(v.version), "model weights", v.source, "the folder holds no .safetensors file")
-    if not matches(local, v.tags.get("adapter_sha256")):
+    if not matches(local, v.tags.get(FINGERPRINT)):
         tail = f"; {refusing}" if refusing else ""
         raise UserError(
             f"{name} v{v.version}: model files at {v.source} are present but no longer match the registered "
@@ -313,7 +325,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     import sys
 
     v = c.get_model_version(name, version)
-    commit = v.tags.get("git_commit", "unknown")
+    commit = v.tags.get(GIT_COMMIT, "unknown")
     if commit in ("", "unknown"):
         raise UserError(f"{name} v{version}: no git commit recorded; cannot reproduce")
     clean = commit.removesuffix("-dirty")
@@ -346,7 +358,7 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     from tunegate.paths import Layout
 
     folder = Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter
-    if v.tags.get("deterministic_kernels", "true") == "true":
+    if v.tags.get(DETERMINISTIC, "true") == "true":
         comparison = "adapter sha256, bit for bit (the recorded run used deterministic kernels)"
     else:  # fast CUDA kernels sum in a different order from run to run: equal bytes are not to be expected
         comparison = (
@@ -357,9 +369,9 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         "version": str(version),
         "commit": commit,
         "workdir": str(workdir),
-        "recorded": v.tags.get("adapter_sha256"),
+        "recorded": v.tags.get(FINGERPRINT),
         "reproduced": fingerprint(folder),
-        "match": matches(folder, v.tags.get("adapter_sha256")),
+        "match": matches(folder, v.tags.get(FINGERPRINT)),
         "comparison": comparison,
     }
 
@@ -368,8 +380,6 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
 # experiment, one run per content (sha256 over every file), so a version can be loaded on any machine
 # that reaches the same tracking server and artifact store. A hub base is referenced by id + commit sha.
 BASES_EXPERIMENT = "tunegate-bases"
-BASE_ARTIFACT = "base_artifact"  # on a version: runs:/<run>/base of its local base
-BASE_FILES = "base_files_sha256"  # on a version and on the base's run: sha256 over the base's files
 FETCHED_MODEL = "model"  # fetch's folder for the version's logged model
 
 
@@ -397,9 +407,7 @@ def log_base(c, base: dict[str, Any], artifact_location: str | None = None) -> t
     for run in c.search_runs([exp_id], f"tags.{BASE_FILES} = '{key}'", max_results=10):
         if run.info.status == "FINISHED":
             return f"runs:/{run.info.run_id}/base", key
-    run = c.create_run(
-        exp_id, tags={BASE_FILES: key, "base_model": base["model"], "mlflow.runName": f"base {key[:12]}"}
-    )
+    run = c.create_run(exp_id, tags={BASE_FILES: key, BASE_MODEL: base["model"], "mlflow.runName": f"base {key[:12]}"})
     with tempfile.TemporaryDirectory() as scratch:  # the files alone, without this machine's manifest
         for rel in files:
             (Path(scratch) / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -441,8 +449,8 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
         "adapter": None,
         "tokenizer": None,
         "base": None,
-        "base_model": tags.get("base_model"),
-        "base_revision": tags.get("base_revision"),
+        "base_model": tags.get(BASE_MODEL),
+        "base_revision": tags.get(BASE_REVISION),
     }
     # the tokenizer the model was trained with: MLflow keeps it beside the weights (components/tokenizer)
     tokenizers = sorted(p.parent for p in files.rglob("tokenizer_config.json"))
@@ -465,10 +473,10 @@ def fetch(c, name: str, ref: str, dest: Path) -> dict[str, Any]:
         from huggingface_hub import snapshot_download
 
         try:
-            base = Path(snapshot_download(tags["base_model"], revision=tags.get("base_revision")))
+            base = Path(snapshot_download(tags[BASE_MODEL], revision=tags.get(BASE_REVISION)))
         except Exception as err:  # noqa: BLE001 - offline, gated: one line
             raise UserError(
-                f"{name} v{v.version}: base {tags['base_model']}@{tags.get('base_revision')} is not in the Hugging "
+                f"{name} v{v.version}: base {tags[BASE_MODEL]}@{tags.get(BASE_REVISION)} is not in the Hugging "
                 f"Face cache and cannot be downloaded ({type(err).__name__})"
             ) from None
     return got | {"adapter": str(adapter), "tokenizer": str(tokenizer or base), "base": str(base)}

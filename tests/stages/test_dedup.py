@@ -83,6 +83,7 @@ def test_tie_without_majority_drops_all(cfg):
     assert kept["domain"] == [] and all("no majority" in d["detail"] for d in dropped)
 
 
+@pytest.mark.heavy
 def test_ray_engine_drops_the_same_rows(cfg, validated, result):
     """dedup.engine: ray (a real local Ray) gives the single-machine result, row for row."""
     ray = pytest.importorskip("ray")  # installed by `make setup` (the `ray` extra)

@@ -1,11 +1,12 @@
-"""register logs no secret: params.yaml and dvc.lock artifacts are redacted, params and tags too."""
+"""register logs no secret (params.yaml and dvc.lock artifacts are redacted, params and tags too); its banner
+and the version description."""
 
 from __future__ import annotations
 
 import yaml
 
-from stages import register
 from tests.conftest import ROOT
+from tunegate import provenance
 from tunegate.config import parse_config
 from tunegate.paths import DVC_LOCK, PARAMS
 from tunegate.registry import redact
@@ -32,7 +33,7 @@ def test_params_artifact_is_logged_without_the_secrets_in_it(tmp_path):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    logged = register.provenance_file(path, scratch)
+    logged = provenance.provenance_file(path, scratch)
     text = logged.read_text()
     assert logged != path and not [s for s in SECRETS if s in text]
     doc = yaml.safe_load(text)
@@ -50,26 +51,26 @@ def test_dvc_lock_artifact_is_logged_without_the_params_it_records(tmp_path):
     path = tmp_path / DVC_LOCK.name
     path.write_text(yaml.safe_dump(lock))
     (tmp_path / "scratch").mkdir()
-    text = register.provenance_file(path, tmp_path / "scratch").read_text()
+    text = provenance.provenance_file(path, tmp_path / "scratch").read_text()
     assert HUB_TOKEN not in text and "[redacted]" in text
 
 
 def test_params_without_secrets_are_logged_as_written(tmp_path):
-    assert register.redacted_yaml((ROOT / PARAMS).read_text()) == (ROOT / PARAMS).read_text()  # comments kept
+    assert provenance.redacted_yaml((ROOT / PARAMS).read_text()) == (ROOT / PARAMS).read_text()  # comments kept
     report = tmp_path / "report.md"
     report.write_text("token: not yaml to redact")
-    assert register.provenance_file(report, tmp_path / "scratch") == report
+    assert provenance.provenance_file(report, tmp_path / "scratch") == report
 
 
 def test_run_params_and_tags_carry_no_secret():
     cfg = parse_config(_params_with_secrets())
-    params = register.logged_params(cfg)
+    params = provenance.logged_params(cfg)
     assert not [(k, v) for k, v in params.items() for s in SECRETS if s in v]
     assert params["register.tracking_uri"] == "http://tunegate:[redacted]@mlflow.internal:5000"
     assert params["train.args.learning_rate"] == str(cfg.train.args["learning_rate"])  # the rest is logged as is
     base = {"model": "demo", "resolved_revision": "r", "weights_sha256": {}, "tokenizer_sha256": {}}
     mix = {"train_sha256": "t", "rows": 1, "by": "tokens", "general_share_tokens": 0.2, "sources": {}}
-    tags = redact(register.provenance(cfg, base, mix, {"passed": True, "failed": []}, {}, "f"))
+    tags = redact(provenance.record(cfg, base, mix, {"passed": True, "failed": []}, {}, "f"))
     assert tags["hp.args.hub_token"] == "[redacted]"
     assert not [(k, v) for k, v in tags.items() for s in SECRETS if s in v]
 

@@ -286,6 +286,7 @@ train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, 
     "method, kill_at",
     [("sft", "checkpoint-10"), ("sft", "checkpoint-1[05]/trainer_state.json"), ("sft+dpo", "dpo/checkpoint-10")],
 )
+@pytest.mark.heavy
 def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
     """SIGKILL mid-run (also while a checkpoint is being written, and in the DPO phase of the SFT -> DPO
     chain), run again: it resumes from the last complete checkpoint and ends byte-identical to an
@@ -640,6 +641,7 @@ def _stage(project: Path, **popen):
     return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=project, env=env, text=True, **popen)
 
 
+@pytest.mark.heavy
 def test_two_processes_through_train_launch_write_one_adapter_and_resume_after_a_kill(base, rows, tmp_path):
     """train.launch: {processes: 2} runs the stage under `accelerate launch` (gloo on CPU): one adapter,
     written by the main process only, loadable; the effective batch counts both processes; a killed
