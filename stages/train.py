@@ -19,7 +19,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from tunegate.adapters import ADAPTERS
 from tunegate.config import Train, load_config
 from tunegate.errors import UserError
 from tunegate.io import publish, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
+from tunegate.methods import METHODS, MethodKind
 from tunegate.paths import (
     ADAPTER,
     CHAIN_DPO_CHECKPOINTS,
@@ -51,45 +51,6 @@ SPEED_FIELDS = ("step", "tokens", "tokens_per_second")  # step, tokens so far, t
 PEFT_CONFIG = "adapter_config.json"  # PEFT's name
 TOKENIZER_CONFIG = "tokenizer_config.json"  # transformers' name
 TRAINER_STATE = "trainer_state.json"  # the transformers Trainer's name, written last in a checkpoint
-
-
-def _sft_classes() -> tuple[type, type]:
-    from trl import SFTConfig, SFTTrainer
-
-    return SFTConfig, SFTTrainer
-
-
-def _dpo_classes() -> tuple[type, type]:
-    from trl import DPOConfig, DPOTrainer
-
-    class PreTokenizedDPOTrainer(DPOTrainer):
-        """TRL's DPO trainer on pairs tokenised by `preference_examples` (the rendering every stage uses,
-        tools included); TRL's own preparation would pass the messages through Arrow, which gives every
-        tool call's arguments the keys of all the others."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if "prompt_ids" not in dataset.column_names:
-                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if args.max_length is not None and args.truncation_mode == "keep_start":  # as TRL: no signal left
-                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
-            return dataset
-
-    return DPOConfig, PreTokenizedDPOTrainer
-
-
-@dataclass(frozen=True)
-class MethodKind:
-    """One trainer method: TRL's config and trainer classes and what data it trains on."""
-
-    classes: Callable[[], tuple[type, type]]  # (TRL config class, TRL trainer class), imported on use
-    preference: bool  # trains on preference pairs (prompt/chosen/rejected) instead of the mixed set
-    probe: bool  # the held-out general probe loss (an SFT-style loss) applies
-
-
-METHODS: dict[str, MethodKind] = {
-    "sft": MethodKind(_sft_classes, preference=False, probe=True),
-    "dpo": MethodKind(_dpo_classes, preference=True, probe=False),
-}
 
 
 @dataclass(frozen=True)
@@ -439,7 +400,7 @@ def run(
     DPO, TRL then uses a frozen copy of it as the reference model. recorded: the config written to
     train_config.json when it is not cfg (the chain records itself, not its DPO phase).
     """
-    if cfg.method == "sft+dpo":
+    if METHODS[cfg.method].phases:
         return _sft_then_dpo(cfg, seed, data, out)
     method, kind = METHODS[cfg.method], ADAPTERS[cfg.adapter]
     if not (data.pref_rows if method.preference else data.train_rows):
@@ -584,7 +545,7 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
 
     from trl import DPOConfig
 
-    if not ADAPTERS[cfg.adapter].peft:
+    if METHODS[cfg.method].needs_adapter and not ADAPTERS[cfg.adapter].peft:
         raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
     if not data.pref_rows:
         raise UserError(

@@ -194,3 +194,16 @@ def test_stage_modules_are_imported_from_this_checkout():
     from stages import train
 
     assert Path(train.__file__).resolve() == ROOT / "stages/train.py"
+
+
+def test_architecture_names_every_library_module_and_only_those():
+    """docs/ARCHITECTURE.md's module table matches tunegate/: a new module gets its row, a removed one loses it."""
+    import re
+
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = text.split("### Library modules", 1)[1].split("\n## ", 1)[0]
+    named = {
+        m for row in table.splitlines() if row.startswith("| `") for m in re.findall(r"`(\w+\.py)`", row.split("|")[1])
+    }
+    present = {p.name for p in (ROOT / "tunegate").glob("*.py") if p.name != "__init__.py"}
+    assert named == present, f"missing rows: {sorted(present - named)}; rows of no module: {sorted(named - present)}"

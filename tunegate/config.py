@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunegate.errors import UserError
+from tunegate.methods import METHODS
 
 DEFAULT_PARAMS = "params.yaml"
 DEMO_BASE = "demo"
@@ -212,7 +213,7 @@ class Train(_Section):
     @field_validator("dpo_args")
     @classmethod
     def _dpo_args_need_dpo(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if value and info.data.get("method") == "sft":
+        if value and info.data.get("method") in METHODS and not METHODS[info.data["method"]].uses_preference_args:
             raise ValueError(
                 "only used when train.method is dpo or sft+dpo (remove it, or move these keys to train.args)"
             )
@@ -221,7 +222,7 @@ class Train(_Section):
     @field_validator("probe_max_rise")
     @classmethod
     def _probe_needs_sft(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value is not None and info.data.get("method") == "dpo":
+        if value is not None and info.data.get("method") in METHODS and not METHODS[info.data["method"]].runs_probe:
             raise ValueError(
                 "the forgetting probe runs during SFT only (train.method sft or sft+dpo); set it to null for dpo"
             )

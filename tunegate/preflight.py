@@ -33,6 +33,7 @@ from typing import Any
 
 from tunegate.adapters import ADAPTERS
 from tunegate.errors import UserError
+from tunegate.methods import METHODS
 
 GIB = 1024**3
 MARGIN = 1.10  # on the whole estimate: allocator rounding and short-lived buffers the terms leave out
@@ -155,8 +156,9 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     if plan.sharded and plan.processes > 1:
         weights /= plan.processes
         trainable /= plan.processes
-    tokens = plan.batch * plan.seq * (2 if plan.method == "dpo" else 1)
-    rows = plan.batch * (2 if plan.method == "dpo" else 1)
+    method = METHODS[plan.method]
+    tokens = plan.batch * plan.seq * method.sequences_per_row
+    rows = plan.batch * method.sequences_per_row
     scores = rows * shape._heads()[0] * plan.seq * plan.seq * ATT_PER_SCORE * value
     per_layer = tokens * (ACT_PER_HIDDEN * shape.hidden + ACT_PER_INTERMEDIATE * shape.ffn) * value + scores
     if plan.gradient_checkpointing:
@@ -165,7 +167,7 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
         activations = per_layer * shape.layers
     if kind.quantize_4bit:
         activations *= QLORA_ACTIVATIONS
-    logits = tokens * shape.vocab * (value + 8) * (1.5 if plan.method == "dpo" else 1)
+    logits = tokens * shape.vocab * (value + 8) * method.logits_factor
     parts = {"weights": weights, "trainable": trainable, "activations": activations + logits}
     return {**{k: v * MARGIN for k, v in parts.items()}, "total": sum(parts.values()) * MARGIN}
 

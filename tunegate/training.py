@@ -19,6 +19,7 @@ from typing import Any
 from tunegate.adapters import ADAPTERS
 from tunegate.config import Train
 from tunegate.errors import UserError
+from tunegate.methods import METHODS
 from tunegate.preflight import Plan, Shape
 from tunegate.runtime import free_port
 
@@ -46,7 +47,8 @@ def device_defaults(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, A
 def resolved_args(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any]:
     """The trainer settings that decide memory and speed: device defaults, then train.args, then (DPO)
     train.dpo_args — what the stage hands TRL, less its bookkeeping (paths, seeds, logging)."""
-    return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **(cfg.dpo_args if cfg.method == "dpo" else {})}
+    dpo = cfg.dpo_args if METHODS[cfg.method].preference else {}
+    return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **dpo}
 
 
 def preflight(
@@ -117,7 +119,7 @@ def plan(cfg: Train, args: dict[str, Any], shape: Shape, method: str | None = No
         optim=str(args.get("optim", "adamw_torch")),
         bf16=bool(args.get("bf16") or args.get("fp16")),
         weights_16bit=shape.weights_16bit,
-        method="dpo" if (method or cfg.method) in ("dpo",) else "sft",
+        method=METHODS[method or cfg.method].first().name,
         processes=processes,
         sharded=sharded(launch.config) if launch else False,
     )
