@@ -75,7 +75,7 @@ def test_config_defaults_are_the_shipped_params(root):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        (b"seed: 1\ndata: {sources: [unclosed\n", "not valid YAML: "),
+        (b"seed: 1\ndata: {sources: [unclosed\n", "not valid YAML ("),
         (b"seed: 1\n# caf\xe9\n", "not UTF-8 (byte"),
         (b"- a list\n", "expected a mapping of sections"),
     ],
@@ -129,7 +129,7 @@ def test_a_yaml_error_in_params_is_yamls_words_on_one_line(tmp_path, monkeypatch
     path.write_text("seed: 1\ndata: {sources: [unclosed\n")
     with pytest.raises(UserError) as err:
         load_config(path)
-    assert str(err.value).startswith(f'{path}: not valid YAML: while parsing a flow sequence in "<unicode string>", ')
+    assert str(err.value).startswith(f'{path}: not valid YAML (while parsing a flow sequence in "<unicode string>", ')
 
     def unreadable(self, *args, **kwargs):
         raise OSError  # an OSError without strerror: the message names its type instead

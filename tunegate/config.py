@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from tunegate.errors import UserError
+from tunegate.errors import UserError, yaml_error
 from tunegate.methods import METHODS
 
 DEFAULT_PARAMS = "params.yaml"
@@ -295,7 +295,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise yaml_error(path, err) from None
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 (byte {err.start}); save it as UTF-8") from None
     except OSError as err:  # a folder, no permission

@@ -31,17 +31,13 @@ class TaskInfo:
 
 
 def _yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from tunegate.errors import UserError
+    from tunegate.evaluation import task_yaml
 
-    class Loader(yaml.SafeLoader):
-        """lm-eval's own tags (`!function utils.score`) are read as nothing."""
-
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
     try:
-        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return task_yaml(path)
+    except UserError:
         return {}  # tunegate.evaluation.local_tasks names unreadable task files in one line
-    return doc if isinstance(doc, dict) else {}
 
 
 def local_task_info(tasks_dir: Path, root: Path) -> dict[str, TaskInfo]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.config import Eval
-from tunegate.errors import UserError
+from tunegate.errors import UserError, yaml_error
 from tunegate.io import atomic_path, write_json, write_jsonl
 from tunegate.paths import RESULTS, SAMPLES, jsonl_of
 
@@ -96,27 +96,31 @@ def _text(path: Path) -> str:
         raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
 
 
-def local_tasks(tasks_dir: Path) -> set[str]:
-    """The task names the YAML files in tasks_dir define. A file lm-eval could not read (not UTF-8, not
-    YAML, not a mapping) ends in one line naming it, where lm-eval would skip it and the task would
-    then be reported unknown."""
+def task_yaml(path: Path) -> dict[str, Any]:
+    """One lm-eval task YAML as a mapping (lm-eval's own tags, `!function utils.score`, read as nothing; a
+    SafeLoader: no arbitrary objects). A file lm-eval could not read (not UTF-8, not YAML, not a mapping)
+    ends in one line naming it. The one reader of task files: the eval stages and the consistency checks."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """Accepts lm-eval's own tags (`!function utils.score`) without resolving them."""
+        """Accepts lm-eval's own tags without resolving them."""
 
     Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        doc = yaml.load(_text(path), Loader=Loader)
+    except yaml.YAMLError as err:
+        raise yaml_error(path, err) from None
+    if doc is not None and not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a mapping of lm-eval task settings, got a {type(doc).__name__}")
+    return doc or {}
+
+
+def local_tasks(tasks_dir: Path) -> set[str]:
+    """The task names the YAML files in tasks_dir define; an unreadable file ends in one line naming it,
+    where lm-eval would skip it and the task would then be reported unknown."""
     names = set()
     for path in sorted(tasks_dir.glob("*.yaml")):
-        if not path.is_file():
-            continue
-        try:
-            doc = yaml.load(_text(path), Loader=Loader)  # a SafeLoader: no arbitrary objects
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
-        if doc is not None and not isinstance(doc, dict):
-            raise UserError(f"{path}: expected a mapping of lm-eval task settings, got a {type(doc).__name__}")
-        if doc and isinstance(doc.get("task"), str):
+        if path.is_file() and isinstance((doc := task_yaml(path)).get("task"), str):
             names.add(doc["task"])
     return names
 

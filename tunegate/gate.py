@@ -170,7 +170,7 @@ def load_policy(path: Path) -> Policy:
     import yaml
     from pydantic import ValidationError
 
-    from tunegate.errors import UserError
+    from tunegate.errors import UserError, yaml_error
 
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -187,7 +187,7 @@ def load_policy(path: Path) -> Policy:
     except OSError as err:
         raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+        raise yaml_error(path, err) from None
     except ValidationError as err:
         e = err.errors()[0]
         more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""

@@ -85,20 +85,12 @@ class TokenCounter:
 
 
 def renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
-    """messages -> the text the trainer will see. The template is compiled once (transformers'
-    per-call apply_chat_template re-prepares it for every row); any other template falls back."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
+    """messages -> the text the trainer will see, through the one renderer training uses (`chat.Renderer`,
+    the template compiled once); a template that rejects the rows' role order gives the contents joined
+    (the roles check reports those rows)."""
+    from tunegate.chat import Renderer
 
-        compiled = _compile_jinja_template(tokenizer.chat_template)
-        special = dict(tokenizer.special_tokens_map)
-
-        def render(msgs: list[dict[str, str]]) -> str:
-            return compiled.render(messages=msgs, add_generation_prompt=False, **special)
-    except Exception:  # no template string, or a transformers without the helper: the public API
-
-        def render(msgs: list[dict[str, str]]) -> str:
-            return tokenizer.apply_chat_template(msgs, tokenize=False)
+    render = Renderer(tokenizer)
 
     def safe(msgs: list[dict[str, str]]) -> str:
         try:
