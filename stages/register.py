@@ -17,6 +17,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from tunegate.provenance import (
 )
 from tunegate.registry import (
     BASES_EXPERIMENT,
+    adapter_fingerprint,
     champion,
     client,
     find_version,
@@ -193,27 +195,31 @@ def experiment(c, name: str, location: str | None) -> str:
     return exp.experiment_id
 
 
-def run(
-    cfg: Config,
-    base: dict,
-    mix: dict,
-    train_metrics: dict,
-    verdict: dict,
-    scores: dict,
-    adapter_dir: Path,
-    reports: list[Path],
-    candidate_samples: dict,
-    policy,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Candidate:
+    """What `register` reads of one pipeline run (main() loads it from the stage folders)."""
+
+    base: dict  # the base manifest
+    mix: dict  # the mix manifest
+    train_metrics: dict
+    verdict: dict  # the gate's
+    scores: dict  # {side: {task: {metric: value}}}
+    adapter_dir: Path  # the trained adapter, or the fully fine-tuned model
+    reports: list[Path]  # logged with the run (folders as folders, files under provenance/)
+    samples: Samples  # the candidate's per-sample outcomes: the champion comparison
+    policy: Policy
+
+
+def run(cfg: Config, cand: Candidate) -> dict[str, Any]:
+    """Register the candidate (once per fingerprint), decide the champion, describe the version; a server
+    lost or refusing mid-way ends in one line (the next run completes or cleans up what this one left)."""
     from mlflow.exceptions import MlflowException
     from requests import RequestException
 
     uri = cfg.register_.tracking_uri
     reachable(uri)
     try:
-        return _register(
-            cfg, base, mix, train_metrics, verdict, scores, adapter_dir, reports, candidate_samples, policy
-        )
+        return _register(cfg, cand)
     except (MlflowException, RequestException, ConnectionError) as err:
         detail = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         try:
@@ -228,106 +234,129 @@ def run(
         raise UserError(f"register: MLflow refused a request ({detail})") from None
 
 
-def _register(
-    cfg: Config,
-    base: dict,
-    mix: dict,
-    train_metrics: dict,
-    verdict: dict,
-    scores: dict,
-    adapter_dir: Path,
-    reports: list[Path],
-    candidate_samples: dict,
-    policy,
-) -> dict[str, Any]:
-    import mlflow
-
+def _register(cfg: Config, cand: Candidate) -> dict[str, Any]:
     c = client(cfg.register_.tracking_uri)
     name = cfg.register_.model_name
-    fingerprint = model_fingerprint(adapter_dir)
-    existing = find_version(c, name, fingerprint)
-    if existing is not None:
-        log.info(
-            "register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version
-        )
-        version, run_id = existing.version, existing.run_id
-        # the same adapter re-gated (e.g. a policy change): the version carries the latest verdict
-        c.set_model_version_tag(name, str(version), GATE_PASSED, str(verdict["passed"]).lower())
-        c.set_model_version_tag(name, str(version), GATE_FAILED, "; ".join(verdict["failed"]))
-        c.set_model_version_tag(name, str(version), GATE_POLICY, str(verdict.get("policy_sha256")))
-    else:
-        exp_id = experiment(c, cfg.register_.experiment, artifact_location(cfg))
-        tags = redact(record(cfg, base, mix, verdict, scores, fingerprint, train_metrics))
-        # a local base is stored once, by content, so another machine can load this version (tunegate fetch);
-        # a fully fine-tuned model loads without it (its base stays in the provenance tags)
-        if _local_base(base) and ADAPTERS[cfg.train.adapter].peft:
-            tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, base, artifact_location(cfg, BASES_EXPERIMENT))
-        with mlflow.start_run(
-            experiment_id=exp_id,
-            run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
-            tags={FINGERPRINT: fingerprint, REGISTRATION: "started"},
-        ) as active:
-            run_id = active.info.run_id
-            params = logged_params(cfg)
-            for start in range(0, len(params), 100):
-                mlflow.log_params(dict(list(params.items())[start : start + 100]))
-            numeric = {
-                f"train.{k}": v
-                for k, v in flatten(train_metrics).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }  # the chain: train.sft.*
-            numeric.update(
-                {
-                    f"eval.{side}.{t}.{m}": v
-                    for side, by_task in scores.items()
-                    for t, ms in by_task.items()
-                    for m, v in ms.items()
-                }
-            )
-            numeric["gate.passed"] = float(verdict["passed"])
-            mlflow.log_metrics(numeric)
-            layout = Layout.of(cfg.paths)
-            _log_curves(layout.train_plot)
-            _log_curves(layout.throughput)
-            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
-            _log_datasets(cfg, mix)
-            mlflow.log_artifacts(str(layout.eval("candidate") / SAMPLES), artifact_path=EVAL_ARTIFACTS)
-            with tempfile.TemporaryDirectory() as scratch:
-                for path in reports:
-                    if path.is_dir():
-                        mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
-                    elif path.exists():
-                        mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
-            info = _log_model(cfg, base, adapter_dir, tags)
-        version = mlflow.register_model(info.model_uri, name, tags={**tags, RUN_ID: run_id}).version
-        log.info("register: %s v%s (run %s)", name, version, run_id)
+    fingerprint = model_fingerprint(cand.adapter_dir)
+    found = _reuse(c, name, fingerprint, cand.verdict)
+    if found is None:  # a version registered before the weights' fingerprint carries the files' one
+        legacy = adapter_fingerprint(cand.adapter_dir)
+        found = _reuse(c, name, legacy, cand.verdict)
+        fingerprint = legacy if found else fingerprint
+    version, run_id = found or _log_run(c, cfg, cand, fingerprint)
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
+    result = {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint}
+    result |= _decide(c, cfg, cand, str(version))
+    described = c.get_model_version(name, str(version))
+    c.update_model_version(
+        name, str(version), description=description(cfg, cand.base, cand.mix, result, described.tags)
+    )
+    return result
 
-    lines, notes, promoted = list(verdict["lines"]), [], None
+
+def _reuse(c, name: str, fingerprint: str, verdict: dict) -> tuple[str, str] | None:
+    """(version, run id) of the version this fingerprint already has, re-tagged with the latest verdict
+    (the same model re-gated, e.g. after a policy change); None when it has none yet."""
+    existing = find_version(c, name, fingerprint)
+    if existing is None:
+        return None
+    log.info("register: adapter %s already registered as %s v%s; reusing it", fingerprint[:12], name, existing.version)
+    c.set_model_version_tag(name, str(existing.version), GATE_PASSED, str(verdict["passed"]).lower())
+    c.set_model_version_tag(name, str(existing.version), GATE_FAILED, "; ".join(verdict["failed"]))
+    c.set_model_version_tag(name, str(existing.version), GATE_POLICY, str(verdict.get("policy_sha256")))
+    return existing.version, existing.run_id
+
+
+def _log_run(c, cfg: Config, cand: Candidate, fingerprint: str) -> tuple[str, str]:
+    """A new MLflow run with everything the version's provenance points at, and the version itself."""
+    import mlflow
+
+    exp_id = experiment(c, cfg.register_.experiment, artifact_location(cfg))
+    tags = redact(record(cfg, cand.base, cand.mix, cand.verdict, cand.scores, fingerprint, cand.train_metrics))
+    # a local base is stored once, by content, so another machine can load this version (tunegate fetch);
+    # a fully fine-tuned model loads without it (its base stays in the provenance tags)
+    if _local_base(cand.base) and ADAPTERS[cfg.train.adapter].peft:
+        tags[BASE_ARTIFACT], tags[BASE_FILES] = log_base(c, cand.base, artifact_location(cfg, BASES_EXPERIMENT))
+    with mlflow.start_run(
+        experiment_id=exp_id,
+        run_name=f"{cfg.train.method}-{cfg.train.adapter}-{fingerprint[:8]}",
+        tags={FINGERPRINT: fingerprint, REGISTRATION: "started"},
+    ) as active:
+        run_id = active.info.run_id
+        _log_params_and_metrics(cfg, cand)
+        mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
+        _log_datasets(cfg, cand.mix)
+        _log_reports(cfg, cand.reports)
+        info = _log_model(cfg, cand.base, cand.adapter_dir, tags)
+    version = mlflow.register_model(info.model_uri, cfg.register_.model_name, tags={**tags, RUN_ID: run_id}).version
+    log.info("register: %s v%s (run %s)", cfg.register_.model_name, version, run_id)
+    return version, run_id
+
+
+def _log_params_and_metrics(cfg: Config, cand: Candidate) -> None:
+    """Every setting (redacted), training metrics (the chain's as train.sft.*), eval scores and the verdict as
+    metrics, the training curves step by step."""
+    import mlflow
+
+    params = logged_params(cfg)
+    for start in range(0, len(params), 100):
+        mlflow.log_params(dict(list(params.items())[start : start + 100]))
+    numeric = {
+        f"train.{k}": v
+        for k, v in flatten(cand.train_metrics).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    numeric |= {
+        f"eval.{side}.{t}.{m}": v
+        for side, by_task in cand.scores.items()
+        for t, ms in by_task.items()
+        for m, v in ms.items()
+    }
+    numeric["gate.passed"] = float(cand.verdict["passed"])
+    mlflow.log_metrics(numeric)
+    layout = Layout.of(cfg.paths)
+    _log_curves(layout.train_plot)
+    _log_curves(layout.throughput)
+
+
+def _log_reports(cfg: Config, reports: list[Path]) -> None:
+    """The candidate's eval samples (the champion comparison of later candidates reads them), the report
+    folders, and the provenance files (params.yaml and dvc.lock redacted)."""
+    import mlflow
+
+    mlflow.log_artifacts(str(Layout.of(cfg.paths).eval("candidate") / SAMPLES), artifact_path=EVAL_ARTIFACTS)
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in reports:
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
+            elif path.exists():
+                mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
+
+
+def _decide(c, cfg: Config, cand: Candidate, version: str) -> dict[str, Any]:
+    """The champion check (a passed gate only), the alias move, and what the result says of both."""
+    name = cfg.register_.model_name
+    lines, notes, promoted = list(cand.verdict["lines"]), [], None
     check = (
-        champion_check(c, cfg, version, candidate_samples, policy)
-        if verdict["passed"]
+        champion_check(c, cfg, version, cand.samples, cand.policy)
+        if cand.verdict["passed"]
         else {"passed": False, "tag": "not run: gate failed", "lines": []}
     )
-    c.set_model_version_tag(name, str(version), CHAMPION_CHECK, check["tag"])
+    c.set_model_version_tag(name, version, CHAMPION_CHECK, check["tag"])
     lines += check["lines"]
     notes += check.get("notes", [])
-    passed = verdict["passed"] and check["passed"]
-    rolled_back = c.get_model_version(name, str(version)).tags.get(ROLLED_BACK)
+    passed = cand.verdict["passed"] and check["passed"]
+    rolled_back = c.get_model_version(name, version).tags.get(ROLLED_BACK)
     if passed and rolled_back:  # the same adapter registered again after a rollback from it: a person decides
         notes.append(
             f"v{version} was rolled back ({rolled_back}); "
             f"it becomes champion again only by `tunegate promote {version}`"
         )
     elif passed:
-        moved_from = move_champion(c, name, str(version), "gate passed in pipeline run", cfg.register_.alias)
-        promoted = moved_from if moved_from != str(version) else None
+        moved_from = move_champion(c, name, version, "gate passed in pipeline run", cfg.register_.alias)
+        promoted = moved_from if moved_from != version else None
     current = champion(c, name, cfg.register_.alias)
-    result = {
-        "model_name": name,
-        "version": str(version),
-        "run_id": run_id,
-        "adapter_sha256": fingerprint,
+    return {
         "gate_passed": passed,
         "champion": str(current.version) if current else None,
         "previous_champion": promoted,
@@ -335,9 +364,6 @@ def _register(
         "lines": lines,
         "notes": notes,
     }
-    described = c.get_model_version(name, str(version))
-    c.update_model_version(name, str(version), description=description(cfg, base, mix, result, described.tags))
-    return result
 
 
 def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) -> dict[str, Any]:
@@ -478,18 +504,18 @@ def main() -> None:
             DVC_LOCK,
             layout.base_manifest,
         ]
-        result = run(
-            cfg,
-            load_manifest(layout.base),
-            read_json(layout.mix_manifest),
-            read_json(layout.metrics("train")),
-            read_json(layout.verdict),
-            scores,
-            layout.adapter,
-            reports,
-            load_samples(layout.eval("candidate")),
-            load_policy(Path(cfg.gate.policy)),
+        candidate = Candidate(
+            base=load_manifest(layout.base),
+            mix=read_json(layout.mix_manifest),
+            train_metrics=read_json(layout.metrics("train")),
+            verdict=read_json(layout.verdict),
+            scores=scores,
+            adapter_dir=layout.adapter,
+            reports=reports,
+            samples=load_samples(layout.eval("candidate")),
+            policy=load_policy(Path(cfg.gate.policy)),
         )
+        result = run(cfg, candidate)
         write_json(layout.register, result)
         print(banner(result), file=sys.stderr)
 

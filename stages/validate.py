@@ -22,6 +22,7 @@ import logging
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -374,132 +375,191 @@ def _run(
 
     ctx = gx.get_context(mode="ephemeral")
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    pii = {name: re.compile(p) for name, p in cfg.pii_patterns.items()}
-    counter = TokenCounter(tokenizer, cfg.min_tokens, cfg.max_tokens, use_bounds=use_bounds)
-    sizes = RenderedSize(tokenizer, use_layouts=use_layouts)
+    checks = _Checks(
+        cfg,
+        ctx,
+        tokenizer,
+        {name: re.compile(p) for name, p in cfg.pii_patterns.items()},
+        TokenCounter(tokenizer, cfg.min_tokens, cfg.max_tokens, use_bounds=use_bounds),
+        RenderedSize(tokenizer, use_layouts=use_layouts),
+    )
     metrics: dict[str, Any] = {"sources": {}}
     quarantine: list[dict[str, Any]] = []
     valid: dict[str, list[Row]] = {}
     failures: list[str] = []
-    no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
     for name, source in sources.items():
-        started = time.perf_counter()
-        rows, problems, fmt, notes = load_rows(name, source.path, source.format)
-        expected_kind = "preference" if source.role == "preference" else "sft"
-        wrong_kind = [r for r in rows if r.kind != expected_kind]
-        if wrong_kind:
-            rows = [r for r in rows if r.kind == expected_kind]
-        quarantine += [p.as_row() for p in problems]
-        quarantine += [
-            {
-                "source": name,
-                "line": r.line,
-                "id": r.id,
-                "reason": "wrong_format",
-                "detail": f"{r.kind} row in a {source.role} source",
-            }
-            for r in wrong_kind
-        ]
-        tool_rows: list[Row] = []  # quarantined when the template cannot render them
-        if NOTE_EXTRAS in notes and any(uses_tools(r.all_messages(), r.tools) for r in rows):
-            if no_tools is None:
-                why = tool_support(tokenizer)
-                template = getattr(tokenizer, "name_or_path", "") or "the base model"
-                no_tools = "" if why is None else f"the chat template of {template} cannot train tool rows: {why}"
-            if no_tools:
-                tool_rows = [r for r in rows if uses_tools(r.all_messages(), r.tools)]
-                rows = [r for r in rows if not uses_tools(r.all_messages(), r.tools)]
-                log.warning("validate %s: %d tool rows quarantined: %s", name, len(tool_rows), no_tools)
-                quarantine += [
-                    {"source": name, "line": r.line, "id": r.id, "reason": NO_TOOLS, "detail": no_tools}
-                    for r in tool_rows
-                ]
-        failed, invisible = {}, {}
-        if rows:
-            table = _table(rows, counter, sizes, extras=NOTE_EXTRAS in notes)
-            frame, invisible = _invisible(rows, table, cfg.invisible, counter, sizes)
-            failed = _run_suite(ctx, name, _narrow(frame, cfg), _expectations(cfg, expected_kind))
-        kept, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
-        invisible_hits = Counter(r for found in invisible.values() for r in found)
-        # only the rows something was found in are looked at one by one; the rest are kept as they are
-        suspects = sorted(failed.keys() | (invisible.keys() if cfg.invisible == "quarantine" else set()))
-        after = 0  # rows before this one, not yet kept, have nothing found
-        for i in suspects:
-            kept += rows[after:i]
-            after = i + 1
-            row = rows[i]
-            reasons = failed.get(i)
-            hidden = invisible.get(i, []) if cfg.invisible == "quarantine" else []
-            if reasons is None and not hidden:
-                kept.append(row)
-                continue
-            reasons = reasons or []
-            if reasons and reasons[-1] == PII:
-                reasons = reasons[:-1] + _pii_reasons(row, pii)
-            # after the suite's own checks, before PII: a row's first failing check names it
-            at = next((i for i, r in enumerate(reasons) if r.startswith(PII)), len(reasons))
-            reasons = reasons[:at] + hidden + reasons[at:]
-            hits = [r for r in reasons if r.startswith(PII)]
-            blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
-            if blocking:
-                quarantine.append(
-                    {
-                        "source": name,
-                        "line": row.line,
-                        "id": row.id,
-                        "reason": blocking[0],
-                        "detail": ", ".join(reasons),
-                    }
-                )
-                if cfg.pii == "quarantine":
-                    pii_hits.update(hits)
-                continue
-            pii_hits.update(hits)
-            kept.append(_mask(row, pii) if cfg.pii == "mask" else row)
-        kept += rows[after:]
-        valid[name] = kept
-        n_in = len(rows) + len(problems) + len(wrong_kind) + len(tool_rows)
-        reasons = Counter(q["reason"] for q in quarantine if q["source"] == name)
-        n_quarantined = sum(reasons.values())  # counted from the quarantine itself, so `conserved` is a real check
-        metrics["sources"][name] = {
-            "format": fmt,
-            "in": n_in,
-            "kept": len(kept),
-            "quarantined": n_quarantined,
-            "reasons": dict(sorted(reasons.items())),
-            PII_KEY[cfg.pii]: dict(sorted(pii_hits.items())),
-            INVISIBLE_KEY[cfg.invisible]: dict(sorted(invisible_hits.items())),
-            "read": notes,
-        }
-        share = n_quarantined / n_in if n_in else 1.0
-        if share > cfg.max_invalid_share:
-            top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
-            hint = (
-                "; not UTF-8 throughout: convert the file (e.g. iconv -f LATIN1 -t UTF-8)"
-                if reasons["encoding"]
-                else ""
-            )
-            failures.append(
-                f"{source.path}: {n_quarantined}/{n_in} rows invalid "
-                f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top}{hint})"
-            )
-        # what was found without a quarantine of its own, on the console too: secrets masked, characters stripped
-        found = "".join(
-            f"; {key.replace('_', ' ')}: " + ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in counts.items())
-            for key in (PII_KEY[cfg.pii], INVISIBLE_KEY[cfg.invisible])
-            if (counts := metrics["sources"][name][key])
-        )
-        log.info(
-            "validate %s (%s): in %d = kept %d + quarantined %d%s (%.1f s)",
-            name,
-            fmt,
-            n_in,
-            len(kept),
-            n_quarantined,
-            found,
-            time.perf_counter() - started,
-        )
+        valid[name], quarantined, metrics["sources"][name], failure = _validate_source(checks, name, source)
+        quarantine += quarantined
+        failures += [failure] if failure else []
+    _write(out_dir, valid, quarantine, metrics)
+    if docs_dir is not None:
+        _data_docs(ctx, docs_dir)
+    if failures:
+        raise UserError("; ".join(failures) + f" — see {out_dir / QUARANTINE}")
+    return metrics
 
+
+@dataclass
+class _Checks:
+    """What every source is checked with: the settings, the GX context, the tokenizer and its counters."""
+
+    cfg: Validate
+    ctx: Any
+    tokenizer: Any
+    pii: dict[str, re.Pattern]
+    counter: TokenCounter
+    sizes: RenderedSize
+    no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
+
+    def tool_refusal(self) -> str:
+        """Why the template cannot train tool rows ("" when it can), asked of the template once."""
+        if self.no_tools is None:
+            why = tool_support(self.tokenizer)
+            template = getattr(self.tokenizer, "name_or_path", "") or "the base model"
+            self.no_tools = "" if why is None else f"the chat template of {template} cannot train tool rows: {why}"
+        return self.no_tools
+
+
+def _validate_source(
+    checks: _Checks, name: str, source: Source
+) -> tuple[list[Row], list[dict[str, Any]], dict[str, Any], str | None]:
+    """(kept rows, quarantine rows, the source's metrics, the line if too many rows were invalid) of one source:
+    read, rows of the wrong kind and untrainable tool rows set aside, the suite run, each row judged."""
+    cfg, started = checks.cfg, time.perf_counter()
+    rows, problems, fmt, notes = load_rows(name, source.path, source.format)
+    expected_kind = "preference" if source.role == "preference" else "sft"
+    rows, quarantine = _of_kind(name, source, rows, expected_kind)
+    quarantine = [p.as_row() for p in problems] + quarantine
+    if NOTE_EXTRAS in notes and any(uses_tools(r.all_messages(), r.tools) for r in rows):
+        rows, refused = _trainable_tools(checks, name, rows)
+        quarantine += refused
+    failed, invisible = {}, {}
+    if rows:
+        table = _table(rows, checks.counter, checks.sizes, extras=NOTE_EXTRAS in notes)
+        frame, invisible = _invisible(rows, table, cfg.invisible, checks.counter, checks.sizes)
+        failed = _run_suite(checks.ctx, name, _narrow(frame, cfg), _expectations(cfg, expected_kind))
+    kept, judged, pii_hits = _judge(checks, name, rows, failed, invisible)
+    quarantine += judged
+    n_in = len(rows) + len(quarantine) - len(judged)  # every row read: kept, judged, or set aside before
+    reasons = Counter(q["reason"] for q in quarantine)
+    n_quarantined = sum(reasons.values())  # counted from the quarantine itself, so `conserved` is a real check
+    metrics = {
+        "format": fmt,
+        "in": n_in,
+        "kept": len(kept),
+        "quarantined": n_quarantined,
+        "reasons": dict(sorted(reasons.items())),
+        PII_KEY[cfg.pii]: dict(sorted(pii_hits.items())),
+        INVISIBLE_KEY[cfg.invisible]: dict(sorted(Counter(r for found in invisible.values() for r in found).items())),
+        "read": notes,
+    }
+    _log_source(cfg, name, metrics, time.perf_counter() - started)
+    return kept, quarantine, metrics, _too_many_invalid(cfg, source, n_in, reasons)
+
+
+def _of_kind(name: str, source: Source, rows: list[Row], kind: str) -> tuple[list[Row], list[dict[str, Any]]]:
+    """The rows of the kind the source's role trains on, and a quarantine row for each of the others."""
+    wrong = [r for r in rows if r.kind != kind]
+    if not wrong:
+        return rows, []
+    refused = [
+        {
+            "source": name,
+            "line": r.line,
+            "id": r.id,
+            "reason": "wrong_format",
+            "detail": f"{r.kind} row in a {source.role} source",
+        }
+        for r in wrong
+    ]
+    return [r for r in rows if r.kind == kind], refused
+
+
+def _trainable_tools(checks: _Checks, name: str, rows: list[Row]) -> tuple[list[Row], list[dict[str, Any]]]:
+    """The rows, less the tool rows when the template cannot render them (each quarantined with the reason)."""
+    refusal = checks.tool_refusal()
+    if not refusal:
+        return rows, []
+    tool_rows = [r for r in rows if uses_tools(r.all_messages(), r.tools)]
+    log.warning("validate %s: %d tool rows quarantined: %s", name, len(tool_rows), refusal)
+    refused = [{"source": name, "line": r.line, "id": r.id, "reason": NO_TOOLS, "detail": refusal} for r in tool_rows]
+    return [r for r in rows if not uses_tools(r.all_messages(), r.tools)], refused
+
+
+def _judge(
+    checks: _Checks, name: str, rows: list[Row], failed: dict[int, list[str]], invisible: dict[int, list[str]]
+) -> tuple[list[Row], list[dict[str, Any]], Counter]:
+    """(kept rows, quarantine rows, rows per PII pattern) after the suite: only the rows something was found
+    in are looked at one by one; the rest are kept as they are."""
+    cfg = checks.cfg
+    kept, quarantine, pii_hits = [], [], Counter()  # rows per PII pattern: masked, reported or quarantined
+    suspects = sorted(failed.keys() | (invisible.keys() if cfg.invisible == "quarantine" else set()))
+    after = 0  # rows before this one, not yet kept, have nothing found
+    for i in suspects:
+        kept += rows[after:i]
+        after = i + 1
+        row = rows[i]
+        reasons = failed.get(i)
+        hidden = invisible.get(i, []) if cfg.invisible == "quarantine" else []
+        if reasons is None and not hidden:
+            kept.append(row)
+            continue
+        reasons = reasons or []
+        if reasons and reasons[-1] == PII:
+            reasons = reasons[:-1] + _pii_reasons(row, checks.pii)
+        # after the suite's own checks, before PII: a row's first failing check names it
+        at = next((i for i, r in enumerate(reasons) if r.startswith(PII)), len(reasons))
+        reasons = reasons[:at] + hidden + reasons[at:]
+        hits = [r for r in reasons if r.startswith(PII)]
+        blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
+        if blocking:
+            quarantine.append(
+                {"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": ", ".join(reasons)}
+            )
+            if cfg.pii == "quarantine":
+                pii_hits.update(hits)
+            continue
+        pii_hits.update(hits)
+        kept.append(_mask(row, checks.pii) if cfg.pii == "mask" else row)
+    return kept + rows[after:], quarantine, pii_hits
+
+
+def _too_many_invalid(cfg: Validate, source: Source, n_in: int, reasons: Counter) -> str | None:
+    """The line that stops the stage when a source's invalid share is above validate.max_invalid_share."""
+    n_quarantined = sum(reasons.values())
+    share = n_quarantined / n_in if n_in else 1.0
+    if share <= cfg.max_invalid_share:
+        return None
+    top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
+    hint = "; not UTF-8 throughout: convert the file (e.g. iconv -f LATIN1 -t UTF-8)" if reasons["encoding"] else ""
+    return (
+        f"{source.path}: {n_quarantined}/{n_in} rows invalid "
+        f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top}{hint})"
+    )
+
+
+def _log_source(cfg: Validate, name: str, metrics: dict[str, Any], seconds: float) -> None:
+    """The source's accounting on the console, with what was found without a quarantine of its own (secrets
+    masked, characters stripped)."""
+    found = "".join(
+        f"; {key.replace('_', ' ')}: " + ", ".join(f"{k.split('_', 1)[1]} {v}" for k, v in counts.items())
+        for key in (PII_KEY[cfg.pii], INVISIBLE_KEY[cfg.invisible])
+        if (counts := metrics[key])
+    )
+    log.info(
+        "validate %s (%s): in %d = kept %d + quarantined %d%s (%.1f s)",
+        name,
+        metrics["format"],
+        metrics["in"],
+        metrics["kept"],
+        metrics["quarantined"],
+        found,
+        seconds,
+    )
+
+
+def _write(out_dir: Path, valid: dict[str, list[Row]], quarantine: list[dict[str, Any]], metrics: dict) -> None:
+    """Totals and the conservation check into metrics; every output file, all or none."""
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "quarantined")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["quarantined"])
     encode = msgspec.json.Encoder().encode_lines
@@ -511,11 +571,6 @@ def _run(
             )
         write_jsonl(tmp / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
         write_text(tmp / REPORT, _report(metrics))
-    if docs_dir is not None:
-        _data_docs(ctx, docs_dir)
-    if failures:
-        raise UserError("; ".join(failures) + f" — see {out_dir / QUARANTINE}")
-    return metrics
 
 
 def _data_docs(ctx, docs_dir: Path) -> None:
