@@ -399,10 +399,22 @@ def run(
     init_adapter: continue training this adapter (the SFT -> DPO chain) instead of a fresh one; for
     DPO, TRL then uses a frozen copy of it as the reference model. recorded: the config written to
     train_config.json when it is not cfg (the chain records itself, not its DPO phase).
+
+    The steps read top to bottom: check (before any weights load), set up, train, save, report.
     """
     if METHODS[cfg.method].phases:
         return _sft_then_dpo(cfg, seed, data, out)
-    method, kind = METHODS[cfg.method], ADAPTERS[cfg.adapter]
+    args, trainer_args, estimate = _check(cfg, seed, data, out)
+    trainer, tokenizer, probe_state = _setup(cfg, data, out, args, trainer_args, init_adapter)
+    resume, result, seconds = _train(trainer, out)
+    _save(cfg, seed, data, out, trainer, tokenizer, recorded)
+    return _metrics(cfg, trainer, result, out, resume, probe_state, estimate, seconds)
+
+
+def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str, Any], Any, dict[str, float]]:
+    """(trainer settings, TRL's config, the memory estimate): a typo in train.args, an empty training set
+    or a run that cannot fit ends here, before the base is loaded."""
+    method = METHODS[cfg.method]
     if not (data.pref_rows if method.preference else data.train_rows):
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
     if cfg.probe_max_rise and method.probe and not data.probe_rows:
@@ -411,12 +423,17 @@ def run(
         )
     args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
-    manifest = data.manifest
-    estimate = _preflight(cfg, manifest, args)  # from config.json: a run that cannot fit costs nothing either
+    estimate = _preflight(cfg, data.manifest, args)  # from config.json: a run that cannot fit costs nothing either
     seed_everything(seed, deterministic=bool(args["full_determinism"]))
+    return args, trainer_args, estimate
+
+
+def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer_args, init_adapter: Path | None):
+    """(TRL's trainer, the tokenizer, the probe's early-stop state): the base as the adapter kind loads it,
+    the datasets as the method reads them, the callbacks (plots, throughput, the forgetting probe)."""
     from tunegate.models import load_model, load_tokenizer
 
-    base_ref = data.base_ref or manifest["model"]
+    method, kind, manifest = METHODS[cfg.method], ADAPTERS[cfg.adapter], data.manifest
     tokenizer = load_tokenizer(manifest, data.trust_remote_code)
     model = load_model(manifest, data.trust_remote_code, quantize_4bit=kind.quantize_4bit)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -431,7 +448,6 @@ def run(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-
     _, trainer_cls = method.classes()
     train_ds, probe_ds = _datasets(method, data, tokenizer, args, cfg.truncate)
     probe_state: dict[str, Any] = {}
@@ -448,7 +464,12 @@ def run(
         callbacks=callbacks,
     )
     route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
-    # With several processes only the main one writes or removes files; the others wait for it.
+    return trainer, tokenizer, probe_state
+
+
+def _train(trainer, out: Outputs) -> tuple[str | None, Any, float]:
+    """(the checkpoint resumed from, TRL's result, seconds). With several processes only the main one writes
+    or removes files; the others wait for it."""
     main, everyone = trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone
     if main:
         _last_checkpoint(out.ckpt_dir, clean=True)
@@ -458,12 +479,16 @@ def run(
         log.info("resuming from %s", resume)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - started
+    return resume, result, time.perf_counter() - started
 
+
+def _save(cfg: Train, seed: int, data: Inputs, out: Outputs, trainer, tokenizer, recorded: Train | None) -> None:
+    """The adapter (or full weights), tokenizer, settings and the record of what was trained, written beside
+    the output and renamed into place, so the folder is complete or absent; the path is the same in every
+    process because save_model is called by all of them (FSDP / ZeRO-3 gather here)."""
+    main, everyone = trainer.is_world_process_zero(), trainer.accelerator.wait_for_everyone
     if "ref" in getattr(trainer.model, "peft_config", {}):
         trainer.model.delete_adapter("ref")  # TRL's frozen DPO reference copy: not part of the result
-    # Written beside the output and renamed into place, so the folder is complete or absent; the path is
-    # the same in every process because save_model is called by all of them (FSDP / ZeRO-3 gather here).
     partial = partial_of(out.out_dir)
     if main:
         shutil.rmtree(partial, ignore_errors=True)
@@ -471,17 +496,24 @@ def run(
     trainer.save_model(str(partial / ADAPTER))
     everyone()
     if main:
+        manifest = data.manifest
         tokenizer.save_pretrained(partial / ADAPTER)
-        _portable(partial / ADAPTER, base_ref)
-        write_json(partial / TRAINING_ARGS, json.loads(trainer_args.to_json_string()))
+        _portable(partial / ADAPTER, data.base_ref or manifest["model"])
+        write_json(partial / TRAINING_ARGS, json.loads(trainer.args.to_json_string()))
         # what was trained, read by eval_candidate and register (method, adapter kind, base)
         write_json(partial / TRAIN_RECORD, {**(recorded or cfg).model_dump(), "seed": seed, "base": manifest["model"]})
-        if cfg.merge and kind.peft:
+        if cfg.merge and ADAPTERS[cfg.adapter].peft:
             merge(manifest, partial / ADAPTER, partial / MERGED, data.trust_remote_code)
         publish(partial, out.out_dir)
         shutil.rmtree(out.ckpt_dir, ignore_errors=True)  # the run is complete: nothing left to resume
     everyone()
-    history = trainer.state.log_history
+
+
+def _metrics(
+    cfg: Train, trainer, result, out: Outputs, resume, probe_state: dict, estimate: dict, seconds: float
+) -> dict[str, Any]:
+    """What the run did, for metrics/train.json and the provenance: steps, losses, the probe, the device."""
+    trainer_args, history = trainer.args, trainer.state.log_history
     probe = [h["eval_loss"] for h in history if "eval_loss" in h]
     effective_batch = (
         trainer_args.per_device_train_batch_size

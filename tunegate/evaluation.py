@@ -136,9 +136,25 @@ def evaluate(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+    manager, local = _task_manager(cfg, tasks_dir)
+    started = time.perf_counter()  # the model's load counts, as it always has
+    lm = _model(cfg, manifest, adapter, full_model, trust_remote_code)
+    results = _run_tasks(cfg, lm, manager, seed, tasks_dir, manifest, local)
+    seconds = time.perf_counter() - started
+    scores, samples = _outcomes(cfg, results)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        write_json(
+            tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores}
+        )
+        for task, rows in samples.items():
+            write_jsonl(tmp / SAMPLES / jsonl_of(task), rows)
+    log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
+    return {"scores": scores, "seconds": round(seconds, 1)}
+
+
+def _task_manager(cfg: Eval, tasks_dir: Path):
+    """(lm-eval's task manager, the local task names); an unknown task ends in one line before any model loads."""
     from lm_eval.tasks import TaskManager
 
     local = local_tasks(tasks_dir)
@@ -149,29 +165,43 @@ def evaluate(
         raise UserError(
             f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})"
         )
+    return manager, local
+
+
+def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model: Path | None, trust_remote_code: bool):
+    """lm-eval's HF model: the base, the fully fine-tuned model, or base + adapter (merged in memory by
+    default, through lm-eval's `peft=` otherwise)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
     pretrained = str(full_model) if full_model else manifest["path"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
     if adapter and cfg.merge_adapter:
-        lm = HFLM(
+        return HFLM(
             pretrained=merged_in_memory(manifest, adapter, trust_remote_code).to(device),
             tokenizer=_tokenizer(adapter, trust_remote_code),
             batch_size=cfg.batch_size,
             max_length=None,
             trust_remote_code=trust_remote_code,
         )
-    else:
-        lm = HFLM(
-            pretrained=pretrained,
-            tokenizer=str(adapter) if adapter else _base_tokenizer(pretrained, manifest, trust_remote_code),
-            peft=str(adapter) if adapter else None,
-            batch_size=cfg.batch_size,
-            max_length=None,
-            device=device,
-            trust_remote_code=trust_remote_code,
-        )
+    return HFLM(
+        pretrained=pretrained,
+        tokenizer=str(adapter) if adapter else _base_tokenizer(pretrained, manifest, trust_remote_code),
+        peft=str(adapter) if adapter else None,
+        batch_size=cfg.batch_size,
+        max_length=None,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _run_tasks(cfg: Eval, lm, manager, seed: int, tasks_dir: Path, manifest: dict[str, Any], local: set[str]):
+    """lm-eval's results with per-sample logs, seeded; data that cannot be loaded, or a task setting lm-eval does
+    not know, ends in one line naming what to change."""
+    from lm_eval import simple_evaluate
+
     try:
-        results = simple_evaluate(
+        return simple_evaluate(
             model=lm,
             tasks=list(cfg.tasks),
             task_manager=manager,
@@ -201,8 +231,10 @@ def evaluate(
             f"{tasks_dir / files[0] if files else tasks_dir}: {key[1]!r} is not an lm-eval task setting "
             "(a typo? see lm-eval's task guide)"
         ) from None
-    seconds = time.perf_counter() - started
 
+
+def _outcomes(cfg: Eval, results: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, list[dict]]]:
+    """(scores per task and metric with the item count, per-sample outcomes by doc_id) from lm-eval's results."""
     scores: dict[str, dict[str, float]] = {}
     samples: dict[str, list[dict[str, Any]]] = {}
     for task in cfg.tasks:
@@ -211,15 +243,7 @@ def evaluate(
         scores[task] = {m: round(float(raw[f"{m},none"]), 6) for m in metrics if f"{m},none" in raw}
         samples[task] = sorted((_per_sample(s, metrics) for s in results["samples"][task]), key=lambda r: r["doc_id"])
         scores[task]["n"] = len(samples[task])
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        write_json(
-            tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores}
-        )
-        for task, rows in samples.items():
-            write_jsonl(tmp / SAMPLES / jsonl_of(task), rows)
-    log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
-    return {"scores": scores, "seconds": round(seconds, 1)}
+    return scores, samples
 
 
 def run_stage(side: str) -> None:

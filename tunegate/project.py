@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.errors import UserError
+from tunegate.io import write_jsonl, write_text
 from tunegate.paths import DVC_YAML, PARAMS
 
 # lm-eval built-in tasks that make good forgetting checks, and the metric each is gated on.
@@ -243,7 +244,7 @@ def _relative(path: str, root: Path) -> str:
         return str(p.resolve())
 
 
-def init(
+def init(  # noqa: PLR0913 - one keyword per `tunegate init` option, as the CLI and the docs name them
     model: str,
     data: list[str],
     general: list[str] | None = None,
@@ -257,13 +258,34 @@ def init(
     root: Path | str = ".",
     force: bool = False,
 ) -> Plan:
+    """Set the project up for `model` and `data`: the held-out eval and its task, the gate policy, params.yaml
+    sized for the model and data, the data files as validate's dependencies. Returns what was written and why."""
+    root, plan = Path(root), Plan()
+    params = _open_project(root, force)
+    if not data:
+        raise UserError("--data: name at least one file of your domain data")
+    tokenizer = _tokenizer(model, revision, params)
+    rows = _domain_rows(data, plan)
+    held = _hold_out(rows, data, params, tokenizer, root, plan, task=task, eval_size=eval_size, label=label)
+    general_checks = _general_checks(list(general_tasks or DEFAULT_GENERAL), root / params["paths"]["evals"] / "tasks")
+    policy_file = params.get("gate", {}).get("policy", "evals/gates.yaml")
+    write_text(root / policy_file, policy_yaml(held.task, held.metric, general_checks, held.size))
+    plan.written.append(policy_file)
+    sources = _sources(data, general, preferences, root, plan)
+    _write_params(
+        root, params, plan, model, revision, sources, tokenizer, rows, held, general_checks, bool(preferences)
+    )
+    dvc_yaml = root / DVC_YAML
+    tracked = [p["path"] for p in sources.values() if not p["path"].startswith(params["paths"]["raw"] + "/")]
+    write_text(dvc_yaml, add_validate_deps(dvc_yaml.read_text(encoding="utf-8"), tracked))
+    plan.written.append(str(DVC_YAML))
+    return plan
+
+
+def _open_project(root: Path, force: bool) -> dict[str, Any]:
+    """params.yaml of a project that init may (re)write, or one line saying why not."""
     import yaml
 
-    from tunegate.formats import load_source, source_kind
-    from tunegate.io import write_jsonl, write_text
-
-    root = Path(root)
-    plan = Plan()
     params_path = root / PARAMS
     if not params_path.is_file() or not (root / DVC_YAML).is_file():
         raise UserError(
@@ -275,12 +297,13 @@ def init(
         raise UserError(
             f"{params_path}: already set up for {params['base']['model']}; `tunegate init --force` writes it again"
         )
-    if not data:
-        raise UserError("--data: name at least one file of your domain data")
-    seed = int(params.get("seed", 0))
-    tokenizer = _tokenizer(model, revision, params)
+    return params
 
-    # the domain rows, normalised as validate will read them; the eval is carved from them
+
+def _domain_rows(data: list[str], plan: Plan) -> list[dict[str, Any]]:
+    """The domain rows, normalised as validate will read them (the eval is carved from them)."""
+    from tunegate.formats import load_source, source_kind
+
     rows: list[dict[str, Any]] = []
     for path in data:
         source_kind(path)  # a missing file or an unsupported type: one line
@@ -288,6 +311,33 @@ def init(
         rows += got
         if problems:
             plan.lines.append(f"{path}: {len(problems)} unreadable rows (validate will quarantine them with reasons)")
+    return rows
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """The target eval carved from the domain rows: its task name, size, answers and the gate's metric."""
+
+    task: str
+    size: int
+    answers: list[str]
+    metric: str
+
+
+def _hold_out(
+    rows: list[dict[str, Any]],
+    data: list[str],
+    params: dict[str, Any],
+    tokenizer,
+    root: Path,
+    plan: Plan,
+    *,
+    task: str | None,
+    eval_size: int | None,
+    label: str | None,
+) -> _HeldOut:
+    """Carve the held-out eval (stratified by a label when the answers have one) and write it with its task."""
+    seed = int(params.get("seed", 0))
     eligible = [(i, pair) for i, r in enumerate(rows) if (pair := _single_turn(r))]
     size = eval_size or min(200, max(MIN_EVAL, len(eligible) // 10))
     if len(eligible) < size + MIN_EVAL:
@@ -301,7 +351,6 @@ def init(
     task = _slug(task or f"{Path(data[0]).stem}_gen")
     answers = [items[i][1] for i in chosen]
     function, metrics, metric = scorer(answers)
-    layout_evals = root / params["paths"]["evals"]
     eval_file = f"{params['paths']['evals']}/data/{task}.jsonl"
     write_jsonl(
         root / eval_file,
@@ -318,7 +367,7 @@ def init(
     plan.written.append(eval_file)
     stop = end_of_turn(tokenizer)
     until = [s for s in (stop, "\n" if all("\n" not in a for a in answers) else "") if s]
-    task_file = layout_evals / "tasks" / f"{task}.yaml"
+    task_file = root / params["paths"]["evals"] / "tasks" / f"{task}.yaml"
     write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data)))
     plan.written.append(str(task_file.relative_to(root)))
     how = f"stratified by {key!r}" if key else "uniformly"
@@ -326,13 +375,13 @@ def init(
         f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}; task "
         f"{task} scored by {', '.join(metrics)}. They stay in your file: dedup drops them from training (eval_leak)"
     )
+    return _HeldOut(task, size, answers, metric)
 
-    general_checks = _general_checks(list(general_tasks or DEFAULT_GENERAL), layout_evals / "tasks")
-    policy_file = params.get("gate", {}).get("policy", "evals/gates.yaml")
-    write_text(root / policy_file, policy_yaml(task, metric, general_checks, size))
-    plan.written.append(policy_file)
 
-    # the sources, and settings sized for this model and data
+def _sources(
+    data: list[str], general: list[str] | None, preferences: list[str] | None, root: Path, plan: Plan
+) -> dict[str, dict[str, Any]]:
+    """data.sources: the domain files, the general ones (the embedded set unless named), the preference files."""
     sources: dict[str, dict[str, Any]] = {}
     for path in data:
         sources[_slug(Path(path).stem)] = {"path": _relative(path, root), "role": "domain"}
@@ -345,9 +394,28 @@ def init(
             f"mix: your rows are mixed with the embedded general set ({EMBEDDED_GENERAL}, 20%); "
             "pass --general for your own"
         )
+    return sources
+
+
+def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named where it is used
+    root: Path,
+    params: dict[str, Any],
+    plan: Plan,
+    model: str,
+    revision: str,
+    sources: dict[str, dict[str, Any]],
+    tokenizer,
+    rows: list[dict[str, Any]],
+    held: _HeldOut,
+    general_checks: list[tuple[str, str]],
+    preferences: bool,
+) -> None:
+    """params.yaml for this model and data: lengths measured under the chat template, a real model's settings."""
+    import yaml
+
     longest = _measure(tokenizer, rows)
     max_tokens = max(256, _round_up(int(longest * 1.1) + 1))
-    answer_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    answer_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in held.answers)
     params["base"].update(model=model, revision=revision)
     params["data"] = {"sources": sources}
     params["validate"]["max_tokens"] = max_tokens
@@ -370,11 +438,13 @@ def init(
         **({"gradient_checkpointing": True} if _parameters(model) > BIG_MODEL else {}),
     }
     params["eval"].update(
-        tasks=[task, *(t for t, _ in general_checks)], max_gen_toks=_round_up(answer_tokens + 8, 16), batch_size=8
+        tasks=[held.task, *(t for t, _ in general_checks)],
+        max_gen_toks=_round_up(answer_tokens + 8, 16),
+        batch_size=8,
     )
-    params["register"]["model_name"] = _slug(f"{Path(model).name}-{task}").replace("_", "-")
+    params["register"]["model_name"] = _slug(f"{Path(model).name}-{held.task}").replace("_", "-")
     write_text(
-        params_path,
+        root / PARAMS,
         "# tunegate pipeline parameters, written by `tunegate init` (see README: Using your own model and data).\n"
         + yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
     )
@@ -383,12 +453,6 @@ def init(
         f"lengths: longest row {longest} tokens under {model}'s chat template -> validate.max_tokens and "
         f"train.args.max_length {max_tokens}; eval.max_gen_toks {params['eval']['max_gen_toks']}"
     )
-
-    dvc_yaml = root / DVC_YAML
-    tracked = [p["path"] for p in sources.values() if not p["path"].startswith(params["paths"]["raw"] + "/")]
-    write_text(dvc_yaml, add_validate_deps(dvc_yaml.read_text(encoding="utf-8"), tracked))
-    plan.written.append(str(DVC_YAML))
-    return plan
 
 
 def _tokenizer(model: str, revision: str, params: dict[str, Any]):
