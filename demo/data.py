@@ -799,7 +799,7 @@ def _admitted_ticket(
     return _retry(make, "support ticket")
 
 
-def _domain_raw(
+def _domain_raw(  # noqa: C901 - one block per planted defect kind, in the order of the DEFECTS ledger
     rng: random.Random, tickets: _Tickets, gate: _Gate, support_gen: list[dict]
 ) -> tuple[list[str], dict[str, Any]]:
     clean = [_admitted_ticket(rng, tickets, gate, INTENTS[i % len(INTENTS)]) for i in range(DOMAIN_CLEAN)]

@@ -87,44 +87,17 @@ def run(
     minhash: Literal["rensa", "numpy"] = "rensa",
 ) -> tuple[dict[str, list], list[dict], dict]:
     """Returns (kept rows per source, dropped rows with reasons, metrics). `minhash="numpy"` runs the
-    previous signature path on one machine (the reference tests and benchmarks compare with)."""
-    index = ContaminationIndex(cfg.contamination_ngram)
-    for item, text, is_prompt in evals:
-        index.add(text, item, whole=is_prompt)
+    previous signature path on one machine (the reference tests and benchmarks compare with).
+
+    Each check sees only the rows the earlier ones kept, in this order: eval leaks, contradictions, exact
+    duplicates, near duplicates; a row dropped is dropped for the first reason found."""
     rows = [r for name in sources for r in sources[name]]
-    verdict: dict[int, tuple[str, str, str]] = {}
-
-    for i, row in enumerate(rows):
-        if hit := index.match(row_text(row)):
-            verdict[i] = ("eval_leak", hit[0], f"contains eval text: '{hit[1]}'")
-
+    verdict: dict[int, tuple[str, str, str]] = {}  # row -> (reason, what it duplicates, detail)
+    verdict |= _eval_leaks(cfg, rows, evals)
     live = [i for i in range(len(rows)) if i not in verdict]
-    for k, v in _contradictions([rows[i] for i in live], cfg.contradictions).items():
-        verdict[live[k]] = v
-
-    first_of: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        if i in verdict:
-            continue
-        key = f"{row['kind']}|{exact_key(row_text(row))}"
-        if key in first_of:
-            verdict[i] = ("exact_duplicate", rows[first_of[key]]["id"], "identical after normalisation")
-        else:
-            first_of[key] = i
-
-    live = [i for i in range(len(rows)) if i not in verdict]
-    texts = [row_text(rows[i]) for i in live]
-    if cfg.engine == "ray":
-        from tunegate.dedup_ray import near_duplicates_ray
-
-        near = near_duplicates_ray(
-            texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
-        )
-    else:
-        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, minhash=minhash)
-    for k, (rep, sim) in near.items():
-        verdict[live[k]] = ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
-
+    verdict |= {live[k]: v for k, v in _contradictions([rows[i] for i in live], cfg.contradictions).items()}
+    verdict |= _exact_duplicates(rows, verdict)
+    verdict |= _near_duplicates(cfg, rows, verdict, seed, minhash)
     kept: dict[str, list] = {name: [] for name in sources}
     dropped = []
     for i, row in enumerate(rows):
@@ -142,7 +115,58 @@ def run(
             )
         else:
             kept[row["source"]].append(row)
+    return kept, dropped, _metrics(sources, kept, dropped)
 
+
+def _eval_leaks(cfg: Dedup, rows: list[dict], evals: list[tuple[str, str, bool]]) -> dict[int, tuple[str, str, str]]:
+    """Rows that contain an eval item's text (its n-grams, or a whole short prompt)."""
+    index = ContaminationIndex(cfg.contamination_ngram)
+    for item, text, is_prompt in evals:
+        index.add(text, item, whole=is_prompt)
+    return {
+        i: ("eval_leak", hit[0], f"contains eval text: '{hit[1]}'")
+        for i, row in enumerate(rows)
+        if (hit := index.match(row_text(row)))
+    }
+
+
+def _exact_duplicates(rows: list[dict], verdict: dict[int, tuple]) -> dict[int, tuple[str, str, str]]:
+    """Rows identical to an earlier live row after normalisation (the earlier one is kept)."""
+    first_of: dict[str, int] = {}
+    found = {}
+    for i, row in enumerate(rows):
+        if i in verdict:
+            continue
+        key = f"{row['kind']}|{exact_key(row_text(row))}"
+        if key in first_of:
+            found[i] = ("exact_duplicate", rows[first_of[key]]["id"], "identical after normalisation")
+        else:
+            first_of[key] = i
+    return found
+
+
+def _near_duplicates(
+    cfg: Dedup, rows: list[dict], verdict: dict[int, tuple], seed: int, minhash: Literal["rensa", "numpy"]
+) -> dict[int, tuple[str, str, str]]:
+    """Live rows whose verified Jaccard with their cluster's leader reaches the threshold (Ray or one machine)."""
+    live = [i for i in range(len(rows)) if i not in verdict]
+    texts = [row_text(rows[i]) for i in live]
+    if cfg.engine == "ray":
+        from tunegate.dedup_ray import near_duplicates_ray
+
+        near = near_duplicates_ray(
+            texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
+        )
+    else:
+        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, minhash=minhash)
+    return {
+        live[k]: ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
+        for k, (rep, sim) in near.items()
+    }
+
+
+def _metrics(sources: dict[str, list], kept: dict[str, list], dropped: list[dict]) -> dict[str, Any]:
+    """Per source in = kept + dropped with the reasons, the totals, and whether the counts are conserved."""
     metrics: dict[str, Any] = {"sources": {}}
     for name, src_rows in sources.items():
         reasons = Counter(d["reason"] for d in dropped if d["source"] == name)
@@ -154,7 +178,7 @@ def run(
         }
     totals = {k: sum(s[k] for s in metrics["sources"].values()) for k in ("in", "kept", "dropped")}
     metrics.update(totals, conserved=totals["in"] == totals["kept"] + totals["dropped"])
-    return kept, dropped, metrics
+    return metrics
 
 
 def _report(m: dict[str, Any], dropped: list[dict]) -> str:

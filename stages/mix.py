@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
 from tunegate.config import Mix, Source, load_config
 from tunegate.io import read_jsonl, sha256_file, write_json, write_jsonl
@@ -60,24 +61,63 @@ def run(
     """Returns (training rows, preference rows, probe rows, manifest without file hashes). n_tokens(row) -> int.
 
     The probe is up to PROBE_ROWS general rows that were *not* mixed in: the trainer's held-out
-    forgetting probe.
+    forgetting probe. One seeded generator draws, in this order: the domain cap, the general share, the
+    probe, the shuffle (the order is part of what a seed reproduces).
     """
     rng = random.Random(seed)
     domain = [n for n, s in sources.items() if s.role == "domain"]
     general = [n for n, s in sources.items() if s.role == "general"]
     prefs = [r for n, s in sources.items() if s.role == "preference" for r in rows[n]]
-    tokens = {n: [n_tokens(r) for r in rows[n]] for n in domain + general}
+    chosen = _domain_rows(cfg, domain, rows, rng)
+    upsampled = _general_rows(cfg, sources, domain, general, rows, chosen, n_tokens, rng)
+    used_ids = {r["id"] for n in general for r in chosen[n]}
+    unused = [r for n in general for r in rows[n] if r["id"] not in used_ids]
+    probe = [_trained(r) for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))]
+    train = [_trained(r) for n in domain + general for r in chosen[n]]
+    rng.shuffle(train)
+    per_source = {
+        n: {
+            "role": sources[n].role,
+            "available": len(rows[n]),
+            "used": len(chosen[n]),
+            "tokens": sum(n_tokens(r) for r in chosen[n]),
+            "upsampled": upsampled.get(n, False),
+        }
+        for n in domain + general
+    }
+    for n in general:
+        if upsampled.get(n):
+            log.warning(
+                "mix: general source %s has %d rows, repeated to %d to reach its share", n, len(rows[n]), len(chosen[n])
+            )
+    return train, prefs, probe, _manifest(cfg, per_source, general, len(train), len(prefs), len(probe))
 
-    chosen: dict[str, list[dict]] = {}
-    for n in domain:
-        chosen[n] = list(rows[n])
+
+def _domain_rows(cfg: Mix, domain: list[str], rows: dict[str, list[dict]], rng: random.Random) -> dict[str, list]:
+    """Every domain row, or with mix.max_rows each domain source's proportional part of the domain's share."""
+    chosen = {n: list(rows[n]) for n in domain}
     if cfg.max_rows is not None:
         domain_cap = round(cfg.max_rows * (1 - cfg.general_ratio))
         total_domain = sum(len(chosen[n]) for n in domain)
         for n in domain:
             keep = round(domain_cap * len(chosen[n]) / max(1, total_domain))
             chosen[n] = rng.sample(chosen[n], min(keep, len(chosen[n])))
+    return chosen
 
+
+def _general_rows(  # noqa: PLR0913 - the sources, their rows and the rows chosen so far, and how to count
+    cfg: Mix,
+    sources: dict[str, Source],
+    domain: list[str],
+    general: list[str],
+    rows: dict[str, list[dict]],
+    chosen: dict[str, list],
+    n_tokens,
+    rng: random.Random,
+) -> dict[str, bool]:
+    """Add each general source's share (by examples or tokens, split by weight) to `chosen`; returns which
+    sources had to repeat rows to reach it."""
+    tokens = {n: [n_tokens(r) for r in rows[n]] for n in domain + general}
     weights = {n: sources[n].weight for n in general if rows[n]}
     total_w = sum(weights.values())
     upsampled = {}
@@ -95,42 +135,25 @@ def run(
             upsampled[n] = len(chosen[n]) > len(rows[n])
     for n in general:
         chosen.setdefault(n, [])
+    return upsampled
 
-    used_ids = {r["id"] for n in general for r in chosen[n]}
-    unused = [r for n in general for r in rows[n] if r["id"] not in used_ids]
-    probe = [_trained(r) for r in rng.sample(unused, min(PROBE_ROWS, len(unused)))]
-    train = [_trained(r) for n in domain + general for r in chosen[n]]
-    rng.shuffle(train)
-    per_source = {}
-    for n in domain + general:
-        tok = sum(n_tokens(r) for r in chosen[n])
-        per_source[n] = {
-            "role": sources[n].role,
-            "available": len(rows[n]),
-            "used": len(chosen[n]),
-            "tokens": tok,
-            "upsampled": upsampled.get(n, False),
-        }
-        if upsampled.get(n):
-            log.warning(
-                "mix: general source %s has %d rows, repeated to %d to reach its share", n, len(rows[n]), len(chosen[n])
-            )
-    total = len(train)
+
+def _manifest(cfg: Mix, per_source: dict, general: list[str], total: int, prefs: int, probe: int) -> dict[str, Any]:
+    """What the mix is: its shares by examples and by tokens, its sizes, each source's part."""
     total_tokens = sum(s["tokens"] for s in per_source.values())
     gen_rows = sum(per_source[n]["used"] for n in general)
     gen_tokens = sum(per_source[n]["tokens"] for n in general)
-    manifest = {
+    return {
         "by": cfg.by,
         "general_ratio_target": cfg.general_ratio,
         "general_share_examples": round(gen_rows / total, 4) if total else 0.0,
         "general_share_tokens": round(gen_tokens / total_tokens, 4) if total_tokens else 0.0,
         "rows": total,
         "tokens": total_tokens,
-        "preference_rows": len(prefs),
-        "probe_rows": len(probe),
+        "preference_rows": prefs,
+        "probe_rows": probe,
         "sources": per_source,
     }
-    return train, prefs, probe, manifest
 
 
 def main() -> None:

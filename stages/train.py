@@ -573,23 +573,7 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
     during DPO resumes DPO without redoing SFT. The output is one adapter relative to the base, like
     any other run; the plot continues the SFT phase's steps with the DPO phase's.
     """
-    import dataclasses
-
-    from trl import DPOConfig
-
-    if METHODS[cfg.method].needs_adapter and not ADAPTERS[cfg.adapter].peft:
-        raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
-    if not data.pref_rows:
-        raise UserError(
-            "train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)"
-        )
-    if not data.train_rows:
-        raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
-    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
-    dpo_cfg = cfg.model_copy(
-        update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None}
-    )
+    sft_cfg, dpo_cfg = _chain_phases(cfg, data)
     ckpt_dir = out.ckpt_dir
     sft_dir, sft_ckpt, dpo_ckpt = (
         ckpt_dir / CHAIN_SFT_RESULT,
@@ -621,22 +605,48 @@ def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str
     )
     if is_main_process():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    phase = (
-        "steps",
-        "train_loss",
-        "final_loss",
-        "probe_loss_first",
-        "probe_loss_last",
-        "stopped_early_at",
-        "adapter_sha256",
-        "seconds",
-    )
     return {
         **dpo,
         "method": "sft+dpo",
-        "sft": {k: sft.get(k) for k in phase},
+        "sft": {k: sft.get(k) for k in CHAIN_SFT_METRICS},
         "seconds": round(sft["seconds"] + dpo["seconds"], 1),
     }
+
+
+# What the chain's metrics keep of its SFT phase (as train.sft.* in MLflow)
+CHAIN_SFT_METRICS = (
+    "steps",
+    "train_loss",
+    "final_loss",
+    "probe_loss_first",
+    "probe_loss_last",
+    "stopped_early_at",
+    "adapter_sha256",
+    "seconds",
+)
+
+
+def _chain_phases(cfg: Train, data: Inputs) -> tuple[Train, Train]:
+    """The SFT and DPO phases' settings of an sft+dpo run, or one line saying why the chain cannot run: the
+    DPO phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then train.dpo_args."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    if METHODS[cfg.method].needs_adapter and not ADAPTERS[cfg.adapter].peft:
+        raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
+    if not data.pref_rows:
+        raise UserError(
+            "train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)"
+        )
+    if not data.train_rows:
+        raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
+    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
+    dpo_cfg = cfg.model_copy(
+        update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None}
+    )
+    return sft_cfg, dpo_cfg
 
 
 def checkpoint_folder(cfg: Train, seed: int, data_files: tuple[Path, ...], base_weights: Any) -> str:

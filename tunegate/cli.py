@@ -113,7 +113,7 @@ def check(params: Path | None = PARAMS) -> None:
 
 
 @app.command()
-def init(
+def init(  # noqa: PLR0913 - one parameter per command-line option
     model: str = typer.Option(..., "--model", help="hub id (org/name) or local folder of the base model"),
     data: list[str] = typer.Option(..., "--data", help="a file of your domain data (repeat for several)"),
     general: list[str] = typer.Option(None, "--general", help="general data to mix in (default: the embedded set)"),

@@ -158,7 +158,9 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
-def read_records(path: str | Path, notes: Counter | None = None) -> Iterator[tuple[int, Any, str]]:
+def read_records(  # noqa: C901 - one branch per input format, each a few lines of the reader it names
+    path: str | Path, notes: Counter | None = None
+) -> Iterator[tuple[int, Any, str]]:
     """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
     or a hub dataset. JSONL goes through `_load_jsonl` instead, which reports bad lines one by one.
     Text that is not UTF-8 is kept as lone surrogates (`surrogateescape`), so the records holding it
@@ -351,7 +353,9 @@ def _tool_call(call: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _message(m: dict[str, Any], where: str) -> dict[str, Any]:
+def _message(  # noqa: C901 - one check per field OpenAI's message format allows
+    m: dict[str, Any], where: str
+) -> dict[str, Any]:
     role = m.get("role")
     if "role" not in m or ("content" not in m and not m.get("tool_calls")):
         raise NormaliseError("missing_field", f"{where} needs 'role' and 'content'")

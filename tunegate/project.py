@@ -324,7 +324,7 @@ class _HeldOut:
     metric: str
 
 
-def _hold_out(
+def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it reads
     rows: list[dict[str, Any]],
     data: list[str],
     params: dict[str, Any],

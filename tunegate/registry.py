@@ -312,7 +312,7 @@ def versions_table(c, name: str, alias: str = "champion") -> list[dict[str, str]
 
 
 def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_cache: bool = True) -> dict[str, Any]:
-    """Re-create a version's training run from its recorded commit and params, and compare adapters.
+    """Re-create a version's training run from its recorded commit and params, and compare the weights.
 
     The project is cloned at the recorded git commit into `workdir`, the params.yaml logged with the
     run replaces the checkout's (so `dvc exp run -S ...` runs reproduce too), and `train` is re-run.
@@ -321,42 +321,16 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
     from the cache (or pulled from the DVC remote), so private data need not be in git.
     """
     import shutil
-    import subprocess
-    import sys
 
-    v = c.get_model_version(name, version)
-    commit = v.tags.get(GIT_COMMIT, "unknown")
-    if commit in ("", "unknown"):
-        raise UserError(f"{name} v{version}: no git commit recorded; cannot reproduce")
-    clean = commit.removesuffix("-dirty")
-    if workdir.exists() and any(workdir.iterdir()):
-        raise UserError(f"{workdir}: not empty; choose a new folder for the reproduction")
-    run = lambda *args, cwd=workdir: subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)  # noqa: E731
-    if (
-        run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode
-        or run("git", "checkout", "--quiet", clean).returncode
-    ):
-        raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
-    params = download(name, str(version), "provenance (params.yaml)", f"runs:/{v.run_id}/provenance/params.yaml")
-    shutil.copy(params, workdir / PARAMS)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
-    if share_cache:
-        dvc("cache", "dir", "--local", str((project / ".dvc" / "cache").resolve()))
-    # Data kept out of git (`dvc add`, a .dvc file in the commit) comes back from the DVC cache, or from the
-    # project's DVC remote when the cache lacks it; anything still missing ends in DVC's own line below.
-    if dvc("checkout", "--quiet").returncode and dvc("remote", "list").stdout.strip():
-        dvc("pull", "--quiet")
-    for args in (["repro", "mix"], ["repro", "--force", "--single-item", "train"]):
-        proc = dvc(*args)
-        if proc.returncode:
-            stderr = proc.stderr.strip()
-            last = stderr.splitlines()[-1] if stderr else proc.returncode
-            raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {last}")
     from tunegate.config import load_config
     from tunegate.paths import Layout
 
+    v = c.get_model_version(name, version)
+    commit = v.tags.get(GIT_COMMIT, "unknown")
+    _checkout(name, version, commit, project, workdir)
+    params = download(name, str(version), "provenance (params.yaml)", f"runs:/{v.run_id}/provenance/params.yaml")
+    shutil.copy(params, workdir / PARAMS)
+    _retrain(project, workdir, share_cache)
     folder = Layout.of(load_config(workdir / PARAMS).paths, workdir).adapter
     if v.tags.get(DETERMINISTIC, "true") == "true":
         comparison = "adapter sha256, bit for bit (the recorded run used deterministic kernels)"
@@ -374,6 +348,45 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
         "match": matches(folder, v.tags.get(FINGERPRINT)),
         "comparison": comparison,
     }
+
+
+def _checkout(name: str, version: str, commit: str, project: Path, workdir: Path) -> None:
+    """The project cloned into the empty workdir at the version's recorded commit, or one line saying why not."""
+    import subprocess
+
+    if commit in ("", "unknown"):
+        raise UserError(f"{name} v{version}: no git commit recorded; cannot reproduce")
+    clean = commit.removesuffix("-dirty")
+    if workdir.exists() and any(workdir.iterdir()):
+        raise UserError(f"{workdir}: not empty; choose a new folder for the reproduction")
+    run = lambda *args, cwd=workdir: subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)  # noqa: E731
+    if (
+        run("git", "clone", "--quiet", str(project), str(workdir), cwd=project).returncode
+        or run("git", "checkout", "--quiet", clean).returncode
+    ):
+        raise UserError(f"{name} v{version}: commit {clean[:12]} not found in {project}; was it pushed?")
+
+
+def _retrain(project: Path, workdir: Path, share_cache: bool) -> None:
+    """`dvc repro mix` then a forced `train` in workdir, upstream stages from this project's DVC cache."""
+    import subprocess
+    import sys
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
+    if share_cache:
+        dvc("cache", "dir", "--local", str((project / ".dvc" / "cache").resolve()))
+    # Data kept out of git (`dvc add`, a .dvc file in the commit) comes back from the DVC cache, or from the
+    # project's DVC remote when the cache lacks it; anything still missing ends in DVC's own line below.
+    if dvc("checkout", "--quiet").returncode and dvc("remote", "list").stdout.strip():
+        dvc("pull", "--quiet")
+    for args in (["repro", "mix"], ["repro", "--force", "--single-item", "train"]):
+        proc = dvc(*args)
+        if proc.returncode:
+            stderr = proc.stderr.strip()
+            last = stderr.splitlines()[-1] if stderr else proc.returncode
+            raise UserError(f"reproduction failed at `dvc {' '.join(args)}` in {workdir}: {last}")
 
 
 # Local base models (the demo's, a folder of your own) are stored once in the artifact store, in this
