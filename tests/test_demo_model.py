@@ -2,20 +2,10 @@
 
 from demo.model import EOS, build
 from tests.conftest import ROOT
-from tunegate.config import DemoBase
+from tests.tiny import tiny
 from tunegate.io import read_jsonl, sha256_tree
 
-TINY = DemoBase(
-    vocab_size=400,
-    hidden_size=32,
-    layers=1,
-    heads=2,
-    intermediate_size=64,
-    max_position=64,
-    steps=3,
-    batch_size=4,
-    warmup_steps=1,
-)
+TINY = tiny(steps=3)
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -5,22 +5,13 @@ import os
 import pytest
 
 from tests.conftest import ROOT
-from tunegate.config import DemoBase, Eval
+from tests.tiny import tiny
+from tunegate.config import Eval
 from tunegate.errors import UserError
 from tunegate.evaluation import evaluate
 from tunegate.io import read_jsonl
 
-TINY = DemoBase(
-    vocab_size=400,
-    hidden_size=32,
-    layers=1,
-    heads=2,
-    intermediate_size=64,
-    max_position=64,
-    steps=2,
-    batch_size=4,
-    warmup_steps=1,
-)
+TINY = tiny()
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,12 @@ from prefect.testing.utilities import prefect_test_harness
 from demo.model import build
 from demo.publish import continue_pretraining, publish
 from tests.conftest import ROOT
-from tunegate.config import DemoBase
+from tests.tiny import tiny
 from tunegate.errors import UserError
 from tunegate.io import read_jsonl
 from tunegate.models import local_snapshot, revision_of
 
-TINY = DemoBase(
-    vocab_size=400, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=64, steps=2, batch_size=4
-)
+TINY = tiny(warmup_steps=100)
 MODEL = "tunegate-demo"
 
 

@@ -4,8 +4,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny import build_base, tiny
 from tunegate.errors import UserError
 from tunegate.registry import adapter_fingerprint, champion, client, move_champion, redact
+
+# the registry tests' base: a shorter context and smaller vocabulary than the smallest, the demo's defaults otherwise
+REGISTRY_BASE = tiny(vocab_size=300, max_position=32, batch_size=16, warmup_steps=100)
 
 
 def test_secrets_are_redacted_by_key_and_by_value():
@@ -307,18 +311,12 @@ def test_a_local_base_is_stored_once_by_content_and_a_version_loads_without_it(t
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from demo.model import build
-    from tests.conftest import ROOT
-    from tunegate.config import DemoBase
-    from tunegate.io import read_jsonl
-    from tunegate.models import describe, load_model, load_with_adapter
+    from tunegate.models import load_model, load_with_adapter
     from tunegate.provenance import BASE_ARTIFACT, BASE_FILES
     from tunegate.registry import fetch, load, log_base
 
-    tiny = DemoBase(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=32, steps=2)
     folder = tmp_path / "base"
-    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:200], tiny, 1, folder)
-    base = {**describe(folder, "demo", "seeded", "seed-1"), "path": str(folder)}
+    base = build_base(folder, REGISTRY_BASE, rows=200, seed=1)
     torch.manual_seed(0)
     lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
     adapter = tmp_path / "run" / "peft"
@@ -357,16 +355,11 @@ def test_a_full_model_fetches_and_loads_without_a_base_and_lost_files_are_named_
     import mlflow
     import torch
 
-    from demo.model import build
-    from tests.conftest import ROOT
-    from tunegate.config import DemoBase
-    from tunegate.io import read_jsonl
     from tunegate.models import load_model
     from tunegate.registry import fetch, fingerprint, load
 
-    tiny = DemoBase(vocab_size=300, hidden_size=32, layers=1, heads=2, intermediate_size=64, max_position=32, steps=2)
     trained = tmp_path / "candidate"
-    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:200], tiny, 1, trained)
+    build_base(trained, REGISTRY_BASE, rows=200, seed=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = client(uri)
     exp = c.create_experiment("e", artifact_location=(tmp_path / "store").as_uri())

@@ -17,21 +17,12 @@ import pytest
 
 from stages import dedup, mix, train, validate
 from tests.conftest import ROOT
+from tests.tiny import TRAINABLE, build_base, tiny
 from tunegate.chat import Renderer, template_messages, tokenize, tool_support
-from tunegate.config import Dedup, DemoBase, Lora, Mix, Source, Train, Validate
+from tunegate.config import Dedup, Lora, Mix, Source, Train, Validate
 from tunegate.io import read_jsonl
 
-TINY = DemoBase(
-    vocab_size=512,
-    hidden_size=64,
-    layers=2,
-    heads=2,
-    intermediate_size=128,
-    max_position=512,
-    steps=10,
-    batch_size=4,
-    warmup_steps=2,
-)
+TINY = tiny(**TRAINABLE, max_position=512, steps=10, warmup_steps=2)
 N_VALID = 60
 TOOLS = [
     {
@@ -141,12 +132,7 @@ UNANSWERED_CALL = {  # a tool result that names no call before it
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from demo.model import build
-    from tunegate.models import describe
-
-    out = tmp_path_factory.mktemp("chat-base")
-    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:600], TINY, 3, out)
-    return {**describe(out, "demo", "seeded", "seed-3"), "path": str(out)}
+    return build_base(tmp_path_factory.mktemp("chat-base"), TINY, rows=600, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,12 @@ import pytest
 
 from stages import train
 from tests.conftest import ROOT
-from tunegate.config import DemoBase, Lora, Train
+from tests.tiny import TRAINABLE, build_base, tiny
+from tunegate.config import Lora, Train
 from tunegate.errors import UserError
-from tunegate.io import read_jsonl, sha256_tree
+from tunegate.io import sha256_tree
 
-TINY = DemoBase(
-    vocab_size=512,
-    hidden_size=64,
-    layers=2,
-    heads=2,
-    intermediate_size=128,
-    max_position=64,
-    steps=30,
-    batch_size=8,
-    warmup_steps=2,
-)
+TINY = tiny(**TRAINABLE, max_position=64, steps=30, batch_size=8, warmup_steps=2)
 ARGS = {
     "max_steps": 4,
     "per_device_train_batch_size": 4,
@@ -38,12 +29,7 @@ ARGS = {
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from demo.model import build
-    from tunegate.models import describe
-
-    out = tmp_path_factory.mktemp("base")
-    build(read_jsonl(ROOT / "data/pretrain/general.jsonl")[:2000], TINY, 3, out)
-    return {**describe(out, "demo", "seeded", "seed-3"), "path": str(out)}
+    return build_base(tmp_path_factory.mktemp("base"), TINY, rows=2000, seed=3)
 
 
 @pytest.fixture(scope="module")
