@@ -213,7 +213,6 @@ MAX_FUNCTION_LINES = 60
 # Longer functions, each with the reason it reads better whole (a new entry needs a reason as good).
 LONG_FUNCTIONS = {
     "tunegate/dedup_ray.py:near_duplicates_ray": "one Ray Data pipeline, its stages in the order they run",
-    "tunegate/formats.py:read_records": "one branch per input format, each a few lines of the reader it names",
     "demo/data.py:_domain_raw": "the demo's planted defects, one block per kind in the order of the DEFECTS ledger",
     "demo/model.py:build": "the demo base's recipe: tokenizer, config, pretraining loop, save, in that order",
 }

@@ -1,4 +1,5 @@
-"""Read training data in the formats people use and normalise it to one internal schema.
+"""Training data in the formats people use, normalised to one internal schema (the records come out of the
+files through tunegate.readers).
 
 Accepted files: JSONL, JSON (a list of objects), Parquet, CSV, a `datasets.save_to_disk` folder, or a
 Hugging Face dataset id. Accepted record shapes:
@@ -33,7 +34,6 @@ import codecs
 import hashlib
 import io
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,6 +43,7 @@ from typing import Any
 import msgspec
 
 from tunegate.errors import UserError
+from tunegate.readers import NOTE_BOM, read_bytes, read_records, source_kind, utf8_bytes
 from tunegate.runtime import gc_paused
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "preference")
@@ -75,191 +76,10 @@ class Problem:
         }
 
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-SUPPORTED = ".jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder or a hub id (org/name)"
-# Longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
-BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?::[\w.-]+)?")
-SNIFF_BYTES = 4096  # what the NUL-byte test for UTF-16/32 without a byte order mark looks at
-# Note names (the fourth item `load_rows` returns): what was read differently from the file's bytes, per source.
-NOTE_BOM = "byte_order_mark"  # a UTF-8 byte order mark at the start of the file (or of a JSONL line) was dropped
-NOTE_UTF16 = "decoded_utf16_utf32"  # the file was UTF-16 / UTF-32 with a byte order mark; its records were decoded
 NOTE_ALPACA = "alpaca_input_as_instruction"  # empty instruction, non-empty input: the input is the user turn
 NOTE_EXTRAS = "chat_extras"  # rows with tool calls, tool results, a tools list, names or weights (OpenAI format)
 
 
-# pragma: no mutate start (reading files, saved and hub datasets: tests/test_formats.py; `make mutation` covers the
-# normalisation below, which is pure)
-def source_kind(path: str | Path) -> str:
-    """'file', 'dataset' (a save_to_disk folder) or 'hub', or a UserError naming what is wrong with the path."""
-    path_s = str(path)
-    p = Path(path_s)
-    if p.is_symlink() and not p.exists():
-        raise UserError(f"{p}: a broken symlink (to {p.readlink()}); fix the link or point the source at the file")
-    if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
-            return "dataset"
-        raise UserError(f"{p}: a folder, not a data file or a saved dataset; point the source at a file ({SUPPORTED})")
-    if p.exists():
-        if p.suffix.lower() not in SUFFIXES:
-            raise UserError(f"{p}: unsupported file type {p.suffix or '(no extension)'!r}; use {SUPPORTED}")
-        return "file"
-    if p.suffix.lower() not in SUFFIXES and HUB_ID.fullmatch(path_s):
-        return "hub"
-    raise UserError(f"{p}: not found (check data.sources in params.yaml; relative paths start at the project root)")
-
-
-def read_bytes(p: Path) -> bytes:
-    """The file's bytes, or one line saying why they cannot be read."""
-    try:
-        return p.read_bytes()
-    except PermissionError:
-        raise UserError(f"{p}: permission denied; make the file readable (chmod +r) for the user running it") from None
-    except OSError as err:
-        raise UserError(f"{p}: cannot be read ({err.strerror or type(err).__name__})") from None
-
-
-def utf8_bytes(p: Path, data: bytes, notes: Counter) -> bytes:
-    """The file's text as UTF-8 bytes: a UTF-8 byte order mark is dropped, UTF-16 / UTF-32 with one is
-    decoded (one line naming the line to convert when that fails), and UTF-16 / UTF-32 without one,
-    which no line-by-line reading can recover, is refused in one line."""
-    for bom, codec in BOMS:
-        if data.startswith(bom):
-            if codec == "utf-8":
-                notes[NOTE_BOM] += 1
-                return data[len(bom) :]
-            try:
-                text = data.decode(codec)
-            except UnicodeDecodeError as err:
-                line = data[: err.start].decode(codec, "replace").count("\n") + 1
-                raise UserError(
-                    f"{p}: line {line}: not valid {codec.upper()} ({err.reason}); convert the file to UTF-8 "
-                    f"(e.g. iconv -f {codec.upper()} -t UTF-8)"
-                ) from None
-            notes[NOTE_UTF16] += 1
-            return text.encode("utf-8")  # the codec has consumed the byte order mark
-    head = data[:SNIFF_BYTES]
-    if head.count(b"\x00") * 4 > len(head):
-        raise UserError(
-            f"{p}: looks like UTF-16 or UTF-32 without a byte order mark (NUL bytes); convert it to UTF-8 "
-            "(e.g. iconv -f UTF-16LE -t UTF-8)"
-        )
-    return data
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
-def read_records(  # noqa: C901 - one branch per input format, each a few lines of the reader it names
-    path: str | Path, notes: Counter | None = None
-) -> Iterator[tuple[int, Any, str]]:
-    """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
-    or a hub dataset. JSONL goes through `_load_jsonl` instead, which reports bad lines one by one.
-    Text that is not UTF-8 is kept as lone surrogates (`surrogateescape`), so the records holding it
-    are quarantined (`encoding`) and the others load."""
-    notes = Counter() if notes is None else notes
-    path_s = str(path)
-    p = Path(path_s)
-    kind = source_kind(p)
-    if kind == "hub":
-        yield from _read_hub_dataset(path_s)
-        return
-    if kind == "dataset":
-        yield from _read_saved_dataset(p)
-        return
-    suffix = p.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        try:
-            records = pq.read_table(p).to_pylist()
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise UserError(f"{p}: not a readable Parquet file ({_first_line(err)}); re-export it") from None
-        for i, rec in enumerate(records, 1):
-            yield i, {k: _from_table(k, v) for k, v in rec.items()}, ""
-        return
-    data = read_bytes(p)
-    if not data or data.isspace():  # isspace stops at the first other byte; strip() would copy the file
-        raise UserError(f"{p}: empty file; add records or remove the source from data.sources")
-    data = utf8_bytes(p, data, notes)
-    if suffix == ".json":
-        try:
-            data = json.loads(data.decode("utf-8", "surrogateescape"))
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{p}: line {err.lineno}: not valid JSON ({err.msg}); a file of one record per line should be "
-                ".jsonl (bad lines are then quarantined one by one)"
-            ) from None
-        except RecursionError:
-            raise UserError(f"{p}: JSON nested too deeply to read; a file of records should be a flat list") from None
-        if not isinstance(data, list):
-            got = f"an object with keys {', '.join(list(data)[:5])}" if isinstance(data, dict) else type(data).__name__
-            raise UserError(f"{p}: expected a JSON list of records at the top level, got {got}")
-        for i, rec in enumerate(data, 1):
-            yield i, rec, ""
-        return
-    import csv
-    import io
-
-    import pandas as pd
-
-    # Every cell as read (object, not pandas' Arrow strings, which cannot hold the surrogates that stand
-    # for bytes that are not UTF-8): a completion "42" or "007" is text, not a number.
-    try:
-        frame = pd.read_csv(
-            io.BytesIO(data), dtype=object, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape"
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error, ValueError) as err:
-        raise UserError(f"{p}: not readable as CSV ({_first_line(err)}); check its quoting and delimiter") from None
-    for i, rec in enumerate(frame.to_dict(orient="records"), 1):
-        yield i, {k: _from_table(k, v) for k, v in rec.items()}, ""
-
-
-def _read_saved_dataset(p: Path) -> Iterator[tuple[int, Any, str]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise UserError(f"{p}: a saved DatasetDict without a 'train' split ({', '.join(ds)}); save one split")
-            ds = ds["train"]
-        records = list(ds)
-    except UserError:
-        raise
-    except Exception as err:  # datasets raises many types for a damaged folder; all end the same way
-        raise UserError(
-            f"{p}: not a readable saved dataset ({_first_line(err)}); save it again with Dataset.save_to_disk"
-        ) from None
-    for i, rec in enumerate(records, 1):
-        yield i, rec, ""
-
-
-def _read_hub_dataset(name: str) -> Iterator[tuple[int, Any, str]]:
-    import datasets
-
-    repo, _, split = name.partition(":")
-    try:
-        ds = datasets.load_dataset(repo, split=split or "train")
-    except Exception as err:  # the hub client raises many types for "offline"; all end the same way
-        raise UserError(
-            f"dataset {repo!r}: not a local file, and cannot load from the Hugging Face hub "
-            f"({type(err).__name__}); download it first or point data.sources.<name>.path at a local file"
-        ) from None
-    for i, rec in enumerate(ds, 1):
-        yield i, rec, ""
-
-
-# pragma: no mutate end
 def _from_table(key: str, value: Any) -> Any:
     # A message-list field saved as JSON text (CSV cells, string columns) is read as a list of messages;
     # any other text, JSON-looking or not (an answer that is `{"intent": ...}`), stays text.
@@ -670,7 +490,7 @@ def _raw(record: Any) -> str:
 
 
 def _load_records(name: str, path: str | Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
-    records = list(read_records(path, notes))
+    records = list(read_records(path, notes, cell=_from_table))
     if not records:
         return [], [], fmt
     if fmt == "auto":

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tunegate.errors import UserError
+from tunegate.errors import UserError, first_line
 from tunegate.io import read_json, sha256_file, sha256_of
 from tunegate.paths import BASE_MANIFEST, REPO_REFS, REPO_SNAPSHOTS
 
@@ -117,7 +117,7 @@ def check_loadable(path: Path, model: str, trust_remote_code: bool = False) -> N
                 fh.keys()
         except Exception as err:  # a truncated or overwritten file: safetensors' own error types vary
             raise UserError(
-                f"{name}: {weights} is not a readable safetensors file ({_first_line(err)}); re-download it"
+                f"{name}: {weights} is not a readable safetensors file ({first_line(err)}); re-download it"
             ) from None
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if isinstance(vocab, int) and len(tokenizer) > vocab:
@@ -137,11 +137,6 @@ def load_manifest(base_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
-
-
 def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -149,7 +144,7 @@ def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(manifest["path"], trust_remote_code=trust_remote_code)
     except Exception as err:  # tokenizers, json and transformers raise many types for a damaged folder
         raise UserError(
-            f"{manifest['path']}: the tokenizer cannot be loaded ({_first_line(err)}); check base.model "
+            f"{manifest['path']}: the tokenizer cannot be loaded ({first_line(err)}); check base.model "
             "(the folder needs tokenizer.json or tokenizer.model, with tokenizer_config.json)"
         ) from None
     if tok.pad_token is None:
