@@ -225,33 +225,8 @@ class TeamStack:
         raise UserError(f"team: {name} not ready within {timeout:.0f}s; see {self.home / 'logs' / f'{name}.log'}")
 
     # -- PostgreSQL ----------------------------------------------------------------------------------
-    def _pg_dir(self) -> Path:
-        """The data folder. As root, PostgreSQL runs as the `postgres` user, which must be able to reach it."""
-        folder = self.home / "postgres"
-        if os.geteuid() == 0 and not _reachable_by("postgres", self.home):
-            link = folder
-            if not link.is_symlink():
-                import tempfile
-
-                target = Path(tempfile.mkdtemp(prefix="tunegate-postgres-"))
-                link.symlink_to(target)
-            folder = link.resolve()
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def _pg_user(self) -> dict:
-        if os.geteuid() != 0:
-            return {}
-        import pwd
-
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            raise UserError("team: PostgreSQL does not run as root and there is no `postgres` user") from None
-        return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-
     def _start_postgres(self, timeout: float) -> None:
-        folder, as_user, bin_dir = self._pg_dir(), self._pg_user(), pg_bin()
+        folder, as_user, bin_dir = _pg_dir(self.home), _pg_user(), pg_bin()
         data = folder / "data"
         if as_user:
             os.chown(folder, as_user["user"], as_user["group"])
@@ -382,40 +357,71 @@ class TeamStack:
         workers = self.prefect_api("POST", f"work_pools/{self.pool}/workers/filter", json={})
         return any(w.get("status") == "ONLINE" for w in workers)
 
-    def missing_files(self, sample: int = 3) -> tuple[int, list[str]]:
-        """(versions checked, `name vN` of those whose files the artifact store no longer holds): the latest
-        `sample` versions of every registered model, listed through the server as a client would."""
-        import mlflow
-        from mlflow import MlflowClient
 
-        checked, gone = 0, []
-        with _environment(self.client_env()):
-            c = MlflowClient(tracking_uri=self.mlflow_url, registry_uri=self.mlflow_url)
-            for model in c.search_registered_models(max_results=1000):
-                for v in c.search_model_versions(
-                    f"name = '{model.name}'", max_results=sample, order_by=["version_number DESC"]
-                ):
-                    checked += 1
-                    try:
-                        listed = mlflow.artifacts.list_artifacts(artifact_uri=v.source, tracking_uri=self.mlflow_url)
-                    except Exception:  # noqa: BLE001 - whatever the store says: the files cannot be had
-                        listed = []
-                    if not listed:
-                        gone.append(f"{model.name} v{v.version}")
-        return checked, gone
+def _pg_dir(home: Path) -> Path:
+    """PostgreSQL's data folder under home. As root, PostgreSQL runs as the `postgres` user, which must be able
+    to reach it (else the folder is a link to one it can)."""
+    folder = home / "postgres"
+    if os.geteuid() == 0 and not _reachable_by("postgres", home):
+        link = folder
+        if not link.is_symlink():
+            import tempfile
 
-    def store_line(self) -> str:
-        """One line on whether the artifact store still holds what the registry lists (checked at start)."""
-        try:
-            checked, gone = self.missing_files()
-        except Exception as err:  # noqa: BLE001 - a check that cannot run is said, never fatal
-            return f"team: registry check skipped ({type(err).__name__})"
-        if gone:
-            return (
-                f"team: WARNING: the artifact store ({self.artifacts}) no longer holds the files of "
-                f"{', '.join(gone)}: the registry lists them, but fetch and promote will refuse them"
-            )
-        return f"team: artifact store {self.artifacts}: files present for the {checked} latest version(s) sampled"
+            target = Path(tempfile.mkdtemp(prefix="tunegate-postgres-"))
+            link.symlink_to(target)
+        folder = link.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _pg_user() -> dict:
+    """The subprocess arguments that run PostgreSQL as `postgres` when this is root (it refuses root)."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise UserError("team: PostgreSQL does not run as root and there is no `postgres` user") from None
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+
+
+def missing_files(stack: TeamStack, sample: int = 3) -> tuple[int, list[str]]:
+    """(versions checked, `name vN` of those whose files the artifact store no longer holds): the latest
+    `sample` versions of every registered model, listed through the server as a client would."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    checked, gone = 0, []
+    with _environment(stack.client_env()):
+        c = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
+        for model in c.search_registered_models(max_results=1000):
+            for v in c.search_model_versions(
+                f"name = '{model.name}'", max_results=sample, order_by=["version_number DESC"]
+            ):
+                checked += 1
+                try:
+                    listed = mlflow.artifacts.list_artifacts(artifact_uri=v.source, tracking_uri=stack.mlflow_url)
+                except Exception:  # noqa: BLE001 - whatever the store says: the files cannot be had
+                    listed = []
+                if not listed:
+                    gone.append(f"{model.name} v{v.version}")
+    return checked, gone
+
+
+def store_line(stack: TeamStack) -> str:
+    """One line on whether the artifact store still holds what the registry lists (checked at start)."""
+    try:
+        checked, gone = missing_files(stack)
+    except Exception as err:  # noqa: BLE001 - a check that cannot run is said, never fatal
+        return f"team: registry check skipped ({type(err).__name__})"
+    if gone:
+        return (
+            f"team: WARNING: the artifact store ({stack.artifacts}) no longer holds the files of "
+            f"{', '.join(gone)}: the registry lists them, but fetch and promote will refuse them"
+        )
+    return f"team: artifact store {stack.artifacts}: files present for the {checked} latest version(s) sampled"
 
 
 @contextlib.contextmanager
@@ -471,7 +477,7 @@ def up(home: Path) -> None:
         print(
             f"  MLflow   {stack.mlflow_url}  (PostgreSQL backend, artifacts proxied to {stack.artifacts})\n"
             f"  Prefect  {stack.prefect_url.removesuffix('/api')}  (work pool {stack.pool}: a process worker)\n"
-            f"{stack.store_line()}\n"
+            f"{store_line(stack)}\n"
             f"credentials: {stack.home / 'secrets.env'}; logs: {stack.home / 'logs'}\n"
             f"in another shell:  source {env}\n"
             f"then in params.yaml register.tracking_uri: {stack.mlflow_url}\n"

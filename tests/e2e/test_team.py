@@ -216,14 +216,16 @@ def test_a_restart_keeps_every_model_and_lost_files_are_named_missing(stack, wor
     on disk, so the champion fetches, loads and promotes from another folder. Then the store loses them
     (its folder moved away): the start check, fetch and promote each say so in one line, as missing files,
     not as tampering."""
+    from tunegate.team import missing_files, store_line
+
     mate = tmp_path / "teammate"
     mate.mkdir()
     before = set(stored(stack))
     stack.stop()
     stack.start()
     assert set(stored(stack)) == before and before
-    checked, gone = stack.missing_files()
-    assert checked >= 1 and gone == [] and "files present" in stack.store_line()
+    checked, gone = missing_files(stack)
+    assert checked >= 1 and gone == [] and "files present" in store_line(stack)
 
     env = team_env(stack, TUNEGATE_MODEL="tunegate-demo")
     tunegate = str(BIN / "tunegate")
@@ -236,8 +238,8 @@ def test_a_restart_keeps_every_model_and_lost_files_are_named_missing(stack, wor
     store.rename(away)
     store.mkdir()
     try:
-        assert stack.missing_files()[1] == ["tunegate-demo v1"]
-        assert "no longer holds the files of tunegate-demo v1" in stack.store_line()
+        assert missing_files(stack)[1] == ["tunegate-demo v1"]
+        assert "no longer holds the files of tunegate-demo v1" in store_line(stack)
         for args in (["fetch", "1", "--to", "lost"], ["promote", "1"]):
             refused = run(mate, env, tunegate, *args, check=False)
             lines = refused.stderr.strip().splitlines()
