@@ -138,7 +138,9 @@ def _champ(c) -> str:
 
 def test_rollback_walks_the_promotion_history_backwards_through_the_cli(history):
     c, params = history
-    for version in ("1", "2", "3"):
+    first = _cli("promote", "1", "--params", params)
+    assert first.exit_code == 0 and first.output.strip().endswith("champion: v1 (no champion before)")  # not v- -> v1
+    for version in ("2", "3"):
         assert _cli("promote", version, "--params", params).exit_code == 0
     out = _cli("rollback", "--params", params)
     assert out.exit_code == 0 and "v3 -> v2" in out.output and _champ(c) == "2"

@@ -267,7 +267,7 @@ def promote(
     if prev == str(version):
         typer.echo(f"{reg.alias}: v{version} already")
         return
-    typer.echo(f"{reg.alias}: v{prev or '-'} -> v{version}")
+    typer.echo(f"{reg.alias}: v{prev} -> v{version}" if prev else f"{reg.alias}: v{version} (no {reg.alias} before)")
 
 
 @app.command()
