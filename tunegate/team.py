@@ -394,7 +394,12 @@ def missing_files(stack: TeamStack, sample: int = 3) -> tuple[int, list[str]]:
     from mlflow import MlflowClient
 
     checked, gone = 0, []
-    with _environment(stack.client_env()):
+    # MLflow resolves `models:/<id>` and `mlflow-artifacts:` through its process-wide tracking URI: this
+    # server's for the duration, whatever a caller had set
+    was = mlflow.get_tracking_uri()
+    with _environment(stack.client_env()), contextlib.ExitStack() as restore:
+        mlflow.set_tracking_uri(stack.mlflow_url)
+        restore.callback(mlflow.set_tracking_uri, was)
         c = MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
         for model in c.search_registered_models(max_results=1000):
             for v in c.search_model_versions(
