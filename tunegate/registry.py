@@ -136,12 +136,13 @@ def fingerprint(folder: Path) -> str:
     return sha256_tensors(folder)
 
 
-def matches(folder: Path, recorded: str | None) -> bool:
-    """Whether the weights in folder are those a version recorded (either fingerprint of them)."""
+def matches(folder: Path, recorded: str | None, current: str | None = None) -> bool:
+    """Whether the weights in folder are those a version recorded (either fingerprint of them); `current` is
+    the folder's `fingerprint` when the caller has already computed it (the weights are hashed once)."""
     if recorded == adapter_fingerprint(folder):
         return True
     try:
-        return recorded == fingerprint(folder)
+        return recorded == (current or fingerprint(folder))
     except UserError:  # a file that is not safetensors any more: altered
         return False
 
@@ -339,13 +340,14 @@ def reproduce(c, name: str, version: str, project: Path, workdir: Path, share_ca
             "adapter sha256; the recorded run used non-deterministic CUDA kernels, so bytes may differ: compare "
             "the eval scores, or set train.deterministic: true for bit-identical reruns"
         )
+    reproduced = fingerprint(folder)
     return {
         "version": str(version),
         "commit": commit,
         "workdir": str(workdir),
         "recorded": v.tags.get(FINGERPRINT),
-        "reproduced": fingerprint(folder),
-        "match": matches(folder, v.tags.get(FINGERPRINT)),
+        "reproduced": reproduced,
+        "match": matches(folder, v.tags.get(FINGERPRINT), reproduced),
         "comparison": comparison,
     }
 
