@@ -13,10 +13,17 @@ export DO_NOT_TRACK := 1
 
 .PHONY: setup demo test test-fast bench clean-outputs mutation postgres
 
+# llama-cpp-python has no wheel on PyPI: pip builds it from its sdist once (about 3 minutes on 2 cores) and
+# caches the wheel. A portable x86-64 build (AVX2; no -march=native, whose AMX kernels crash on small
+# matrices) without the multimodal library; `python -m tunegate.llamacpp` unpacks the converter of that sdist.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray,team]"
+	$(BIN)/python -m tunegate.llamacpp
 	touch $@
 
 setup: $(VENV)/.installed

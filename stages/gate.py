@@ -18,14 +18,23 @@ from tunegate.config import Gate, load_config
 from tunegate.evaluation import load_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.io import atomic_path, sha256_file, write_json, write_text
-from tunegate.paths import CHART, REPORT, VERDICT, Layout
+from tunegate.paths import CHART, REPORT, SAMPLES, VERDICT, Layout
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int) -> dict[str, Any]:
-    return decide(base, candidate, policy, cfg.bootstrap, seed)
+def run(  # noqa: PLR0913 - the policy and each side's samples
+    cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int, exports: dict[str, Samples] | None = None
+) -> dict[str, Any]:
+    return decide(base, candidate, policy, cfg.bootstrap, seed, exports=exports)
+
+
+def exported_samples(folder: Path) -> dict[str, Samples]:
+    """Per-sample outcomes of each exported artifact the eval_export stage scored (none when it is absent)."""
+    if not folder.is_dir():
+        return {}
+    return {sub.name: load_samples(sub) for sub in sorted(folder.iterdir()) if (sub / SAMPLES).is_dir()}
 
 
 def _chart(verdict: dict[str, Any], path: Path) -> None:
@@ -97,7 +106,8 @@ def main() -> None:
         layout = Layout.of(cfg.paths)
         policy_path = Path(cfg.gate.policy)
         base, candidate = load_samples(layout.eval("base")), load_samples(layout.eval("candidate"))
-        verdict = run(cfg.gate, load_policy(policy_path), base, candidate, cfg.seed)
+        exports = exported_samples(layout.eval_export()) if cfg.export.check else {}
+        verdict = run(cfg.gate, load_policy(policy_path), base, candidate, cfg.seed, exports)
         verdict["policy_sha256"] = sha256_file(policy_path)
         with atomic_path(layout.gate) as tmp:
             tmp.mkdir()
@@ -105,7 +115,9 @@ def main() -> None:
             write_text(tmp / REPORT, report(verdict))
             _chart(verdict, tmp / CHART)
         diffs = {
-            f"{c['task']}.{c['metric']}.{c['against']}.diff": round(c["diff"], 4) for c in verdict["checks"] if c["n"]
+            f"{c['task']}.{c['metric']}.{c['against'].replace(' ', '_')}.diff": round(c["diff"], 4)
+            for c in verdict["checks"]
+            if c["n"]
         }
         write_json(layout.metrics("gate"), {"passed": verdict["passed"], **diffs})
         for line in verdict["lines"]:

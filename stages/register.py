@@ -38,6 +38,9 @@ from tunegate.provenance import (
     BASE_REVISION,
     CHAMPION_CHECK,
     DVC_LOCK_SHA,
+    EXPORT_ARTIFACTS,
+    EXPORT_SHA,
+    EXPORTS,
     FINGERPRINT,
     GATE_FAILED,
     GATE_PASSED,
@@ -208,6 +211,7 @@ class Candidate:
     reports: list[Path]  # logged with the run (folders as folders, files under provenance/)
     samples: Samples  # the candidate's per-sample outcomes: the champion comparison
     policy: Policy
+    export_dir: Path | None = None  # the export stage's folder, logged with the version when present
 
 
 def run(cfg: Config, cand: Candidate) -> dict[str, Any]:
@@ -243,6 +247,8 @@ def _register(cfg: Config, cand: Candidate) -> dict[str, Any]:
         legacy = adapter_fingerprint(cand.adapter_dir)
         found = _reuse(c, name, legacy, cand.verdict)
         fingerprint = legacy if found else fingerprint
+    if found:
+        _attach_export(c, name, found, cand)
     version, run_id = found or _log_run(c, cfg, cand, fingerprint)
     version = settle(c, name, fingerprint, run_id)  # one version, one complete run, whatever an earlier cut-off left
     result = {"model_name": name, "version": str(version), "run_id": run_id, "adapter_sha256": fingerprint}
@@ -287,6 +293,8 @@ def _log_run(c, cfg: Config, cand: Candidate, fingerprint: str) -> tuple[str, st
         mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith("hp.")})
         _log_datasets(cfg, cand.mix)
         _log_reports(cfg, cand.reports)
+        tags |= _log_export(cand.export_dir, cand.verdict)
+        mlflow.set_tags({k: v for k, v in tags.items() if k in (EXPORTS, EXPORT_SHA)})
         info = _log_model(cfg, cand.base, cand.adapter_dir, tags)
     version = mlflow.register_model(info.model_uri, cfg.register_.model_name, tags={**tags, RUN_ID: run_id}).version
     log.info("register: %s v%s (run %s)", cfg.register_.model_name, version, run_id)
@@ -331,6 +339,47 @@ def _log_reports(cfg: Config, reports: list[Path]) -> None:
                 mlflow.log_artifacts(str(path), artifact_path=f"reports/{path.name}")
             elif path.exists():
                 mlflow.log_artifact(str(provenance_file(path, Path(scratch))), artifact_path="provenance")
+
+
+def _log_export(folder: Path | None, verdict: dict) -> dict[str, str]:
+    """The exported files (runs:/<run>/export) and the tags that find and check them."""
+    import mlflow
+
+    from tunegate.paths import EXPORT_MANIFEST
+
+    if folder is None or not (folder / EXPORT_MANIFEST).is_file():
+        return {}
+    mlflow.log_artifacts(str(folder), artifact_path=EXPORT_ARTIFACTS)
+    return _export_tags(folder, verdict)
+
+
+def _export_tags(folder: Path, verdict: dict) -> dict[str, str]:
+    """Which artifacts were exported and whether the gate checked each, and the sha256 of export.json (which
+    lists every file's)."""
+    from tunegate.paths import EXPORT_MANIFEST
+
+    record = read_json(folder / EXPORT_MANIFEST)
+    names = [a["name"] for a in record["artifacts"]]
+    checked = set(verdict.get("exports", []))
+    shown = ",".join(f"{n}{'' if n in checked else ' (unchecked)'}" for n in names) or ",".join(record["formats"])
+    return {EXPORTS: shown, EXPORT_SHA: sha256_file(folder / EXPORT_MANIFEST)}
+
+
+def _attach_export(c, name: str, found: tuple[str, str], cand: Candidate) -> None:
+    """A version registered again (same weights) gets this run's export when it has none or another one."""
+    from tunegate.paths import EXPORT_MANIFEST
+
+    folder = cand.export_dir
+    if folder is None or not (folder / EXPORT_MANIFEST).is_file():
+        return
+    version, run_id = found
+    if c.get_model_version(name, str(version)).tags.get(EXPORT_SHA) == sha256_file(folder / EXPORT_MANIFEST):
+        return
+    c.log_artifacts(run_id, str(folder), artifact_path=EXPORT_ARTIFACTS)
+    tags = _export_tags(folder, cand.verdict)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, str(version), key, value)
+        c.set_tag(run_id, key, value)
 
 
 def _decide(c, cfg: Config, cand: Candidate, version: str) -> dict[str, Any]:
@@ -452,6 +501,12 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
         f"dvc.lock sha256 `{tags.get(DVC_LOCK_SHA, '')[:12]}`). **Load**: `tunegate fetch {result['version']}`"
         + ("." if ADAPTERS[cfg.train.adapter].peft else " (a full model: loads without its base)."),
     ]
+    if tags.get(EXPORTS):
+        lines += [
+            "",
+            f"**Exports**: {tags[EXPORTS]} (each checked by the gate against the candidate, item by item, unless "
+            f"marked); `tunegate fetch {result['version']} --format gguf|merged|ollama|vllm`.",
+        ]
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines)
@@ -514,6 +569,7 @@ def main() -> None:
             reports=reports,
             samples=load_samples(layout.eval("candidate")),
             policy=load_policy(Path(cfg.gate.policy)),
+            export_dir=layout.export if layout.export_manifest.is_file() else None,
         )
         result = run(cfg, candidate)
         write_json(layout.register, result)

@@ -237,6 +237,7 @@ def test_a_task_missing_on_either_side_fails_with_no_paired_items(base_side):
         "threshold": "-",
         "passed": False,
         "why": why,
+        "changed": None,
     }
     assert outcome.line() == f"FAIL general gen/acc vs base: no paired items (n=0) — {why}"
 

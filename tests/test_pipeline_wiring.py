@@ -6,7 +6,7 @@ import yaml
 
 from tunegate.config import Config
 
-STAGES = ["base", "validate", "dedup", "mix", "train", "eval_base", "eval_candidate", "gate", "register"]
+STAGES = "base validate dedup mix train eval_base eval_candidate export eval_export gate register".split()
 
 
 def test_every_stage_is_wired(root):

@@ -6,6 +6,9 @@
                                    # (registry commands work from any folder with --tracking-uri/--model)
     tunegate show VERSION          # the full provenance record of a version
     tunegate fetch [VERSION|ALIAS] # download a version (adapter + base, or a full model) anywhere, sha256-checked
+    tunegate fetch champion --format gguf  # one exported format (merged, gguf, ollama, vllm), sha256-checked
+    tunegate export VERSION        # export a registered version (merged, GGUF, Ollama, vLLM) and log it on it
+    tunegate chat [VERSION]        # talk to a version in the terminal (transformers, or llama.cpp with --format gguf)
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
@@ -151,22 +154,108 @@ def init(  # noqa: PLR0913 - one parameter per command-line option
 
 
 @app.command()
-def fetch(
+def fetch(  # noqa: PLR0913 - one parameter per command-line option
     ref: str = typer.Argument("champion", help="version number or alias"),
     to: Path = typer.Option(Path("fetched"), "--to", help="folder to download into"),
+    fmt: str | None = typer.Option(None, "--format", help="an exported format: merged, gguf, ollama or vllm"),
     params: Path | None = PARAMS,
     tracking_uri: str | None = TRACKING,
     model: str | None = MODEL,
 ) -> None:
-    """Download a version (its adapter and base, or its full model) and check it against the recorded sha256."""
+    """Download a version (its adapter and base, its full model, or one exported format) and check it against the
+    recorded sha256."""
     from tunegate.registry import fetch as download
+    from tunegate.registry import fetch_export
 
     try:
         reg, c = _registry(params, tracking_uri, model)
-        got = download(c, reg.model_name, ref, to)
+        got = fetch_export(c, reg.model_name, ref, fmt, to) if fmt else download(c, reg.model_name, ref, to)
     except UserError as err:
         fail(err)
-    typer.echo(fetched_lines(reg.model_name, got))
+    typer.echo(export_lines(reg.model_name, got) if fmt else fetched_lines(reg.model_name, got))
+
+
+def export_lines(name: str, got: dict) -> str:
+    """What `tunegate fetch --format` and `tunegate export` print: the files and how to run them."""
+    what = got.get("format") or ", ".join(got["formats"])
+    lines = [f"{name} v{got['version']}: {what} in {got['folder']} (sha256 checked)"]
+    if got.get("checked"):
+        lines.append(f"gate-checked artifacts: {got['checked']}")
+    lines += [f"{runtime:12} {command}" for runtime, command in got["commands"].items()]
+    return "\n".join(lines)
+
+
+@app.command()
+def export(  # noqa: PLR0913 - one parameter per command-line option
+    ref: str = typer.Argument("champion", help="version number or alias"),
+    to: Path = typer.Option(Path("exported"), "--to", help="folder to write (replaced)"),
+    formats: str = typer.Option("merged,gguf,ollama", "--formats", help="comma-separated: merged, gguf, ollama, vllm"),
+    gguf: str = typer.Option("f16,q8_0", "--gguf", help="comma-separated GGUF types (f16, q8_0, q4_k_m, ...)"),
+    params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
+) -> None:
+    """Export a registered version to runtimes' formats and log the files (with sha256) on the version."""
+    from tunegate.config import Export
+    from tunegate.export import commands
+    from tunegate.shipping import export_version
+
+    try:
+        cfg = _export_settings(Export, formats, gguf)
+        reg, c = _registry(params, tracking_uri, model)
+        record = export_version(c, reg.model_name, ref, list(cfg.formats), list(cfg.gguf), to)
+    except UserError as err:
+        fail(err)
+    got = {
+        "version": record["version"],
+        "formats": record["formats"],
+        "folder": str(to),
+        "commands": commands(record, str(to)),
+    }
+    typer.echo(export_lines(reg.model_name, got))
+
+
+def _export_settings(kind, formats: str, gguf: str):
+    from pydantic import ValidationError
+
+    try:
+        return kind(
+            formats=[f.strip() for f in formats.split(",") if f.strip()],
+            gguf=[t.strip() for t in gguf.split(",") if t.strip()],
+        )
+    except ValidationError as err:
+        e = err.errors()[0]
+        raise UserError(f"--{'formats' if e['loc'][0] == 'formats' else 'gguf'}: {e['msg']}") from None
+
+
+@app.command()
+def chat(  # noqa: PLR0913 - one parameter per command-line option
+    ref: str = typer.Argument("champion", help="version number or alias"),
+    fmt: str = typer.Option("transformers", "--format", help="transformers (the registered model) or gguf (llama.cpp)"),
+    message: list[str] | None = typer.Option(None, "--message", "-m", help="send these and exit (else: read lines)"),
+    params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
+) -> None:
+    """Talk to a version in the terminal, greedy decoding; /exit or end of input stops."""
+    from tunegate.shipping import chat as answers
+
+    if fmt not in ("transformers", "gguf"):
+        fail(UserError(f"--format {fmt}: transformers or gguf"))
+    interactive = not message and sys.stdin.isatty()
+    if interactive:
+        typer.echo("type a message, /exit to stop", err=True)
+
+    def lines():
+        yield from message or (line for line in iter(lambda: input("> ") if interactive else sys.stdin.readline(), ""))
+
+    try:
+        reg, c = _registry(params, tracking_uri, model)
+        for answer in answers(c, reg.model_name, ref, fmt, lines()):
+            typer.echo(answer)
+    except (UserError, EOFError) as err:
+        if isinstance(err, UserError):
+            fail(err)
 
 
 def fetched_lines(name: str, got: dict) -> str:

@@ -39,9 +39,11 @@ class Paths(_Section):
     dedup: str = "data/dedup"
     mix: str = "data/mix"
     train: str = "models/candidate"
+    export: str = "models/export"
     checkpoints: str = "checkpoints"
     eval_base: str = "reports/eval_base"
     eval_candidate: str = "reports/eval_candidate"
+    eval_export: str = "reports/eval_export"
     gate: str = "reports/gate"
     register_: str = Field("reports/register.json", alias="register")
     metrics: str = "metrics"
@@ -239,6 +241,27 @@ class Eval(_Section):
     )
 
 
+class Export(_Section):
+    """What the `export` stage writes (tunegate.export) and the export check scores."""
+
+    formats: list[Literal["merged", "gguf", "ollama", "vllm"]] = Field(
+        ["merged", "gguf", "ollama"],
+        description="merged safetensors, GGUF files, an Ollama Modelfile, vLLM's adapter layout",
+    )
+    gguf: list[str] = Field(["f16", "q8_0"], min_length=1, description="GGUF types: f16, bf16, q8_0, q4_k_m, ...")
+    check: bool = Field(True, description="score every exported artifact and gate it against the candidate")
+
+    @field_validator("gguf")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        from tunegate.llamacpp import GGUF_TYPES
+
+        unknown = [t for t in value if t not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"unknown GGUF type(s) {', '.join(unknown)}; one of {', '.join(GGUF_TYPES)}")
+        return list(dict.fromkeys(value))
+
+
 class Gate(_Section):
     policy: str = "evals/gates.yaml"
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples")
@@ -262,6 +285,7 @@ class Config(_Section):
     mix: Mix = Mix()
     train: Train = Train()
     eval: Eval
+    export: Export = Export()
     gate: Gate = Gate()
     register_: Register = Field(Register(), alias="register")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,25 +137,48 @@ def evaluate(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
-    manager, local = _task_manager(cfg, tasks_dir)
     started = time.perf_counter()  # the model's load counts, as it always has
+    tasks = task_set(cfg, tasks_dir)
     lm = _model(cfg, manifest, adapter, full_model, trust_remote_code)
-    results = _run_tasks(cfg, lm, manager, seed, tasks_dir, manifest, local)
+    label = "candidate" if adapter or full_model else "base"
+    return evaluate_lm(cfg, lm, tasks, manifest, out_dir, seed, label, {"adapter": bool(adapter)}, started)
+
+
+def evaluate_lm(  # noqa: PLR0913 - one eval's inputs, each distinct; called from two places
+    cfg: Eval,
+    lm: Any,
+    tasks: TaskSet,
+    manifest: dict[str, Any],
+    out_dir: Path,
+    seed: int,
+    label: str,
+    extra: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Run the tasks on a loaded lm-eval model and write out_dir (results.json with `extra`, samples/)."""
+    results = _run_tasks(cfg, lm, tasks, seed, manifest)
     seconds = time.perf_counter() - started
     scores, samples = _outcomes(cfg, results)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        write_json(
-            tmp / RESULTS, {"model": manifest["model"], "adapter": bool(adapter), "limit": cfg.limit, "scores": scores}
-        )
+        write_json(tmp / RESULTS, {"model": manifest["model"], **extra, "limit": cfg.limit, "scores": scores})
         for task, rows in samples.items():
             write_jsonl(tmp / SAMPLES / jsonl_of(task), rows)
-    log.info("eval %s: %s in %.0fs", "candidate" if adapter or full_model else "base", scores, seconds)
+    log.info("eval %s: %s in %.0fs", label, scores, seconds)
     return {"scores": scores, "seconds": round(seconds, 1)}
 
 
-def _task_manager(cfg: Eval, tasks_dir: Path):
-    """(lm-eval's task manager, the local task names); an unknown task ends in one line before any model loads."""
+@dataclass(frozen=True)
+class TaskSet:
+    """lm-eval's task manager for eval.tasks, the task names defined locally, and their folder."""
+
+    manager: Any
+    local: set[str]
+    folder: Path
+
+
+def task_set(cfg: Eval, tasks_dir: Path) -> TaskSet:
+    """The tasks to run; an unknown task ends in one line before any model loads."""
     from lm_eval.tasks import TaskManager
 
     local = local_tasks(tasks_dir)
@@ -165,7 +189,7 @@ def _task_manager(cfg: Eval, tasks_dir: Path):
         raise UserError(
             f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})"
         )
-    return manager, local
+    return TaskSet(manager, local, tasks_dir)
 
 
 def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model: Path | None, trust_remote_code: bool):
@@ -195,7 +219,7 @@ def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model
     )
 
 
-def _run_tasks(cfg: Eval, lm, manager, seed: int, tasks_dir: Path, manifest: dict[str, Any], local: set[str]):
+def _run_tasks(cfg: Eval, lm, tasks: TaskSet, seed: int, manifest: dict[str, Any]):
     """lm-eval's results with per-sample logs, seeded; data that cannot be loaded, or a task setting lm-eval does
     not know, ends in one line naming what to change."""
     from lm_eval import simple_evaluate
@@ -204,7 +228,7 @@ def _run_tasks(cfg: Eval, lm, manager, seed: int, tasks_dir: Path, manifest: dic
         return simple_evaluate(
             model=lm,
             tasks=list(cfg.tasks),
-            task_manager=manager,
+            task_manager=tasks.manager,
             limit=cfg.limit,
             log_samples=True,
             apply_chat_template=True,
@@ -216,19 +240,20 @@ def _run_tasks(cfg: Eval, lm, manager, seed: int, tasks_dir: Path, manifest: dic
             gen_kwargs=f"max_gen_toks={cfg.max_gen_toks}" if cfg.max_gen_toks else None,
         )
     except (ConnectionError, OSError) as err:
+        hub_tasks = ",".join(t for t in cfg.tasks if t not in tasks.local)
         raise UserError(
             f"eval.tasks: a task's data could not be loaded ({' '.join(str(err).split())[:300]}); check "
-            f"dataset_kwargs.data_files in {tasks_dir}; built-in tasks need their dataset in the local HF cache "
+            f"dataset_kwargs.data_files in {tasks.folder}; built-in tasks need their dataset in the local HF cache "
             "when offline: fill it once with network access (lm_eval --model hf --model_args "
-            f"pretrained={manifest['model']} --tasks {','.join(t for t in cfg.tasks if t not in local)} --limit 1)"
+            f"pretrained={manifest['model']} --tasks {hub_tasks} --limit 1)"
         ) from None
     except TypeError as err:  # lm-eval's TaskConfig refuses a key it does not know
         key = re.search(r"unexpected keyword argument '(\w+)'", str(err))
         if key is None:
             raise
-        files = [p.name for p in sorted(tasks_dir.glob("*.yaml")) if p.is_file() and f"{key[1]}:" in _text(p)]
+        files = [p.name for p in sorted(tasks.folder.glob("*.yaml")) if p.is_file() and f"{key[1]}:" in _text(p)]
         raise UserError(
-            f"{tasks_dir / files[0] if files else tasks_dir}: {key[1]!r} is not an lm-eval task setting "
+            f"{tasks.folder / files[0] if files else tasks.folder}: {key[1]!r} is not an lm-eval task setting "
             "(a typo? see lm-eval's task guide)"
         ) from None
 

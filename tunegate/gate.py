@@ -8,7 +8,7 @@ forget); a target check passes when the lower bound is above zero and the gain r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +39,25 @@ class ChampionRule(BaseModel):
     missing_samples: Literal["block", "skip"] = "block"
 
 
+class ExportRule(BaseModel):
+    """How far an exported artifact may fall below the candidate it was exported from, per check (non-inferiority,
+    paired on the same items). Keys: `merged` or a GGUF type; types not listed get `default_margin`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    margins: dict[str, float] = {"merged": 0.0, "f32": 0.0, "f16": 0.01, "bf16": 0.01, "q8_0": 0.02}
+    default_margin: float = Field(0.05, ge=0, description="4-bit and other lossy types")
+
+    def margin(self, artifact: str) -> float:
+        return self.margins.get(artifact.removeprefix("gguf-"), self.default_margin)
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     min_items: int = Field(30, ge=1)
     checks: list[Check] = Field(min_length=1)
     champion: ChampionRule = ChampionRule()
+    export: ExportRule = ExportRule()
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Outcome:
     threshold: str
     passed: bool
     why: str
+    changed: int | None = None  # export checks: items whose outcome differs from the candidate's
 
     def line(self) -> str:
         mark = "PASS" if self.passed else "FAIL"
@@ -71,7 +85,8 @@ class Outcome:
         return (
             f"{head}: {self.reference:.3f} -> {self.candidate:.3f} "
             f"(diff {self.diff:+.3f}, bounds [{self.lower:+.3f}, {self.upper:+.3f}], "
-            f"need {self.threshold}; n={self.n}){'' if self.passed else ' — ' + self.why}"
+            f"need {self.threshold}; n={self.n}{'' if self.changed is None else f'; {self.changed} changed'})"
+            f"{'' if self.passed else ' — ' + self.why}"
         )
 
 
@@ -115,7 +130,7 @@ def judge(
     diff = float(diffs.mean())
     if check.role == "general" or against != "base":
         m = check.margin if margin is None else margin
-        threshold, passed = f"lower >= {-m:+.3f}", lower >= -m
+        threshold, passed = f"lower >= {-m or 0.0:+.3f}", lower >= -m
         why = f"candidate may have lost up to {-lower:.3f} (margin {m:.3f})"
     else:
         threshold = f"lower > 0 and diff >= {check.min_gain:.3f}"
@@ -140,15 +155,30 @@ def judge(
     )
 
 
-def decide(
+def judge_export(  # noqa: PLR0913 - judge's inputs plus the artifact
+    check: Check, candidate: Samples, exported: Samples, artifact: str, policy: Policy, resamples: int, seed: int
+) -> Outcome:
+    """One check of an exported artifact against the in-memory candidate: non-inferiority at the artifact's margin,
+    with the number of items whose outcome changed (in either direction)."""
+    outcome = judge(
+        check, candidate, exported, policy, resamples, seed, f"export {artifact}", policy.export.margin(artifact)
+    )
+    a, b = _paired(candidate.get(check.task, []), exported.get(check.task, []), check.metric)
+    why = outcome.why and f"{outcome.why}; the exported artifact answers differently from the candidate"
+    return replace(outcome, role="export", changed=int((a != b).sum()), why=why)
+
+
+def decide(  # noqa: PLR0913 - the samples of every side the gate compares
     base: Samples,
     candidate: Samples,
     policy: Policy,
     resamples: int = 2000,
     seed: int = 0,
     champion: Samples | None = None,
+    exports: dict[str, Samples] | None = None,
 ) -> dict[str, Any]:
-    """The verdict: every check against the base, plus target checks against the champion if asked."""
+    """The verdict: every check against the base, target checks against the champion if asked, and every check
+    of each exported artifact against the candidate."""
     outcomes = [judge(c, base, candidate, policy, resamples, seed) for c in policy.checks]
     if champion is not None and policy.champion.beat_on_target:
         outcomes += [
@@ -156,11 +186,14 @@ def decide(
             for c in policy.checks
             if c.role == "target"
         ]
+    for artifact, samples in (exports or {}).items():
+        outcomes += [judge_export(c, candidate, samples, artifact, policy, resamples, seed) for c in policy.checks]
     return {
         "passed": all(o.passed for o in outcomes),
         "failed": [f"{o.task}/{o.metric} vs {o.against}" for o in outcomes if not o.passed],
         "confidence": policy.confidence,
         "checks": [asdict(o) for o in outcomes],
+        "exports": sorted(exports or {}),
         "lines": [o.line() for o in outcomes],
     }
 

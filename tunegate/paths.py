@@ -36,6 +36,7 @@ ADAPTER = "adapter"  # train/: the trained adapter (or full weights) + tokenizer
 MERGED = "merged"  # train/: with train.merge, the adapter folded into the base
 TRAINING_ARGS = "training_args.json"  # train/: TRL's resolved config (the JSON copy, not the pickle)
 TRAIN_RECORD = "train_config.json"  # train/: what was trained (method, adapter, base); later stages read it
+EXPORT_MANIFEST = "export.json"  # export/: formats, artifacts, every file with its sha256
 RESULTS = "results.json"  # eval_*/: scores per task
 SAMPLES = "samples"  # eval_*/: per-sample outcomes, one <task>.jsonl each (what the gate pairs)
 VERDICT = "verdict.json"  # gate/: every check with estimate and bounds
@@ -138,6 +139,18 @@ class Layout:
     @property
     def train_record(self) -> Path:
         return self.train / TRAIN_RECORD
+
+    @property
+    def export(self) -> Path:
+        return self._p(self.paths.export)
+
+    @property
+    def export_manifest(self) -> Path:
+        return self.export / EXPORT_MANIFEST
+
+    def eval_export(self, artifact: str | None = None) -> Path:
+        folder = self._p(self.paths.eval_export)
+        return folder / artifact if artifact else folder
 
     @property
     def checkpoints(self) -> Path:

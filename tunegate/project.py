@@ -443,6 +443,9 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
         batch_size=8,
     )
     params["register"]["model_name"] = _slug(f"{Path(model).name}-{held.task}").replace("_", "-")
+    # merged weights are checked on the eval's device; GGUF is checked in llama.cpp on the CPU, which for a model
+    # of billions of parameters takes hours: opted into (docs/export.md), or exported later with `tunegate export`
+    params["export"] = {**params.get("export", {}), "formats": ["merged"]}
     write_text(
         root / PARAMS,
         "# tunegate pipeline parameters, written by `tunegate init` (see README: Using your own model and data).\n"

@@ -57,6 +57,9 @@ PROMOTIONS = "promotion_log"  # promotion_log.<time>: every alias move and its r
 PREVIOUS = "previous_champion"  # the champion a version replaced when it was promoted
 ROLLED_BACK = "rolled_back"  # when and why the champion was moved back from a version
 # -- on the registration's MLflow run ----------------------------------------------------------------------
+EXPORTS = "exports"  # the exported artifacts the gate checked: merged, gguf-f16, ...
+EXPORT_SHA = "export_sha256"  # sha256 of export.json, which lists every exported file with its sha256
+EXPORT_ARTIFACTS = "export"  # where a version's exported files are logged (runs:/<run>/export)
 REGISTRATION = "registration"  # `started`, then `complete`: a cut-off registration is settled next time
 RUN_ID = "run_id"
 

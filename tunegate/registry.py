@@ -28,6 +28,9 @@ from tunegate.provenance import (
     BASE_MODEL,
     BASE_REVISION,
     DETERMINISTIC,
+    EXPORT_ARTIFACTS,
+    EXPORT_SHA,
+    EXPORTS,
     FINGERPRINT,
     GIT_COMMIT,
     REGISTRATION,
@@ -508,3 +511,38 @@ def load(fetched: dict[str, Any], trust_remote_code: bool = False):
     manifest = {"model": fetched["base_model"], "path": fetched["base"]}
     model = load_with_adapter(manifest, Path(fetched["adapter"]), trust_remote_code)
     return model, load_tokenizer({"path": fetched.get("tokenizer") or fetched["adapter"]}, trust_remote_code)
+
+
+def fetch_export(c, name: str, ref: str, fmt: str, dest: Path) -> dict[str, Any]:
+    """One exported format of a registered version (merged, gguf, ollama with its GGUF, vllm) downloaded into dest,
+    every file checked against export.json, and export.json against the sha256 recorded on the version."""
+    from tunegate.export import FORMATS, GGUF, OLLAMA, commands, verify
+    from tunegate.io import read_json, sha256_file
+    from tunegate.paths import EXPORT_MANIFEST
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+    v = resolve_version(c, name, ref)
+    if not v.tags.get(EXPORT_SHA):
+        raise UserError(
+            f"{name} v{v.version}: nothing exported with this version (export.formats in params.yaml exports at "
+            f"registration; `tunegate export {v.version}` exports a registered version)"
+        )
+    root = f"runs:/{v.run_id}/{EXPORT_ARTIFACTS}"
+    dest = Path(dest)
+    record_path = download(name, str(v.version), "export manifest", f"{root}/{EXPORT_MANIFEST}", dest)
+    if sha256_file(record_path) != v.tags[EXPORT_SHA]:
+        raise UserError(f"{name} v{v.version}: {EXPORT_MANIFEST} no longer matches its recorded sha256 (tampered?)")
+    record = read_json(record_path)
+    if fmt not in record["formats"]:
+        raise UserError(f"{name} v{v.version}: no {fmt} export (it has {', '.join(record['formats'])})")
+    for part in [fmt, GGUF] if fmt == OLLAMA else [fmt]:
+        download(name, str(v.version), f"{part} export", f"{root}/{part}", dest)
+    bad = verify(dest, record, only=fmt)
+    if bad:
+        raise UserError(
+            f"{name} v{v.version}: exported files differ from export.json: {', '.join(bad[:5])} (tampered?)"
+        )
+    files = sorted(rel for rel in record["files"] if (dest / rel).is_file())
+    return {"version": str(v.version), "format": fmt, "folder": str(dest), "files": files,
+            "checked": v.tags.get(EXPORTS, ""), "commands": commands(record, str(dest))}  # fmt: skip
