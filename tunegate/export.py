@@ -102,6 +102,7 @@ def turns_of(template: str, special: dict[str, str]) -> Turns:
     def r(messages, gen):
         return render(template, [{"role": a, "content": b} for a, b in messages], gen, **special)
 
+    why = ""
     try:
         prefix = r([], False)
         generation = r([], True)[len(prefix) :]
@@ -111,18 +112,17 @@ def turns_of(template: str, special: dict[str, str]) -> Turns:
             before, _, after = r([(role, marker)], False)[len(prefix) :].partition(marker)
             roles[role] = (before, after)
         turns = Turns(prefix, roles, generation)
-        same = all(
-            r(p, g) == turns.render([{"role": a, "content": b} for a, b in p], g)
-            for p in _PROBES
-            for g in (True, False)
-        )
+        as_turns = lambda p, g: turns.render([{"role": a, "content": b} for a, b in p], g)  # noqa: E731
+        if not all(r(p, g) == as_turns(p, g) for p in _PROBES for g in (True, False)):
+            why = "it renders some conversation differently, e.g. the system prompt inside the first user turn"
+        elif any("{{" in s for pair in roles.values() for s in pair):
+            why = "its text around a message holds '{{'"
     except Exception as err:  # noqa: BLE001 - any template error means "cannot be expressed", said in one line
-        raise UserError(f"chat template cannot be rendered for Ollama's TEMPLATE ({err})") from None
-    if not same or any("{{" in s for pair in roles.values() for s in pair):
+        why = f"rendering one message alone fails: {' '.join(str(err).split())[:120]}"
+    if why:
         raise UserError(
-            "export.formats ollama: the chat template is not one fixed wrapper per message (e.g. it merges the "
-            "system prompt into the first user turn), so Ollama's TEMPLATE cannot equal it; export gguf and let "
-            "the runtime read the template from the GGUF"
+            f"export.formats ollama: the chat template is not one fixed wrapper per message ({why}), so Ollama's "
+            "TEMPLATE cannot equal it; export gguf and let the runtime read the template stored in the GGUF"
         )
     return turns
 
@@ -324,8 +324,17 @@ def _write_vllm(source: Source, out: Path) -> None:
     (out / SERVE).write_text(serve_lines(source.name, source.manifest["model"], config is not None, rank))
 
 
-def commands(record: dict[str, Any], folder: str) -> dict[str, str]:
-    """How to run each exported format, with paths under `folder` (the export folder as the user sees it)."""
+RUNTIMES = {MERGED: ("transformers",), GGUF: ("llama.cpp", "lm-studio"), OLLAMA: ("ollama",), VLLM: ("vllm",)}
+
+
+def commands(record: dict[str, Any], folder: str, only: str | None = None) -> dict[str, str]:
+    """How to run each exported format (or `only` one), with paths under `folder` (the export folder as the user
+    sees it)."""
+    every = _commands(record, folder)
+    return {k: v for k, v in every.items() if only is None or k in RUNTIMES[only]}
+
+
+def _commands(record: dict[str, Any], folder: str) -> dict[str, str]:
     name, out = record["name"], {}
     if MERGED in record["formats"]:
         out["transformers"] = f'AutoModelForCausalLM.from_pretrained("{folder}/{MERGED}")'

@@ -13,6 +13,7 @@ It mirrors lm-eval's `hf` model request by request, so the per-item outcomes pai
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,13 @@ from tqdm import tqdm
 
 from tunegate.llamacpp import open_gguf, render
 
+log = logging.getLogger(__name__)
+# llama.cpp's fallback for a GGUF without a chat template (its server's default, `chatml`)
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -30,29 +38,34 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class GGUFModel(LM):
-    def __init__(self, path: Path, reference_tokenizer: Any, max_length: int, max_gen_toks: int, seed: int = 0):
+    def __init__(  # noqa: PLR0913 - the file, the reference tokenizer and lm-eval's limits
+        self, path: Path, reference_tokenizer: Any, max_length: int | None, max_gen_toks: int, seed: int = 0
+    ):
         super().__init__()
         self.path = Path(path)
-        self.max_length = max_length
         self.max_gen_toks = max_gen_toks
-        self.llm = open_gguf(self.path, n_ctx=max_length + 1, seed=seed)
+        self.llm = open_gguf(self.path, n_ctx=max_length + 1 if max_length else 0, seed=seed)
+        self.max_length = max_length or self.llm.n_ctx() - 1
         meta = self.llm.metadata
         self.template = meta.get("tokenizer.chat_template")
+        if not self.template:  # what llama.cpp's server does with a GGUF that carries no template
+            log.warning("%s: no chat template in the GGUF's metadata; rendering with ChatML, as llama.cpp does", path)
+            self.template = CHATML
         self.eos_id = self.llm.token_eos()
-        self.eos_text = self._decode([self.eos_id], special=True)
+        self.eos_text = self.text([self.eos_id], special=True)
         self.reference = reference_tokenizer
         self.tokenizer_mismatches = 0
         self._checked: set[str] = set()
 
     # --- text <-> ids -----------------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
+    def tokens(self, text: str) -> list[int]:
         ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
         if self.reference is not None and text not in self._checked:
             self._checked.add(text)
             self.tokenizer_mismatches += ids != self.reference(text, add_special_tokens=False)["input_ids"]
         return ids
 
-    def _decode(self, ids: list[int], special: bool = False) -> str:
+    def text(self, ids: list[int], special: bool = False) -> str:
         return self.llm.detokenize(ids, special=special).decode("utf-8", errors="replace")
 
     # --- lm-eval's interface ------------------------------------------------------------------------
@@ -64,9 +77,7 @@ class GGUFModel(LM):
         return self.template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not self.template:
-            raise ValueError(f"{self.path}: no chat template in the GGUF's metadata (tokenizer.chat_template)")
-        special = {"bos_token": self._decode([self.llm.token_bos()], special=True), "eos_token": self.eos_text}
+        special = {"bos_token": self.text([self.llm.token_bos()], special=True), "eos_token": self.eos_text}
         return render(self.template, chat_history, add_generation_prompt, **special)
 
     def _logits(self, ids: list[int]) -> np.ndarray:
@@ -88,8 +99,8 @@ class GGUFModel(LM):
             n_spaces = len(context) - len(context.rstrip())
             if n_spaces:
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-            whole = self._encode(context + continuation)
-            cont = whole[len(self._encode(context)) :] if context else whole
+            whole = self.tokens(context + continuation)
+            cont = whole[len(self.tokens(context)) :] if context else whole
             if not context:
                 whole = [self.eos_id, *whole]
             window = whole[-(self.max_length + 1) :][:-1]
@@ -108,14 +119,19 @@ class GGUFModel(LM):
             kwargs = dict(gen_kwargs or {})
             until = handle_stop_sequences(kwargs.get("until"), eos=self.eos_text)
             max_gen = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            ids = self._encode(context)[-(self.max_length - max_gen) :]
-            generated: list[int] = []
-            for _ in range(max_gen):
-                next_id = int(np.argmax(self._logits(ids + generated)[-1]))
-                if next_id == self.eos_id:
-                    break
-                generated.append(next_id)
-                if any(stop in self._decode(generated) for stop in until):
-                    break
-            out.append(postprocess_generated_text(generation=self._decode(generated), stop=until, think_end_token=None))
+            ids = self.tokens(context)[-(self.max_length - max_gen) :]
+            generated = self.greedy(ids, max_gen, until)
+            out.append(postprocess_generated_text(generation=self.text(generated), stop=until, think_end_token=None))
         return out
+
+    def greedy(self, ids: list[int], max_new: int, until: list[str] = ()) -> list[int]:
+        """Greedy continuation of ids: up to max_new tokens, stopping at the end-of-turn token or a stop string."""
+        generated: list[int] = []
+        for _ in range(max_new):
+            next_id = int(np.argmax(self._logits(ids + generated)[-1]))
+            if next_id == self.eos_id:
+                break
+            generated.append(next_id)
+            if until and any(stop in self.text(generated) for stop in until):
+                break
+        return generated

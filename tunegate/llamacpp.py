@@ -117,13 +117,38 @@ def quantize(src: Path, out: Path, kind: str, threads: int | None = None) -> Non
         raise UserError(f"llama.cpp could not quantise {src} to {kind}")
 
 
-def open_gguf(path: Path, n_ctx: int, seed: int = 0, logits_all: bool = True):
-    """A GGUF loaded by llama.cpp on the CPU (all cores), quietly."""
+_LOG_CALLBACK: list[Any] = []  # the ctypes callback must outlive every call llama.cpp makes to it
+
+
+def _route_logs() -> None:
+    """llama.cpp's own messages (it prints them to stderr) go to the `llama.cpp` logger instead: the stage's log
+    file, not the console."""
+    import ctypes
+
     import llama_cpp
 
+    if _LOG_CALLBACK:
+        return
+    logger = logging.getLogger("llama.cpp")
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            logger.log(logging.ERROR if level == 3 else logging.DEBUG, "%s", message)
+
+    _LOG_CALLBACK.append(callback)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def open_gguf(path: Path, n_ctx: int = 0, seed: int = 0, logits_all: bool = True):
+    """A GGUF loaded by llama.cpp on the CPU (all cores), quietly; n_ctx 0 is the model's own context length."""
+    import llama_cpp
+
+    _route_logs()
     try:
         return llama_cpp.Llama(
-            str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, seed=seed, verbose=False,
+            str(path), n_ctx=n_ctx, n_batch=n_ctx or 512, logits_all=logits_all, seed=seed, verbose=False,
             n_threads=os.cpu_count(), n_gpu_layers=0,
         )  # fmt: skip
     except ValueError as err:

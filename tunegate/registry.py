@@ -545,4 +545,4 @@ def fetch_export(c, name: str, ref: str, fmt: str, dest: Path) -> dict[str, Any]
         )
     files = sorted(rel for rel in record["files"] if (dest / rel).is_file())
     return {"version": str(v.version), "format": fmt, "folder": str(dest), "files": files,
-            "checked": v.tags.get(EXPORTS, ""), "commands": commands(record, str(dest))}  # fmt: skip
+            "checked": v.tags.get(EXPORTS, ""), "commands": commands(record, str(dest), only=fmt)}  # fmt: skip

@@ -79,8 +79,6 @@ def _transformers_reply(c, name: str, ref: str, scratch: Path, max_tokens: int):
 
 
 def _llama_cpp_reply(c, name: str, ref: str, scratch: Path, max_tokens: int):
-    import numpy as np
-
     from tunegate.gguf_lm import GGUFModel
     from tunegate.registry import fetch_export
 
@@ -88,17 +86,11 @@ def _llama_cpp_reply(c, name: str, ref: str, scratch: Path, max_tokens: int):
     ggufs = [f for f in got["files"] if f.endswith(".gguf")]
     if not ggufs:
         raise UserError(f"{name} v{got['version']}: its export holds no GGUF file")
-    lm = GGUFModel(scratch / ggufs[-1], None, max_length=4096, max_gen_toks=max_tokens)
-    lm.max_length = lm.llm.n_ctx() - 1
+    lm = GGUFModel(scratch / ggufs[-1], None, max_length=None, max_gen_toks=max_tokens)
 
     def answer(history: list[dict[str, str]]) -> str:
-        ids = lm._encode(lm.apply_chat_template(history))[-(lm.max_length - max_tokens) :]
-        generated: list[int] = []
-        for _ in range(max_tokens):
-            nxt = int(np.argmax(lm._logits(ids + generated)[-1]))
-            if nxt == lm.eos_id:
-                break
-            generated.append(nxt)
-        return lm._decode(generated).strip()
+        room = min(max_tokens, lm.max_length // 2)
+        ids = lm.tokens(lm.apply_chat_template(history))[-(lm.max_length - room) :]
+        return lm.text(lm.greedy(ids, room)).strip()
 
     return answer
