@@ -19,7 +19,14 @@ from tunegate.adapters import ADAPTERS
 pytestmark = pytest.mark.slow
 
 SHORT = {"train.args.max_steps": 16, "train.args.warmup_steps": 2, "train.args.save_steps": 1000}
-SHORT |= {"train.args.eval_steps": 1000}
+SHORT |= {"train.args.eval_steps": 1000, "export.formats": ["merged", "gguf"], "export.gguf": ["f16"]}
+MERGED_SCRIPT = (  # plain transformers, no PEFT, no tunegate: what any runtime that reads safetensors does
+    "import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]); tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+    "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where is order 12345?'}],"
+    " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+    "print(model.generate(**ids, max_new_tokens=8, do_sample=False).shape[1] - ids['input_ids'].shape[1])\n"
+)
 
 
 def load_script() -> str:
@@ -83,6 +90,16 @@ def test_each_adapter_kind_is_registered_fetched_and_loaded_elsewhere(project, t
         assert (got["base"] is None) is (got["adapter"] is None) is (not ADAPTERS[kind].peft)
         loaded = json.loads(sh(teammate, sys.executable, "-c", load_script(), json.dumps(got)).stdout.splitlines()[-1])
         assert loaded["peft"] is ADAPTERS[kind].peft and loaded["new_tokens"] >= 1
+
+        # every kind ships merged weights that answer exactly like the candidate, and a GGUF, both gate-checked
+        verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+        exported = {c["against"]: c for c in verdict["checks"] if c["role"] == "export"}
+        assert {a.split(" ")[1] for a in exported} == {"merged", "gguf-f16"}
+        assert all(c["changed"] == 0 for a, c in exported.items() if a == "export merged"), exported
+        assert tags["exports"] == "merged,gguf-f16" and len(tags["export_sha256"]) == 64
+        out = sh(teammate, "tunegate", "fetch", "1", "--format", "merged", "--to", "shipped").stdout
+        assert "sha256 checked" in out and 'from_pretrained("shipped/merged")' in out, out
+        assert int(sh(teammate, sys.executable, "-c", MERGED_SCRIPT, "shipped/merged").stdout.split()[-1]) >= 1
     finally:
         if away.exists():
             away.rename(base)

@@ -13,7 +13,7 @@ from tests.e2e.conftest import edit_params, sh
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["base", "validate", "dedup", "mix", "train", "eval_base", "eval_candidate", "gate", "register"]
+STAGES = "base validate dedup mix train eval_base eval_candidate export eval_export gate register".split()
 
 
 def ran(output: str) -> list[str]:

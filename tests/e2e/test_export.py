@@ -1,0 +1,107 @@
+"""What ships is what was gated: the demo's default run exports merged weights, GGUF f16 and q8_0 and an Ollama
+Modelfile, scores each through its runtime (transformers, llama.cpp), and the gate compares them with the
+candidate item by item; the champion comes back with `tunegate fetch --format gguf` and answers in llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.e2e.conftest import sh
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = {"merged", "gguf-f16", "gguf-q8_0"}
+
+
+def _checks(project) -> dict[str, list[dict]]:
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    by: dict[str, list[dict]] = {}
+    for c in verdict["checks"]:
+        if c["role"] == "export":
+            by.setdefault(c["against"].removeprefix("export "), []).append(c)
+    return by
+
+
+def test_every_artifact_is_checked_by_the_gate_and_answers_like_the_candidate(project):
+    log = (project / "first_repro.log").read_text()
+    assert "Running stage 'export'" in log and "Running stage 'eval_export'" in log
+    checks = _checks(project)
+    assert set(checks) == ARTIFACTS
+    policy_checks = 4  # every check of evals/gates.yaml, for every artifact
+    assert all(len(found) == policy_checks and all(c["passed"] for c in found) for found in checks.values()), checks
+    # merged weights and f16 compute what the candidate computed: not one item changes on the demo
+    assert all(c["changed"] == 0 for name in ("merged", "gguf-f16") for c in checks[name])
+    assert sum(c["changed"] for c in checks["gguf-q8_0"]) <= 5
+    for name in ARTIFACTS:
+        results = json.loads((project / f"reports/eval_export/{name}/results.json").read_text())
+        assert results.get("tokenizer_mismatches", 0) == 0
+    lines = [line for line in log.splitlines() if "PASS export" in line]
+    assert len(lines) == 12 and all("changed)" in line for line in lines)
+
+
+def test_the_version_records_the_exports_and_their_sha256(project):
+    from tunegate.export import verify
+    from tunegate.io import read_json, sha256_file
+    from tunegate.registry import client, resolve_version
+
+    c = client(f"sqlite:///{project / 'mlflow.db'}")
+    v = resolve_version(c, "tunegate-demo", "champion")
+    assert v.tags["exports"] == "merged,gguf-f16,gguf-q8_0"
+    assert v.tags["export_sha256"] == sha256_file(project / "models/export/export.json")
+    assert "**Exports**: merged,gguf-f16,gguf-q8_0" in v.description
+    record = read_json(project / "models/export/export.json")
+    assert verify(project / "models/export", record) == []
+    assert record["formats"] == ["merged", "gguf", "ollama"] and record["gguf"] == ["f16", "q8_0"]
+
+
+def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ticket(project, tmp_path):
+    out = sh(project, "tunegate", "fetch", "champion", "--format", "ollama", "--to", str(tmp_path / "f")).stdout
+    assert "sha256 checked" in out and "ollama create tunegate-demo -f" in out, out
+    assert (tmp_path / "f/gguf/model-q8_0.gguf").is_file() and (tmp_path / "f/ollama/Modelfile").is_file()
+    message = "I want my money back for the lamp, order 51973."
+    answer = sh(project, "tunegate", "chat", "champion", "--format", "gguf", "-m", message).stdout.strip()
+    ticket = json.loads(answer.splitlines()[-1])
+    assert set(ticket) == {"intent", "order_id", "product", "urgency"} and ticket["intent"] == "refund", answer
+    # a GGUF altered in the artifact store is named, not loaded
+    (stored,) = list((project / "mlartifacts").rglob("export/gguf/model-q8_0.gguf"))
+    original = stored.read_bytes()
+    try:
+        stored.write_bytes(original[:-1] + b"x")
+        args = ("tunegate", "fetch", "champion", "--format", "gguf", "--to", str(tmp_path / "g"))
+        failed = sh(project, *args, check=False)
+        assert failed.returncode == 2 and "gguf/model-q8_0.gguf (sha256 differs)" in failed.stderr, failed.stderr
+    finally:
+        stored.write_bytes(original)
+
+
+def test_an_export_that_lost_its_chat_template_fails_the_gate(project, tmp_path):
+    """A GGUF converted without the chat template (what a conversion that drops tokenizer_config.json gives):
+    llama.cpp renders with its default ChatML, the demo model has never seen it, and the export check fails
+    with the number of items that changed."""
+    from tunegate.config import load_config
+    from tunegate.evaluation import evaluate_lm, load_samples, task_set
+    from tunegate.gate import decide, load_policy
+    from tunegate.gguf_lm import GGUFModel
+    from tunegate.llamacpp import convert
+    from tunegate.models import load_manifest
+
+    staged = tmp_path / "no-template"
+    shutil.copytree(project / "models/export/merged", staged)
+    (staged / "chat_template.jinja").unlink()
+    convert(staged, tmp_path / "broken.gguf", "f16")
+    cfg = load_config(project / "params.yaml")
+    tasks = task_set(cfg.eval.model_copy(update={"tasks": ["support_gen"]}), project / "evals/tasks")
+    lm = GGUFModel(tmp_path / "broken.gguf", None, 127, cfg.eval.max_gen_toks, cfg.seed)
+    manifest = load_manifest(project / "models/base")
+    one_task = cfg.eval.model_copy(update={"tasks": ["support_gen"]})
+    evaluate_lm(one_task, lm, tasks, manifest, tmp_path / "eval", cfg.seed, "broken", {}, 0.0)
+    candidate = load_samples(project / "reports/eval_candidate")
+    policy = load_policy(project / "evals/gates.yaml")
+    verdict = decide(candidate, candidate, policy, 500, 0, exports={"gguf-f16": load_samples(tmp_path / "eval")})
+    broken = [c for c in verdict["checks"] if c["against"] == "export gguf-f16" and c["task"] == "support_gen"]
+    assert len(broken) == 1 and not broken[0]["passed"] and broken[0]["changed"] > 100, broken
+    assert "export gguf-f16" in " ".join(verdict["failed"])
+    assert "answers differently from the candidate" in broken[0]["why"]
