@@ -11,7 +11,7 @@ export GX_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup demo test test-fast bench clean-outputs mutation postgres
+.PHONY: setup setup-export demo demo-gguf test test-fast bench clean-outputs mutation postgres
 
 # llama-cpp-python has no wheel on PyPI: pip builds it from its sdist once (about 3 minutes on 2 cores) and
 # caches the wheel. A portable x86-64 build (AVX2; no -march=native, whose AMX kernels crash on small
@@ -23,19 +23,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray,team]"
+	touch $@
+
+$(VENV)/.export: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray,team,export]"
 	$(BIN)/python -m tunegate.llamacpp
 	touch $@
 
 setup: $(VENV)/.installed
 
+# llama.cpp for export.formats gguf / ollama and the GGUF export check (docs/export.md)
+setup-export: $(VENV)/.export
+
 demo: setup
 	dvc repro
 
-test: setup postgres
+# The demo with GGUF files and an Ollama Modelfile too, each checked in llama.cpp by the gate.
+demo-gguf: setup-export
+	dvc exp run -S 'export.formats=[merged,gguf,ollama]'
+
+test: setup setup-export postgres
 	pytest
 
 # The edit loop: unit tests only (no pipeline runs, no servers, no Ray or multi-process training), a few minutes.
-test-fast: setup
+test-fast: setup setup-export
 	pytest -m "not slow and not heavy"
 
 # The team tests (tests/e2e/test_team.py) start a real PostgreSQL: its server binaries come from the OS

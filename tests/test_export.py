@@ -190,6 +190,23 @@ def test_pre_tokenizer_is_read_from_the_structure_only_where_it_is_unambiguous(e
     split = {"type": "Sequence", "pretokenizers": [{"type": "Split"}, doc["pre_tokenizer"]]}
     assert pre_tokenizer_of({**doc, "pre_tokenizer": split}) is None
     assert pre_tokenizer_of({**doc, "model": {"type": "Unigram"}}) is None
+    # Qwen2's own layout: NFC, then its split regex, then byte-level without GPT-2's split
+    qwen_regex = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    )
+    qwen = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": qwen_regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ],
+    }
+    assert pre_tokenizer_of({**doc, "normalizer": {"type": "NFC"}, "pre_tokenizer": qwen}) == "qwen2"
+    llama3 = json.loads(json.dumps(qwen).replace("p{N}|", "p{N}{1,3}|"))
+    assert pre_tokenizer_of({**doc, "pre_tokenizer": llama3}) == "llama-bpe"
+    other = json.loads(json.dumps(qwen).replace("p{N}|", "p{N}+|"))
+    assert pre_tokenizer_of({**doc, "pre_tokenizer": other}) is None
 
 
 def test_vllm_refuses_what_its_lora_loader_cannot_load():

@@ -245,7 +245,7 @@ class Export(_Section):
     """What the `export` stage writes (tunegate.export) and the export check scores."""
 
     formats: list[Literal["merged", "gguf", "ollama", "vllm"]] = Field(
-        ["merged", "gguf", "ollama"],
+        ["merged"],
         description="merged safetensors, GGUF files, an Ollama Modelfile, vLLM's adapter layout",
     )
     gguf: list[str] = Field(["f16", "q8_0"], min_length=1, description="GGUF types: f16, bf16, q8_0, q4_k_m, ...")

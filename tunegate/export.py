@@ -190,9 +190,7 @@ def preflight(source: Source, formats: list[str], gguf_types: list[str]) -> None
     try:
         import llama_cpp  # noqa: F401 - the quantiser and the export check need the binding
     except ImportError:
-        raise UserError(
-            "llama-cpp-python is not installed: make setup installs it (pip install -e '.[export]')"
-        ) from None
+        raise UserError("llama-cpp-python is not installed: `make setup-export` (pip install -e '.[export]')") from None
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "in"
         probe.mkdir()

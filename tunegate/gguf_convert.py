@@ -19,19 +19,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# GPT-2's split regex as tokenizers writes it in tokenizer.json when ByteLevel(use_regex=True).
+# Byte-level BPE with GPT-2's own split (tokenizers' ByteLevel(use_regex=True)).
 _GPT2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+# Byte-level BPE after an explicit split regex, as tokenizer.json writes it: the regexes llama.cpp implements
+# under these names (src/llama-vocab.cpp quotes the same originals). Qwen2's and Llama 3's tokenizers carry
+# an NFC normaliser, which llama.cpp's implementation of them does not apply either.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_SPLITS = {_WORDS + r"\p{N}" + _REST: "qwen2", _WORDS + r"\p{N}{1,3}" + _REST: "llama-bpe"}
 
 
 def pre_tokenizer_of(tokenizer_json: dict[str, Any]) -> str | None:
     """llama.cpp's name of the pre-tokenizer a tokenizer.json describes, where its structure says so
-    unambiguously (no normaliser, byte-level BPE with GPT-2's split); None otherwise."""
+    unambiguously (byte-level BPE with GPT-2's split and no normaliser, or with Qwen2's or Llama 3's split
+    regex); None otherwise."""
     model = tokenizer_json.get("model") or {}
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or tokenizer_json.get("normalizer") is not None:
+    normalizer = tokenizer_json.get("normalizer")
+    if model.get("type") != "BPE":
         return None
-    if {k: pre.get(k) for k in _GPT2} == _GPT2 and pre.get("trim_offsets", True):
+    if normalizer is None and {k: pre.get(k) for k in _GPT2} == _GPT2 and pre.get("trim_offsets", True):
         return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(parts) != 2 or normalizer not in (None, {"type": "NFC"}):
+        return None
+    split, byte_level = parts
+    plain_split = split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
+    if plain_split and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False:
+        return _SPLITS.get((split.get("pattern") or {}).get("Regex"))
     return None
 
 

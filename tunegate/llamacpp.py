@@ -3,10 +3,10 @@
 Everything comes from one pinned release, llama-cpp-python (`LLAMA_CPP_PYTHON`): the Python binding and
 library are built from its source distribution by pip (once per machine; pip caches the wheel), and the
 converter (`convert_hf_to_gguf.py` with its `conversion/` and `gguf-py/` packages) is unpacked from the
-very same sdist into the environment by `python -m tunegate.llamacpp` (what `make setup` runs). Nothing
+very same sdist into the environment by `python -m tunegate.llamacpp` (what `make setup-export` runs). Nothing
 is downloaded at run time.
 
-    python -m tunegate.llamacpp              # unpack the converter into <venv>/share/llama.cpp
+    python -m tunegate.llamacpp              # unpack the converter into <venv>/share/llama.cpp (make setup-export)
     TUNEGATE_LLAMA_CPP=~/src/llama.cpp       # or use a llama.cpp checkout of one's own
 
 `GGUFModel` is what the export check scores a GGUF with: the file loaded by llama.cpp, prompts rendered
@@ -50,7 +50,7 @@ def converter_dir() -> Path:
     folder = Path(os.environ.get(CONVERTER_ENV) or Path(sys.prefix) / "share" / "llama.cpp")
     if not (folder / "convert_hf_to_gguf.py").is_file():
         raise UserError(
-            f"llama.cpp's converter not found in {folder}: run `python -m tunegate.llamacpp` (make setup does) "
+            f"llama.cpp's converter not found in {folder}: `make setup-export` (or `python -m tunegate.llamacpp`) "
             f"or set {CONVERTER_ENV} to a llama.cpp checkout"
         )
     return folder

@@ -29,7 +29,7 @@ def export_version(c, name: str, ref: str, formats: list[str], gguf_types: list[
         got = fetch(c, name, ref, Path(scratch))
         full = got["model"] is not None
         manifest = {"model": got["base_model"], "path": got["model"] if full else got["base"]}
-        source = Source(manifest, Path(got["model"] if full else got["adapter"]), not full, name)
+        source = Source(manifest, _beside(got, Path(scratch) / "trained"), not full, name)
         record = run(source, formats, gguf_types, Path(out))
     v = c.get_model_version(name, got["version"])
     c.log_artifacts(v.run_id, str(out), artifact_path=EXPORT_ARTIFACTS)
@@ -37,6 +37,20 @@ def export_version(c, name: str, ref: str, formats: list[str], gguf_types: list[
     names = ",".join(f"{a['name']} (unchecked)" for a in record["artifacts"]) or ",".join(record["formats"])
     c.set_model_version_tag(name, got["version"], EXPORTS, names)
     return record | {"version": got["version"]}
+
+
+def _beside(got: dict[str, Any], folder: Path) -> Path:
+    """The fetched weights (adapter or full model) with the tokenizer MLflow keeps apart, in one folder as train
+    wrote it."""
+    import shutil
+
+    from tunegate.export import TOKENIZER_FILES
+
+    shutil.copytree(got["model"] or got["adapter"], folder)
+    for name in TOKENIZER_FILES:
+        if got["tokenizer"] and (Path(got["tokenizer"]) / name).is_file():
+            shutil.copy(Path(got["tokenizer"]) / name, folder / name)
+    return folder
 
 
 def _turns(lines: Iterable[str]) -> Iterator[str]:

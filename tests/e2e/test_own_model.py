@@ -194,3 +194,45 @@ def test_reproduce_restores_the_private_data_from_the_dvc_cache(own):
     assert (project.parent / "reproduced/data/my_tickets.jsonl").read_bytes() == (
         project / "data/my_tickets.jsonl"
     ).read_bytes()
+
+
+def test_a_registered_qwen2_chatml_version_exports_to_gguf_and_ollama_and_answers_alike(own, tmp_path):
+    """`tunegate export` on the registered version of another architecture and template: Qwen2 with ChatML goes
+    through llama.cpp's converter (its tokenizer's pre-tokenizer read from tokenizer.json), the Modelfile's
+    TEMPLATE is ChatML's turns, and llama.cpp scores the eval prompts as transformers does."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunegate.gguf_lm import GGUFModel
+
+    project, *_ = own
+    out = tmp_path / "shipped"
+    args = ("--formats", "merged,gguf,ollama", "--gguf", "f16", "--to", str(out))
+    printed = sh(project, "tunegate", "export", "1", *args).stdout
+    assert "ollama create tiny-qwen-my-tickets-gen -f" in printed, printed
+    modelfile = (out / "ollama/Modelfile").read_text()
+    assert 'eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    lm = GGUFModel(out / "gguf/model-f16.gguf", tokenizer, 255, 16)
+    for row in read_jsonl(project / "evals/data/my_tickets_gen.jsonl")[:5]:
+        text = lm.apply_chat_template([{"role": "user", "content": row["prompt"]}])
+        assert text == tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        ids = lm.tokens(text)
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+        got = lm._logits(ids).astype(np.float64)
+        got = got - got.max(-1, keepdims=True)
+        got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+        assert np.abs(got - reference).max() < 0.05
+    assert lm.tokenizer_mismatches == 0
+    from tunegate.registry import client, resolve_version
+
+    c = client(f"sqlite:///{project / 'mlflow.db'}")
+    assert "gguf-f16 (unchecked)" in resolve_version(c, "tiny-qwen-my-tickets-gen", "1").tags["exports"]
+    fetched = sh(project, "tunegate", "fetch", "1", "--format", "gguf", "--to", str(tmp_path / "again")).stdout
+    assert "sha256 checked" in fetched and (tmp_path / "again/gguf/model-f16.gguf").is_file()
