@@ -110,6 +110,7 @@ def quantize(src: Path, out: Path, kind: str, threads: int | None = None) -> Non
     """The f16 GGUF at src quantised to `kind` (llama.cpp's quantiser, as `llama-quantize` runs it)."""
     import llama_cpp
 
+    _route_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTISER_TYPES[kind]
     params.nthread = threads or os.cpu_count() or 1
@@ -131,11 +132,13 @@ def _route_logs() -> None:
         return
     logger = logging.getLogger("llama.cpp")
 
+    levels = {4: logging.ERROR, 3: logging.WARNING, 2: logging.INFO}  # ggml_log_level: 1 debug, 5 continuation
+
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         message = text.decode("utf-8", errors="replace").rstrip()
         if message:
-            logger.log(logging.ERROR if level == 3 else logging.DEBUG, "%s", message)
+            logger.log(levels.get(level, logging.DEBUG), "%s", message)
 
     _LOG_CALLBACK.append(callback)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
