@@ -616,11 +616,11 @@ def _report(m: dict[str, Any]) -> str:
 
 def main() -> None:
     def body() -> None:
-        from tunegate.consistency import data_problems
+        from tunegate.consistency import data_problems, export_problems
         from tunegate.models import load_manifest, load_tokenizer
 
         cfg = load_config()
-        if found := data_problems(cfg):  # before reading anything: DVC must see every source change
+        if found := data_problems(cfg) + export_problems(cfg):  # before reading anything (and before any training)
             raise UserError("; ".join(found))
         tokenizer = load_tokenizer(load_manifest(cfg.paths.base), cfg.base.trust_remote_code)
         out = Path(cfg.paths.validated)

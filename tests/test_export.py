@@ -263,3 +263,18 @@ def test_export_settings_are_checked_at_load():
         Export(gguf=["q3_xl"])
     with pytest.raises(ValidationError):
         Export(formats=["onnx"])
+
+
+def test_gguf_without_llama_cpp_is_refused_before_training(monkeypatch):
+    from tunegate.config import load_config
+    from tunegate.consistency import export_problems
+
+    cfg = load_config()
+    gguf = cfg.model_copy(update={"export": cfg.export.model_copy(update={"formats": ["merged", "gguf"]})})
+    assert export_problems(gguf) == [] and export_problems(cfg) == []
+    monkeypatch.setenv("TUNEGATE_LLAMA_CPP", "/nowhere")
+    assert export_problems(gguf) == [
+        "export.formats gguf/ollama: llama.cpp's converter not found in /nowhere: `make setup-export` (or "
+        "`python -m tunegate.llamacpp`) or set TUNEGATE_LLAMA_CPP to a llama.cpp checkout"
+    ]
+    assert export_problems(cfg) == []  # merged needs no llama.cpp

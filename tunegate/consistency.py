@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunegate.config import Config
+from tunegate.errors import UserError
 from tunegate.paths import DVC_YAML, Layout
 
 # The stage whose dependencies must cover every data source.
@@ -190,8 +191,25 @@ def length_warnings(cfg: Config) -> list[str]:
     return []
 
 
+def export_problems(cfg: Config) -> list[str]:
+    """GGUF and Ollama export need llama.cpp (binding and converter): said before training, not after it."""
+    import importlib.util
+
+    from tunegate.llamacpp import converter_dir
+
+    if not {"gguf", "ollama"} & set(cfg.export.formats):
+        return []
+    if importlib.util.find_spec("llama_cpp") is None:
+        return ["export.formats gguf/ollama: llama-cpp-python is not installed (`make setup-export`)"]
+    try:
+        converter_dir()
+    except UserError as err:
+        return [f"export.formats gguf/ollama: {err}"]
+    return []
+
+
 def problems(cfg: Config, root: Path | str = ".") -> list[str]:
-    return gate_problems(cfg, root) + data_problems(cfg, root)
+    return gate_problems(cfg, root) + data_problems(cfg, root) + export_problems(cfg)
 
 
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:

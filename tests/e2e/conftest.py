@@ -129,13 +129,9 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
     return dest
 
 
-# What `make demo-gguf` adds to the default params: the GGUF files and the Ollama Modelfile, checked in llama.cpp.
-WITH_GGUF = {"export.formats": ["merged", "gguf", "ollama"]}
-
-
 @pytest.fixture(scope="session")
 def project(tmp_path_factory) -> Path:
-    """The demo pipeline after one full `dvc repro` with the default params and GGUF export on (`make demo-gguf`).
+    """The demo pipeline after one full `dvc repro` with the default params.
 
     TUNEGATE_TEST_PROJECT=<folder> reuses a copy already built there (copy_project + `dvc repro`) while
     working on one end-to-end test; the tests change it, and put back what they change."""
@@ -143,9 +139,6 @@ def project(tmp_path_factory) -> Path:
     if reuse:
         return Path(reuse).resolve()
     path = copy_project(tmp_path_factory.mktemp("project"))
-    edit_params(path, **WITH_GGUF)
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "export gguf"]
-    subprocess.run(git, cwd=path, check=True, capture_output=True)
     started = time.time()
     proc = sh(path, "dvc", "repro")
     (path / "first_repro.log").write_text(proc.stdout + proc.stderr)

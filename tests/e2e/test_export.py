@@ -1,19 +1,35 @@
-"""What ships is what was gated: the demo's default run exports merged weights, GGUF f16 and q8_0 and an Ollama
-Modelfile, scores each through its runtime (transformers, llama.cpp), and the gate compares them with the
-candidate item by item; the champion comes back with `tunegate fetch --format gguf` and answers in llama.cpp."""
+"""What ships is what was gated: the demo with GGUF export on (`make demo-gguf`) exports merged weights, GGUF f16
+and q8_0 and an Ollama Modelfile, scores each through its runtime (transformers, llama.cpp), and the gate
+compares them with the candidate item by item; the champion comes back with `tunegate fetch --format gguf` and
+answers in llama.cpp."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 
-from tests.e2e.conftest import sh
+from tests.e2e.conftest import edit_params, sh
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = {"merged", "gguf-f16", "gguf-q8_0"}
+
+
+@pytest.fixture(scope="module")
+def shipped(project):
+    """The session's demo project with `export.formats: [merged, gguf, ollama]`: only export, eval_export, gate and
+    register re-run (the trained model is the same); the default outputs come back from DVC's run cache after."""
+    original = (project / "params.yaml").read_text()
+    edit_params(project, **{"export.formats": ["merged", "gguf", "ollama"]})
+    try:
+        proc = sh(project, "dvc", "repro")
+        yield project, proc.stdout + proc.stderr
+    finally:
+        (project / "params.yaml").write_text(original)
+        sh(project, "dvc", "repro")
 
 
 def _checks(project) -> dict[str, list[dict]]:
@@ -25,9 +41,10 @@ def _checks(project) -> dict[str, list[dict]]:
     return by
 
 
-def test_every_artifact_is_checked_by_the_gate_and_answers_like_the_candidate(project):
-    log = (project / "first_repro.log").read_text()
-    assert "Running stage 'export'" in log and "Running stage 'eval_export'" in log
+def test_every_artifact_is_checked_by_the_gate_and_answers_like_the_candidate(shipped):
+    project, log = shipped
+    ran = re.findall(r"Running stage '([\w-]+)'", log)
+    assert not {"base", "train", "eval_candidate"} & set(ran), ran  # the trained model is the one exported
     checks = _checks(project)
     assert set(checks) == ARTIFACTS
     policy_checks = 4  # every check of evals/gates.yaml, for every artifact
@@ -42,7 +59,8 @@ def test_every_artifact_is_checked_by_the_gate_and_answers_like_the_candidate(pr
     assert len(lines) == 12 and all("changed)" in line for line in lines)
 
 
-def test_the_version_records_the_exports_and_their_sha256(project):
+def test_the_version_records_the_exports_and_their_sha256(shipped):
+    project, _ = shipped
     from tunegate.export import verify
     from tunegate.io import read_json, sha256_file
     from tunegate.registry import client, resolve_version
@@ -57,7 +75,8 @@ def test_the_version_records_the_exports_and_their_sha256(project):
     assert record["formats"] == ["merged", "gguf", "ollama"] and record["gguf"] == ["f16", "q8_0"]
 
 
-def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ticket(project, tmp_path):
+def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ticket(shipped, tmp_path):
+    project, _ = shipped
     out = sh(project, "tunegate", "fetch", "champion", "--format", "ollama", "--to", str(tmp_path / "f")).stdout
     assert "sha256 checked" in out and "ollama create tunegate-demo -f" in out, out
     assert (tmp_path / "f/gguf/model-q8_0.gguf").is_file() and (tmp_path / "f/ollama/Modelfile").is_file()
@@ -66,7 +85,10 @@ def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ti
     ticket = json.loads(answer.splitlines()[-1])
     assert set(ticket) == {"intent", "order_id", "product", "urgency"} and ticket["intent"] == "refund", answer
     # a GGUF altered in the artifact store is named, not loaded
-    (stored,) = list((project / "mlartifacts").rglob("export/gguf/model-q8_0.gguf"))
+    from tunegate.registry import client, resolve_version
+
+    run_id = resolve_version(client(f"sqlite:///{project / 'mlflow.db'}"), "tunegate-demo", "champion").run_id
+    (stored,) = list((project / "mlartifacts").rglob(f"{run_id}/artifacts/export/gguf/model-q8_0.gguf"))
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[:-1] + b"x")
@@ -77,7 +99,7 @@ def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ti
         stored.write_bytes(original)
 
 
-def test_an_export_that_lost_its_chat_template_fails_the_gate(project, tmp_path):
+def test_an_export_that_lost_its_chat_template_fails_the_gate(shipped, tmp_path):
     """A GGUF converted without the chat template (what a conversion that drops tokenizer_config.json gives):
     llama.cpp renders with its default ChatML, the demo model has never seen it, and the export check fails
     with the number of items that changed."""
@@ -88,6 +110,7 @@ def test_an_export_that_lost_its_chat_template_fails_the_gate(project, tmp_path)
     from tunegate.llamacpp import convert
     from tunegate.models import load_manifest
 
+    project, _ = shipped
     staged = tmp_path / "no-template"
     shutil.copytree(project / "models/export/merged", staged)
     (staged / "chat_template.jinja").unlink()

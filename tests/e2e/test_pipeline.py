@@ -71,7 +71,7 @@ def test_default_gate_passes_target_and_general(project):
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
     assert verdict["passed"], verdict["lines"]
     roles = {c["role"] for c in verdict["checks"] if c["passed"]}
-    assert roles == {"general", "target"}
+    assert roles == {"general", "target", "export"}  # the default export (merged) answers like the candidate
 
 
 # The gate-outcome table of docs/performance.md: its score columns, and the (task, metric) each one quotes
@@ -172,7 +172,7 @@ def test_forgetting_profile_is_blocked(project):
     edit_params(project, **{"mix.general_ratio": 0.0, "train.args.learning_rate": 0.005, "train.args.max_steps": 400})
     try:
         proc = sh(project, "dvc", "repro")
-        assert ran(proc.stdout) == ["mix", "train", "eval_candidate", "gate", "register"]  # eval_base is cached
+        assert ran(proc.stdout) == ["mix", "train", "eval_candidate", "export", "eval_export", "gate", "register"]
         verdict = json.loads((project / "reports/gate/verdict.json").read_text())
         failed_roles = {c["role"] for c in verdict["checks"] if not c["passed"]}
         assert not verdict["passed"] and failed_roles == {"general"}, verdict["lines"]
