@@ -55,7 +55,8 @@ def test_every_artifact_is_checked_by_the_gate_and_answers_like_the_candidate(sh
     for name in ARTIFACTS:
         results = json.loads((project / f"reports/eval_export/{name}/results.json").read_text())
         assert results.get("tokenizer_mismatches", 0) == 0
-    lines = [line for line in log.splitlines() if "PASS export" in line]
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    lines = [line for line in verdict["lines"] if line.startswith("PASS export")]
     assert len(lines) == 12 and all("changed)" in line for line in lines)
 
 
