@@ -85,6 +85,8 @@ def test_fetch_champion_gguf_and_llama_cpp_answers_a_support_message_with_the_ti
     answer = sh(project, "tunegate", "chat", "champion", "--format", "gguf", "-m", message).stdout.strip()
     ticket = json.loads(answer.splitlines()[-1])
     assert set(ticket) == {"intent", "order_id", "product", "urgency"} and ticket["intent"] == "refund", answer
+    in_transformers = sh(project, "tunegate", "chat", "champion", "-m", message).stdout.strip().splitlines()[-1]
+    assert json.loads(in_transformers) == ticket  # the same answer from the registered model in transformers
     # a GGUF altered in the artifact store is named, not loaded
     from tunegate.registry import client, resolve_version
 
