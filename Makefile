@@ -42,8 +42,11 @@ demo: setup
 demo-gguf: setup-export
 	dvc exp run -S 'export.formats=[merged,gguf,ollama]'
 
+# The unit tier on every core (a file's tests stay on one worker, so its fixtures are built once), then the
+# end-to-end tier, which shares one demo project across the session and runs on its own.
 test: setup setup-export postgres
-	pytest
+	pytest -m "not slow" -n $(shell nproc 2>/dev/null || echo 2) --dist loadfile
+	pytest -m slow
 
 # The edit loop: unit tests only (no pipeline runs, no servers, no Ray or multi-process training), a few minutes.
 test-fast: setup setup-export
