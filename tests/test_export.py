@@ -278,3 +278,30 @@ def test_gguf_without_llama_cpp_is_refused_before_training(monkeypatch):
         "`python -m tunegate.llamacpp`) or set TUNEGATE_LLAMA_CPP to a llama.cpp checkout"
     ]
     assert export_problems(cfg) == []  # merged needs no llama.cpp
+
+
+def test_gguf_scores_perplexity_windows_like_transformers(exported):
+    """loglikelihood_rolling: a text longer than the context, in lm-eval's disjoint windows, sums to the
+    log-probability transformers gives the same windows (to f16 rounding)."""
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunegate.gguf_lm import GGUFModel
+
+    tokenizer = AutoTokenizer.from_pretrained(exported["folder"] / "merged")
+    model = AutoModelForCausalLM.from_pretrained(exported["folder"] / "merged").eval()
+    lm = GGUFModel(exported["folder"] / "gguf/model-f16.gguf", tokenizer, max_length=32, max_gen_toks=8)
+    text = " ".join(PROMPTS * 4)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 64  # three windows or more
+    expected = 0.0
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, lm.eos_id, 32, 1)):
+        whole = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(whole).logits[0, :-1].double(), -1)
+        expected += float(logp[-len(cont) :].gather(1, torch.tensor(cont)[:, None]).sum())
+    request = Instance("loglikelihood_rolling", {}, (text,), 0)
+    (got,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    assert abs(got - expected) < 0.02 * abs(expected)

@@ -101,16 +101,29 @@ class GGUFModel(LM):
                 context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
             whole = self.tokens(context + continuation)
             cont = whole[len(self.tokens(context)) :] if context else whole
-            if not context:
-                whole = [self.eos_id, *whole]
-            window = whole[-(self.max_length + 1) :][:-1]
-            logp = _log_softmax(self._logits(window)[-len(cont) :].astype(np.float64))
-            picked = logp[np.arange(len(cont)), cont]
-            out.append((float(picked.sum()), bool((logp.argmax(axis=-1) == np.array(cont)).all())))
+            out.append(self._score(whole if context else [self.eos_id, *whole], cont))
         return out
 
+    def _score(self, whole: list[int], cont: list[int]) -> tuple[float, bool]:
+        """(log-probability of cont, the last tokens of whole, given what precedes it; whether it is greedy),
+        on the last max_length + 1 tokens, as lm-eval's hf model scores a request."""
+        window = whole[-(self.max_length + 1) :][:-1]
+        logp = _log_softmax(self._logits(window)[-len(cont) :].astype(np.float64))
+        picked = logp[np.arange(len(cont)), cont]
+        return float(picked.sum()), bool((logp.argmax(axis=-1) == np.array(cont)).all())
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        raise NotImplementedError("perplexity tasks are not scored on exported GGUF files")
+        """Perplexity tasks: each text in disjoint windows of max_length tokens, the first after the end-of-text
+        token, each later one with the token before it as context (lm-eval's own windowing, as `hf` does)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in tqdm(requests, desc="llama.cpp loglikelihood_rolling", disable=disable_tqdm, mininterval=5):
+            (text,) = req.args
+            windows = get_rolling_token_windows(self.tokens(text), self.eos_id, self.max_length, 1)
+            pairs = [make_disjoint_window(w) for w in windows]
+            out.append(sum(self._score(ctx + cont, cont)[0] for ctx, cont in pairs))
+        return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
