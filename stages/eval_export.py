@@ -26,10 +26,9 @@ from tunegate.runtime import record_timing, seed_everything, stage_main
 log = logging.getLogger(__name__)
 
 
-def _lm(cfg: Config, artifact: Artifact, folder: Path):
-    """lm-eval's model for one artifact, loaded from the exported files."""
-    from transformers import AutoTokenizer
-
+def _lm(cfg: Config, artifact: Artifact, folder: Path, n_ctx: int, reference: Any):
+    """lm-eval's model for one artifact, loaded from the exported files (a GGUF's tokenization is compared with
+    `reference`, the tokenizer training used)."""
     path = folder / artifact.path
     if artifact.runtime == "transformers":
         import torch
@@ -44,10 +43,7 @@ def _lm(cfg: Config, artifact: Artifact, folder: Path):
             trust_remote_code=cfg.base.trust_remote_code,
         )
     from tunegate.gguf_lm import GGUFModel
-    from tunegate.models import load_manifest as manifest_of
 
-    n_ctx = context_length(Path(manifest_of(Layout.of(cfg.paths).base)["path"]))
-    reference = AutoTokenizer.from_pretrained(str(Layout.of(cfg.paths).adapter))
     return GGUFModel(path, reference, n_ctx, cfg.eval.max_gen_toks, cfg.seed)
 
 
@@ -60,10 +56,16 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
         if not cfg.export.check:
             return out
         tasks = task_set(cfg.eval, layout.eval_tasks)
+        n_ctx = context_length(Path(manifest["path"]))
+        reference = None
+        if any(item["runtime"] == "llama.cpp" for item in record["artifacts"]):
+            from transformers import AutoTokenizer
+
+            reference = AutoTokenizer.from_pretrained(str(layout.adapter))
         for item in record["artifacts"]:
             artifact = Artifact(**item)
             started = time.perf_counter()
-            lm = _lm(cfg, artifact, layout.export)
+            lm = _lm(cfg, artifact, layout.export, n_ctx, reference)
             extra = {"artifact": artifact.name, "runtime": artifact.runtime}
             result = evaluate_lm(
                 cfg.eval, lm, tasks, manifest, tmp / artifact.name, cfg.seed, artifact.name, extra, started
