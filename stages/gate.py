@@ -2,10 +2,11 @@
 
     python -m stages.gate        # what dvc.yaml runs
 
-Writes verdict.json (one line per check with estimate and bounds), report.md and chart.png (base vs
-candidate per task with intervals). A failing gate does not stop `dvc repro`: `register` still
-records the candidate, tagged with the failed checks and without the champion alias, and the run
-ends with an unmissable FAILED banner (see docs/gate.md).
+Writes verdict.json (one line per check with estimate and bounds), flipped.json (per check, the items the
+candidate lost and won against its reference), report.md and report.html (tunegate.gate_report), chart.png
+(base vs candidate per task with intervals) and, with baselines, cost.png (quality against prompt tokens).
+A failing gate does not stop `dvc repro`: `register` still records the candidate, tagged with the failed
+checks and without the champion alias, and the run ends with an unmissable FAILED banner (see docs/gate.md).
 """
 
 from __future__ import annotations
@@ -14,20 +15,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tunegate.config import Gate, load_config
+from tunegate import gate_report
+from tunegate.config import load_config
 from tunegate.evaluation import load_samples
-from tunegate.gate import Policy, Samples, decide, load_policy
-from tunegate.io import atomic_path, sha256_file, write_json, write_text
-from tunegate.paths import CHART, REPORT, SAMPLES, VERDICT, Layout
+from tunegate.gate import Policy, Samples, decide, describe_baseline, flips, load_policy
+from tunegate.io import atomic_path, read_json, sha256_file, write_json, write_text
+from tunegate.paths import CHART, COST_CHART, COSTS, FLIPPED, REPORT, REPORT_HTML, SAMPLES, VERDICT, Layout
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
-
-
-def run(  # noqa: PLR0913 - the policy and each side's samples
-    cfg: Gate, policy: Policy, base: Samples, candidate: Samples, seed: int, exports: dict[str, Samples] | None = None
-) -> dict[str, Any]:
-    return decide(base, candidate, policy, cfg.bootstrap, seed, exports=exports)
 
 
 def exported_samples(folder: Path) -> dict[str, Samples]:
@@ -37,66 +33,51 @@ def exported_samples(folder: Path) -> dict[str, Samples]:
     return {sub.name: load_samples(sub) for sub in sorted(folder.iterdir()) if (sub / SAMPLES).is_dir()}
 
 
-def _chart(verdict: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    checks = [c for c in verdict["checks"] if c["against"] == "base" and c["n"]]
-    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.55 * len(checks)))
-    for y, c in enumerate(checks):
-        color = "tab:green" if c["passed"] else "tab:red"
-        ax.plot([c["reference"]], [y + 0.15], "o", color="grey", label="base" if y == 0 else None)
-        ax.errorbar(
-            [c["candidate"]],
-            [y - 0.15],
-            xerr=[[c["diff"] - c["lower"]], [c["upper"] - c["diff"]]],
-            fmt="o",
-            color=color,
-            capsize=4,
-            label="candidate (paired bounds)" if y == 0 else None,
-        )
-    ax.set_yticks(range(len(checks)), [f"{c['task']}/{c['metric']}\n({c['role']})" for c in checks])
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_xlabel("score")
-    ax.set_title(f"gate {'PASSED' if verdict['passed'] else 'FAILED'}: base vs candidate")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+def baseline_samples(folder: Path) -> tuple[dict[str, Samples], dict[str, dict[str, Any]]]:
+    """Per-sample outcomes of each baseline the eval_baselines stage scored, and their costs (none when absent)."""
+    costs = read_json(folder / COSTS) if (folder / COSTS).exists() else {}
+    return {name: load_samples(folder / name) for name in costs if (folder / name / SAMPLES).is_dir()}, costs
 
 
-def report(verdict: dict[str, Any]) -> str:
-    head = "PASSED" if verdict["passed"] else f"FAILED ({', '.join(verdict['failed'])})"
-    rows = [
-        "| check | role | base | candidate | diff | bounds | need | n | result |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def flipped(
+    verdict: dict[str, Any], policy: Policy, sides: dict[str, Samples], candidate: Samples
+) -> list[dict[str, Any]]:
+    """Per check of the verdict, the items the candidate lost and won against that check's reference. For an export
+    check the reference is the candidate and the artifact is on the candidate's side."""
+    checks = {(c.task, c.metric): c for c in policy.checks}
+    out = []
     for c in verdict["checks"]:
-        result = "pass" if c["passed"] else "FAIL: " + c["why"]
-        if not c["n"]:
-            rows.append(
-                f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} "
-                f"| – | – | – | – | {c['threshold']} | 0 | {result} |"
-            )
+        check = checks[(c["task"], c["metric"])]
+        against = c["against"]
+        if against.startswith("export "):
+            reference, side = candidate, sides.get(against.removeprefix("export "))
+        else:
+            reference, side = sides.get(against), candidate
+        if reference is None or side is None:
             continue
-        rows.append(
-            f"| {c['task']}/{c['metric']} vs {c['against']} | {c['role']} "
-            f"| {c['reference']:.3f} | {c['candidate']:.3f} | {c['diff']:+.3f} | "
-            f"[{c['lower']:+.3f}, {c['upper']:+.3f}] | {c['threshold']} | {c['n']} | {result} |"
+        out.append(
+            {
+                "check": f"{c['task']}/{c['metric']} vs {against}",
+                "task": c["task"],
+                "metric": c["metric"],
+                "against": against,
+                **flips(check, reference, side),
+            }
         )
-    return "\n".join(
-        [
-            f"# Gate {head}",
-            "",
-            f"Paired bootstrap, one-sided bounds at {verdict['confidence']:.0%}.",
-            "",
-            *rows,
-            "",
-            f"![base vs candidate]({CHART})",
-            "",
-        ]
+    return out
+
+
+def recommendation(verdict: dict[str, Any], costs: dict[str, dict[str, Any]]) -> str | None:
+    """When the candidate did not beat a baseline, the cheaper path named with its score and its cost."""
+    lost = [c for c in verdict["checks"] if not c["passed"] and c["against"] in costs and c["n"]]
+    if not lost:
+        return None
+    c = lost[0]
+    cost = costs[c["against"]]
+    return (
+        f"The cheaper path: {describe_baseline(c['against'])} gets {c['reference']:.3f} on {c['task']}/{c['metric']} "
+        f"(the candidate {c['candidate']:.3f}) with no training, at {cost['prompt_tokens']:.0f} prompt tokens per "
+        f"request against {cost['plain_prompt_tokens']:.0f}; ship that, or give the fine-tune what it lacks."
     )
 
 
@@ -105,15 +86,24 @@ def main() -> None:
         cfg = load_config()
         layout = Layout.of(cfg.paths)
         policy_path = Path(cfg.gate.policy)
+        policy = load_policy(policy_path)
         base, candidate = load_samples(layout.eval("base")), load_samples(layout.eval("candidate"))
         exports = exported_samples(layout.eval_export()) if cfg.export.check else {}
-        verdict = run(cfg.gate, load_policy(policy_path), base, candidate, cfg.seed, exports)
+        baselines, costs = baseline_samples(layout.eval_baselines())
+        verdict = decide(base, candidate, policy, cfg.gate.bootstrap, cfg.seed, exports=exports, baselines=baselines)
         verdict["policy_sha256"] = sha256_file(policy_path)
+        verdict["costs"] = costs
+        verdict["recommendation"] = recommendation(verdict, costs)
+        changed = flipped(verdict, policy, {"base": base, **baselines, **exports}, candidate)
         with atomic_path(layout.gate) as tmp:
             tmp.mkdir()
             write_json(tmp / VERDICT, verdict)
-            write_text(tmp / REPORT, report(verdict))
-            _chart(verdict, tmp / CHART)
+            write_json(tmp / FLIPPED, changed)
+            gate_report.chart(verdict, tmp / CHART)
+            if points := gate_report.cost_points(verdict, costs):
+                gate_report.cost_chart(points, tmp / COST_CHART)
+            write_text(tmp / REPORT, gate_report.markdown(verdict, changed, costs))
+            write_text(tmp / REPORT_HTML, gate_report.page(verdict, changed, costs, tmp))
         diffs = {
             f"{c['task']}.{c['metric']}.{c['against'].replace(' ', '_')}.diff": round(c["diff"], 4)
             for c in verdict["checks"]
@@ -122,6 +112,8 @@ def main() -> None:
         write_json(layout.metrics("gate"), {"passed": verdict["passed"], **diffs})
         for line in verdict["lines"]:
             log.info("%s", line)
+        if verdict["recommendation"]:
+            log.warning("%s", verdict["recommendation"])
 
     stage_main("gate", body)
 

@@ -26,18 +26,20 @@ from tunegate.adapters import ADAPTERS
 from tunegate.config import Config, flatten, load_config
 from tunegate.decisions import redact, redact_value
 from tunegate.errors import UserError
-from tunegate.evaluation import load_samples, read_samples
+from tunegate.evaluation import load_samples
 from tunegate.gate import Policy, Samples, decide, load_policy
 from tunegate.io import read_json, sha256_file, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.provenance import (
     ADAPTER,
     BASE_ARTIFACT,
+    BASE_EVAL_ARTIFACTS,
     BASE_FILES,
     BASE_MODEL,
     BASE_REVISION,
     CHAMPION_CHECK,
     DVC_LOCK_SHA,
+    EVAL_ARTIFACTS,
     EXPORT_ARTIFACTS,
     EXPORT_SHA,
     EXPORTS,
@@ -60,6 +62,7 @@ from tunegate.registry import (
     client,
     find_version,
     log_base,
+    logged_samples,
     move_champion,
     reachable,
     settle,
@@ -70,8 +73,6 @@ from tunegate.registry import (
 from tunegate.runtime import stage_main
 
 log = logging.getLogger(__name__)
-
-EVAL_ARTIFACTS = "eval/candidate_samples"  # the champion comparison of later candidates reads these
 
 
 def _log_curves(path: Path) -> None:
@@ -333,6 +334,7 @@ def _log_reports(cfg: Config, reports: list[Path]) -> None:
     import mlflow
 
     mlflow.log_artifacts(str(Layout.of(cfg.paths).eval("candidate") / SAMPLES), artifact_path=EVAL_ARTIFACTS)
+    mlflow.log_artifacts(str(Layout.of(cfg.paths).eval("base") / SAMPLES), artifact_path=BASE_EVAL_ARTIFACTS)
     with tempfile.TemporaryDirectory() as scratch:
         for path in reports:
             if path.is_dir():
@@ -412,7 +414,19 @@ def _decide(c, cfg: Config, cand: Candidate, version: str) -> dict[str, Any]:
         "champion_check": check["tag"],
         "lines": lines,
         "notes": notes,
+        "baselines": baseline_summary(cand.verdict),
     }
+
+
+def baseline_summary(verdict: dict[str, Any]) -> list[str]:
+    """One line per baseline: its score on every target check and its prompt tokens per request."""
+    costs = verdict.get("costs") or {}
+    out = []
+    for name, scores in (verdict.get("baselines") or {}).items():
+        tokens = costs.get(name, {}).get("prompt_tokens")
+        per_check = ", ".join(f"{key} {value:.3f}" for key, value in scores.items())
+        out.append(f"{name}: {per_check}" + (f" at {tokens:.0f} prompt tokens per request" if tokens else ""))
+    return out
 
 
 def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) -> dict[str, Any]:
@@ -457,13 +471,11 @@ def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) 
 
 def champion_samples(current) -> tuple[Samples, str | None]:
     """The per-sample outcomes logged with the champion's run, or the reason they cannot be had."""
-    import mlflow
 
     if not current.run_id:
         return {}, "registered outside a pipeline run"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=current.run_id, artifact_path=EVAL_ARTIFACTS))
-        samples = read_samples(local)
+        samples = logged_samples(current.run_id, EVAL_ARTIFACTS)
     except Exception as err:  # whatever the store says (missing, unreadable, bad JSON): stated, never skipped silently
         return {}, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'no detail'}"
     if not samples:
@@ -501,6 +513,12 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
         f"dvc.lock sha256 `{tags.get(DVC_LOCK_SHA, '')[:12]}`). **Load**: `tunegate fetch {result['version']}`"
         + ("." if ADAPTERS[cfg.train.adapter].peft else " (a full model: loads without its base)."),
     ]
+    if result.get("baselines"):
+        lines += [
+            "",
+            "**Baselines** (the base given the cheaper alternatives; the report lists the items that flipped):",
+        ]
+        lines += [f"- {line}" for line in result["baselines"]]
     if tags.get(EXPORTS):
         lines += [
             "",

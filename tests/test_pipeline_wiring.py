@@ -6,7 +6,9 @@ import yaml
 
 from tunegate.config import Config
 
-STAGES = "base validate dedup mix train eval_base eval_candidate export eval_export gate register".split()
+STAGES = (
+    "base validate dedup mix train eval_base eval_baselines eval_candidate export eval_export gate register".split()
+)
 
 
 def test_every_stage_is_wired(root):
@@ -18,9 +20,11 @@ def test_every_stage_is_wired(root):
         module = importlib.import_module(f"stages.{name}")
         assert callable(module.main), name
         assert (root / "stages" / f"{name}.py").exists()
-        # every stage but the two evals (which share the `eval` section) has a params section of its own name
+        # every stage but the evals (which share the `eval` section) has a params section of its own name, and
+        # eval_baselines has `baselines` besides
         if not name.startswith("eval_"):
             assert name in sections, f"params section {name!r} missing"
+        assert name != "eval_baselines" or "baselines" in stage["params"]
 
 
 def test_stage_deps_cover_their_module(root):

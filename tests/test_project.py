@@ -165,3 +165,30 @@ def test_scorers_read_the_references_own_keys():
     assert utils.chrf("the parcel", "the parcel left the depot") < utils.chrf(
         "the parcel left the depot today", "the parcel left the depot"
     )
+
+
+def test_the_starting_prompt_follows_the_answers():
+    rng = random.Random(0)
+    json_prompt = project.starting_prompt(answers(rng, 20), "json_fields")
+    assert "JSON object with the keys intent, order_id" in json_prompt
+    labels = project.starting_prompt(["billing", "shipping", "billing", "returns"], "exact")
+    assert labels == "Reply with exactly one of: billing, returns, shipping."
+    free = project.starting_prompt(["word " * 30, "word " * 40, "word " * 50], "chrf")
+    assert "about 40 words" in free
+
+
+def test_baselines_on_a_task_that_is_not_run_or_without_their_prompt_are_named(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["baselines"]["tasks"] = ["support_gen", "general_mc", "nowhere"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    (proj / "evals/prompt.md").unlink()
+    cfg = load_config(proj / "params.yaml")
+    found = consistency.baseline_problems(cfg, proj)
+    assert len(found) == 2 and "'nowhere' is not in eval.tasks" in found[0]
+    assert found[1].startswith("evals/prompt.md: missing; write the instructions")
+    assert consistency.baseline_warnings(cfg, proj) == [
+        "baselines.tasks: general_mc is not a target check in evals/gates.yaml; its baselines decide nothing"
+    ]
+    params["baselines"]["prompt"] = False
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    assert len(consistency.baseline_problems(load_config(proj / "params.yaml"), proj)) == 1

@@ -73,6 +73,7 @@ def _project_with_config_only(tmp_path: Path, train: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(train)
     params["gate"]["policy"] = str(ROOT / "evals/gates.yaml")
+    params["paths"]["prompt"] = str(ROOT / "evals/prompt.md")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 

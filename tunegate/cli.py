@@ -5,6 +5,7 @@
     tunegate status                # registered versions, gate verdicts, base revisions, champion
                                    # (registry commands work from any folder with --tracking-uri/--model)
     tunegate show VERSION          # the full provenance record of a version
+    tunegate diff A B              # the items that flipped between two versions (or `base`, a version's base)
     tunegate fetch [VERSION|ALIAS] # download a version (adapter + base, or a full model) anywhere, sha256-checked
     tunegate fetch champion --format gguf  # one exported format (merged, gguf, ollama, vllm), sha256-checked
     tunegate export VERSION        # export a registered version (merged, GGUF, Ollama, vLLM) and log it on it
@@ -335,6 +336,63 @@ def show(
             typer.echo(f"\n[{titles[group]}]")
             for key, value in groups[group]:
                 typer.echo(f"  {key:44} {value}")
+
+
+def diff_lines(result: dict, show: int) -> list[str]:
+    """Per task and metric: the two means, how many items were lost and won, and the first `show` of each."""
+
+    def clip(text) -> str:
+        text = " ".join(str(text if text is not None else "–").split())
+        return text if len(text) <= 140 else text[:140] + "…"
+
+    lines = [f"{result['a']} -> {result['b']}"]
+    for c in result["checks"]:
+        lines.append(
+            f"{c['task']}/{c['metric']}: {c['a']:.3f} -> {c['b']:.3f} (n={c['n']}; lost {len(c['lost'])}, "
+            f"won {len(c['won'])})"
+        )
+        for kind in ("lost", "won"):
+            for item in c[kind][:show]:
+                lines += [
+                    f"  {kind} doc {item['doc_id']}: {item['reference_score']:.3f} -> {item['candidate_score']:.3f}",
+                    f"    prompt:    {clip(item['prompt'])}",
+                    f"    reference: {clip(item['target'])}",
+                    f"    {result['a']}: {clip(item['reference_output'])}",
+                    f"    {result['b']}: {clip(item['candidate_output'])}",
+                ]
+            if len(c[kind]) > show:
+                lines.append(f"  … {len(c[kind]) - show} more {kind} (--show N, or --json FILE for all)")
+    return lines
+
+
+@app.command()
+def diff(  # noqa: PLR0913 - one parameter per command-line option
+    a: str = typer.Argument(..., help="version number or alias, or `base` / `base@VERSION` (a version's base)"),
+    b: str = typer.Argument("champion", help="version number or alias"),
+    task: str | None = typer.Option(None, "--task", help="only this task"),
+    show: int = typer.Option(5, "--show", help="items listed per task for each direction"),
+    json_out: Path | None = typer.Option(None, "--json", help="write every flipped item to this JSON file"),
+    params: Path | None = PARAMS,
+    tracking_uri: str | None = TRACKING,
+    model: str | None = MODEL,
+) -> None:
+    """The items that flipped from A to B (lost and won), with prompt, reference and both outputs, on every task
+    both were scored on."""
+    from tunegate.io import write_json
+    from tunegate.registry import diff as compare
+
+    try:
+        reg, c = _registry(params, tracking_uri, model)
+        result = compare(c, reg.model_name, a, b)
+        if task:
+            result["checks"] = [x for x in result["checks"] if x["task"] == task]
+            if not result["checks"]:
+                raise UserError(f"--task {task}: not scored on both {result['a']} and {result['b']}")
+    except UserError as err:
+        fail(err)
+    if json_out:
+        write_json(json_out, result)
+    typer.echo("\n".join(diff_lines(result, show)))
 
 
 @app.command()

@@ -44,6 +44,8 @@ class Paths(_Section):
     eval_base: str = "reports/eval_base"
     eval_candidate: str = "reports/eval_candidate"
     eval_export: str = "reports/eval_export"
+    eval_baselines: str = "reports/eval_baselines"
+    prompt: str = "evals/prompt.md"
     gate: str = "reports/gate"
     register_: str = Field("reports/register.json", alias="register")
     metrics: str = "metrics"
@@ -262,6 +264,31 @@ class Export(_Section):
         return list(dict.fromkeys(value))
 
 
+class Baselines(_Section):
+    """The base model given the cheaper alternatives to fine-tuning, scored on the target tasks (tunegate.baselines).
+
+    Each is one lm-eval run of the base: `prompt` (the instructions in paths.prompt as a system turn), `few_shot`
+    (k training rows drawn once, seeded), `retrieval` (per eval item, the k training rows most similar to its
+    prompt, BM25). The examples come from the deduplicated domain rows, never from the eval sets.
+    """
+
+    tasks: list[str] = Field([], description="the target tasks to run the baselines on; [] turns them off")
+    prompt: bool = Field(True, description="run the prompt baseline, and start every baseline with the prompt")
+    few_shot: int = Field(5, ge=0, description="examples drawn from the training rows; 0: no few-shot baseline")
+    retrieval: int = Field(5, ge=0, description="most similar training rows per item; 0: no retrieval baseline")
+
+    def names(self) -> list[str]:
+        """The baselines this section runs, by the name the gate's lines use."""
+        if not self.tasks:
+            return []
+        named = [
+            ("prompt", self.prompt),
+            (f"few_shot-{self.few_shot}", self.few_shot),
+            (f"retrieval-{self.retrieval}", self.retrieval),
+        ]
+        return [name for name, on in named if on]
+
+
 class Gate(_Section):
     policy: str = "evals/gates.yaml"
     bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples")
@@ -286,6 +313,7 @@ class Config(_Section):
     train: Train = Train()
     eval: Eval
     export: Export = Export()
+    baselines: Baselines = Baselines()
     gate: Gate = Gate()
     register_: Register = Field(Register(), alias="register")
 

@@ -208,9 +208,43 @@ def export_problems(cfg: Config) -> list[str]:
     return []
 
 
+def baseline_problems(cfg: Config, root: Path | str = ".") -> list[str]:
+    """The baselines run on tasks the candidate is scored on too (the gate pairs them), with their instructions."""
+    settings = cfg.baselines
+    if not settings.names():
+        return []
+    out = [
+        f"baselines.tasks: {task!r} is not in eval.tasks {list(cfg.eval.tasks)}; the gate pairs a baseline with "
+        "the candidate on the same items, so add it to eval.tasks or remove it"
+        for task in settings.tasks
+        if task not in cfg.eval.tasks
+    ]
+    prompt = Layout.of(cfg.paths, Path(root)).prompt
+    if settings.prompt and not prompt.is_file():
+        out.append(
+            f"{cfg.paths.prompt}: missing; write the instructions a user would give the base model instead of "
+            "training (the prompt baseline), or set baselines.prompt: false"
+        )
+    return out
+
+
+def baseline_warnings(cfg: Config, root: Path | str = ".") -> list[str]:
+    """A baseline task no target check reads: it costs eval time and decides nothing."""
+    from tunegate.gate import load_policy
+
+    if not cfg.baselines.names():
+        return []
+    targets = {c.task for c in load_policy(Path(root) / cfg.gate.policy).checks if c.role == "target"}
+    return [
+        f"baselines.tasks: {task} is not a target check in {cfg.gate.policy}; its baselines decide nothing"
+        for task in cfg.baselines.tasks
+        if task in cfg.eval.tasks and task not in targets
+    ]
+
+
 def problems(cfg: Config, root: Path | str = ".") -> list[str]:
-    return gate_problems(cfg, root) + data_problems(cfg, root) + export_problems(cfg)
+    return gate_problems(cfg, root) + data_problems(cfg, root) + export_problems(cfg) + baseline_problems(cfg, root)
 
 
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
-    return gate_warnings(cfg, root) + length_warnings(cfg)
+    return gate_warnings(cfg, root) + length_warnings(cfg) + baseline_warnings(cfg, root)

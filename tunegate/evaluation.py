@@ -50,15 +50,32 @@ def load_samples(eval_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return read_samples(Path(eval_dir) / SAMPLES)
 
 
+PROMPT_CHARS = 2000  # the tail of each item's prompt kept in the samples (where the question is)
+TEXT_CHARS = 300  # references and outputs kept in the samples
+
+
 def _per_sample(sample: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
-    row = {"doc_id": sample["doc_id"]}
+    """One item's outcome: its metrics, the prompt as the model saw it (rendered, tail), the reference and the
+    output (for multiple choice: the choice texts of the target and of the highest log-likelihood)."""
+    row: dict[str, Any] = {"doc_id": sample["doc_id"]}
     for m in metrics:
         value = sample.get(m)
         if isinstance(value, (int, float, bool)):
             row[m] = float(value)
+    args = [a for a in sample.get("arguments") or [] if isinstance(a, (list, tuple)) and a]
+    if args and isinstance(args[0][0], str):
+        row["prompt"] = args[0][0][-PROMPT_CHARS:]
     resp = sample.get("filtered_resps")
+    target = sample.get("target")
+    choices = [a[1] for a in args if len(a) > 1 and isinstance(a[1], str)]
     if resp and isinstance(resp[0], str):
-        row["output"] = resp[0][:200]
+        row["output"] = resp[0][:TEXT_CHARS]
+    elif choices and len(choices) == len(resp or []) and all(isinstance(r, (list, tuple)) and r for r in resp):
+        row["output"] = choices[max(range(len(resp)), key=lambda i: resp[i][0])][:TEXT_CHARS]
+    if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(choices):
+        target = choices[target]
+    if target is not None:
+        row["target"] = str(target)[:TEXT_CHARS]
     return row
 
 
@@ -81,7 +98,7 @@ def _tokenizer(path: Path, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
-def _base_tokenizer(pretrained: str, manifest: dict[str, Any], trust_remote_code: bool) -> Any:
+def base_tokenizer(pretrained: str, manifest: dict[str, Any], trust_remote_code: bool) -> Any:
     """The base's tokenizer as training saw it (with the default chat template if it has none)."""
     from tunegate.models import load_tokenizer
 
@@ -210,7 +227,7 @@ def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model
         )
     return HFLM(
         pretrained=pretrained,
-        tokenizer=str(adapter) if adapter else _base_tokenizer(pretrained, manifest, trust_remote_code),
+        tokenizer=str(adapter) if adapter else base_tokenizer(pretrained, manifest, trust_remote_code),
         peft=str(adapter) if adapter else None,
         batch_size=cfg.batch_size,
         max_length=None,

@@ -51,6 +51,15 @@ class ExportRule(BaseModel):
         return self.margins.get(artifact.removeprefix("gguf-"), self.default_margin)
 
 
+class BaselineRule(BaseModel):
+    """The candidate against the base given the cheaper alternatives (params.yaml `baselines:`): on every target
+    check it must beat the best baseline, paired item by item (lower bound > 0, gain >= min_gain)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    beat: bool = True
+    min_gain: float = Field(0.0, ge=0)
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     confidence: float = Field(0.95, gt=0.5, lt=1)
@@ -58,6 +67,7 @@ class Policy(BaseModel):
     checks: list[Check] = Field(min_length=1)
     champion: ChampionRule = ChampionRule()
     export: ExportRule = ExportRule()
+    baselines: BaselineRule = BaselineRule()
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ def _paired(ref: list[dict], cand: list[dict], metric: str) -> tuple[np.ndarray,
     return np.array([r[i] for i in common], dtype=float), np.array([c[i] for i in common], dtype=float)
 
 
-def judge(
+def judge(  # noqa: PLR0913 - the check, both sides, the policy's statistics and this reference's threshold
     check: Check,
     ref: Samples,
     cand: Samples,
@@ -114,8 +124,11 @@ def judge(
     seed: int,
     against: str = "base",
     margin: float | None = None,
+    min_gain: float | None = None,
 ) -> Outcome:
-    """One check: paired difference candidate - reference (sign flipped for lower-is-better metrics)."""
+    """One check: paired difference candidate - reference (sign flipped for lower-is-better metrics). Against the
+    base a target check asks for a gain, any other reference non-inferiority at `margin`; `min_gain` asks for a
+    gain against any reference (the baselines)."""
     a, b = _paired(ref.get(check.task, []), cand.get(check.task, []), check.metric)
     sign = 1.0 if check.direction == "higher" else -1.0
     n = len(a)
@@ -128,14 +141,16 @@ def judge(
     diffs = sign * (b - a)
     lower, upper = paired_bootstrap(diffs, check.confidence or policy.confidence, resamples, seed)
     diff = float(diffs.mean())
-    if check.role == "general" or against != "base":
+    improve = min_gain is not None or (check.role == "target" and against == "base")
+    gain = check.min_gain if min_gain is None else min_gain
+    if not improve:
         m = check.margin if margin is None else margin
         threshold, passed = f"lower >= {-m or 0.0:+.3f}", lower >= -m
         why = f"candidate may have lost up to {-lower:.3f} (margin {m:.3f})"
     else:
-        threshold = f"lower > 0 and diff >= {check.min_gain:.3f}"
-        passed = lower > 0 and diff >= check.min_gain
-        why = "no significant gain" if lower <= 0 else f"gain {diff:.3f} below min_gain {check.min_gain:.3f}"
+        threshold = f"lower > 0 and diff >= {gain:.3f}"
+        passed = lower > 0 and diff >= gain
+        why = "no significant gain" if lower <= 0 else f"gain {diff:.3f} below min_gain {gain:.3f}"
     if n < policy.min_items:
         passed, why = False, f"only {n} paired items (< min_items {policy.min_items}): too little evidence"
     return Outcome(
@@ -168,6 +183,47 @@ def judge_export(  # noqa: PLR0913 - judge's inputs plus the artifact
     return replace(outcome, role="export", changed=int((a != b).sum()), why=why)
 
 
+def describe_baseline(name: str) -> str:
+    """A baseline's name as the cheaper path it stands for, for verdict lines and recommendations."""
+    kind, _, k = name.partition("-")
+    if kind == "few_shot":
+        return f"prompting with {k} examples"
+    if kind == "retrieval":
+        return f"prompting with retrieval of {k} examples"
+    return "prompting with the instructions" if kind == "prompt" else name
+
+
+def _mean(samples: Samples, task: str, metric: str) -> float | None:
+    values = [s[metric] for s in samples.get(task, []) if metric in s]
+    return float(np.mean(values)) if values else None
+
+
+def judge_baselines(  # noqa: PLR0913 - judge's inputs plus every baseline's samples
+    check: Check, baselines: dict[str, Samples], candidate: Samples, policy: Policy, resamples: int, seed: int
+) -> Outcome | None:
+    """A target check against the best baseline on it (by mean; the first listed on a tie): the candidate must beat
+    it, paired item by item. None when no baseline scored the check's task."""
+    sign = 1.0 if check.direction == "higher" else -1.0
+    scored = {n: m for n, s in baselines.items() if (m := _mean(s, check.task, check.metric)) is not None}
+    if not scored:
+        return None
+    best = max(scored, key=lambda n: sign * scored[n])
+    outcome = judge(
+        check, baselines[best], candidate, policy, resamples, seed, best, min_gain=policy.baselines.min_gain
+    )
+    why = outcome.why and f"{outcome.why}; fine-tuning does not beat {describe_baseline(best)}"
+    return replace(outcome, why=why)
+
+
+def baseline_scores(baselines: dict[str, Samples], policy: Policy) -> dict[str, dict[str, float]]:
+    """Every baseline's mean on every check it scored: {name: {"task/metric": mean}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, samples in baselines.items():
+        means = {f"{c.task}/{c.metric}": _mean(samples, c.task, c.metric) for c in policy.checks}
+        out[name] = {key: round(value, 6) for key, value in means.items() if value is not None}
+    return out
+
+
 def decide(  # noqa: PLR0913 - the samples of every side the gate compares
     base: Samples,
     candidate: Samples,
@@ -176,10 +232,18 @@ def decide(  # noqa: PLR0913 - the samples of every side the gate compares
     seed: int = 0,
     champion: Samples | None = None,
     exports: dict[str, Samples] | None = None,
+    baselines: dict[str, Samples] | None = None,
 ) -> dict[str, Any]:
-    """The verdict: every check against the base, target checks against the champion if asked, and every check
-    of each exported artifact against the candidate."""
+    """The verdict: every check against the base, target checks against the best baseline and the champion if
+    asked, and every check of each exported artifact against the candidate."""
     outcomes = [judge(c, base, candidate, policy, resamples, seed) for c in policy.checks]
+    if baselines and policy.baselines.beat:
+        against = (
+            judge_baselines(c, baselines, candidate, policy, resamples, seed)
+            for c in policy.checks
+            if c.role == "target"
+        )
+        outcomes += [o for o in against if o is not None]
     if champion is not None and policy.champion.beat_on_target:
         outcomes += [
             judge(c, champion, candidate, policy, resamples, seed, "champion", policy.champion.margin)
@@ -194,6 +258,7 @@ def decide(  # noqa: PLR0913 - the samples of every side the gate compares
         "confidence": policy.confidence,
         "checks": [asdict(o) for o in outcomes],
         "exports": sorted(exports or {}),
+        "baselines": baseline_scores(baselines or {}, policy),
         "lines": [o.line() for o in outcomes],
     }
 
@@ -225,3 +290,29 @@ def load_policy(path: Path) -> Policy:
         e = err.errors()[0]
         more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise UserError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}{more}") from None
+
+
+def flips(check: Check, reference: Samples, candidate: Samples) -> dict[str, list[dict[str, Any]]]:
+    """The items of one check whose outcome differs between reference and candidate, split into those the candidate
+    lost and won (by the check's direction), each with its prompt (the candidate's), reference answer and both
+    outputs, in doc_id order: what a reviewer reads first when a gate fails or passes narrowly."""
+    ref = {s["doc_id"]: s for s in reference.get(check.task, []) if check.metric in s}
+    cand = {s["doc_id"]: s for s in candidate.get(check.task, []) if check.metric in s}
+    sign = 1.0 if check.direction == "higher" else -1.0
+    out: dict[str, list[dict[str, Any]]] = {"lost": [], "won": []}
+    for doc_id in sorted(ref.keys() & cand.keys()):
+        a, b = ref[doc_id][check.metric], cand[doc_id][check.metric]
+        if a == b:
+            continue
+        out["won" if sign * (b - a) > 0 else "lost"].append(
+            {
+                "doc_id": doc_id,
+                "prompt": cand[doc_id].get("prompt", ref[doc_id].get("prompt")),
+                "target": cand[doc_id].get("target", ref[doc_id].get("target")),
+                "reference_output": ref[doc_id].get("output"),
+                "candidate_output": cand[doc_id].get("output"),
+                "reference_score": a,
+                "candidate_score": b,
+            }
+        )
+    return out

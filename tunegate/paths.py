@@ -41,6 +41,10 @@ RESULTS = "results.json"  # eval_*/: scores per task
 SAMPLES = "samples"  # eval_*/: per-sample outcomes, one <task>.jsonl each (what the gate pairs)
 VERDICT = "verdict.json"  # gate/: every check with estimate and bounds
 CHART = "chart.png"  # gate/: base vs candidate with intervals
+COST_CHART = "cost.png"  # gate/: quality against prompt tokens per request, candidate and baselines
+REPORT_HTML = "report.html"  # gate/: the report with its charts inline and every flipped item
+FLIPPED = "flipped.json"  # gate/: per check, the items the candidate lost and won against its reference
+COSTS = "costs.json"  # eval_baselines/: prompt tokens per request of each baseline and of the plain prompt
 
 CHAIN_SFT_RESULT = "sft-result"  # checkpoints/train-<key>/: the SFT phase's adapter in sft+dpo
 CHAIN_SFT_CHECKPOINTS = "sft"  # checkpoints/train-<key>/: the SFT phase's checkpoints
@@ -151,6 +155,14 @@ class Layout:
     def eval_export(self, artifact: str | None = None) -> Path:
         folder = self._p(self.paths.eval_export)
         return folder / artifact if artifact else folder
+
+    def eval_baselines(self, name: str | None = None) -> Path:
+        folder = self._p(self.paths.eval_baselines)
+        return folder / name if name else folder
+
+    @property
+    def prompt(self) -> Path:
+        return self._p(self.paths.prompt)
 
     @property
     def checkpoints(self) -> Path:

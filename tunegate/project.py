@@ -13,7 +13,11 @@ What it writes, from what it reads:
   field by field against the reference's own keys (`json_fields`); short answers → `exact`; free text →
   `chrf` (and `rouge_l`). It stops generation at the template's end-of-turn text.
 - **A gate policy** `evals/gates.yaml`: the target check on that task, forgetting checks on general
-  tasks (lm-eval built-ins for real models: arc_easy, hellaswag; or any local task), champion rule.
+  tasks (lm-eval built-ins for real models: arc_easy, hellaswag; or any local task), champion rule, and
+  the rule that the candidate beats the baselines.
+- **Baselines** (params.yaml `baselines:`) on the target task, and `evals/prompt.md`, a starting prompt written
+  from the answers (their JSON keys, their labels or their length): the cheaper alternatives the fine-tune
+  must beat (docs/gate.md#baselines).
 - **params.yaml**: the base, the sources, settings for a real model (SFT lr 2e-4, DPO lr 5e-6, 2 epochs,
   LoRA r 16 / alpha 32 / dropout 0.05, gradient checkpointing above 1B parameters; bf16 and TF32 come
   with a CUDA device), `validate.max_tokens` and `train.args.max_length` covering your longest row
@@ -182,7 +186,30 @@ def policy_yaml(task: str, metric: str, general: list[tuple[str, str]], items: i
     ]
     lines += [f"  - {{task: {t}, metric: {m}, role: general, margin: 0.02}}" for t, m in general]
     lines += ["champion:", "  beat_on_target: true", "  margin: 0.01"]
+    lines += [
+        "# The candidate must also beat the base given the cheaper alternatives (params.yaml `baselines:`: the",
+        "# instructions in evals/prompt.md, few-shot and retrieved examples) on the target task: fine-tuning is",
+        "# justified only by what prompting cannot do. `beat: false` (or baselines.tasks: []) turns this off.",
+        "baselines:",
+        "  beat: true",
+        "  min_gain: 0.0",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def starting_prompt(answers: list[str], metric: str) -> str:
+    """The instructions of the prompt baseline, written from the held-out answers: the JSON keys they use, the labels
+    they choose from, or their typical length. A start: the user edits it as they would a production prompt."""
+    if metric == "json_fields":
+        keys = sorted(set.union(*(set(_json_object(a)) for a in answers)))
+        return f"Reply with one JSON object with the keys {', '.join(keys)}, and nothing else."
+    labels = sorted({a.strip() for a in answers})
+    if metric == "exact" and len(labels) <= LABEL_VALUES * 2:
+        return f"Reply with exactly one of: {', '.join(labels)}."
+    if metric == "exact":
+        return "Reply with the answer only, in a few words."
+    words = sorted(len(a.split()) for a in answers)[len(answers) // 2]
+    return f"Answer the user's message helpfully and concisely, in about {words} words."
 
 
 def add_validate_deps(text: str, paths: list[str]) -> str:
@@ -442,6 +469,7 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
         max_gen_toks=_round_up(answer_tokens + 8, 16),
         batch_size=8,
     )
+    _baselines(root, params, plan, held)
     params["register"]["model_name"] = _slug(f"{Path(model).name}-{held.task}").replace("_", "-")
     # merged weights are checked on the eval's device; GGUF is checked in llama.cpp on the CPU, which for a model
     # of billions of parameters takes hours: opted into (docs/export.md), or exported later with `tunegate export`
@@ -495,6 +523,18 @@ def _parameters(model: str) -> int:
         return Shape.from_config(json.loads(config.read_text())).params if config.exists() else 0
     except (OSError, json.JSONDecodeError, UserError):
         return 0
+
+
+def _baselines(root: Path, params: dict[str, Any], plan: Plan, held: _HeldOut) -> None:
+    """The baselines on the target task, and their starting prompt written from the held-out answers."""
+    params["baselines"] = {"tasks": [held.task], "prompt": True, "few_shot": 5, "retrieval": 5}
+    prompt_file = params.get("paths", {}).get("prompt", "evals/prompt.md")
+    write_text(root / prompt_file, starting_prompt(held.answers, held.metric) + "\n")
+    plan.written.append(prompt_file)
+    plan.lines.append(
+        f"baselines: the base with {prompt_file} (edit it: it is the prompt fine-tuning must beat), with 5 drawn "
+        "and with 5 retrieved training rows, on the target task"
+    )
 
 
 def summary(plan: Plan) -> str:

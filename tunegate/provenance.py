@@ -60,6 +60,8 @@ ROLLED_BACK = "rolled_back"  # when and why the champion was moved back from a v
 EXPORTS = "exports"  # the exported artifacts the gate checked: merged, gguf-f16, ...
 EXPORT_SHA = "export_sha256"  # sha256 of export.json, which lists every exported file with its sha256
 EXPORT_ARTIFACTS = "export"  # where a version's exported files are logged (runs:/<run>/export)
+EVAL_ARTIFACTS = "eval/candidate_samples"  # the version's per-sample outcomes: the champion comparison, `tunegate diff`
+BASE_EVAL_ARTIFACTS = "eval/base_samples"  # its base's, on the same items: `tunegate diff VERSION base`
 REGISTRATION = "registration"  # `started`, then `complete`: a cut-off registration is settled next time
 RUN_ID = "run_id"
 
@@ -129,6 +131,12 @@ def record(
             for m, v in metrics.items():
                 if m != "n":
                     tags[f"eval.{side}.{task}.{m}"] = v
+    costs = verdict.get("costs") or {}
+    for name, by_check in (verdict.get("baselines") or {}).items():
+        for check, value in by_check.items():
+            tags[f"eval.baseline.{name}.{check.replace('/', '.')}"] = value
+        if name in costs:
+            tags[f"eval.baseline.{name}.prompt_tokens"] = costs[name]["prompt_tokens"]
     tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
     return tags
 

@@ -513,6 +513,68 @@ def load(fetched: dict[str, Any], trust_remote_code: bool = False):
     return model, load_tokenizer({"path": fetched.get("tokenizer") or fetched["adapter"]}, trust_remote_code)
 
 
+def logged_samples(run_id: str, artifact_path: str) -> dict[str, list[dict[str, Any]]]:
+    """Per-sample outcomes logged on a run (`<task>.jsonl` files), downloaded to a temporary folder and read."""
+    import tempfile
+
+    import mlflow
+
+    from tunegate.evaluation import read_samples
+
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=scratch)
+        return read_samples(Path(local))
+
+
+def version_samples(c, name: str, ref: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
+    """(label, per-sample outcomes) of a version by number or alias, or of a version's base as `base` or
+    `base@VERSION` (the base's outcomes logged beside that version's: the champion's when no version is named)."""
+    from tunegate.provenance import BASE_EVAL_ARTIFACTS, EVAL_ARTIFACTS
+
+    side, _, of = ref.partition("@")
+    v = resolve_version(c, name, of or "champion") if side == "base" else resolve_version(c, name, ref)
+    artifact, label = (
+        (BASE_EVAL_ARTIFACTS, f"base (of v{v.version})") if side == "base" else (EVAL_ARTIFACTS, f"v{v.version}")
+    )
+    if not v.run_id:
+        raise UserError(f"{name} v{v.version}: registered outside a pipeline run; no per-sample outcomes logged")
+    try:
+        samples = logged_samples(v.run_id, artifact)
+    except Exception as err:  # whatever the store says (missing, unreadable): one line naming the version
+        detail = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise UserError(f"{name} v{v.version}: no {artifact} logged on its run ({detail})") from None
+    if not samples:
+        raise UserError(f"{name} v{v.version}: no <task>.jsonl under {artifact} (registered before they were logged?)")
+    return label, samples
+
+
+def diff(c, name: str, a: str, b: str) -> dict[str, Any]:
+    """Items that flipped from version (or base) `a` to `b`, per task and metric they share: means, lost and won."""
+    from tunegate.gate import Check, flips
+
+    label_a, first = version_samples(c, name, a)
+    label_b, second = version_samples(c, name, b)
+    out = []
+    for task in sorted(first.keys() & second.keys()):
+        metrics = sorted(
+            {k for row in first[task] for k, v in row.items() if k != "doc_id" and isinstance(v, float)}
+            & {k for row in second[task] for k, v in row.items() if k != "doc_id" and isinstance(v, float)}
+        )
+        for metric in metrics:
+            check = Check(task=task, metric=metric, role="target")
+            pair = {s["doc_id"]: s[metric] for s in first[task] if metric in s}
+            common = [s for s in second[task] if s["doc_id"] in pair and metric in s]
+            n = len(common)
+            mean_a = sum(pair[s["doc_id"]] for s in common) / n if n else 0.0
+            mean_b = sum(s[metric] for s in common) / n if n else 0.0
+            out.append(
+                {"task": task, "metric": metric, "n": n, "a": mean_a, "b": mean_b, **flips(check, first, second)}
+            )
+    if not out:
+        raise UserError(f"{label_a} and {label_b} share no task: nothing to compare")
+    return {"a": label_a, "b": label_b, "checks": out}
+
+
 def fetch_export(c, name: str, ref: str, fmt: str, dest: Path) -> dict[str, Any]:
     """One exported format of a registered version (merged, gguf, ollama with its GGUF, vllm) downloaded into dest,
     every file checked against export.json, and export.json against the sha256 recorded on the version."""

@@ -133,15 +133,23 @@ def test_init_writes_an_eval_a_policy_and_params_for_the_model_and_data(own):
         ("my_tickets_gen", "json_fields", "target"),
         ("general_mc", "acc", "general"),
     ]
+    assert params["baselines"] == {"tasks": ["my_tickets_gen"], "prompt": True, "few_shot": 5, "retrieval": 5}
+    assert policy["baselines"] == {"beat": True, "min_gain": 0.0}
+    prompt = (project / "evals/prompt.md").read_text()  # written from the answers' own keys
+    assert prompt.startswith("Reply with one JSON object with the keys ") and "urgency" in prompt
     assert "data/my_tickets.jsonl" in (project / "dvc.yaml").read_text()
     assert check_out.startswith("ok:") and "warning" not in check_out
 
 
 def test_dvc_repro_runs_through_register_and_the_gate_checks_both_tasks(own):
     project, _, _, _, repro = own
-    for stage in ("base", "validate", "dedup", "mix", "train", "eval_base", "eval_candidate", "gate", "register"):
+    stages = ("base", "validate", "dedup", "mix", "train", "eval_base", "eval_baselines", "eval_candidate", "gate")
+    for stage in (*stages, "register"):
         assert f"Running stage '{stage}'" in repro
     verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    assert list(verdict["baselines"]) == ["prompt", "few_shot-5", "retrieval-5"]
+    assert sum(re.search(r"my_tickets_gen/json_fields vs (prompt|few_shot-5|retrieval-5):", line) is not None
+               for line in verdict["lines"]) == 1  # fmt: skip
     checked = {(c["task"], c["metric"], c["role"]) for c in verdict["checks"] if c.get("against", "base") == "base"}
     assert {("my_tickets_gen", "json_fields", "target"), ("general_mc", "acc", "general")} <= checked
     assert all(c["n"] == 60 for c in verdict["checks"] if c["task"] == "my_tickets_gen")

@@ -13,7 +13,10 @@ from tests.e2e.conftest import edit_params, sh
 
 pytestmark = pytest.mark.slow
 
-STAGES = "base validate dedup mix train eval_base eval_candidate export eval_export gate register".split()
+STAGES = (
+    "base validate dedup mix train eval_base eval_baselines eval_candidate export eval_export gate register".split()
+)
+BASELINES = ["prompt", "few_shot-5", "retrieval-5"]
 
 
 def ran(output: str) -> list[str]:
@@ -112,6 +115,71 @@ def test_default_run_scores_are_the_readme_table(project):
         got = [round(scores[t][m], 3) for t, m in README_COLUMNS.values()]
         assert got == pytest.approx(_readme_row(label), abs=TABLE_TOLERANCE), (side, got)
         assert json.loads(layout.metrics(f"eval_{side}").read_text()) == scores  # what `dvc metrics show` shows
+
+
+def test_candidate_beats_every_baseline_and_the_examples_are_never_eval_items(project):
+    """The default run against the base given the cheaper alternatives: one PASS line per target check naming the
+    best baseline; no baseline prompt shows an eval item before the question; the costs conserve examples."""
+    from tunegate.evaluation import load_samples
+    from tunegate.io import read_jsonl
+
+    verdict = json.loads((project / "reports/gate/verdict.json").read_text())
+    assert list(verdict["baselines"]) == BASELINES and list(verdict["costs"]) == BASELINES
+    lines = [line for line in verdict["lines"] if re.search(r" vs (prompt|few_shot-5|retrieval-5):", line)]
+    assert [line.split(" vs ")[0].split()[-1] for line in lines] == ["support_mc/acc", "support_gen/json_fields"]
+    assert all(line.startswith("PASS target") for line in lines), lines
+    costs = json.loads((project / "reports/eval_baselines/costs.json").read_text())
+    for name, k in (("few_shot-5", 5), ("retrieval-5", 5)):
+        cost = costs[name]  # every example either shown or counted as dropped
+        assert round(cost["examples_shown"] * cost["items"]) + cost["examples_dropped"] == k * cost["items"]
+    assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
+    for task in ("support_mc", "support_gen"):
+        items = read_jsonl(project / f"evals/data/{task}.jsonl")
+        messages = [item["message"] for item in items]
+        for name in BASELINES:
+            for s in load_samples(project / "reports/eval_baselines" / name)[task]:
+                head = s["prompt"][: s["prompt"].rindex(items[s["doc_id"]]["message"])]
+                assert not any(m in head for m in messages), (name, task, s["doc_id"])
+                assert "Reply with the support ticket as JSON" in head
+
+
+def test_flipped_items_are_the_samples_files_item_by_item_and_diff_says_the_same(project, tmp_path):
+    """flipped.json lists exactly the items whose outcome differs between the samples files the gate read; `tunegate
+    diff base@V V` reads the same outcomes back from the registry and finds the same items."""
+    from tunegate.evaluation import load_samples
+
+    flipped = json.loads((project / "reports/gate/flipped.json").read_text())
+    base, candidate = load_samples(project / "reports/eval_base"), load_samples(project / "reports/eval_candidate")
+    baselines = {n: load_samples(project / "reports/eval_baselines" / n) for n in BASELINES}
+    against_base = [f for f in flipped if f["against"] == "base"]
+    assert len(against_base) == 4 and any(f["lost"] for f in against_base)
+    for f in flipped:
+        if f["against"].startswith("export "):
+            continue
+        ref = (base if f["against"] == "base" else baselines[f["against"]])[f["task"]]
+        cand = {s["doc_id"]: s for s in candidate[f["task"]]}
+        metric = f["metric"]
+        assert [x["doc_id"] for x in f["lost"]] == [r["doc_id"] for r in ref if r[metric] > cand[r["doc_id"]][metric]]
+        assert [x["doc_id"] for x in f["won"]] == [r["doc_id"] for r in ref if r[metric] < cand[r["doc_id"]][metric]]
+        for x in f["lost"] + f["won"]:
+            assert x["candidate_output"] == cand[x["doc_id"]].get("output")
+    report = (project / "reports/gate/report.md").read_text()
+    assert "## Items that flipped" in report and "## Against the cheaper alternatives" in report
+    assert "<details>" in (project / "reports/gate/report.html").read_text()
+    version = client(project).get_model_version_by_alias("tunegate-demo", "champion")
+    assert version.tags["eval.baseline.prompt.support_gen.json_fields"]
+    assert "**Baselines**" in version.description and "retrieval-5" in version.description
+    proc = sh(
+        project, "tunegate", "diff", f"base@{version.version}", version.version, "--json", str(tmp_path / "d.json")
+    )
+    assert "support_gen/json_fields: " in proc.stdout and "lost" in proc.stdout
+    diffed = {(d["task"], d["metric"]): d for d in json.loads((tmp_path / "d.json").read_text())["checks"]}
+    for f in against_base:
+        got = diffed[(f["task"], f["metric"])]
+        assert [x["doc_id"] for x in got["lost"]] == [x["doc_id"] for x in f["lost"]]
+        assert [x["doc_id"] for x in got["won"]] == [x["doc_id"] for x in f["won"]]
+    missing = sh(project, "tunegate", "diff", "99", "1", check=False)
+    assert missing.returncode == 2 and "v99 not found" in missing.stderr
 
 
 def test_identical_candidate_fails_target(project):

@@ -1,0 +1,234 @@
+"""Baselines: examples from training rows only, retrieval by similarity, prompts trimmed to the context by whole
+examples, and the gate's judgement of the candidate against the best of them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.tiny import build_base, tiny
+from tunegate import baselines
+from tunegate.config import Baselines, Config, parse_config
+from tunegate.errors import UserError
+from tunegate.gate import Check, Policy, decide, describe_baseline, flips
+from tunegate.io import read_jsonl, write_jsonl
+
+
+def row(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+POOL_ROWS = [
+    row("I want my money back for the lamp, order 1.", '{"intent": "refund"}'),
+    row("Where is my kettle? It has not arrived.", '{"intent": "track"}'),
+    row("Please cancel my chair order 3.", '{"intent": "cancel"}'),
+    row("The camera came broken, I want to complain.", '{"intent": "complaint"}'),
+    row("Replace the jacket please, wrong size.", '{"intent": "replace"}'),
+]
+
+
+def test_rows_become_example_turns_only_when_they_can_be_shown():
+    system = {"role": "system", "content": "be brief"}
+    assert baselines.example_turns({"messages": [system, *POOL_ROWS[0]["messages"]]}) == POOL_ROWS[0]["messages"]
+    trailing = {"messages": [*POOL_ROWS[0]["messages"], {"role": "user", "content": "thanks"}]}
+    assert baselines.example_turns(trailing) == POOL_ROWS[0]["messages"]
+    tool = {"messages": [POOL_ROWS[0]["messages"][0], {"role": "assistant", "content": "", "tool_calls": [{}]}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "assistant", "content": "x"},
+        ]
+    }
+    assert baselines.example_turns(tool) is None and baselines.example_turns(parts) is None
+    assert baselines.example_turns({"messages": [{"role": "user", "content": "only a question"}]}) is None
+
+
+def test_retrieval_puts_the_most_similar_row_nearest_the_question_and_never_the_question_itself():
+    pool = [baselines.example_turns(r) for r in POOL_ROWS]
+    retriever = baselines.Retriever(pool)
+    nearest = retriever.nearest("My lamp is broken, I want my money back, order 9.", 2)
+    assert nearest[-1] == pool[0] and len(nearest) == 2
+    assert retriever.nearest("Please cancel my chair order 3.", 5)[-1] != pool[2]  # the item itself is skipped
+    assert pool[2] not in retriever.nearest("please CANCEL my chair, order 3", 5)  # equal up to case and punctuation
+    assert retriever.nearest("the and of", 3) == []  # stop words only: nothing to match on
+    assert retriever.nearest("lamp money", 3) == baselines.Retriever(pool).nearest("lamp money", 3)
+
+
+def test_few_shot_draw_is_seeded_and_skips_the_item_itself():
+    pool = [baselines.example_turns(r) for r in POOL_ROWS]
+    settings = Baselines(tasks=["support_gen"], few_shot=3, retrieval=0)
+    [prompt, few] = baselines.prompters(settings, "Answer as JSON.", pool, seed=7)
+    assert prompt.name == "prompt" and few.name == "few_shot-3"
+    drawn = few.examples("anything")
+    assert len(drawn) == 3 and drawn == baselines.prompters(settings, None, pool, seed=7)[1].examples("anything")
+    question = drawn[0][0]["content"]
+    assert drawn[0] not in few.examples(question)
+    messages = few.messages([{"role": "user", "content": "q"}], drawn)
+    assert messages[0] == {"role": "system", "content": "Answer as JSON."} and messages[-1]["content"] == "q"
+    assert len(messages) == 2 + 2 * 3
+
+
+def test_names_follow_the_settings():
+    assert Baselines().names() == []  # no tasks: off
+    assert Baselines(tasks=["t"]).names() == ["prompt", "few_shot-5", "retrieval-5"]
+    assert Baselines(tasks=["t"], prompt=False, few_shot=0, retrieval=3).names() == ["retrieval-3"]
+    assert describe_baseline("retrieval-5") == "prompting with retrieval of 5 examples"
+    assert describe_baseline("few_shot-2") == "prompting with 2 examples"
+
+
+def _config(tmp_path, **baseline_changes) -> Config:
+    data = {
+        "sources": {"domain": {"path": "d.jsonl", "role": "domain"}, "general": {"path": "g.jsonl", "role": "general"}}
+    }
+    raw = {
+        "data": data,
+        "eval": {"tasks": ["support_gen"], "max_gen_toks": 16, "batch_size": 8},
+        "baselines": {"tasks": ["support_gen"], "few_shot": 4, "retrieval": 3, **baseline_changes},
+        "paths": {
+            "evals": str(ROOT / "evals"),
+            "dedup": str(tmp_path / "dedup"),
+            "prompt": str(tmp_path / "prompt.md"),
+        },
+    }
+    return parse_config(raw)
+
+
+def _parsed(line: str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:  # the raw demo data holds planted malformed lines
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return build_base(tmp_path_factory.mktemp("base"), tiny(max_position=256))
+
+
+def test_baselines_score_the_base_with_examples_from_training_rows_only_and_trim_whole_examples(
+    manifest, tmp_path, monkeypatch
+):
+    """The examples shown are training rows, never an eval item (even one planted in the pool); prompts longer than
+    the context lose whole examples, counted; every baseline's samples pair with the eval items."""
+    from tunegate.paths import COSTS, RESULTS, SAMPLES, Layout
+
+    monkeypatch.chdir(ROOT)
+    eval_items = read_jsonl(ROOT / "evals/data/support_gen.jsonl")[:12]
+    every_eval = read_jsonl(ROOT / "evals/data/support_gen.jsonl")
+    training = [
+        r
+        for r in map(_parsed, (ROOT / "data/raw/domain.jsonl").read_text().splitlines()[:60])
+        if r and baselines.example_turns(r)
+    ]
+    training = [r for r in training if not any(e["message"] in json.dumps(r) for e in every_eval)][:40]
+    planted = [row(e["message"], e["answer"]) for e in eval_items[:3]]  # eval items that slipped into the data
+    (tmp_path / "dedup").mkdir()
+    write_jsonl(tmp_path / "dedup" / "domain.jsonl", [*training, *planted])
+    write_jsonl(tmp_path / "dedup" / "general.jsonl", [row("What is the capital of Zyxland?", "Qorvath")])
+    (tmp_path / "prompt.md").write_text("Reply with the ticket as JSON.\n")
+    cfg = _config(tmp_path)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 12})})
+    out = tmp_path / "out"
+    costs = baselines.run(cfg, manifest, Layout.of(cfg.paths), out)
+
+    assert list(costs) == ["prompt", "few_shot-4", "retrieval-3"]
+    assert json.loads((out / COSTS).read_text()).keys() == costs.keys()
+    general_answers = {"Qorvath", "Zyxland"}
+    for name in costs:
+        samples = read_jsonl(out / name / SAMPLES / "support_gen.jsonl")
+        assert [s["doc_id"] for s in samples] == list(range(12))
+        assert json.loads((out / name / RESULTS).read_text())["examples_in_pool"] == len(training)
+        for s in samples:
+            item = eval_items[s["doc_id"]]
+            head = s["prompt"][: s["prompt"].rindex(item["message"])]  # everything before the question
+            assert not any(other["message"] in head for other in eval_items), (name, s["doc_id"])
+            assert not any(answer in head for answer in general_answers)  # only domain rows are examples
+            assert "Reply with the ticket as JSON." in s["prompt"]
+    # 256 positions, 16 reserved for the answer: 4 examples of ~60 tokens do not fit; whole examples dropped
+    few = costs["few_shot-4"]
+    assert few["items_trimmed"] == 12 and few["examples_dropped"] > 0 and few["examples_shown"] < 4
+    assert few["prompt_tokens"] + 16 <= 256 and few["prompt_tokens"] > costs["prompt"]["prompt_tokens"]
+    assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
+    assert costs["prompt"]["items_trimmed"] == 0
+
+
+def test_a_missing_prompt_file_is_one_line(tmp_path, manifest):
+    from tunegate.paths import Layout
+
+    cfg = _config(tmp_path)
+    with pytest.raises(UserError, match=r"prompt\.md: missing; write the instructions .* baselines\.prompt: false"):
+        baselines.read_prompt(cfg.baselines, Layout.of(cfg.paths).prompt)
+    assert baselines.read_prompt(cfg.baselines.model_copy(update={"prompt": False}), tmp_path / "nope") is None
+
+
+# --- the gate against the baselines ---
+
+TARGET = Check(task="t", metric="m", role="target", min_gain=0.1)
+POLICY = Policy(checks=[TARGET], min_items=10)
+
+
+def samples(values) -> dict:
+    return {
+        "t": [
+            {"doc_id": i, "m": float(v), "output": f"out{i}", "target": f"ref{i}", "prompt": f"q{i}"}
+            for i, v in enumerate(values)
+        ]
+    }
+
+
+def test_the_candidate_must_beat_the_best_baseline_and_the_line_names_it():
+    rng = np.random.default_rng(0)
+    base = samples(np.zeros(100))
+    candidate = samples(rng.random(100) < 0.8)
+    weak, strong = samples(rng.random(100) < 0.3), samples(rng.random(100) < 0.85)
+    verdict = decide(base, candidate, POLICY, 500, 1, baselines={"prompt": weak, "retrieval-5": strong})
+    line = next(line for line in verdict["lines"] if "vs retrieval-5" in line)
+    assert (
+        line.startswith("FAIL target  t/m vs retrieval-5")
+        and "fine-tuning does not beat prompting with retrieval" in line
+    )
+    assert not verdict["passed"] and verdict["failed"] == ["t/m vs retrieval-5"]
+    assert not any("vs prompt" in line for line in verdict["lines"])  # judged against the best only
+    assert verdict["baselines"]["prompt"]["t/m"] == pytest.approx(np.mean([s["m"] for s in weak["t"]]))
+    passing = decide(base, candidate, POLICY, 500, 1, baselines={"prompt": weak})
+    assert passing["passed"] and any(line.startswith("PASS target  t/m vs prompt") for line in passing["lines"])
+    off = POLICY.model_copy(update={"baselines": POLICY.baselines.model_copy(update={"beat": False})})
+    assert decide(base, candidate, off, 500, 1, baselines={"retrieval-5": strong})["passed"]
+
+
+def test_against_a_baseline_the_gain_must_be_significant_and_reach_min_gain():
+    """min_gain applies to the baseline comparison, and a mean gain whose lower bound is at zero fails."""
+    base = samples(np.zeros(200))
+    baseline = samples(np.r_[np.ones(100), np.zeros(100)])
+    candidate = samples(np.r_[np.ones(100), np.ones(20), np.zeros(80)])  # +0.1 over the baseline, significant
+    strict = POLICY.model_copy(update={"baselines": POLICY.baselines.model_copy(update={"min_gain": 0.15})})
+    lenient = POLICY.model_copy(update={"baselines": POLICY.baselines.model_copy(update={"min_gain": 0.05})})
+    assert not decide(base, candidate, strict, 500, 1, baselines={"prompt": baseline})["passed"]
+    assert decide(base, candidate, lenient, 500, 1, baselines={"prompt": baseline})["passed"]
+    tied = samples(np.r_[np.ones(100), np.zeros(100)])  # the same answers as the baseline: lower bound 0
+    assert not decide(
+        base,
+        tied,
+        POLICY.model_copy(update={"baselines": lenient.baselines.model_copy(update={"min_gain": 0.0})}),
+        500,
+        1,
+        baselines={"prompt": baseline},
+    )["passed"]
+
+
+def test_flipped_items_are_exactly_the_items_whose_outcome_changed():
+    rng = np.random.default_rng(3)
+    ref, cand = samples(rng.random(60) < 0.5), samples(rng.random(60) < 0.6)
+    got = flips(TARGET, ref, cand)
+    lost = [i for i in range(60) if ref["t"][i]["m"] > cand["t"][i]["m"]]
+    won = [i for i in range(60) if ref["t"][i]["m"] < cand["t"][i]["m"]]
+    assert [x["doc_id"] for x in got["lost"]] == lost and [x["doc_id"] for x in got["won"]] == won
+    first = got["lost"][0]
+    assert first["prompt"] == f"q{first['doc_id']}" and first["target"] == f"ref{first['doc_id']}"
+    assert (first["reference_score"], first["candidate_score"]) == (1.0, 0.0)
+    lower = Check(task="t", metric="m", role="target", direction="lower")
+    assert flips(lower, ref, cand)["won"] == got["lost"]
