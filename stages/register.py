@@ -27,7 +27,7 @@ from tunegate.config import Config, flatten, load_config
 from tunegate.decisions import redact, redact_value
 from tunegate.errors import UserError
 from tunegate.evaluation import load_samples
-from tunegate.gate import Policy, Samples, decide, load_policy
+from tunegate.gate import Policy, Samples, decide, flips, load_policy
 from tunegate.io import read_json, sha256_file, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.provenance import (
@@ -38,6 +38,7 @@ from tunegate.provenance import (
     BASE_MODEL,
     BASE_REVISION,
     CHAMPION_CHECK,
+    CHAMPION_FLIPPED,
     DVC_LOCK_SHA,
     EVAL_ARTIFACTS,
     EXPORT_ARTIFACTS,
@@ -394,6 +395,8 @@ def _decide(c, cfg: Config, cand: Candidate, version: str) -> dict[str, Any]:
         else {"passed": False, "tag": "not run: gate failed", "lines": []}
     )
     c.set_model_version_tag(name, version, CHAMPION_CHECK, check["tag"])
+    if check.get("flipped"):  # beside the gate's report on the run: the items that flipped against the champion
+        c.log_dict(c.get_model_version(name, version).run_id, check["flipped"], CHAMPION_FLIPPED)
     lines += check["lines"]
     notes += check.get("notes", [])
     passed = cand.verdict["passed"] and check["passed"]
@@ -466,7 +469,15 @@ def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) 
         log.info("%s", line)
     failed = [f"{ch['task']}/{ch['metric']}" for ch, _ in against if not ch["passed"]]
     tag = f"failed vs v{current.version}: {', '.join(failed)}" if failed else f"passed vs v{current.version}"
-    return {"passed": not failed, "tag": tag, "lines": [line for _, line in against]}
+    flipped = [
+        {"check": f"{ch.task}/{ch.metric} vs champion v{current.version}", "task": ch.task, "metric": ch.metric,
+         "against": f"champion v{current.version}", **flips(ch, samples, candidate)}
+        for ch in policy.checks
+        if ch.role == "target"
+    ]  # fmt: skip
+    for f in flipped:
+        log.info("champion check %s: lost %d items, won %d", f["check"], len(f["lost"]), len(f["won"]))
+    return {"passed": not failed, "tag": tag, "lines": [line for _, line in against], "flipped": flipped}
 
 
 def champion_samples(current) -> tuple[Samples, str | None]:

@@ -61,6 +61,7 @@ EXPORTS = "exports"  # the exported artifacts the gate checked: merged, gguf-f16
 EXPORT_SHA = "export_sha256"  # sha256 of export.json, which lists every exported file with its sha256
 EXPORT_ARTIFACTS = "export"  # where a version's exported files are logged (runs:/<run>/export)
 EVAL_ARTIFACTS = "eval/candidate_samples"  # the version's per-sample outcomes: the champion comparison, `tunegate diff`
+CHAMPION_FLIPPED = "reports/gate/champion_flipped.json"  # the items the version lost and won against the champion
 BASE_EVAL_ARTIFACTS = "eval/base_samples"  # its base's, on the same items: `tunegate diff VERSION base`
 REGISTRATION = "registration"  # `started`, then `complete`: a cut-off registration is settled next time
 RUN_ID = "run_id"

@@ -287,7 +287,7 @@ def test_logged_model_reloads_with_the_trained_weights(project):
         assert torch.allclose(logged(ids).logits, ours(ids).logits, atol=1e-6)
 
 
-def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_back(project):
+def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_back(project, tmp_path):
     """After the first champion, a clearly better candidate is promoted (compared item by item with the
     champion's logged samples), a candidate better than the base but worse than the champion is refused
     with real numbers, and `tunegate rollback` walks the promotions back to the first champion."""
@@ -316,6 +316,17 @@ def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_ba
             proc.stderr[-3000:]
         )
         assert "GATE FAILED" in proc.stderr
+        # the items it lost and won against the champion, logged on its run, are what `tunegate diff` finds
+        import mlflow
+
+        mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+        logged = mlflow.artifacts.load_dict(f"runs:/{newest.run_id}/reports/gate/champion_flipped.json")
+        assert any(f["lost"] for f in logged)
+        sh(project, "tunegate", "diff", better.version, newest.version, "--json", str(tmp_path / "d.json"))
+        diffed = {(d["task"], d["metric"]): d for d in json.loads((tmp_path / "d.json").read_text())["checks"]}
+        for f in logged:
+            for kind in ("lost", "won"):
+                assert [x["doc_id"] for x in f[kind]] == [x["doc_id"] for x in diffed[(f["task"], f["metric"])][kind]]
 
         out = sh(project, "tunegate", "rollback")
         assert f"v{better.version} -> v{first}" in out.stdout
