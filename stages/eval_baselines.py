@@ -32,6 +32,8 @@ def body() -> None:
         scores = {name: read_json(tmp / name / RESULTS)["scores"] for name in costs}
     write_json(layout.metrics("eval_baselines"), scores)
     record_timing("eval_baselines", sum(c["seconds"] for c in costs.values()))
+    for name, cost in costs.items():  # wall time beside the tokens: outside the DVC outputs, which stay reproducible
+        record_timing(f"eval_baselines.{name}", cost["seconds"])
 
 
 def main() -> None:

@@ -187,6 +187,7 @@ def test_base_that_already_does_the_task_is_rejected_and_the_champion_stays(proj
 
     newest = newest_version(c)
     assert newest.tags["base_revision"] == second and newest.tags["gate_passed"] == "false"
+    assert newest.tags["eval.baseline.prompt.support_gen.json_fields"]  # the new base's baselines, scored again
     assert newest.tags["orchestrated_by"] == f"prefect:{run['id']}"
     assert c.get_model_version_by_alias(MODEL, "champion").version == champion.version
 
