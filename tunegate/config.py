@@ -88,7 +88,9 @@ class Source(_Section):
     path: str
     role: Literal["domain", "general", "preference"]
     weight: float = Field(1.0, gt=0, description="share among sources of the same role when mixing")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference"] = "auto"
+    format: Literal[
+        "auto", "messages", "prompt_completion", "alpaca", "preference", "sharegpt", "openai_preference"
+    ] = "auto"
 
 
 class Data(_Section):

@@ -42,16 +42,20 @@ from typing import Any
 
 import msgspec
 
+from tunegate import layouts
 from tunegate.errors import UserError
+from tunegate.layouts import NormaliseError
 from tunegate.readers import NOTE_BOM, read_bytes, read_records, source_kind, utf8_bytes
 from tunegate.runtime import gc_paused
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "preference")
+FORMATS = ("messages", "prompt_completion", "alpaca", "preference", "sharegpt", "openai_preference")
 REQUIRED = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
-    "preference": ("prompt", "chosen", "rejected"),
+    "preference": ("chosen", "rejected"),  # and `prompt`, or whole conversations that share it (tunegate.layouts)
+    "sharegpt": ("conversations",),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
 
 
@@ -93,13 +97,17 @@ def _from_table(key: str, value: Any) -> Any:
     return value
 
 
-MESSAGE_FIELDS = frozenset({"messages", "prompt", "completion", "chosen", "rejected"})
+MESSAGE_FIELDS = frozenset({"messages", "conversations", "prompt", "completion", "chosen", "rejected"})
 
 
 def detect_format(record: dict[str, Any]) -> str | None:
     keys = record.keys()
     if "messages" in keys:
         return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "preferred_output" in keys or "non_preferred_output" in keys:
+        return "openai_preference"
     if "chosen" in keys or "rejected" in keys:
         return "preference"
     if "instruction" in keys or "output" in keys:
@@ -113,15 +121,10 @@ def infer_source_format(records: list[dict[str, Any]]) -> str:
     counts = Counter(f for r in records if isinstance(r, dict) and (f := detect_format(r)))
     if not counts:
         raise UserError(
-            "no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected)"
+            "no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected "
+            "/ ShareGPT conversations / OpenAI preference input+preferred_output; see the README's format table)"
         )
     return counts.most_common(1)[0][0]
-
-
-class NormaliseError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 WEIGHTS = (0, 1)
@@ -229,11 +232,11 @@ def _check_tool_turns(messages: list[dict[str, Any]], field: str) -> None:
             ids = None
 
 
-def _as_messages(value: Any, field: str, default_role: str) -> list[dict[str, Any]]:
+def _as_messages(value: Any, field: str, default_role: str, notes: Counter | None = None) -> list[dict[str, Any]]:
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) for m in value):
-        out = [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+        out = [_message(layouts.legacy_message(m, notes), f"{field}[{i}]") for i, m in enumerate(value)]
         if any(m["role"] == "tool" for m in out):
             _check_tool_turns(out, field)
         return out
@@ -269,12 +272,16 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
     missing = [f for f in REQUIRED[fmt] if record.get(f) is None]
     if missing:
         raise NormaliseError("missing_field", ", ".join(missing))
+    if fmt == "sharegpt":
+        fmt, record = layouts.sharegpt(record)
+    elif fmt == "openai_preference":
+        fmt, record = "preference", layouts.openai_preference(record)
     if fmt == "messages":
-        return _sft(_as_messages(record["messages"], "messages", "user"), _tools(record))
+        return _sft(_as_messages(record["messages"], "messages", "user", notes), _tools(record))
     if fmt == "prompt_completion":
         return _sft(
-            _as_messages(record["prompt"], "prompt", "user")
-            + _as_messages(record["completion"], "completion", "assistant"),
+            _as_messages(record["prompt"], "prompt", "user", notes)
+            + _as_messages(record["completion"], "completion", "assistant", notes),
             _tools(record),
         )
     if fmt == "alpaca":
@@ -286,11 +293,17 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
             "kind": "sft",
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
         }
+    return _preference(record, notes)
+
+
+def _preference(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
+    if record.get("prompt") is None:  # TRL's implicit prompt, or an HH text pair
+        record = layouts.implicit_pair(record, notes)
     out = {
         "kind": "preference",
-        "prompt": _as_messages(record["prompt"], "prompt", "user"),
-        "chosen": _as_messages(record["chosen"], "chosen", "assistant"),
-        "rejected": _as_messages(record["rejected"], "rejected", "assistant"),
+        "prompt": _as_messages(record["prompt"], "prompt", "user", notes),
+        "chosen": _as_messages(record["chosen"], "chosen", "assistant", notes),
+        "rejected": _as_messages(record["rejected"], "rejected", "assistant", notes),
     }
     if any("weight" in m for part in ("prompt", "chosen", "rejected") for m in out[part]):
         raise NormaliseError("bad_weight", "weight has no meaning in a preference row (chosen vs rejected is)")
@@ -522,8 +535,8 @@ def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row]
 
     if fmt == "auto":
         fmt = _infer(p, _sample(lines()))
-    shape, make = FAST[fmt]
-    decode = msgspec.json.Decoder(shape).decode
+    shape, make = FAST.get(fmt, (None, None))
+    decode = msgspec.json.Decoder(shape).decode if shape else _general_path
     last_open = data.count(newline) + 1 if not data.endswith((b"\n", b"\r")) else -1
     rows: list[Row] = []
     problems: list[Problem] = []
@@ -537,7 +550,22 @@ def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row]
                 continue
             row = _jsonl_line(name, number, raw, fmt, number == last_open, notes)
             (rows if isinstance(row, Row) else problems).append(row)
+    if b'"developer"' in data:  # the fast path keeps roles as written; one scan of the bytes decides whether to look
+        _developer_as_system(rows, notes)
     return rows, problems, fmt
+
+
+def _general_path(raw: bytes) -> Any:
+    """The decoder of a format with no fast shape (ShareGPT, OpenAI preference): every line takes the general path."""
+    raise msgspec.DecodeError("no fast shape")
+
+
+def _developer_as_system(rows: list[Row], notes: Counter) -> None:
+    for row in rows:
+        for m in row.all_messages():
+            if m.role == "developer":
+                m.role = "system"
+                notes[layouts.NOTE_DEVELOPER] += 1
 
 
 def _sample(lines: list[bytes]) -> Iterator[Any]:

@@ -1,0 +1,206 @@
+"""The layouts other tools export (ShareGPT, OpenAI preference, implicit-prompt and HH pairs, the developer role,
+legacy function calls): a generated corpus in each layout reads as exactly the rows of the same corpus in OpenAI's
+format, and each malformed variant is quarantined with its reason."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tunegate.formats import load_source
+
+N = 120
+
+
+def corpus(seed: int = 0) -> list[dict]:
+    """OpenAI chat rows of every kind a layout can carry: a system turn or none, one to three exchanges, tool calls
+    with their results and the tools list."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(N):
+        messages = [{"role": "system", "content": f"You are agent {i}."}] if rng.random() < 0.4 else []
+        for turn in range(rng.randint(1, 3)):
+            messages.append(
+                {"role": "user", "content": f"question {i}.{turn}: {rng.choice(['refund', 'track', 'cancel'])}"}
+            )
+            if rng.random() < 0.2:
+                args = {"order": str(rng.randint(10000, 99999))}
+                call = {"type": "function", "function": {"name": "lookup", "arguments": args}}
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                messages.append({"role": "tool", "content": json.dumps({"status": "shipped"})})
+            messages.append({"role": "assistant", "content": f"answer {i}.{turn}"})
+        row = {"messages": messages}
+        if any("tool_calls" in m for m in messages):
+            row["tools"] = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+        rows.append(row)
+    return rows
+
+
+def pairs(seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(N):
+        prompt = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.3 else []
+        prompt += [{"role": "user", "content": f"prompt {i}"}]
+        if rng.random() < 0.3:  # an earlier exchange both sides share
+            prompt += [{"role": "assistant", "content": f"earlier {i}"}, {"role": "user", "content": f"and then {i}?"}]
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": f"good answer {i}"}],
+                "rejected": [{"role": "assistant", "content": f"bad answer {i} {rng.random():.3f}"}],
+            }
+        )
+    return out
+
+
+def write(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def read(path) -> tuple[list[dict], list, str]:
+    rows, problems, fmt = load_source("src", path)
+    return [{k: v for k, v in r.items() if k != "source"} for r in rows], problems, fmt
+
+
+SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+
+
+def to_sharegpt(row: dict) -> dict:
+    turns, out = [], {}
+    messages = row["messages"]
+    if messages[0]["role"] == "system":
+        out["system"] = messages[0]["content"]
+        messages = messages[1:]
+    for m in messages:
+        if m.get("tool_calls"):
+            (call,) = m["tool_calls"]
+            turns.append({"from": "function_call", "value": json.dumps(call["function"])})
+        else:
+            turns.append({"from": SHAREGPT_FROM[m["role"]], "value": m["content"]})
+    if "tools" in row:
+        out["tools"] = json.dumps([t["function"] for t in row["tools"]])  # LLaMA-Factory's tools: JSON text
+    return {"conversations": turns, **out}
+
+
+def to_openai_preference(pair: dict) -> dict:
+    return {
+        "input": {"messages": pair["prompt"]},
+        "preferred_output": pair["chosen"],
+        "non_preferred_output": pair["rejected"],
+    }
+
+
+def to_implicit(pair: dict) -> dict:
+    return {"chosen": pair["prompt"] + pair["chosen"], "rejected": pair["prompt"] + pair["rejected"]}
+
+
+def to_hh(pair: dict) -> dict:
+    def text(turns):
+        return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
+
+    return {"chosen": text(pair["prompt"] + pair["chosen"]), "rejected": text(pair["prompt"] + pair["rejected"])}
+
+
+def test_sharegpt_reads_as_the_same_rows_as_openai_chat(tmp_path):
+    rows = corpus()
+    want, _, _ = read(write(tmp_path / "openai.jsonl", rows))
+    got, problems, fmt = read(write(tmp_path / "sharegpt.jsonl", [to_sharegpt(r) for r in rows]))
+    assert fmt == "sharegpt" and problems == []
+    assert got == want and any("tools" in r for r in got) and any(r["messages"][0]["role"] == "system" for r in got)
+
+
+@pytest.mark.parametrize("layout", [to_openai_preference, to_implicit, to_hh])
+def test_preference_layouts_read_as_the_same_pairs_as_prompt_chosen_rejected(tmp_path, layout):
+    records = pairs()
+    if layout is to_hh:  # HH transcripts carry user and assistant turns only
+        records = [{**p, "prompt": [m for m in p["prompt"] if m["role"] != "system"]} for p in records]
+    want, _, _ = read(write(tmp_path / "explicit.jsonl", records))
+    got, problems, fmt = read(write(tmp_path / f"{layout.__name__}.jsonl", [layout(p) for p in records]))
+    assert problems == [] and got == want and len(got) == N
+    assert fmt == ("openai_preference" if layout is to_openai_preference else "preference")
+
+
+def test_developer_role_and_legacy_function_calls_become_system_and_tool_turns(tmp_path):
+    from tunegate.formats import load_rows
+
+    rows = corpus()
+    legacy = []
+    for row in rows:
+        messages = []
+        for m in row["messages"]:
+            if m["role"] == "system":
+                m = {**m, "role": "developer"}
+            elif m.get("tool_calls"):
+                m = {"role": "assistant", "content": None, "function_call": m["tool_calls"][0]["function"]}
+            elif m["role"] == "tool":
+                m = {**m, "role": "function", "name": "lookup"}
+            messages.append(m)
+        legacy.append({**row, "messages": messages})
+    want, _, _ = read(write(tmp_path / "openai.jsonl", rows))
+    got, problems, _ = read(write(tmp_path / "legacy.jsonl", legacy))
+    assert problems == []
+    strip = lambda rows: [  # a tool turn's kept `name` changes the content hash (the id): compared without both
+        {**r, "id": None, "messages": [{k: v for k, v in m.items() if k != "name"} for m in r["messages"]]}
+        for r in rows
+    ]
+    assert strip(got) == strip(want)
+    _, _, _, notes = load_rows("src", tmp_path / "legacy.jsonl")
+    systems = sum(r["messages"][0]["role"] == "system" for r in rows)
+    assert notes["developer_as_system"] == systems and notes["legacy_function_call"] > 0
+    fast = [
+        {
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    ]
+    got_fast, _, _ = read(write(tmp_path / "fast.jsonl", fast))  # plain rows take the fast path: mapped there too
+    assert got_fast[0]["messages"][0]["role"] == "system"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+ASKED = [user("q"), bot("a")]
+MALFORMED = [
+    ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, "wrong_role"),
+    ("sharegpt", {"conversations": [{"from": "human"}]}, "missing_field"),
+    ("sharegpt", {"conversations": "hello"}, "wrong_type"),
+    ("sharegpt", {"conversations": [{"from": "function_call", "value": "not json"}]}, "bad_tool_call"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}], "system": 3}, "wrong_type"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}], "tools": "[broken"}, "wrong_type"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
+     "missing_field"),
+    ("openai_preference", {"input": {"messages": [user("q")]}, "preferred_output": []}, "missing_field"),
+    ("openai_preference", {"input": "q", "preferred_output": [], "non_preferred_output": []}, "missing_field"),
+    ("preference", {"chosen": [user("a")], "rejected": [user("b")]}, "prompt_mismatch"),
+    ("preference", {"chosen": ASKED, "rejected": ASKED}, "chosen_equals_rejected"),
+    ("preference", {"chosen": [*ASKED, user("x")], "rejected": [*ASKED, user("y")]}, "prompt_mismatch"),
+    ("preference", {"chosen": "plain text", "rejected": "other text"}, "wrong_type"),
+    ("preference", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": 3}, "missing_field"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt, record, reason", MALFORMED)
+def test_each_malformed_variant_is_quarantined_with_its_reason(tmp_path, fmt, record, reason):
+    """Among valid rows of the same layout, the malformed one is quarantined with its reason and the rest kept."""
+    valid = {
+        "sharegpt": [to_sharegpt(r) for r in corpus()[:5]],
+        "openai_preference": [to_openai_preference(p) for p in pairs()[:5]],
+        "preference": [to_implicit(p) for p in pairs()[:5]],
+    }[fmt]
+    rows, problems, got_fmt = load_source("src", write(tmp_path / "mixed.jsonl", [*valid, record]))
+    assert got_fmt == fmt and len(rows) == 5
+    assert [(p.line, p.reason) for p in problems] == [(6, reason)], [p.detail for p in problems]
+    assert "\n" not in problems[0].detail
