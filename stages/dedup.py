@@ -181,6 +181,31 @@ def _metrics(sources: dict[str, list], kept: dict[str, list], dropped: list[dict
     return metrics
 
 
+# The setting that decides each reason a row is dropped for (named in the warning when a source loses most of its rows)
+SETTING_OF = {
+    "near_duplicate": "dedup.threshold (verified Jaccard; raise it to keep more) and dedup.ngram",
+    "eval_leak": "dedup.contamination_ngram (and the eval sets in evals/data)",
+    "contradiction": "dedup.contradictions",
+    "exact_duplicate": "none: the rows are the same after normalisation",
+}
+
+
+def heavy_losses(m: dict[str, Any], share: float) -> list[str]:
+    """One line per source that lost more than `share` of its rows: how many, the main reasons, the setting."""
+    out = []
+    for name, s in m["sources"].items():
+        if not s["in"] or s["dropped"] / s["in"] <= share:
+            continue
+        reasons = sorted(s["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))
+        main = reasons[0][0]
+        out.append(
+            f"dedup: source {name} lost {s['dropped']} of {s['in']} rows ({s['dropped'] / s['in']:.0%}, kept "
+            f"{s['kept']}): {', '.join(f'{k} {v}' for k, v in reasons)}; {main} is decided by "
+            f"{SETTING_OF.get(main, 'dedup settings')} (see data/dedup/report.md; dedup.warn_share {share})"
+        )
+    return out
+
+
 def _report(m: dict[str, Any], dropped: list[dict]) -> str:
     lines = [
         "# dedup",
@@ -213,6 +238,8 @@ def main() -> None:
         write_text(layout.dedup / REPORT, _report(metrics, dropped))
         write_json(layout.metrics("dedup"), metrics)
         log.info("dedup: in %d = kept %d + dropped %d", metrics["in"], metrics["kept"], metrics["dropped"])
+        for line in heavy_losses(metrics, cfg.dedup.warn_share):
+            log.warning("%s", line)
 
     stage_main("dedup", body)
 

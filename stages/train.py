@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -411,6 +412,31 @@ def run(
     return _metrics(cfg, trainer, result, out, resume, probe_state, estimate, seconds)
 
 
+def enough_rows(cfg: Train, data: Inputs) -> None:
+    """Each method of the run has at least its `min_rows` training rows (pairs for a preference method), or the
+    stage stops before any weights load, naming the sources the rows came from and the settings that decide."""
+    for method in METHODS[cfg.method].needs():
+        rows = data.pref_rows if method.preference else data.train_rows
+        need = cfg.min_rows or method.min_rows
+        if len(rows) >= need:
+            continue
+        what = "preference pairs" if method.preference else "training rows"
+        sources = Counter(str(r.get("source", "?")) for r in rows)
+        from_ = ", ".join(f"{n} from {s}" for s, n in sources.most_common()) or "none from any source"
+        raise UserError(
+            f"train.method {cfg.method}: {method.name} has {len(rows)} {what} ({from_}), fewer than min_rows {need}: "
+            "too few to learn from; see data/dedup/report.md for what dedup removed (dedup.threshold, "
+            "dedup.contamination_ngram) and add data, or set train.min_rows"
+        )
+
+
+def loss_line(metrics: dict[str, Any]) -> str:
+    """The loss the run logged last, or the run's mean when no step was logged (fewer steps than logging_steps)."""
+    if metrics.get("final_loss") is not None:
+        return f"loss {metrics['final_loss']:.3f}"
+    return f"mean loss {metrics['train_loss']:.3f} (no step logged: fewer steps than logging_steps)"
+
+
 def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str, Any], Any, dict[str, float]]:
     """(trainer settings, TRL's config, the memory estimate): a typo in train.args, an empty training set
     or a run that cannot fit ends here, before the base is loaded."""
@@ -704,13 +730,14 @@ def main() -> None:
             layout.train_plot,
             speed_path=layout.throughput,
         )
+        enough_rows(cfg.train, data)
         metrics = run(cfg.train, cfg.seed, data, out)
         if not is_main_process():
             return
         seconds = metrics.pop("seconds")
         write_json(layout.metrics("train"), metrics)
         record_timing("train", seconds)
-        log.info("train: %d steps, loss %.3f, %.0fs", metrics["steps"], metrics["final_loss"] or 0, seconds)
+        log.info("train: %d steps, %s, %.0fs", metrics["steps"], loss_line(metrics), seconds)
 
     stage_main("train", body)
 

@@ -192,3 +192,28 @@ def test_baselines_on_a_task_that_is_not_run_or_without_their_prompt_are_named(p
     params["baselines"]["prompt"] = False
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     assert len(consistency.baseline_problems(load_config(proj / "params.yaml"), proj)) == 1
+
+
+@pytest.mark.parametrize(
+    "path, name",
+    [("data/my_tickets.jsonl", "my_tickets_gen"), ("data/support/train.jsonl", "support_gen"),
+     ("exports/billing/data/train.jsonl", "billing_gen"), ("data/train.jsonl", "target_gen"),
+     ("/abs/data/raw/train.jsonl", "target_gen")],
+)  # fmt: skip
+def test_the_task_is_named_after_the_data_not_a_generic_word(path, name):
+    assert project.task_name(path) == name
+
+
+def test_short_label_answers_are_stratified_by_the_answer(seed=3):
+    rng = random.Random(seed)
+    items = [(f"q{i}", rng.choices(["billing", "shipping", "returns", "fraud"], [60, 30, 8, 2])[0]) for i in range(500)]
+    answers = [a for _, a in items]
+    assert project.short_labels(answers) and project.pick_label(answers, None) is None
+    chosen = project.carve(items, 50, seed, project.ANSWER)
+    counts = Counter(items[i][1] for i in chosen)
+    total = Counter(answers)
+    for value, n in total.items():  # each class in proportion (largest remainder): within one item
+        assert abs(counts[value] - 50 * n / len(items)) < 1, (value, counts)
+    assert counts["fraud"] >= 1  # the rare class is in the eval
+    assert not project.short_labels(["a long free text answer here", "another long free text answer"])
+    assert not project.short_labels(['{"a": 1}', '{"a": 2}']) and not project.short_labels(["yes"] * 10)

@@ -156,6 +156,7 @@ class Dedup(_Section):
         "local", description="near duplicates on this machine, or sharded on Ray Data (same result)"
     )
     ray_address: str | None = Field(None, description="Ray cluster to join (e.g. auto); unset starts a local Ray")
+    warn_share: float = Field(0.5, gt=0, le=1, description="warn on the console when dedup drops more of a source")
 
     @model_validator(mode="after")
     def _bands_divide_perm(self) -> Dedup:
@@ -190,6 +191,9 @@ class Train(_Section):
         "sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference"
     )
     adapter: Literal["lora", "qlora", "dora", "full"] = "lora"
+    min_rows: int | None = Field(
+        None, ge=1, description="fewer training rows (or pairs) stop the stage before any step; null: the method's own"
+    )
     lora: Lora = Lora()
     # Passed through to TRL's SFTConfig / DPOConfig unchanged; TRL validates the names and values.
     args: dict[str, Any] = {}

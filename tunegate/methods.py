@@ -46,6 +46,7 @@ class MethodKind:
     probe: bool = False  # the held-out general probe loss (an SFT-style loss) applies
     phases: tuple[str, ...] = ()  # a chain: the methods it runs, in order, each a row of this table
     needs_adapter: bool = False  # a chain continues one PEFT adapter from phase to phase (no `full`)
+    min_rows: int = 32  # fewer training rows (pairs) than this: the stage stops before any step (train.min_rows)
 
     @property
     def sequences_per_row(self) -> int:
@@ -66,6 +67,10 @@ class MethodKind:
     def runs_probe(self) -> bool:
         """Whether the forgetting probe can run: in this method, or in a phase of the chain."""
         return self.probe or any(METHODS[p].probe for p in self.phases)
+
+    def needs(self) -> list[MethodKind]:
+        """The methods whose training rows the run reads: itself, or each phase of a chain."""
+        return [METHODS[p] for p in self.phases] if self.phases else [self]
 
     def first(self) -> MethodKind:
         """The method that plans the run's memory: itself, or a chain's first phase."""

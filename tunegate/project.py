@@ -6,7 +6,7 @@
 What it writes, from what it reads:
 - **A held-out eval of your task**, carved from your domain data before dedup and mixing: `eval_size`
   single-turn rows (seeded; stratified by a label where the answers have one: a JSON key with few
-  values, or `--label`), written to `evals/data/<task>.jsonl` as prompt + answer. They stay in your
+  values, `--label`, or the answer itself when the answers are short labels), written to `evals/data/<task>.jsonl` as prompt + answer. They stay in your
   file; `dedup` removes them from training as `eval_leak` (its decontamination reads evals/data), so
   they can never be trained on.
 - **An lm-eval task** `evals/tasks/<task>.yaml` with a scorer chosen from the answers: JSON objects →
@@ -111,21 +111,52 @@ def pick_label(answers: list[str], label: str | None) -> str | None:
     return min(fits, key=lambda k: (counts[k], k)) if fits else None
 
 
+ANSWER = "(the answer)"  # stratify by the answer itself: short labels (billing, shipping, ...), a classification
+
+
+def short_labels(answers: list[str]) -> bool:
+    """Answers that are class labels: not JSON objects, 2..LABEL_VALUES distinct values of a few words each."""
+    values = {a.strip() for a in answers}
+    return (
+        2 <= len(values) <= LABEL_VALUES
+        and all(_json_object(a) is None for a in values)
+        and all(len(a.split()) <= 3 for a in values)
+    )
+
+
 def carve(items: list[tuple[str, str]], size: int, seed: int, label: str | None) -> list[int]:
     """Indices of `size` items, seeded; proportional per label value (largest remainder) when a label
-    is given, so rare classes are in the eval too."""
+    is given (a JSON key, or ANSWER: the answer itself), so rare classes are in the eval too."""
     rng = random.Random(seed)
     if not label:
         return sorted(rng.sample(range(len(items)), size))
     groups: dict[str, list[int]] = defaultdict(list)
     for i, (_, answer) in enumerate(items):
-        groups[json.dumps(_json_object(answer)[label], sort_keys=True)].append(i)
+        value = answer.strip() if label == ANSWER else json.dumps(_json_object(answer)[label], sort_keys=True)
+        groups[value].append(i)
     quotas = {k: size * len(v) / len(items) for k, v in groups.items()}
     take = {k: math.floor(q) for k, q in quotas.items()}
     for k in sorted(groups, key=lambda k: (take[k] - quotas[k], k))[: size - sum(take.values())]:
         take[k] += 1
     chosen = [i for k in sorted(groups) for i in rng.sample(groups[k], min(take[k], len(groups[k])))]
     return sorted(chosen)
+
+
+# File and folder names that say nothing about the task: the task is named after the next folder up instead
+GENERIC_NAMES = {
+    "train", "training", "data", "dataset", "datasets", "raw", "all", "test", "valid", "validation", "dev",
+    "export", "exports", "output", "file", "chat", "messages", "sft", "jsonl", "input", "final", "clean",
+}  # fmt: skip
+
+
+def task_name(path: str) -> str:
+    """`<name>_gen` from the data file's name, or from the first folder above it whose name says more than
+    `train` or `data` (data/support/train.jsonl -> support_gen); `target_gen` when none does."""
+    p = Path(path)
+    for name in (p.stem, p.parent.name, p.parent.parent.name):  # the file, its folder and the one above
+        if re.search(r"[A-Za-z0-9]", name) and _slug(name) not in GENERIC_NAMES:
+            return f"{name}_gen"
+    return "target_gen"
 
 
 def scorer(answers: list[str]) -> tuple[str, list[str], str]:
@@ -374,8 +405,10 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
         )
     items = [pair for _, pair in eligible]
     key = pick_label([a for _, a in items], label)
+    if key is None and label is None and short_labels([a for _, a in items]):
+        key = ANSWER
     chosen = carve(items, size, seed, key)
-    task = _slug(task or f"{Path(data[0]).stem}_gen")
+    task = _slug(task or task_name(data[0]))
     answers = [items[i][1] for i in chosen]
     function, metrics, metric = scorer(answers)
     eval_file = f"{params['paths']['evals']}/data/{task}.jsonl"
@@ -386,7 +419,7 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
                 "id": f"{task}-{n:04d}",
                 "prompt": items[i][0],
                 "answer": items[i][1],
-                **({"label": _json_object(items[i][1])[key]} if key else {}),
+                **({"label": _json_object(items[i][1])[key]} if key and key != ANSWER else {}),
             }
             for n, i in enumerate(chosen, 1)
         ],
@@ -397,7 +430,9 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
     task_file = root / params["paths"]["evals"] / "tasks" / f"{task}.yaml"
     write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data)))
     plan.written.append(str(task_file.relative_to(root)))
-    how = f"stratified by {key!r}" if key else "uniformly"
+    how = (
+        "stratified by the answer (short labels)" if key == ANSWER else f"stratified by {key!r}" if key else "uniformly"
+    )
     plan.lines.append(
         f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}; task "
         f"{task} scored by {', '.join(metrics)}. They stay in your file: dedup drops them from training (eval_leak)"

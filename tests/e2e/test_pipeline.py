@@ -170,7 +170,7 @@ def test_flipped_items_are_the_samples_files_item_by_item_and_diff_says_the_same
     assert version.tags["eval.baseline.prompt.support_gen.json_fields"]
     assert "**Baselines**" in version.description and "retrieval-5" in version.description
     proc = sh(
-        project, "tunegate", "diff", f"base@{version.version}", version.version, "--json", str(tmp_path / "d.json")
+        project, "tunegate", "diff", f"base@{version.version}", str(version.version), "--json", str(tmp_path / "d.json")
     )
     assert "support_gen/json_fields: " in proc.stdout and "lost" in proc.stdout
     diffed = {(d["task"], d["metric"]): d for d in json.loads((tmp_path / "d.json").read_text())["checks"]}
@@ -322,7 +322,7 @@ def test_champion_moves_only_for_a_candidate_that_beats_it_and_rollback_walks_ba
         mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
         logged = mlflow.artifacts.load_dict(f"runs:/{newest.run_id}/reports/gate/champion_flipped.json")
         assert any(f["lost"] for f in logged)
-        sh(project, "tunegate", "diff", better.version, newest.version, "--json", str(tmp_path / "d.json"))
+        sh(project, "tunegate", "diff", str(better.version), str(newest.version), "--json", str(tmp_path / "d.json"))
         diffed = {(d["task"], d["metric"]): d for d in json.loads((tmp_path / "d.json").read_text())["checks"]}
         for f in logged:
             for kind in ("lost", "won"):

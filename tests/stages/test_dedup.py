@@ -109,3 +109,23 @@ def test_demo_drops_the_same_rows_as_the_previous_numpy_path(cfg, validated, res
     )
     assert dropped == result[1] and metrics == result[2]
     assert sum(d["reason"] == "near_duplicate" for d in dropped) >= 10
+
+
+def test_a_source_that_loses_most_of_its_rows_is_named_with_the_main_reason_and_its_setting():
+    from stages.dedup import heavy_losses
+
+    metrics = {
+        "sources": {
+            "domain": {"in": 1000, "kept": 960, "dropped": 40, "reasons": {"exact_duplicate": 40}},
+            "prefs": {
+                "in": 200,
+                "kept": 10,
+                "dropped": 190,
+                "reasons": {"eval_leak": 29, "near_duplicate": 159, "x": 2},
+            },
+        }
+    }
+    (line,) = heavy_losses(metrics, 0.5)
+    assert line.startswith("dedup: source prefs lost 190 of 200 rows (95%, kept 10): near_duplicate 159, eval_leak 29")
+    assert "near_duplicate is decided by dedup.threshold" in line and "dedup.warn_share 0.5" in line
+    assert heavy_losses(metrics, 0.96) == [] and len(heavy_losses(metrics, 0.01)) == 2

@@ -682,3 +682,32 @@ def test_saved_configs_do_not_depend_on_the_hash_seed_or_offline_mode(tmp_path):
         and config["base_model_name_or_path"] == "models/base"
     )
     assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == {"model_max_length": 9}
+
+
+@pytest.mark.parametrize(
+    "method, sft, pairs, refused",
+    [("sft", 31, 0, "sft has 31 training rows"), ("dpo", 0, 10, "dpo has 10 preference pairs"),
+     ("sft+dpo", 400, 5, "dpo has 5 preference pairs"), ("sft+dpo", 400, 40, None), ("sft", 32, 0, None)],
+)  # fmt: skip
+def test_too_few_rows_for_the_method_stop_the_stage_naming_the_sources(method, sft, pairs, refused):
+    from stages.train import Inputs, enough_rows, loss_line
+    from tunegate.config import Train
+    from tunegate.errors import UserError
+    from tunegate.methods import METHODS
+
+    data = Inputs(
+        manifest={},
+        train_rows=[{"source": "domain" if i % 4 else "general"} for i in range(sft)],
+        pref_rows=[{"source": "prefs"} for _ in range(pairs)],
+    )
+    if refused is None:
+        enough_rows(Train(method=method), data)
+    else:
+        with pytest.raises(UserError) as err:
+            enough_rows(Train(method=method), data)
+        assert refused in str(err.value) and "fewer than min_rows 32" in str(err.value) and "\n" not in str(err.value)
+        assert "from prefs" in str(err.value) or "from domain" in str(err.value)
+    if all(data.pref_rows if m.preference else data.train_rows for m in METHODS[method].needs()):
+        enough_rows(Train(method=method, min_rows=1), data)  # train.min_rows lowers the floor
+    assert loss_line({"final_loss": None, "train_loss": 0.6931}).startswith("mean loss 0.693 (no step logged")
+    assert loss_line({"final_loss": 0.25, "train_loss": 0.4}) == "loss 0.250"
