@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def _project_with_config_only(tmp_path: Path, train: dict) -> Path:
     (base / "base.json").write_text(json.dumps({"model": "big", "path": ".", "weights_sha256": {}}))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(train)
+    params["base"]["model"] = "big"  # what base.json says was built
     params["gate"]["policy"] = str(ROOT / "evals/gates.yaml")
     params["paths"]["prompt"] = str(ROOT / "evals/prompt.md")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -109,4 +111,54 @@ def test_check_reports_the_estimate_when_it_fits(tmp_path, monkeypatch):
     monkeypatch.setattr("tunegate.preflight.available_bytes", lambda: ("NVIDIA H200", 139 * 2**30))
     out = CliRunner().invoke(app, ["check"])
     assert out.exit_code == 0, out.output
-    assert "memory: training needs about" in out.output and "per device on NVIDIA H200" in out.output
+    assert "memory: training big (built in models/base) needs about" in out.output
+    assert "per device; fits NVIDIA H200 (139.0 GiB)" in out.output
+
+
+# Real models' shapes (their config.json as published), for the questions a user asks before renting a GPU
+REAL_SHAPES = {
+    "llama-3-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256},
+    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                   "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064},
+    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000},
+}  # fmt: skip
+REAL_ARGS = {"per_device_train_batch_size": 4, "max_length": 1024, "gradient_checkpointing": True}
+
+
+@pytest.mark.parametrize("name", REAL_SHAPES)
+def test_check_answers_for_a_real_model_on_a_gpu_the_user_does_not_have(tmp_path, monkeypatch, name):
+    """`tunegate check --memory 24GiB` with base.model a local folder holding only a 7-8B config.json, beside a
+    built demo base (which must not be what it estimates from): QLoRA fits one 24 GiB card, bf16 full
+    fine-tuning is refused with the changes that would fit."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    project = _project_with_config_only(tmp_path, {"adapter": "qlora", "args": REAL_ARGS})  # a built base: "big"
+    folder = tmp_path / "models" / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({**REAL_SHAPES[name], "tie_word_embeddings": False, "torch_dtype": "bfloat16"})
+    )
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["base"]["model"] = str(folder)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    fits = CliRunner().invoke(app, ["check", "--memory", "24GiB"])
+    assert fits.exit_code == 0, fits.output
+    got = float(re.search(r"needs about ([\d.]+) GiB", fits.output)[1])
+    assert 5 < got < 21.6 and f"training {folder} needs" in fits.output and "fits 24GiB GPU (24.0 GiB)" in fits.output
+    params["train"]["adapter"] = "full"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    refused = CliRunner().invoke(app, ["check", "--memory", "rtx4090"])
+    assert refused.exit_code == 2 and "exceeds 90% of the 23.6 GiB free on rtx4090" in refused.output
+    need = float(re.search(r"estimated peak memory ([\d.]+) GiB", refused.output)[1])
+    assert need > 60  # weights, gradients and Adam states of 7-8B parameters
+    assert "train.adapter: qlora" in refused.output
+    h200 = CliRunner().invoke(app, ["check", "--memory", "h200"])  # bf16 weights, gradients, AdamW states: fits 141 GB
+    assert h200.exit_code == 0 and "fits h200 (139.8 GiB)" in h200.output, h200.output
+    bad = CliRunner().invoke(app, ["check", "--memory", "lots"])
+    assert bad.exit_code == 2 and "--memory lots: a size (24GiB, 80GB) or one of t4" in bad.output

@@ -83,17 +83,20 @@ def _registry(params: Path | None, tracking_uri: str | None = None, model: str |
 
 
 @app.command()
-def check(params: Path | None = PARAMS) -> None:
-    """Validate params.yaml and the gate policy; with a built base, the training memory preflight (no weights load)."""
-    memory = "memory: base not built yet (dvc repro base), preflight skipped"
+def check(
+    params: Path | None = PARAMS,
+    memory: str | None = typer.Option(
+        None, "--memory", help="answer for a GPU you do not have yet: a size (24GiB, 80GB) or a name (a100-80gb, h100)"
+    ),
+) -> None:
+    """Validate params.yaml, the gate policy, the eval tasks and dvc.yaml; estimate training memory from base.model's
+    config.json (no weights load), on this machine's device or the one --memory names."""
     try:
         from tunegate.config import load_config
         from tunegate.gate import load_policy
-        from tunegate.paths import Layout
 
         cfg = load_config(params)
         policy = load_policy(Path(cfg.gate.policy))
-        layout = Layout.of(cfg.paths)
         from tunegate import consistency
 
         for line in consistency.warnings(cfg):
@@ -101,18 +104,37 @@ def check(params: Path | None = PARAMS) -> None:
         found = consistency.problems(cfg)
         if found:
             raise UserError("\n".join(found) if len(found) == 1 else f"{len(found)} problems:\n" + "\n".join(found))
-        if layout.base_manifest.exists():
-            from tunegate.models import load_manifest
-            from tunegate.preflight import GIB
-            from tunegate.training import preflight
-
-            est, device, _ = preflight(cfg.train, load_manifest(layout.base)["path"])
-            memory = f"memory: training needs about {est['total'] / GIB:.2f} GiB per device on {device}"
+        line = _memory_line(cfg, memory)
     except UserError as err:
         fail(err)
     typer.echo(
         f"ok: {len(cfg.data.sources)} sources, method {cfg.train.method}/{cfg.train.adapter}, "
-        f"{len(policy.checks)} gate checks; {memory}"
+        f"{len(policy.checks)} gate checks; {line}"
+    )
+
+
+def _memory_line(cfg, memory: str | None) -> str:
+    """The memory estimate from base.model's own config.json, or why there is none yet; a run that cannot fit
+    ends in the preflight's one-line refusal with the changes that would make it fit."""
+    from tunegate.paths import Layout
+    from tunegate.training import base_config_dir, memory_budget, preflight
+
+    layout = Layout.of(cfg.paths)
+    built = None
+    if layout.base_manifest.exists():
+        import json
+
+        built = json.loads(layout.base_manifest.read_text(encoding="utf-8")).get("model")
+    folder, source = base_config_dir(cfg.base.model, layout.base, built)
+    if folder is None:
+        return f"memory: preflight skipped: {source}"
+    budget = memory_budget(memory) if memory else None
+    from tunegate.preflight import GIB
+
+    est, device, free = preflight(cfg.train, folder, budget=budget)
+    return (
+        f"memory: training {source} needs about {est['total'] / GIB:.2f} GiB per device; fits {device} "
+        f"({free / GIB:.1f} GiB)"
     )
 
 

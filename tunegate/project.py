@@ -6,9 +6,9 @@
 What it writes, from what it reads:
 - **A held-out eval of your task**, carved from your domain data before dedup and mixing: `eval_size`
   single-turn rows (seeded; stratified by a label where the answers have one: a JSON key with few
-  values, `--label`, or the answer itself when the answers are short labels), written to `evals/data/<task>.jsonl` as prompt + answer. They stay in your
-  file; `dedup` removes them from training as `eval_leak` (its decontamination reads evals/data), so
-  they can never be trained on.
+  values, `--label`, or the answer itself when the answers are short labels), written to
+  `evals/data/<task>.jsonl` as prompt + answer. They stay in your file; `dedup` removes them from
+  training as `eval_leak` (its decontamination reads evals/data), so they can never be trained on.
 - **An lm-eval task** `evals/tasks/<task>.yaml` with a scorer chosen from the answers: JSON objects →
   field by field against the reference's own keys (`json_fields`); short answers → `exact`; free text →
   `chrf` (and `rouge_l`). It stops generation at the template's end-of-turn text.

@@ -52,21 +52,66 @@ def resolved_args(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any
 
 
 def preflight(
-    cfg: Train, model_dir: str | Path, args: dict[str, Any] | None = None
+    cfg: Train, model_dir: str | Path, args: dict[str, Any] | None = None, budget: tuple[str, float] | None = None
 ) -> tuple[dict[str, float], str, float]:
     """The memory estimate for this machine's device, or the one-line refusal (a UserError); returns
     (estimate, device, free bytes). Reads only the base's config.json. args: the trainer settings already
-    resolved (the train stage has them); None resolves them for this device."""
+    resolved (the train stage has them); None resolves them for this device. budget: (name, bytes) of a GPU
+    to answer for instead of this machine's device (CUDA settings: bf16, TF32)."""
     from tunegate.preflight import available_bytes, check
 
+    if args is None and budget is not None:
+        args = resolved_args(cfg, True, True)
     if args is None:
         import torch
 
         cuda = torch.cuda.is_available()
         args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
     shape = read_shape(model_dir)
-    device, free = available_bytes()
+    device, free = budget or available_bytes()
     return check(shape, plan(cfg, args, shape), device, free), device, free
+
+
+# GPU memory as torch reports it (GiB), for `tunegate check --memory <name>`: hardware a user does not have yet
+GPUS = {
+    "t4": 14.6, "l4": 22.0, "a10g": 22.0, "rtx3090": 23.6, "rtx4090": 23.6, "a100-40gb": 39.4, "l40s": 44.4,
+    "a6000": 47.5, "a100-80gb": 79.1, "h100": 79.1, "h100-80gb": 79.1, "h200": 139.8, "b200": 178.4,
+}  # fmt: skip
+
+
+def memory_budget(text: str) -> tuple[str, float]:
+    """(device name, bytes) of `--memory`: a size (`24GiB`, `80GB`, `16g`, `24`: GiB) or a GPU's name from GPUS."""
+    import re
+
+    name = text.strip().lower()
+    if name in GPUS:
+        return name, GPUS[name] * 2**30
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)?", name)
+    if not m:
+        raise UserError(f"--memory {text}: a size (24GiB, 80GB) or one of {', '.join(GPUS)}")
+    scale = 1e9 if m[2] == "gb" else 2**30
+    return f"{text.strip()} GPU", float(m[1]) * scale
+
+
+def base_config_dir(base_model: str, built: Path, built_model: str | None) -> tuple[Path | None, str]:
+    """The folder whose config.json the memory estimate reads, and why: base.model itself when it is a local
+    folder; its config.json alone from the hub (one small file) when it is a hub id; the built base only when
+    it was built from this base.model (never a stale one)."""
+    local = Path(base_model)
+    if (local / "config.json").is_file():
+        return local, str(local)
+    if built_model == base_model and (built / "config.json").is_file():
+        return built, f"{base_model} (built in {built})"
+    if base_model == "demo":
+        return None, "the demo base is not built yet (dvc repro base)"
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(base_model, "config.json", etag_timeout=5)
+    except Exception as err:  # offline, no such repo, gated: the estimate waits for the base stage
+        detail = type(err).__name__
+        return None, f"{base_model}'s config.json cannot be had ({detail}: offline or not on the hub)"
+    return Path(path).parent, f"{base_model} (config.json from the hub)"
 
 
 def is_main_process() -> bool:
