@@ -7,7 +7,7 @@ import yaml
 from tunegate.config import Config
 
 STAGES = (
-    "base validate dedup mix train eval_base eval_baselines eval_candidate export eval_export gate register".split()
+    "base eval_base validate dedup eval_baselines mix train eval_candidate export eval_export gate register".split()
 )
 
 

@@ -14,7 +14,7 @@ from tests.e2e.conftest import edit_params, sh
 pytestmark = pytest.mark.slow
 
 STAGES = (
-    "base validate dedup mix train eval_base eval_baselines eval_candidate export eval_export gate register".split()
+    "base eval_base validate dedup eval_baselines mix train eval_candidate export eval_export gate register".split()
 )
 BASELINES = ["prompt", "few_shot-5", "retrieval-5"]
 
