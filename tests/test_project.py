@@ -217,3 +217,34 @@ def test_short_label_answers_are_stratified_by_the_answer(seed=3):
     assert counts["fraud"] >= 1  # the rare class is in the eval
     assert not project.short_labels(["a long free text answer here", "another long free text answer"])
     assert not project.short_labels(['{"a": 1}', '{"a": 2}']) and not project.short_labels(["yes"] * 10)
+
+
+def test_check_finds_a_builtin_task_whose_data_is_not_here_before_any_stage_runs(proj, monkeypatch):
+    """Offline with an empty Hugging Face cache, a built-in lm-eval task is named with the fix by `tunegate check`
+    (instead of eval_base retrying the hub after training); a local task whose data file is gone is named too."""
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    monkeypatch.setenv("HF_HOME", str(proj / "empty-hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(proj / "empty-hf-home" / "hub"))
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["eval"]["tasks"] += ["arc_easy"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    (proj / "evals/data/general_gen.jsonl").unlink()
+    monkeypatch.chdir(proj)
+    out = CliRunner().invoke(app, ["check"])
+    assert out.exit_code == 2
+    assert (
+        "eval.tasks: arc_easy needs the dataset allenai/ai2_arc (ARC-Easy), which is not in the Hugging Face cache"
+        in out.output
+    )
+    assert "lm_eval --model hf --model_args pretrained=demo --tasks arc_easy --limit 1" in out.output
+    assert "eval.tasks: general_gen reads" in out.output and "which does not exist" in out.output
+    cached = proj / "empty-hf-home" / "hub" / "datasets--allenai--ai2_arc"
+    cached.mkdir(parents=True)
+    assert not any("arc_easy" in p for p in consistency.task_data_problems(load_config(proj / "params.yaml"), proj)[0])

@@ -41,6 +41,19 @@ def _yaml(path: Path) -> dict[str, Any]:
         return {}  # tunegate.evaluation.local_tasks names unreadable task files in one line
 
 
+def _merged(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+    """A task YAML with the files it `include:`s under it (lm-eval's inheritance)."""
+    merged: dict[str, Any] = {}
+    seen = set()
+    chain = [doc]
+    while isinstance(chain[-1].get("include"), str) and chain[-1]["include"] not in seen:
+        seen.add(chain[-1]["include"])
+        chain.append(_yaml(path.parent / chain[-1]["include"]))
+    for part in reversed(chain):
+        merged.update(part)
+    return merged
+
+
 def local_task_info(tasks_dir: Path, root: Path) -> dict[str, TaskInfo]:
     """{task name: TaskInfo} for the YAML files in tasks_dir (following `include:`)."""
     out = {}
@@ -48,14 +61,7 @@ def local_task_info(tasks_dir: Path, root: Path) -> dict[str, TaskInfo]:
         doc = _yaml(path)
         if not isinstance(doc.get("task"), str):
             continue
-        merged: dict[str, Any] = {}
-        seen = set()
-        chain = [doc]
-        while isinstance(chain[-1].get("include"), str) and chain[-1]["include"] not in seen:
-            seen.add(chain[-1]["include"])
-            chain.append(_yaml(path.parent / chain[-1]["include"]))
-        for part in reversed(chain):
-            merged.update(part)
+        merged = _merged(path, doc)
         metrics = frozenset(
             m["metric"] for m in merged.get("metric_list") or [] if isinstance(m, dict) and "metric" in m
         )
@@ -242,9 +248,103 @@ def baseline_warnings(cfg: Config, root: Path | str = ".") -> list[str]:
     ]
 
 
+def builtin_dataset(task: str) -> tuple[str, str | None] | None:
+    """(dataset_path, dataset_name) of one of lm-eval's built-in tasks, read from its YAML without indexing the
+    thousands of others (its file is found by name, else by a scan for `task: <name>`); None for a group or a
+    task whose data is not a hub dataset."""
+    import re
+
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    named = sorted(root.rglob(f"{task}.yaml"))
+    pattern = re.compile(rb"^task:\s*['\"]?" + re.escape(task.encode()) + rb"['\"]?\s*$", re.M)
+    candidates = named or [p for p in sorted(root.rglob("*.yaml")) if pattern.search(p.read_bytes())]
+    for path in candidates:
+        doc = _yaml(path)
+        if doc.get("task") != task:
+            continue
+        merged = _merged(path, doc)
+        if isinstance(merged.get("dataset_path"), str) and "/" in merged["dataset_path"]:
+            name = merged.get("dataset_name")
+            return merged["dataset_path"], name if isinstance(name, str) else None
+    return None
+
+
+def dataset_cached(path: str) -> bool:
+    """Whether a hub dataset is in this machine's Hugging Face caches (the hub's, or the datasets library's)."""
+    import os
+
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}"
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    return hub.is_dir() or (datasets_cache / path.replace("/", "___")).is_dir()
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """False when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE say so, or the hub does not answer within `timeout`."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
+        "",
+        "0",
+    ):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def task_data_problems(cfg: Config, root: Path | str = ".") -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the eval tasks' data: a local task's data file that is missing; a built-in task whose
+    dataset is not in the cache while the hub cannot be reached (eval_base would fail, after minutes of retries),
+    or, with the hub reachable, a dataset the first eval will download."""
+    root = Path(root)
+    layout = Layout.of(cfg.paths, root)
+    local = local_task_info(layout.eval_tasks, root)
+    problems, warned = [], []
+    for task in cfg.eval.tasks:
+        if task in local:
+            data = local[task].data
+            if data is not None and not data.is_file():
+                problems.append(f"eval.tasks: {task} reads {data}, which does not exist (dataset_kwargs.data_files)")
+            continue
+        found = builtin_dataset(task)
+        if found is None or dataset_cached(found[0]):
+            continue
+        where = f"{found[0]}{f' ({found[1]})' if found[1] else ''}"
+        fill = f"lm_eval --model hf --model_args pretrained={cfg.base.model} --tasks {task} --limit 1"
+        if not hub_reachable():
+            problems.append(
+                f"eval.tasks: {task} needs the dataset {where}, which is not in the Hugging Face cache, and the hub "
+                f"cannot be reached: eval_base would fail; fill the cache once with network access ({fill}), or "
+                "use a local task (evals/tasks)"
+            )
+        else:
+            warned.append(f"eval.tasks: {task} downloads {where} at the first eval (not in the cache yet)")
+    return problems, warned
+
+
 def problems(cfg: Config, root: Path | str = ".") -> list[str]:
-    return gate_problems(cfg, root) + data_problems(cfg, root) + export_problems(cfg) + baseline_problems(cfg, root)
+    return (
+        gate_problems(cfg, root)
+        + data_problems(cfg, root)
+        + export_problems(cfg)
+        + baseline_problems(cfg, root)
+        + task_data_problems(cfg, root)[0]
+    )
 
 
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
-    return gate_warnings(cfg, root) + length_warnings(cfg) + baseline_warnings(cfg, root)
+    return (
+        gate_warnings(cfg, root)
+        + length_warnings(cfg)
+        + baseline_warnings(cfg, root)
+        + task_data_problems(cfg, root)[1]
+    )
