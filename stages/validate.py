@@ -426,7 +426,7 @@ def _validate_source(
     """(kept rows, quarantine rows, the source's metrics, the line if too many rows were invalid) of one source:
     read, rows of the wrong kind and untrainable tool rows set aside, the suite run, each row judged."""
     cfg, started = checks.cfg, time.perf_counter()
-    rows, problems, fmt, notes = load_rows(name, source.path, source.format)
+    rows, problems, fmt, notes = load_rows(name, source.path, source.format, source.split)
     expected_kind = "preference" if source.role == "preference" else "sft"
     rows, quarantine = _of_kind(name, source, rows, expected_kind)
     quarantine = [p.as_row() for p in problems] + quarantine

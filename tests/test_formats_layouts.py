@@ -204,3 +204,47 @@ def test_each_malformed_variant_is_quarantined_with_its_reason(tmp_path, fmt, re
     assert got_fmt == fmt and len(rows) == 5
     assert [(p.line, p.reason) for p in problems] == [(6, reason)], [p.detail for p in problems]
     assert "\n" not in problems[0].detail
+
+
+def test_a_folder_or_glob_of_shards_reads_as_one_source_and_a_bad_line_names_its_shard(tmp_path):
+    import msgspec
+
+    from tunegate.formats import load_rows
+    from tunegate.readers import dependency
+
+    rows = corpus()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for k in range(3):  # three shards; the second has a broken line in the middle
+        lines = [json.dumps(r) for r in rows[k * 40 : (k + 1) * 40]]
+        if k == 1:
+            lines.insert(5, '{"messages": [broken')
+        (folder / f"part-{k:05d}.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "README.md").write_text("not data")
+    whole, _, _ = read(write(tmp_path / "whole.jsonl", rows))
+    for source in (folder, f"{folder}/part-*.jsonl"):
+        got, problems, fmt, notes = load_rows("src", source)
+        plain = [{k: v for k, v in msgspec.to_builtins(r).items() if k not in ("source", "line")} for r in got]
+        assert plain == [{k: v for k, v in w.items() if k != "line"} for w in whole]  # the same rows as one file
+        assert len(got) == N and notes["shards"] == 3 and fmt == "messages"
+        assert [(p.line, p.reason) for p in problems] == [(46, "malformed_json")]
+        assert problems[0].detail.startswith("part-00001.jsonl line 6: ")
+    assert dependency("data/export/*.jsonl") == "data/export" and dependency("data/x.jsonl") == "data/x.jsonl"
+    with pytest.raises(Exception, match="the pattern matches no data file"):
+        load_rows("src", f"{folder}/nothing-*.jsonl")
+
+
+def test_a_saved_dataset_dict_reads_the_split_asked_for_and_names_the_ones_it_has(tmp_path):
+    import datasets
+
+    from tunegate.errors import UserError
+    from tunegate.formats import load_rows
+
+    rows = [{"messages": r["messages"]} for r in corpus() if "tools" not in r][:20]
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:12]), "validation": datasets.Dataset.from_list(rows[12:])}
+    ).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_rows("src", tmp_path / "saved")[0]) == 12  # train by default
+    assert len(load_rows("src", tmp_path / "saved", split="validation")[0]) == 8
+    with pytest.raises(UserError, match=r"without a 'test' split \(it has train, validation\); set data.sources"):
+        load_rows("src", tmp_path / "saved", split="test")

@@ -91,6 +91,7 @@ class Source(_Section):
     format: Literal[
         "auto", "messages", "prompt_completion", "alpaca", "preference", "sharegpt", "openai_preference"
     ] = "auto"
+    split: str | None = Field(None, description="a saved DatasetDict's split (default: train)")
 
 
 class Data(_Section):

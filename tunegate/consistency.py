@@ -157,6 +157,7 @@ def data_problems(cfg: Config, root: Path | str = ".") -> list[str]:
     """Every local data source is a dependency of validate in dvc.yaml (or inside one), so DVC re-runs
     validate and everything after it when the file changes."""
     from tunegate.formats import source_kind
+    from tunegate.readers import dependency
 
     root = Path(root)
     deps = [Path(d) for d in validate_deps(cfg, root)]
@@ -168,6 +169,7 @@ def data_problems(cfg: Config, root: Path | str = ".") -> list[str]:
         try:
             if source_kind(root / path if not path.is_absolute() else path) == "hub":
                 continue
+            path = Path(dependency(source.path))
         except Exception:  # a missing file is validate's own one-line error
             continue
         rel = path if not path.is_absolute() else _relative(path, root)

@@ -36,7 +36,7 @@ import io
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import msgspec
 from tunegate import layouts
 from tunegate.errors import UserError
 from tunegate.layouts import NormaliseError
-from tunegate.readers import NOTE_BOM, read_bytes, read_records, source_kind, utf8_bytes
+from tunegate.readers import NOTE_BOM, read_bytes, read_records, shards, source_kind, utf8_bytes
 from tunegate.runtime import gc_paused
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "preference", "sharegpt", "openai_preference")
@@ -453,24 +453,51 @@ def _check_encodable(text: str) -> None:
 
 
 # pragma: no mutate block (loading a source line by line, below: tests/test_formats.py)
-def load_rows(name: str, path: str | Path, fmt: str = "auto") -> tuple[list[Row], list[Problem], str, dict[str, int]]:
+def load_rows(
+    name: str, path: str | Path, fmt: str = "auto", split: str | None = None
+) -> tuple[list[Row], list[Problem], str, dict[str, int]]:
     """Read and normalise one source. Returns (rows, problems, format, notes); every input record ends in
     one of the two lists, and a source that cannot be read at all raises a one-line UserError.
 
+    A source of several files (a folder of shards, a glob) is read file by file in sorted order, in the format
+    of the first; rows and problems are numbered through all of them, and a problem names its file.
     Ids are `<source>-<content hash>` (and `-<n>` for the n-th repeat of the same content), so they
     survive reordering of the input file and name the same row in every report.
     """
     notes: Counter = Counter()
     with gc_paused():
         p = Path(str(path))
-        if p.suffix.lower() == ".jsonl" and source_kind(p) == "file":
-            rows, problems, fmt = _load_jsonl(name, p, fmt, notes)
+        if source_kind(p) == "shards":
+            rows, problems, fmt = _load_shards(name, p, fmt, notes)
         else:
-            rows, problems, fmt = _load_records(name, path, fmt, notes)
+            rows, problems, fmt = _load_one(name, p if p.exists() else path, fmt, notes, split)
         if not rows and not problems:
             raise UserError(f"{p}: no records; add records or remove the source from data.sources")
         _assign_ids(name, rows)
         return rows, problems, fmt, dict(sorted(notes.items()))
+
+
+def _load_one(
+    name: str, path: str | Path, fmt: str, notes: Counter, split: str | None = None
+) -> tuple[list[Row], list[Problem], str]:
+    p = Path(str(path))
+    if p.suffix.lower() == ".jsonl" and source_kind(p) == "file":
+        return _load_jsonl(name, p, fmt, notes)
+    return _load_records(name, path, fmt, notes, split)
+
+
+def _load_shards(name: str, pattern: Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for file in shards(pattern):
+        got, bad, fmt = _load_one(name, file, fmt, notes)
+        offset = len(rows) + len(problems)
+        for row in got:
+            row.line += offset
+        problems += [replace(b, line=b.line + offset, detail=f"{file.name} line {b.line}: {b.detail}") for b in bad]
+        rows += got
+    notes["shards"] = len(shards(pattern))
+    return rows, problems, fmt
 
 
 def _assign_ids(name: str, rows: list[Row]) -> None:
@@ -502,8 +529,10 @@ def _raw(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False, default=str)
 
 
-def _load_records(name: str, path: str | Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
-    records = list(read_records(path, notes, cell=_from_table))
+def _load_records(
+    name: str, path: str | Path, fmt: str, notes: Counter, split: str | None = None
+) -> tuple[list[Row], list[Problem], str]:
+    records = list(read_records(path, notes, cell=_from_table, split=split))
     if not records:
         return [], [], fmt
     if fmt == "auto":

@@ -334,7 +334,11 @@ def init(  # noqa: PLR0913 - one keyword per `tunegate init` option, as the CLI 
         root, params, plan, model, revision, sources, tokenizer, rows, held, general_checks, bool(preferences)
     )
     dvc_yaml = root / DVC_YAML
-    tracked = [p["path"] for p in sources.values() if not p["path"].startswith(params["paths"]["raw"] + "/")]
+    from tunegate.readers import dependency
+
+    tracked = [
+        dependency(p["path"]) for p in sources.values() if not p["path"].startswith(params["paths"]["raw"] + "/")
+    ]
     write_text(dvc_yaml, add_validate_deps(dvc_yaml.read_text(encoding="utf-8"), tracked))
     plan.written.append(str(DVC_YAML))
     return plan

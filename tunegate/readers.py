@@ -22,7 +22,11 @@ from typing import Any
 from tunegate.errors import UserError, first_line
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-SUPPORTED = ".jsonl, .json, .parquet, .csv, a datasets.save_to_disk folder or a hub id (org/name)"
+SUPPORTED = (
+    ".jsonl, .json, .parquet, .csv, a folder or glob of such files (shards), a datasets.save_to_disk folder or a hub "
+    "id (org/name)"
+)
+GLOB = re.compile(r"[*?\[]")
 # Longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
 BOMS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
@@ -47,7 +51,15 @@ def source_kind(path: str | Path) -> str:
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             return "dataset"
-        raise UserError(f"{p}: a folder, not a data file or a saved dataset; point the source at a file ({SUPPORTED})")
+        if shards(p):
+            return "shards"
+        raise UserError(
+            f"{p}: a folder with no data file and not a saved dataset; point the source at files ({SUPPORTED})"
+        )
+    if GLOB.search(path_s) and not p.exists():
+        if shards(p):
+            return "shards"
+        raise UserError(f"{path_s}: the pattern matches no data file (relative paths start at the project root)")
     if p.exists():
         if p.suffix.lower() not in SUFFIXES:
             raise UserError(f"{p}: unsupported file type {p.suffix or '(no extension)'!r}; use {SUPPORTED}")
@@ -55,6 +67,34 @@ def source_kind(path: str | Path) -> str:
     if p.suffix.lower() not in SUFFIXES and HUB_ID.fullmatch(path_s):
         return "hub"
     raise UserError(f"{p}: not found (check data.sources in params.yaml; relative paths start at the project root)")
+
+
+def shards(path: str | Path) -> list[Path]:
+    """The data files a multi-file source names, in sorted order: a glob's matches, or a folder's files (not its
+    subfolders) with a supported extension; [] for anything else."""
+    path_s = str(path)
+    if GLOB.search(path_s) and not Path(path_s).exists():
+        import glob
+
+        matched = [Path(m) for m in glob.glob(path_s, recursive=True)]
+    elif Path(path_s).is_dir():
+        matched = list(Path(path_s).iterdir())
+    else:
+        return []
+    return sorted(m for m in matched if m.is_file() and m.suffix.lower() in SUFFIXES)
+
+
+def dependency(path: str) -> str:
+    """What DVC tracks for a source: the path itself, or a glob's folder (the part before the first wildcard), so
+    a shard added, changed or removed makes validate run again."""
+    if not GLOB.search(path):
+        return path
+    fixed = []
+    for part in Path(path).parts:
+        if GLOB.search(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
 
 
 def read_bytes(p: Path) -> bytes:
@@ -100,7 +140,7 @@ def _as_is(key: str, value: Any) -> Any:
 
 
 def read_records(
-    path: str | Path, notes: Counter | None = None, cell: Callable[[str, Any], Any] = _as_is
+    path: str | Path, notes: Counter | None = None, cell: Callable[[str, Any], Any] = _as_is, split: str | None = None
 ) -> Iterator[tuple[int, Any, str]]:
     """Yield (row_number, record, '') for every record of a JSON, Parquet or CSV file, a saved dataset
     or a hub dataset. JSONL goes through `formats._load_jsonl` instead, which reports bad lines one by one.
@@ -115,8 +155,10 @@ def read_records(
         yield from _read_hub_dataset(path_s)
         return
     if kind == "dataset":
-        yield from _read_saved_dataset(p)
+        yield from _read_saved_dataset(p, split)
         return
+    if split:
+        raise UserError(f"{p}: data.sources.<name>.split is for a saved DatasetDict folder; remove it for a file")
     suffix = p.suffix.lower()
     if suffix == ".parquet":
         yield from _read_parquet(p, cell)
@@ -174,15 +216,21 @@ def _read_csv(p: Path, data: bytes, cell: Callable[[str, Any], Any]) -> Iterator
         yield i, {k: cell(k, v) for k, v in rec.items()}, ""
 
 
-def _read_saved_dataset(p: Path) -> Iterator[tuple[int, Any, str]]:
+def _read_saved_dataset(p: Path, split: str | None = None) -> Iterator[tuple[int, Any, str]]:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise UserError(f"{p}: a saved DatasetDict without a 'train' split ({', '.join(ds)}); save one split")
-            ds = ds["train"]
+            want = split or "train"
+            if want not in ds:
+                raise UserError(
+                    f"{p}: a saved DatasetDict without a {want!r} split (it has {', '.join(ds)}); set "
+                    "data.sources.<name>.split to one of them"
+                )
+            ds = ds[want]
+        elif split:
+            raise UserError(f"{p}: a saved Dataset (one split), not a DatasetDict; remove data.sources.<name>.split")
         records = list(ds)
     except UserError:
         raise
