@@ -187,7 +187,8 @@ MALFORMED = [
     ("preference", {"chosen": [user("a")], "rejected": [user("b")]}, "prompt_mismatch"),
     ("preference", {"chosen": ASKED, "rejected": ASKED}, "chosen_equals_rejected"),
     ("preference", {"chosen": [*ASKED, user("x")], "rejected": [*ASKED, user("y")]}, "prompt_mismatch"),
-    ("preference", {"chosen": "plain text", "rejected": "other text"}, "wrong_type"),
+    ("preference", {"chosen": "plain text", "rejected": "other text"}, "missing_field"),  # text, no prompt
+    ("preference", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "no transcript"}, "wrong_type"),
     ("preference", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": 3}, "missing_field"),
 ]  # fmt: skip
 

@@ -53,7 +53,7 @@ REQUIRED = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
-    "preference": ("chosen", "rejected"),  # and `prompt`, or whole conversations that share it (tunegate.layouts)
+    "preference": ("prompt", "chosen", "rejected"),  # without `prompt`: whole conversations that share it (layouts)
     "sharegpt": ("conversations",),
     "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
@@ -270,7 +270,7 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
     if not isinstance(record, dict):
         raise NormaliseError("wrong_type", f"expected a JSON object, got {type(record).__name__}")
     missing = [f for f in REQUIRED[fmt] if record.get(f) is None]
-    if missing:
+    if missing and (fmt != "preference" or missing != ["prompt"]):  # no prompt alone: an implicit-prompt pair
         raise NormaliseError("missing_field", ", ".join(missing))
     if fmt == "sharegpt":
         fmt, record = layouts.sharegpt(record)

@@ -170,7 +170,7 @@ def implicit_pair(record: dict[str, Any], notes: Counter | None) -> dict[str, An
     """A preference record without `prompt`: HH text pairs parsed into turns, then the shared turns as the prompt.
     The sides are plain turns here; formats.normalise checks each message as for any preference row."""
     chosen, rejected = record["chosen"], record["rejected"]
-    if isinstance(chosen, str) and isinstance(rejected, str):
+    if isinstance(chosen, str) and isinstance(rejected, str) and HH_TURN.match(chosen):
         chosen, rejected = hh_turns(chosen, "chosen"), hh_turns(rejected, "rejected")
         if notes is not None:
             notes[NOTE_HH] += 1
