@@ -31,6 +31,7 @@ from typing import Any
 from tunegate.config import Baselines, Config
 from tunegate.errors import UserError
 from tunegate.io import read_jsonl
+from tunegate.paths import Layout
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,18 @@ def example_turns(row: dict[str, Any]) -> Turns | None:
     return turns if len(turns) >= 2 and turns[0]["role"] == "user" else None
 
 
-def training_examples(cfg: Config, dedup: Path) -> list[Turns]:
+def training_examples(cfg: Config, layout: Layout) -> list[Turns]:
     """The pool of examples: every domain row the dedup stage kept, in file order, as turns."""
     pool: list[Turns] = []
     for name, source in cfg.data.sources.items():
         if source.role != "domain":
             continue
-        path = dedup / f"{name}.jsonl"
+        path = layout.dedup_source(name)
         if not path.exists():
             raise UserError(f"{path}: missing; run the dedup stage first (dvc repro dedup)")
         pool += [turns for row in read_jsonl(path) if (turns := example_turns(row))]
     if not pool:
-        raise UserError(f"{dedup}: no domain row has user and assistant text turns to show as an example")
+        raise UserError(f"{layout.dedup}: no domain row has user and assistant text turns to show as an example")
     return pool
 
 
@@ -131,6 +132,7 @@ class Prompter:
             "prompt_tokens": round(sum(self.tokens) / n, 1) if n else 0.0,
             "plain_prompt_tokens": round(sum(self.plain_tokens) / n, 1) if n else 0.0,
             "examples_shown": round(sum(self.shown) / n, 2) if n else 0.0,
+            "examples_shown_total": sum(self.shown),
             "items_trimmed": self.trimmed,
             "examples_dropped": self.dropped,
         }
@@ -228,7 +230,7 @@ def read_prompt(settings: Baselines, path: Path) -> str | None:
     return text
 
 
-def run(cfg: Config, manifest: dict[str, Any], layout, out: Path) -> dict[str, dict[str, Any]]:
+def run(cfg: Config, manifest: dict[str, Any], layout: Layout, out: Path) -> dict[str, dict[str, Any]]:
     """Every baseline into out/<name>/ (results.json, samples/), their costs into out/costs.json."""
     from tunegate.evaluation import evaluate_lm, task_set
     from tunegate.io import write_json
@@ -243,7 +245,7 @@ def run(cfg: Config, manifest: dict[str, Any], layout, out: Path) -> dict[str, d
     eval_cfg = cfg.eval.model_copy(update={"tasks": list(settings.tasks)})
     tasks = task_set(eval_cfg, layout.eval_tasks)
     system = read_prompt(settings, layout.prompt)
-    pool = training_examples(cfg, layout.dedup)
+    pool = training_examples(cfg, layout)
     held_out = eval_queries(tasks, list(settings.tasks))
     if left_out := sum(_key(_user_text(turns)) in held_out for turns in pool):
         log.warning(
