@@ -76,6 +76,7 @@ def _project_with_config_only(tmp_path: Path, train: dict) -> Path:
     params["base"]["model"] = "big"  # what base.json says was built
     params["gate"]["policy"] = str(ROOT / "evals/gates.yaml")
     params["paths"]["prompt"] = str(ROOT / "evals/prompt.md")
+    (tmp_path / "evals").symlink_to(ROOT / "evals")  # the demo's local tasks: nothing to look up in lm-eval's
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path
 
