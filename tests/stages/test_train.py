@@ -3,6 +3,7 @@ bad args are named."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -711,3 +712,37 @@ def test_too_few_rows_for_the_method_stop_the_stage_naming_the_sources(method, s
         enough_rows(Train(method=method, min_rows=1), data)  # train.min_rows lowers the floor
     assert loss_line({"final_loss": None, "train_loss": 0.6931}).startswith("mean loss 0.693 (no step logged")
     assert loss_line({"final_loss": 0.25, "train_loss": 0.4}) == "loss 0.250"
+
+
+def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_path):
+    """`train.args.packing: true` (TRL's best-fit-decreasing, padding-free): a packed batch computes, for each row
+    in it, exactly the logits of that row alone (no row attends to another: transformers builds the document mask
+    from the restarting position ids, on CPU's SDPA too, since TRL trains with use_cache off), and every trained
+    token is an answer token of one of the rows."""
+    import torch
+
+    from tunegate.models import load_model, load_tokenizer
+
+    cfg = Train(
+        truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args={**ARGS, "packing": True, "max_length": 256}
+    )
+    config = train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path / "ckpt", with_probe=False))
+    sft_rows = rows[0][:12]
+    tokenizer = load_tokenizer(base)
+    train_ds, _ = train._datasets(train.METHODS["sft"], train.Inputs(base, sft_rows), tokenizer, config.to_dict())
+    _, trainer_cls = train.METHODS["sft"].classes()
+    trainer = trainer_cls(model=load_model(base), args=config, train_dataset=train_ds, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"][0].tolist()
+    assert "attention_mask" not in batch and ids.shape[0] == 1
+    starts = [j for j, p in enumerate(positions[0].tolist()) if p == 0] + [ids.shape[1]]
+    assert len(starts) > 2  # several rows in one sequence
+    model = trainer.model.eval()
+    answers = {r["messages"][1]["content"] for r in sft_rows}
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        for a, b in itertools.pairwise(starts):
+            alone = model(input_ids=ids[:, a:b], use_cache=False).logits[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-5), (a, b)
+            trained = tokenizer.decode([t for t in labels[a:b] if t != -100], skip_special_tokens=True)
+            assert trained.strip() in answers  # the row's answer, and nothing of its prompt
