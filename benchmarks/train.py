@@ -3,7 +3,8 @@
 
     python -m benchmarks.train overhead     # tunegate's train stage vs a plain TRL script, demo model
     python -m benchmarks.train memory       # ~100M-parameter Llama: lora fp32 / lora bf16 / qlora / full
-    python -m benchmarks.train packing      # padding share of the batches TRL builds from the demo data
+    python -m benchmarks.train packing      # padding share of the batches, and one epoch of the train stage
+                                            # on the same rows with packing off and on (same tokens)
 
 `overhead` and `packing` need the demo base and mixed data (`make demo` first). `memory` builds a
 random ~100M-parameter Llama (no download) and runs each configuration in a fresh process so that
@@ -313,6 +314,43 @@ def packing() -> None:
         )
 
 
+def packed_epoch(repeat: int) -> None:
+    """One epoch of the train stage over the demo's mixed rows, packing off vs on: the same tokens trained, the
+    wall time and tokens per second side by side (interleaved, median of `repeat`)."""
+    from stages import train
+    from tunegate.models import load_tokenizer
+
+    cfg, manifest, rows = _demo()
+    tokens = sum(len(ids["input_ids"]) for ids in train.sft_examples(rows, load_tokenizer(manifest))[0])
+    base_args = {k: v for k, v in cfg.train.args.items() if k not in ("max_steps", "save_steps", "eval_steps")}
+    settings = {
+        "off": {**base_args, "num_train_epochs": 1, "save_steps": 10_000},
+        "on (BFD, padding-free)": {**base_args, "num_train_epochs": 1, "save_steps": 10_000, "packing": True},
+    }
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    steps: dict[str, int] = {}
+    for _ in range(repeat):
+        for name, args in settings.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                metrics = train.run(
+                    cfg.train.model_copy(update={"args": args}),
+                    cfg.seed,
+                    train.Inputs(manifest, rows),
+                    train.Outputs(out / "model", out / "ckpt", out / "plots.csv"),
+                )
+            times[name].append(metrics["seconds"])
+            steps[name] = metrics["steps"]
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"one epoch of {len(rows)} rows ({tokens:,} tokens), batch {base_args['per_device_train_batch_size']}, "
+          f"median of {repeat} interleaved")  # fmt: skip
+    print("| packing | steps | seconds | tokens/s |\n|---|---|---|---|")
+    for name, seconds in median.items():
+        print(f"| {name} | {steps[name]} | {seconds:.1f} | {tokens / seconds:,.0f} |")
+    off, on = median.values()
+    print(f"packing on trains the same tokens {off / on:.2f}x as fast")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["overhead", "memory", "packing", "memory-child"])
@@ -329,6 +367,7 @@ def main() -> None:
         memory_child(*opts.args)
     else:
         packing()
+        packed_epoch(opts.repeat)
 
 
 if __name__ == "__main__":
