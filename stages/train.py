@@ -474,6 +474,7 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    _decide_packing(cfg, method, model, args, trainer_args)
     _, trainer_cls = method.classes()
     train_ds, probe_ds = _datasets(method, data, tokenizer, args, cfg.truncate)
     probe_state: dict[str, Any] = {}
@@ -491,6 +492,26 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
     )
     route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
     return trainer, tokenizer, probe_state
+
+
+def _decide_packing(cfg: Train, method: MethodKind, model, args: dict[str, Any], trainer_args) -> None:
+    """`train.packing` into the trainer's settings: true packs, auto packs when the loaded model keeps packed rows
+    apart (tunegate.training.packing_exact), said in one line; `packing` in train.args wins over both."""
+    if "packing" in cfg.args or method.preference or cfg.packing is False:
+        return
+    if cfg.packing == "auto":
+        from tunegate.training import packing_exact
+
+        exact = packing_exact(model)
+        log.info(
+            "train: packing %s",
+            "on (auto: this model gives each packed row exactly its own logits)"
+            if exact
+            else "off (auto: this model lets packed rows attend to each other)",
+        )
+    else:
+        exact = True
+    args["packing"] = trainer_args.packing = exact
 
 
 def _train(trainer, out: Outputs) -> tuple[str | None, Any, float]:
@@ -564,6 +585,7 @@ def _metrics(
         "processes": max(1, trainer_args.world_size),
         "device": _device_name(),
         "deterministic": bool(trainer_args.full_determinism),
+        "packing": bool(getattr(trainer_args, "packing", False)),
         "bf16": bool(trainer_args.bf16),
         "adapter_sha256": sha256_tree(out.out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),

@@ -213,6 +213,11 @@ class Train(_Section):
         description="deterministic kernels (bit-identical reruns, slower on CUDA); None: on for CPU, off for CUDA",
     )
     launch: Launch | None = Field(None, description="run under `accelerate launch` with several processes")
+    packing: Literal["auto"] | bool = Field(
+        False,
+        description="SFT rows packed padding-free (TRL's best-fit decreasing); auto: on where the loaded model keeps "
+        "packed rows apart (checked on it at the start), off where it does not",
+    )
     probe_max_rise: float | None = Field(
         None,
         gt=0,

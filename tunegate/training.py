@@ -114,6 +114,33 @@ def base_config_dir(base_model: str, built: Path, built_model: str | None) -> tu
     return Path(path).parent, f"{base_model} (config.json from the hub)"
 
 
+def packing_exact(model) -> bool:
+    """Whether `model` computes each row of a padding-free packed batch exactly as that row alone: two short rows
+    concatenated with restarting position ids and no attention mask (what TRL's padding-free batches hold, with the
+    cache off as TRL trains), against each row's own forward. A model that lets the rows attend to each other, or
+    that cannot take position ids, is not."""
+    import torch
+
+    vocab = model.get_input_embeddings().num_embeddings
+    first = torch.arange(3, 9).remainder(vocab).unsqueeze(0)
+    second = torch.arange(11, 16).remainder(vocab).unsqueeze(0)
+    device = next(model.parameters()).device
+    packed = torch.cat([first, second], 1).to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = model(input_ids=packed, position_ids=positions, use_cache=False).logits.float()
+            alone = model(input_ids=second.to(device), use_cache=False).logits.float()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().clamp(min=1.0)
+    return bool(((together[:, 6:] - alone).abs().max() / scale) < 1e-2)
+
+
 def is_main_process() -> bool:
     """True in a single-process run and in rank 0 of a launched one (decided from the launcher's
     environment, so it can be asked before the trainer sets up torch.distributed)."""

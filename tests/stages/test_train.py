@@ -746,3 +746,26 @@ def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_p
             assert torch.allclose(packed[a:b], alone, atol=1e-5), (a, b)
             trained = tokenizer.decode([t for t in labels[a:b] if t != -100], skip_special_tokens=True)
             assert trained.strip() in answers  # the row's answer, and nothing of its prompt
+
+
+@pytest.mark.parametrize("setting, exact, packed", [("auto", True, True), ("auto", False, False), (True, False, True)])
+def test_packing_auto_packs_only_where_the_model_keeps_rows_apart(base, rows, tmp_path, monkeypatch, setting, exact,
+                                                                   packed):  # fmt: skip
+    """`train.packing: auto` asks the loaded model (tunegate.training.packing_exact) and says what it decided;
+    `true` packs regardless. The demo base keeps rows apart, so auto packs it."""
+    from tunegate import training
+
+    assert training.packing_exact(load_model_for(base))  # the real check on the real (tiny) model
+    monkeypatch.setattr(training, "packing_exact", lambda model: exact)
+    cfg = Train(
+        packing=setting, truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args={**ARGS, "max_length": 256}
+    )
+    out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
+    metrics = train.run(cfg, 1, train.Inputs(base, rows[0][:32]), out)
+    assert metrics["packing"] is packed
+
+
+def load_model_for(manifest):
+    from tunegate.models import load_model
+
+    return load_model(manifest)
