@@ -495,20 +495,15 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
 
 
 def _decide_packing(cfg: Train, method: MethodKind, model, args: dict[str, Any], trainer_args) -> None:
-    """`train.packing` into the trainer's settings: true packs, auto packs when the loaded model keeps packed rows
-    apart (tunegate.training.packing_exact), said in one line; `packing` in train.args wins over both."""
+    """`train.packing` into the trainer's settings: true packs, auto packs where it is exact for the loaded model and
+    pays (tunegate.training.packing_plan), said in one line; `packing` in train.args wins over both."""
     if "packing" in cfg.args or method.preference or cfg.packing is False:
         return
     if cfg.packing == "auto":
-        from tunegate.training import packing_exact
+        from tunegate.training import packing_plan
 
-        exact = packing_exact(model)
-        log.info(
-            "train: packing %s",
-            "on (auto: this model gives each packed row exactly its own logits)"
-            if exact
-            else "off (auto: this model lets packed rows attend to each other)",
-        )
+        exact, why = packing_plan(model)
+        log.info("train: packing %s (auto: %s)", "on" if exact else "off", why)
     else:
         exact = True
     args["packing"] = trainer_args.packing = exact

@@ -141,6 +141,23 @@ def packing_exact(model) -> bool:
     return bool(((together[:, 6:] - alone).abs().max() / scale) < 1e-2)
 
 
+def packing_plan(model) -> tuple[bool, str]:
+    """(pack?, why) for `train.packing: auto`: only where packing is exact for this model (`packing_exact`) and pays.
+    A padding-free batch is one long sequence; with flash attention's variable-length kernels each row's attention
+    costs what it costs alone, but with SDPA or eager attention the document mask spans the whole sequence, and on
+    the demo's rows on CPU that made an epoch slower (0.63x, `python -m benchmarks.train packing`) than the padding
+    it saves."""
+    if not packing_exact(model):
+        return False, "this model lets packed rows attend to each other"
+    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    if not impl.startswith("flash_attention"):
+        return False, (
+            f"exact for this model, but with {impl} attention a packed batch's attention spans all its rows and costs "
+            "more than the padding it saves (packing pays with flash attention)"
+        )
+    return True, f"exact for this model, with {impl}'s variable-length kernels"
+
+
 def is_main_process() -> bool:
     """True in a single-process run and in rank 0 of a launched one (decided from the launcher's
     environment, so it can be asked before the trainer sets up torch.distributed)."""

@@ -748,15 +748,24 @@ def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_p
             assert trained.strip() in answers  # the row's answer, and nothing of its prompt
 
 
-@pytest.mark.parametrize("setting, exact, packed", [("auto", True, True), ("auto", False, False), (True, False, True)])
-def test_packing_auto_packs_only_where_the_model_keeps_rows_apart(base, rows, tmp_path, monkeypatch, setting, exact,
-                                                                   packed):  # fmt: skip
-    """`train.packing: auto` asks the loaded model (tunegate.training.packing_exact) and says what it decided;
-    `true` packs regardless. The demo base keeps rows apart, so auto packs it."""
+@pytest.mark.parametrize("setting, plan, packed", [("auto", True, True), ("auto", False, False), (True, False, True)])
+def test_packing_auto_packs_only_where_it_is_exact_and_pays(base, rows, tmp_path, monkeypatch, setting, plan, packed):
+    """`train.packing: auto` asks the loaded model (tunegate.training.packing_plan) and says what it decided; `true`
+    packs regardless. The tiny base is exact but runs SDPA on CPU, where a packed batch costs more than its padding:
+    auto leaves it unpacked there, and packs the same model given flash attention."""
     from tunegate import training
 
-    assert training.packing_exact(load_model_for(base))  # the real check on the real (tiny) model
-    monkeypatch.setattr(training, "packing_exact", lambda model: exact)
+    model = load_model_for(base)
+    assert training.packing_exact(model)  # the real check on the real (tiny) model
+    on, why = training.packing_plan(model)
+    assert not on and "with sdpa attention" in why
+    from types import SimpleNamespace
+
+    with monkeypatch.context() as patched:  # the same (exact) model with flash attention: the decision only
+        patched.setattr(training, "packing_exact", lambda model: True)
+        flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+        assert training.packing_plan(flash)[0]
+    monkeypatch.setattr(training, "packing_plan", lambda model: (plan, "decided"))
     cfg = Train(
         packing=setting, truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args={**ARGS, "max_length": 256}
     )
