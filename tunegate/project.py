@@ -486,8 +486,7 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     params["data"] = {"sources": sources}
     params["validate"]["max_tokens"] = max_tokens
     train = params["train"]
-    train["method"] = "sft+dpo" if preferences else "sft"
-    train["packing"] = "auto"  # padding-free packing wherever the model keeps packed rows apart (checked on it)
+    train.update(method="sft+dpo" if preferences else "sft", packing="auto")  # auto: where exact and it pays
     train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
     train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
     train["args"] = {
