@@ -232,3 +232,33 @@ def test_flipped_items_are_exactly_the_items_whose_outcome_changed():
     assert (first["reference_score"], first["candidate_score"]) == (1.0, 0.0)
     lower = Check(task="t", metric="m", role="target", direction="lower")
     assert flips(lower, ref, cand)["won"] == got["lost"]
+
+
+def test_the_report_names_the_cheaper_path_and_lists_what_flipped(tmp_path):
+    """A candidate that loses to a baseline: the recommendation names it with its score and cost; the markdown and
+    HTML reports carry the baselines' table, the cost chart and every lost item."""
+    from stages.gate import flipped, recommendation
+    from tunegate import gate_report
+
+    rng = np.random.default_rng(5)
+    base, candidate = samples(np.zeros(80)), samples(rng.random(80) < 0.5)
+    strong = samples(rng.random(80) < 0.9)
+    costs = {"retrieval-5": {"prompt_tokens": 212.0, "plain_prompt_tokens": 28.0, "examples_shown": 5.0,
+                             "items": 80, "items_trimmed": 0, "examples_dropped": 0}}  # fmt: skip
+    verdict = decide(base, candidate, POLICY, 500, 1, baselines={"retrieval-5": strong})
+    verdict["costs"] = costs
+    verdict["recommendation"] = recommendation(verdict, costs)
+    assert verdict["recommendation"].startswith("The cheaper path: prompting with retrieval of 5 examples gets 0.")
+    assert "at 212 prompt tokens per request against 28" in verdict["recommendation"]
+    changed = flipped(verdict, POLICY, {"base": base, "retrieval-5": strong}, candidate)
+    assert [f["against"] for f in changed] == ["base", "retrieval-5"]
+    gate_report.chart(verdict, tmp_path / "chart.png")
+    gate_report.cost_chart(gate_report.cost_points(verdict, costs), tmp_path / "cost.png")
+    md = gate_report.markdown(verdict, changed, costs)
+    lost = changed[1]["lost"]
+    assert "## Against the cheaper alternatives" in md and "retrieval-5 (prompting with retrieval of 5 examples)" in md
+    assert f"### t/m vs retrieval-5: lost {len(lost)}, won {len(changed[1]['won'])}" in md
+    assert all(f"- doc {item['doc_id']}: 1.000 -> 0.000" in md for item in lost)
+    page = gate_report.page(verdict, changed, costs, tmp_path)
+    assert page.count("data:image/png;base64,") == 2 and "The cheaper path" in page
+    assert recommendation(decide(base, candidate, POLICY, 500, 1), {}) is None
