@@ -18,7 +18,7 @@ from typing import Any
 from tunegate import gate_report
 from tunegate.config import load_config
 from tunegate.evaluation import load_samples
-from tunegate.gate import Policy, Samples, decide, describe_baseline, flips, load_policy
+from tunegate.gate import Policy, Samples, decide, describe_baseline, flipped_check, load_policy
 from tunegate.io import atomic_path, read_json, sha256_file, write_json, write_text
 from tunegate.paths import CHART, COST_CHART, COSTS, FLIPPED, REPORT, REPORT_HTML, SAMPLES, VERDICT, Layout
 from tunegate.runtime import stage_main
@@ -55,15 +55,7 @@ def flipped(
             reference, side = sides.get(against), candidate
         if reference is None or side is None:
             continue
-        out.append(
-            {
-                "check": f"{c['task']}/{c['metric']} vs {against}",
-                "task": c["task"],
-                "metric": c["metric"],
-                "against": against,
-                **flips(check, reference, side),
-            }
-        )
+        out.append(flipped_check(check, against, reference, side))
     return out
 
 

@@ -27,7 +27,7 @@ from tunegate.config import Config, flatten, load_config
 from tunegate.decisions import redact, redact_value
 from tunegate.errors import UserError
 from tunegate.evaluation import load_samples
-from tunegate.gate import Policy, Samples, decide, flips, load_policy
+from tunegate.gate import Policy, Samples, decide, flipped_check, load_policy
 from tunegate.io import read_json, sha256_file, write_json
 from tunegate.paths import DVC_LOCK, PARAMS, REPORT, RESULTS, SAMPLES, Layout
 from tunegate.provenance import (
@@ -470,11 +470,10 @@ def champion_check(c, cfg: Config, version, candidate: Samples, policy: Policy) 
     failed = [f"{ch['task']}/{ch['metric']}" for ch, _ in against if not ch["passed"]]
     tag = f"failed vs v{current.version}: {', '.join(failed)}" if failed else f"passed vs v{current.version}"
     flipped = [
-        {"check": f"{ch.task}/{ch.metric} vs champion v{current.version}", "task": ch.task, "metric": ch.metric,
-         "against": f"champion v{current.version}", **flips(ch, samples, candidate)}
+        flipped_check(ch, f"champion v{current.version}", samples, candidate)
         for ch in policy.checks
         if ch.role == "target"
-    ]  # fmt: skip
+    ]
     for f in flipped:
         log.info("champion check %s: lost %d items, won %d", f["check"], len(f["lost"]), len(f["won"]))
     return {"passed": not failed, "tag": tag, "lines": [line for _, line in against], "flipped": flipped}

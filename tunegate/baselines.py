@@ -247,11 +247,12 @@ def run(cfg: Config, manifest: dict[str, Any], layout: Layout, out: Path) -> dic
     system = read_prompt(settings, layout.prompt)
     pool = training_examples(cfg, layout)
     held_out = eval_queries(tasks, list(settings.tasks))
-    if left_out := sum(_key(_user_text(turns)) in held_out for turns in pool):
+    kept = [turns for turns in pool if _key(_user_text(turns)) not in held_out]
+    if left_out := len(pool) - len(kept):
         log.warning(
             "baselines: %d training rows ask exactly what an eval item asks; left out of the examples", left_out
         )
-        pool = [turns for turns in pool if _key(_user_text(turns)) not in held_out]
+    pool = kept
     lm = prompted_model(cfg, manifest)
     for prompter in prompters(settings, system, pool, cfg.seed):
         started = time.perf_counter()

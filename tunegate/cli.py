@@ -116,15 +116,12 @@ def check(
 def _memory_line(cfg, memory: str | None) -> str:
     """The memory estimate from base.model's own config.json, or why there is none yet; a run that cannot fit
     ends in the preflight's one-line refusal with the changes that would make it fit."""
+    from tunegate.io import read_json
     from tunegate.paths import Layout
     from tunegate.training import base_config_dir, memory_budget, preflight
 
     layout = Layout.of(cfg.paths)
-    built = None
-    if layout.base_manifest.exists():
-        import json
-
-        built = json.loads(layout.base_manifest.read_text(encoding="utf-8")).get("model")
+    built = read_json(layout.base_manifest).get("model") if layout.base_manifest.exists() else None
     folder, source = base_config_dir(cfg.base.model, layout.base, built)
     if folder is None:
         return f"memory: preflight skipped: {source}"

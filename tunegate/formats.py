@@ -489,14 +489,15 @@ def _load_one(
 def _load_shards(name: str, pattern: Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
     rows: list[Row] = []
     problems: list[Problem] = []
-    for file in shards(pattern):
+    files = shards(pattern)
+    for file in files:
         got, bad, fmt = _load_one(name, file, fmt, notes)
         offset = len(rows) + len(problems)
         for row in got:
             row.line += offset
         problems += [replace(b, line=b.line + offset, detail=f"{file.name} line {b.line}: {b.detail}") for b in bad]
         rows += got
-    notes["shards"] = len(shards(pattern))
+    notes["shards"] = len(files)
     return rows, problems, fmt
 
 

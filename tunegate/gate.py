@@ -108,7 +108,7 @@ def paired_bootstrap(diffs: np.ndarray, confidence: float, resamples: int, seed:
     return float(np.quantile(means, 1 - confidence)), float(np.quantile(means, confidence))
 
 
-def _paired(ref: list[dict], cand: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
+def paired(ref: list[dict], cand: list[dict], metric: str) -> tuple[np.ndarray, np.ndarray]:
     r = {s["doc_id"]: s[metric] for s in ref if metric in s}
     c = {s["doc_id"]: s[metric] for s in cand if metric in s}
     common = sorted(r.keys() & c.keys())
@@ -129,7 +129,7 @@ def judge(  # noqa: PLR0913 - the check, both sides, the policy's statistics and
     """One check: paired difference candidate - reference (sign flipped for lower-is-better metrics). Against the
     base a target check asks for a gain, any other reference non-inferiority at `margin`; `min_gain` asks for a
     gain against any reference (the baselines)."""
-    a, b = _paired(ref.get(check.task, []), cand.get(check.task, []), check.metric)
+    a, b = paired(ref.get(check.task, []), cand.get(check.task, []), check.metric)
     sign = 1.0 if check.direction == "higher" else -1.0
     n = len(a)
     if n == 0:
@@ -178,7 +178,7 @@ def judge_export(  # noqa: PLR0913 - judge's inputs plus the artifact
     outcome = judge(
         check, candidate, exported, policy, resamples, seed, f"export {artifact}", policy.export.margin(artifact)
     )
-    a, b = _paired(candidate.get(check.task, []), exported.get(check.task, []), check.metric)
+    a, b = paired(candidate.get(check.task, []), exported.get(check.task, []), check.metric)
     why = outcome.why and f"{outcome.why}; the exported artifact answers differently from the candidate"
     return replace(outcome, role="export", changed=int((a != b).sum()), why=why)
 
@@ -316,3 +316,14 @@ def flips(check: Check, reference: Samples, candidate: Samples) -> dict[str, lis
             }
         )
     return out
+
+
+def flipped_check(check: Check, against: str, reference: Samples, candidate: Samples) -> dict[str, Any]:
+    """One check's flipped items with the names reports and `flipped.json` read them by."""
+    return {
+        "check": f"{check.task}/{check.metric} vs {against}",
+        "task": check.task,
+        "metric": check.metric,
+        "against": against,
+        **flips(check, reference, candidate),
+    }

@@ -548,28 +548,24 @@ def version_samples(c, name: str, ref: str) -> tuple[str, dict[str, list[dict[st
     return label, samples
 
 
+def _metrics_of(rows: list[dict[str, Any]]) -> set[str]:
+    return {k for row in rows for k, v in row.items() if k != "doc_id" and isinstance(v, float)}
+
+
 def diff(c, name: str, a: str, b: str) -> dict[str, Any]:
     """Items that flipped from version (or base) `a` to `b`, per task and metric they share: means, lost and won."""
-    from tunegate.gate import Check, flips
+    from tunegate.gate import Check, flips, paired
 
     label_a, first = version_samples(c, name, a)
     label_b, second = version_samples(c, name, b)
     out = []
     for task in sorted(first.keys() & second.keys()):
-        metrics = sorted(
-            {k for row in first[task] for k, v in row.items() if k != "doc_id" and isinstance(v, float)}
-            & {k for row in second[task] for k, v in row.items() if k != "doc_id" and isinstance(v, float)}
-        )
-        for metric in metrics:
+        for metric in sorted(_metrics_of(first[task]) & _metrics_of(second[task])):
             check = Check(task=task, metric=metric, role="target")
-            pair = {s["doc_id"]: s[metric] for s in first[task] if metric in s}
-            common = [s for s in second[task] if s["doc_id"] in pair and metric in s]
-            n = len(common)
-            mean_a = sum(pair[s["doc_id"]] for s in common) / n if n else 0.0
-            mean_b = sum(s[metric] for s in common) / n if n else 0.0
-            out.append(
-                {"task": task, "metric": metric, "n": n, "a": mean_a, "b": mean_b, **flips(check, first, second)}
-            )
+            values_a, values_b = paired(first[task], second[task], metric)
+            n = len(values_a)
+            means = {"a": float(values_a.mean()) if n else 0.0, "b": float(values_b.mean()) if n else 0.0}
+            out.append({"task": task, "metric": metric, "n": n, **means, **flips(check, first, second)})
     if not out:
         raise UserError(f"{label_a} and {label_b} share no task: nothing to compare")
     return {"a": label_a, "b": label_b, "checks": out}
