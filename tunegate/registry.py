@@ -521,9 +521,17 @@ def logged_samples(run_id: str, artifact_path: str) -> dict[str, list[dict[str, 
 
     from tunegate.evaluation import read_samples
 
-    with tempfile.TemporaryDirectory() as scratch:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=scratch)
-        return read_samples(Path(local))
+    quiet, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ[quiet] = "false"  # a few small files read back, not a download the user waits for
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=scratch)
+            return read_samples(Path(local))
+    finally:
+        if before is None:
+            os.environ.pop(quiet)
+        else:
+            os.environ[quiet] = before
 
 
 def version_samples(c, name: str, ref: str) -> tuple[str, dict[str, list[dict[str, Any]]]]:
