@@ -1,19 +1,21 @@
-"""train: fine-tune the base on the mixed training set with TRL + PEFT (SFT or DPO; LoRA, QLoRA, DoRA, full).
+"""train: fine-tune the base on the mixed training set with TRL + PEFT (SFT, DPO, ORPO, KTO; LoRA, QLoRA, DoRA, full).
 
     python -m stages.train        # what dvc.yaml runs
 
 A thin wrapper: the trainer is TRL's, adapters are PEFT's, 4-bit is bitsandbytes' NF4. `train.args` is
-passed to TRL's SFTConfig / DPOConfig unchanged, so every TRL knob is available and TRL validates it.
+passed to the method's TRL config (SFTConfig, DPOConfig, ORPOConfig, KTOConfig) unchanged, so every TRL knob
+is available and TRL validates it; train.dpo_args / orpo_args / kto_args override it for that method.
 SFT rows are given to TRL as conversational prompt/completion pairs, so the loss is on the
 assistant's answer only, whatever the base's chat template. A small held-out general set is
 evaluated every `eval_steps` as a cheap forgetting probe (`eval_loss` beside the training loss);
-`train.probe_max_rise` stops the run when that loss climbs. `train.method: sft+dpo` runs SFT, then
-DPO from the SFT adapter against a frozen copy of it, and still writes one adapter.
+`train.probe_max_rise` stops the run when that loss climbs. `train.method: sft+dpo` (sft+kto) runs SFT,
+then DPO (KTO) from the SFT adapter against a frozen copy of it, and still writes one adapter.
 Checkpoints go to a persistent folder; a killed run resumes from the last one on the next repro.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -31,7 +33,6 @@ from tunegate.io import publish, read_jsonl, sha256_file, sha256_of, sha256_tree
 from tunegate.methods import METHODS, MethodKind
 from tunegate.paths import (
     ADAPTER,
-    CHAIN_DPO_CHECKPOINTS,
     CHAIN_SFT_CHECKPOINTS,
     CHAIN_SFT_RESULT,
     MERGED,
@@ -114,6 +115,21 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str,
         n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
         out.append({"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
     return out
+
+
+def unpaired_examples(pairs: list[dict[str, list[int]]], seed: int) -> list[dict[str, Any]]:
+    """Tokenised pairs -> KTO's unpaired rows: the chosen answer desirable (label true), the rejected one not, in
+    an order shuffled once with the seed (KTO reads its rows in order: each batch mixes both labels and its KL
+    answers come from other prompts)."""
+    import random
+
+    rows = [
+        {"prompt_ids": pair["prompt_ids"], "completion_ids": pair[f"{side}_ids"], "label": side == "chosen"}
+        for pair in pairs
+        for side in ("chosen", "rejected")
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows
 
 
 def peft_config(cfg: Train):
@@ -307,8 +323,8 @@ def _last_checkpoint(ckpt_dir: Path, clean: bool = False) -> str | None:
 
 
 def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> dict[str, Any]:
-    """The keyword arguments for TRL's SFTConfig / DPOConfig: the stage's fixed settings, then
-    train.args, then (DPO only) train.dpo_args."""
+    """The keyword arguments for the method's TRL config: the stage's fixed settings, then train.args, then the
+    method's overrides (train.dpo_args, orpo_args, kto_args)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -336,9 +352,11 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
 
 
 def _trainer_config(cfg: Train, args: dict[str, Any]):
-    """TRL's config for the method; a bad name or value in train.args / train.dpo_args ends in one line."""
-    config_cls, _ = METHODS[cfg.method].classes()
-    keys = "train.args" + (" / train.dpo_args" if METHODS[cfg.method].preference and cfg.dpo_args else "")
+    """TRL's config for the method; a bad name or value in train.args / train.<method>_args ends in one line."""
+    method = METHODS[cfg.method]
+    config_cls, _ = method.classes()
+    overrides = method.args_field and getattr(cfg, method.args_field)
+    keys = "train.args" + (f" / train.{method.args_field}" if overrides else "")
     try:
         return config_cls(**args)
     except (TypeError, ValueError) as err:  # an unknown key, or a value TRL rejects
@@ -357,6 +375,8 @@ def _datasets(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any] 
         _check_lengths(
             [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples], args, truncate
         )
+        if method.unpaired:
+            examples = unpaired_examples(examples, args.get("seed", 0))
         return Dataset.from_list(examples), None
     examples, unstable = sft_examples(data.train_rows, tokenizer)
     if unstable:
@@ -404,7 +424,7 @@ def run(
     The steps read top to bottom: check (before any weights load), set up, train, save, report.
     """
     if METHODS[cfg.method].phases:
-        return _sft_then_dpo(cfg, seed, data, out)
+        return _chain(cfg, seed, data, out)
     args, trainer_args, estimate = _check(cfg, seed, data, out)
     trainer, tokenizer, probe_state = _setup(cfg, data, out, args, trainer_args, init_adapter)
     resume, result, seconds = _train(trainer, out)
@@ -481,17 +501,32 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
     callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset)]
     if cfg.probe_max_rise and probe_ds is not None:
         callbacks.append(_probe_stop_callback(cfg.probe_max_rise, probe_state))
-    trainer = trainer_cls(
-        model=model,
-        args=trainer_args,
-        train_dataset=train_ds,
-        eval_dataset=probe_ds,
-        processing_class=tokenizer,
-        peft_config=None if init_adapter is not None else peft_config(cfg),
-        callbacks=callbacks,
-    )
+    with _quiet_datasets():  # TRL's bookkeeping maps over rows tokenised here: no bars of their own
+        trainer = trainer_cls(
+            model=model,
+            args=trainer_args,
+            train_dataset=train_ds,
+            eval_dataset=probe_ds,
+            processing_class=tokenizer,
+            peft_config=None if init_adapter is not None else peft_config(cfg),
+            callbacks=callbacks,
+        )
     route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
     return trainer, tokenizer, probe_state
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """The datasets library's progress bars off for the block (back as they were after)."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
 
 
 def _decide_packing(cfg: Train, method: MethodKind, model, args: dict[str, Any], trainer_args) -> None:
@@ -575,7 +610,7 @@ def _metrics(
         "trainable_parameters": trainable,
         "resumed_from": Path(resume).name if resume else None,
         "stopped_early_at": probe_state.get("stopped_at"),
-        **_dpo_rewards(history),
+        **_preference_rewards(METHODS[cfg.method].last.name, history),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
         "processes": max(1, trainer_args.world_size),
         "device": _device_name(),
@@ -593,66 +628,74 @@ def _device_name() -> str:
     return f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
 
 
-def _dpo_rewards(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The last logged DPO reward margin and accuracy (chosen over rejected), when there are any."""
-    last = next((h for h in reversed(history) if "rewards/margins" in h), None)
-    return (
-        {
-            "dpo_reward_margin": round(last["rewards/margins"], 4),
-            "dpo_reward_accuracy": round(last["rewards/accuracies"], 4),
-        }
-        if last
-        else {}
-    )
+# What a preference method logs (TRL's names) -> the run's metric, prefixed with the method: the reward margin and
+# accuracy of chosen over rejected (DPO, ORPO), the rewards of desirable and undesirable answers (KTO), ORPO's
+# log odds ratio
+PREFERENCE_LOGS = {
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "log_odds_ratio": "log_odds_ratio",
+}
 
 
-def _sft_then_dpo(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
-    """SFT on the mixed set, then DPO on the preference rows starting from (and referenced to) that adapter.
+def _preference_rewards(method: str, history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each of PREFERENCE_LOGS, as `<method>_<name>` (dpo_reward_margin, ...)."""
+    found = {}
+    for logged, name in PREFERENCE_LOGS.items():
+        last = next((h[logged] for h in reversed(history) if logged in h), None)
+        if last is not None and method != "sft":
+            found[f"{method}_{name}"] = round(float(last), 4)
+    return found
 
-    The DPO phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then
-    train.dpo_args. Both phases' TRL configs are checked before any training, so a typo in dpo_args
-    does not surface after the SFT phase has spent its compute. Each phase checkpoints in its own
-    folder under ckpt_dir; the SFT result is kept there until the chain completes, so a run killed
-    during DPO resumes DPO without redoing SFT. The output is one adapter relative to the base, like
-    any other run; the plot continues the SFT phase's steps with the DPO phase's.
+
+def _chain(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
+    """SFT on the mixed set, then the chain's preference method (DPO, KTO) on the preference rows, starting from
+    (and referenced to) that adapter.
+
+    The second phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then its own
+    overrides (train.dpo_args, kto_args). Both phases' TRL configs are checked before any training, so a typo
+    there does not surface after the SFT phase has spent its compute. Each phase checkpoints in its own folder
+    under ckpt_dir (the second in one named after its method); the SFT result is kept there until the chain
+    completes, so a run killed during the second phase resumes it without redoing SFT. The output is one
+    adapter relative to the base, like any other run; the plot continues the SFT phase's steps with the next's.
     """
-    sft_cfg, dpo_cfg = _chain_phases(cfg, data)
-    ckpt_dir = out.ckpt_dir
-    sft_dir, sft_ckpt, dpo_ckpt = (
-        ckpt_dir / CHAIN_SFT_RESULT,
-        ckpt_dir / CHAIN_SFT_CHECKPOINTS,
-        ckpt_dir / CHAIN_DPO_CHECKPOINTS,
-    )
-    for phase_cfg, phase_ckpt in ((sft_cfg, sft_ckpt), (dpo_cfg, dpo_ckpt)):
+    sft_cfg, pref_cfg = _chain_phases(cfg, data)
+    ckpt_dir, name = out.ckpt_dir, pref_cfg.method
+    sft_dir, sft_ckpt, pref_ckpt = ckpt_dir / CHAIN_SFT_RESULT, ckpt_dir / CHAIN_SFT_CHECKPOINTS, ckpt_dir / name
+    for phase_cfg, phase_ckpt in ((sft_cfg, sft_ckpt), (pref_cfg, pref_ckpt)):
         _trainer_config(phase_cfg, _trainer_args(phase_cfg, seed, phase_ckpt, bool(data.probe_rows)))
     done = sft_dir / PHASE_DONE  # written after the SFT adapter: its existence means the phase completed
     if done.exists():
         sft = json.loads(done.read_text())
-        log.info("train: SFT phase already complete (%s); continuing with DPO", sft_dir)
+        log.info("train: SFT phase already complete (%s); continuing with %s", sft_dir, name.upper())
     else:
-        log.info("train: sft+dpo, phase 1 of 2: SFT on %d rows", len(data.train_rows))
+        log.info("train: %s, phase 1 of 2: SFT on %d rows", cfg.method, len(data.train_rows))
         sft = run(sft_cfg, seed, replace(data, pref_rows=[]), replace(out, out_dir=sft_dir, ckpt_dir=sft_ckpt))
         if is_main_process():
             write_json(done, sft)
     log.info(
-        "train: sft+dpo, phase 2 of 2: DPO on %d preference pairs, from and against the SFT adapter",
+        "train: %s, phase 2 of 2: %s on %d preference pairs, from and against the SFT adapter",
+        cfg.method,
+        name.upper(),
         len(data.pref_rows),
     )
-    dpo = run(
-        dpo_cfg,
+    second = run(
+        pref_cfg,
         seed,
         replace(data, train_rows=[], probe_rows=[]),
-        replace(out, ckpt_dir=dpo_ckpt, step_offset=sft["steps"]),
+        replace(out, ckpt_dir=pref_ckpt, step_offset=sft["steps"]),
         init_adapter=sft_dir / ADAPTER,
         recorded=cfg,
     )
     if is_main_process():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
-        **dpo,
-        "method": "sft+dpo",
+        **second,
+        "method": cfg.method,
         "sft": {k: sft.get(k) for k in CHAIN_SFT_METRICS},
-        "seconds": round(sft["seconds"] + dpo["seconds"], 1),
+        "seconds": round(sft["seconds"] + second["seconds"], 1),
     }
 
 
@@ -670,26 +713,34 @@ CHAIN_SFT_METRICS = (
 
 
 def _chain_phases(cfg: Train, data: Inputs) -> tuple[Train, Train]:
-    """The SFT and DPO phases' settings of an sft+dpo run, or one line saying why the chain cannot run: the
-    DPO phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then train.dpo_args."""
+    """The SFT and preference phases' settings of a chain (sft+dpo, sft+kto), or one line saying why it cannot
+    run: the second phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then its
+    own overrides."""
     import dataclasses
 
-    from trl import DPOConfig
-
-    if METHODS[cfg.method].needs_adapter and not ADAPTERS[cfg.adapter].peft:
-        raise UserError("train.method sft+dpo: needs an adapter (train.adapter lora, qlora or dora), not full")
+    chain = METHODS[cfg.method]
+    second = chain.last
+    if chain.needs_adapter and not ADAPTERS[cfg.adapter].peft:
+        raise UserError(f"train.method {cfg.method}: needs an adapter (train.adapter lora, qlora or dora), not full")
     if not data.pref_rows:
         raise UserError(
-            "train.method sft+dpo: no preference rows for the DPO phase (add a source with role: preference)"
+            f"train.method {cfg.method}: no preference rows for the {second.name.upper()} phase "
+            "(add a source with role: preference)"
         )
     if not data.train_rows:
-        raise UserError("train.method sft+dpo: the training set is empty (check the mix stage's manifest)")
-    dpo_fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    sft_cfg = cfg.model_copy(update={"method": "sft", "dpo_args": {}, "merge": False})
-    dpo_cfg = cfg.model_copy(
-        update={"method": "dpo", "args": {k: v for k, v in cfg.args.items() if k in dpo_fields}, "probe_max_rise": None}
+        raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
+    config_cls, _ = second.classes()
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    no_overrides = {name: {} for name in chain.args_fields}
+    sft_cfg = cfg.model_copy(update={"method": "sft", **no_overrides, "merge": False})
+    pref_cfg = cfg.model_copy(
+        update={
+            "method": second.name,
+            "args": {k: v for k, v in cfg.args.items() if k in fields},
+            "probe_max_rise": None,
+        }
     )
-    return sft_cfg, dpo_cfg
+    return sft_cfg, pref_cfg
 
 
 def checkpoint_folder(cfg: Train, seed: int, data_files: tuple[Path, ...], base_weights: Any) -> str:

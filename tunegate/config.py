@@ -188,8 +188,10 @@ class Launch(_Section):
 
 
 class Train(_Section):
-    method: Literal["sft", "dpo", "sft+dpo"] = Field(
-        "sft", description="sft+dpo: SFT on the mixed set, then DPO from that adapter with it as the reference"
+    method: Literal["sft", "dpo", "orpo", "kto", "sft+dpo", "sft+kto"] = Field(
+        "sft",
+        description="the training method (tunegate.methods); sft+dpo, sft+kto: SFT on the mixed set, then DPO or KTO "
+        "from that adapter with it as the reference",
     )
     adapter: Literal["lora", "qlora", "dora", "full"] = "lora"
     min_rows: int | None = Field(
@@ -202,6 +204,14 @@ class Train(_Section):
         {},
         description="dpo and sft+dpo: overrides of `args` for DPO training "
         "(beta, loss_type, learning_rate, max_steps, ...)",
+    )
+    orpo_args: dict[str, Any] = Field(
+        {}, description="orpo: overrides of `args` for ORPO training (beta: the odds-ratio weight, learning_rate, ...)"
+    )
+    kto_args: dict[str, Any] = Field(
+        {},
+        description="kto and sft+kto: overrides of `args` for KTO training "
+        "(beta, desirable_weight, undesirable_weight, loss_type, learning_rate, ...)",
     )
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
     truncate: bool = Field(
@@ -226,13 +236,13 @@ class Train(_Section):
     )
 
     # A setting the chosen method would ignore is reported, not skipped silently.
-    @field_validator("dpo_args")
+    @field_validator("dpo_args", "orpo_args", "kto_args")
     @classmethod
-    def _dpo_args_need_dpo(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if value and info.data.get("method") in METHODS and not METHODS[info.data["method"]].uses_preference_args:
-            raise ValueError(
-                "only used when train.method is dpo or sft+dpo (remove it, or move these keys to train.args)"
-            )
+    def _method_args_need_their_method(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = METHODS.get(info.data.get("method"))
+        if value and method is not None and info.field_name not in method.args_fields:
+            users = " or ".join(name for name, m in METHODS.items() if info.field_name in m.args_fields)
+            raise ValueError(f"only used when train.method is {users} (remove it, or move these keys to train.args)")
         return value
 
     @field_validator("probe_max_rise")
@@ -240,7 +250,8 @@ class Train(_Section):
     def _probe_needs_sft(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is not None and info.data.get("method") in METHODS and not METHODS[info.data["method"]].runs_probe:
             raise ValueError(
-                "the forgetting probe runs during SFT only (train.method sft or sft+dpo); set it to null for dpo"
+                "the forgetting probe runs during SFT only (train.method sft or a chain that starts with it); "
+                "set it to null"
             )
         return value
 

@@ -2,8 +2,13 @@
 preflight and the config read: a method is asked what it needs, never compared as a string.
 
 sft      supervised fine-tuning on the mixed set (every weighted assistant turn)
-dpo      direct preference optimisation on preference pairs (TRL's DPOTrainer)
+dpo      direct preference optimisation on preference pairs, against a frozen reference (TRL's DPOTrainer)
+orpo     odds-ratio preference optimisation: SFT on the chosen answer and a preference term in one stage, no
+         reference model (TRL's ORPOTrainer, in TRL's experimental package in the pinned TRL 1.16)
+kto      Kahneman-Tversky optimisation on unpaired answers labelled desirable or not, against a frozen
+         reference; preference pairs give one desirable and one undesirable row each (TRL's KTOTrainer)
 sft+dpo  a chain: SFT, then DPO from (and against) that adapter, as one stage run
+sft+kto  a chain: SFT, then KTO from (and against) that adapter
 """
 
 from __future__ import annotations
@@ -36,32 +41,85 @@ def _dpo_classes() -> tuple[type, type]:
     return DPOConfig, PreTokenizedDPOTrainer
 
 
+def _orpo_classes() -> tuple[type, type]:
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    class PreTokenizedORPOTrainer(ORPOTrainer):
+        """TRL's ORPO trainer on the pairs `preference_examples` tokenised (the same rendering as DPO's): the
+        prompt, then each answer, the loss on the answer's tokens only, cut to max_length from the end as TRL
+        cuts (the prompt kept)."""
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            if "prompt_ids" not in feature:
+                return super().tokenize_row(feature, model)
+            prompt = list(feature["prompt_ids"])
+            batch = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = list(feature[f"{side}_ids"])[: max(0, self.max_length - len(prompt))]
+                ids = prompt + answer
+                batch |= {
+                    f"{side}_input_ids": ids,
+                    f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [-100] * len(prompt) + answer,
+                }
+            return batch
+
+    return ORPOConfig, PreTokenizedORPOTrainer
+
+
+def _kto_classes() -> tuple[type, type]:
+    from trl import KTOConfig, KTOTrainer
+
+    class PreTokenizedKTOTrainer(KTOTrainer):
+        """TRL's KTO trainer on unpaired rows tokenised by `unpaired_examples` (prompt_ids, completion_ids, label);
+        what TRL does after its own tokenisation is kept: rows whose prompt fills max_length dropped, the KL
+        completions rotated by one within each batch."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "completion_ids" not in dataset.column_names:
+                return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if args.max_length is not None:
+                dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length)
+            if self.calculate_KL:
+
+                def rotate(examples):
+                    completions = examples["completion_ids"]
+                    return {"KL_completion_ids": [completions[-1], *completions[:-1]]}
+
+                dataset = dataset.map(rotate, batched=True, batch_size=args.per_device_train_batch_size)
+            return dataset
+
+    return KTOConfig, PreTokenizedKTOTrainer
+
+
 @dataclass(frozen=True)
 class MethodKind:
     """One trainer method: TRL's config and trainer classes and what data it trains on; or a chain of them."""
 
     name: str
     classes: Callable[[], tuple[type, type]] | None  # (TRL config, TRL trainer), imported on use; None: a chain
-    preference: bool = False  # trains on preference pairs (prompt/chosen/rejected) instead of the mixed set
+    preference: bool = False  # trains on the preference pairs (prompt/chosen/rejected) instead of the mixed set
+    unpaired: bool = False  # reads the pairs as unpaired rows: the chosen answer desirable, the rejected not
+    reference: bool = False  # scores against a frozen reference model (the base, or the adapter it starts from)
+    args_field: str | None = None  # the train.<field> of overrides of train.args for this method (dpo_args, ...)
     probe: bool = False  # the held-out general probe loss (an SFT-style loss) applies
     phases: tuple[str, ...] = ()  # a chain: the methods it runs, in order, each a row of this table
     needs_adapter: bool = False  # a chain continues one PEFT adapter from phase to phase (no `full`)
     min_rows: int = 32  # fewer training rows (pairs) than this: the stage stops before any step (train.min_rows)
+    sequences_per_row: int = 1  # sequences forwarded per training row (DPO, ORPO: chosen and rejected; KTO: the
+    # answer and its mismatched KL answer)
+    logits_factor: float = 1.0  # logits kept alive per forwarded token, relative to SFT (the log-probabilities too)
 
     @property
-    def sequences_per_row(self) -> int:
-        """Sequences forwarded per training row: chosen and rejected for a preference method."""
-        return 2 if self.preference else 1
+    def args_fields(self) -> tuple[str, ...]:
+        """The train.<field>s of overrides that apply: this method's, or those of a chain's phases."""
+        own = (self.args_field,) if self.args_field else ()
+        return own + tuple(f for p in self.phases for f in METHODS[p].args_fields)
 
     @property
-    def logits_factor(self) -> float:
-        """Logits kept alive per forwarded token, relative to SFT (DPO also holds the log-probabilities)."""
-        return 1.5 if self.preference else 1.0
-
-    @property
-    def uses_preference_args(self) -> bool:
-        """Whether `train.dpo_args` applies: to a preference method, or to a chain that runs one."""
-        return self.preference or any(METHODS[p].preference for p in self.phases)
+    def last(self) -> MethodKind:
+        """The method that finishes the run: itself, or a chain's last phase."""
+        return METHODS[self.phases[-1]] if self.phases else self
 
     @property
     def runs_probe(self) -> bool:
@@ -77,8 +135,13 @@ class MethodKind:
         return METHODS[self.phases[0]] if self.phases else self
 
 
+PAIRS = {"preference": True, "sequences_per_row": 2, "logits_factor": 1.5}  # chosen and rejected, with log-probs
+
 METHODS: dict[str, MethodKind] = {
     "sft": MethodKind("sft", _sft_classes, probe=True),
-    "dpo": MethodKind("dpo", _dpo_classes, preference=True),
+    "dpo": MethodKind("dpo", _dpo_classes, reference=True, args_field="dpo_args", **PAIRS),
+    "orpo": MethodKind("orpo", _orpo_classes, args_field="orpo_args", **PAIRS),
+    "kto": MethodKind("kto", _kto_classes, unpaired=True, reference=True, args_field="kto_args", **PAIRS),
     "sft+dpo": MethodKind("sft+dpo", None, phases=("sft", "dpo"), needs_adapter=True),
+    "sft+kto": MethodKind("sft+kto", None, phases=("sft", "kto"), needs_adapter=True),
 }

@@ -46,9 +46,9 @@ REPORT_HTML = "report.html"  # gate/: the report with its charts inline and ever
 FLIPPED = "flipped.json"  # gate/: per check, the items the candidate lost and won against its reference
 COSTS = "costs.json"  # eval_baselines/: prompt tokens per request of each baseline and of the plain prompt
 
-CHAIN_SFT_RESULT = "sft-result"  # checkpoints/train-<key>/: the SFT phase's adapter in sft+dpo
+CHAIN_SFT_RESULT = "sft-result"  # checkpoints/train-<key>/: the SFT phase's adapter in a chain (sft+dpo, sft+kto)
 CHAIN_SFT_CHECKPOINTS = "sft"  # checkpoints/train-<key>/: the SFT phase's checkpoints
-CHAIN_DPO_CHECKPOINTS = "dpo"  # checkpoints/train-<key>/: the DPO phase's checkpoints
+# checkpoints/train-<key>/<method>/: a chain's second phase's checkpoints, in a folder named after its method (dpo, kto)
 PHASE_DONE = "metrics.json"  # in a finished phase's result folder: written last, so it means "complete"
 
 

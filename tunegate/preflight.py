@@ -12,9 +12,12 @@ The estimate (bytes, per device) for a decoder-only transformer:
                  attention score (rows x heads x seq^2) and layer, 2 bytes each with mixed precision,
                  else 4; with gradient checkpointing one hidden state per layer plus one layer's
                  full set while it is recomputed; QLoRA x 1.35 (fp32 norms and de-quantised weights
-                 around each layer); DPO counts chosen + rejected per row
+                 around each layer); DPO and ORPO count chosen + rejected per row, KTO each answer
+                 and its mismatched KL answer
     logits       tokens x vocab x (value bytes + 8): the logits, their fp32 copy in the loss and its
-                 gradient; DPO adds the reference forward's logits
+                 gradient; preference methods hold the log-probabilities too (x 1.5)
+    reference    DPO and KTO of a full model keep a frozen copy of the weights as the reference (an
+                 adapter's reference is the base with the adapter switched off: no copy)
     sharding     FSDP / ZeRO-3 divide weights, gradients and optimizer states by the processes
                  (DDP keeps a whole replica per process); activations stay per device
 
@@ -133,7 +136,7 @@ class Plan:
     optim: str = "adamw_torch"
     bf16: bool = False  # mixed-precision training (train.args bf16 / fp16): 16-bit activations
     weights_16bit: bool = False  # the base itself is loaded in bf16 / fp16
-    method: str = "sft"  # sft | dpo (chosen and rejected are both forwarded, plus the reference)
+    method: str = "sft"  # a row of tunegate.methods: its sequences per row, logits and reference model
     processes: int = 1
     sharded: bool = False  # FSDP / DeepSpeed ZeRO-3: weights, grads and optimizer states split over processes
 
@@ -153,10 +156,12 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
         trainable = plan.trainable * (4 + 4 + (2 if eight_bit else 8))
     else:  # the loaded weights train: their gradient and optimizer states, at their precision
         trainable = plan.trainable * (loaded + (2 if eight_bit else 2 * loaded))
+    method = METHODS[plan.method]
+    if method.reference and not kind.peft:  # DPO / KTO of a full model: a frozen copy of it as the reference
+        weights *= 2
     if plan.sharded and plan.processes > 1:
         weights /= plan.processes
         trainable /= plan.processes
-    method = METHODS[plan.method]
     tokens = plan.batch * plan.seq * method.sequences_per_row
     rows = plan.batch * method.sequences_per_row
     scores = rows * shape._heads()[0] * plan.seq * plan.seq * ATT_PER_SCORE * value

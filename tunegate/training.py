@@ -45,10 +45,11 @@ def device_defaults(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, A
 
 
 def resolved_args(cfg: Train, cuda: bool, bf16_supported: bool) -> dict[str, Any]:
-    """The trainer settings that decide memory and speed: device defaults, then train.args, then (DPO)
-    train.dpo_args — what the stage hands TRL, less its bookkeeping (paths, seeds, logging)."""
-    dpo = cfg.dpo_args if METHODS[cfg.method].preference else {}
-    return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **dpo}
+    """The trainer settings that decide memory and speed: device defaults, then train.args, then the method's own
+    overrides (train.dpo_args, orpo_args, kto_args) — what the stage hands TRL, less its bookkeeping (paths,
+    seeds, logging)."""
+    field = METHODS[cfg.method].args_field
+    return {**device_defaults(cfg, cuda, bf16_supported), **cfg.args, **(getattr(cfg, field) if field else {})}
 
 
 def preflight(

@@ -1,6 +1,8 @@
-"""Every adapter kind of the table (lora, qlora, dora, full) reaches the registry through `dvc repro` and
-loads from another folder, with the project's base moved away: a kind that cannot be registered, fetched
-or loaded fails here, not at a user's last stage.
+"""Every adapter kind of the table (lora, qlora, dora, full) and every training method (sft, dpo, orpo, kto,
+sft+dpo, sft+kto) reaches the registry through `dvc repro` and loads from another folder, with the project's
+base moved away: a kind or a method that cannot be registered, fetched or loaded fails here, not at a user's
+last stage. The runs pair each kind with a method, so both tables are covered in five runs (sft with lora is
+the default run's, tests/e2e/test_pipeline.py); a test below holds the pairing to both tables.
 
 Each kind trains briefly (the pipeline is the same; the gate's verdict does not matter here, only that the
 version is registered with the right provenance and its files come back sha256-checked)."""
@@ -22,27 +24,25 @@ SHORT = {"train.args.max_steps": 16, "train.args.warmup_steps": 2, "train.args.s
 # every kind ships merged weights (what differs between kinds: a merged adapter, a copied full model); the GGUF
 # conversion starts from that merged folder whatever the kind (tests/e2e/test_export.py, test_export.py)
 SHORT |= {"train.args.eval_steps": 1000, "export.formats": ["merged"]}
-MERGED_SCRIPT = (  # plain transformers, no PEFT, no tunegate: what any runtime that reads safetensors does
-    "import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-    "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]); tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
-    "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where is order 12345?'}],"
-    " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
-    "print(model.generate(**ids, max_new_tokens=8, do_sample=False).shape[1] - ids['input_ids'].shape[1])\n"
-)
 
 
 def load_script() -> str:
-    """What a teammate's process does with `tunegate fetch`'s output: load it and answer one message."""
+    """What a teammate's processes do with `tunegate fetch`'s output, in one process: load the version with
+    tunegate and answer one message; load the merged export with plain transformers (no PEFT, no tunegate:
+    what any runtime that reads safetensors does) and answer it too."""
     code = (
         "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "msg = [{'role': 'user', 'content': 'Where is order 12345?'}]\n"
+        "def answer(model, tok):\n"
+        "    ids = tok.apply_chat_template(msg, add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "    return model.generate(**ids, max_new_tokens=8, do_sample=False).shape[1] - ids['input_ids'].shape[1]\n"
+        "merged = AutoModelForCausalLM.from_pretrained(sys.argv[2]), AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "merged_tokens = answer(*merged)\n"
         "from tunegate.registry import load\n"
-        "got = json.loads(sys.argv[1])\n"
-        "model, tok = load(got)\n"
-        "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Where is order 12345?'}],"
-        " add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
-        "out = model.generate(**ids, max_new_tokens=8, do_sample=False)\n"
-        "print(json.dumps({'peft': type(model).__module__.startswith('peft'),"
-        " 'new_tokens': out.shape[1] - ids['input_ids'].shape[1]}))\n"
+        "model, tok = load(json.loads(sys.argv[1]))\n"
+        "print(json.dumps({'peft': type(model).__module__.startswith('peft'), 'new_tokens': answer(model, tok),"
+        " 'merged_tokens': merged_tokens}))\n"
     )
     return code
 
@@ -57,29 +57,43 @@ def default_run_after(project):
     sh(project, "dvc", "repro")
 
 
-@pytest.mark.parametrize("kind", sorted(ADAPTERS))
-def test_each_adapter_kind_is_registered_fetched_and_loaded_elsewhere(project, tmp_path, kind, default_run_after):
+# (adapter kind, method): every kind and every method at least once (a chain needs an adapter; full fine-tuning
+# with ORPO keeps no frozen reference copy)
+RUNS = [("full", "orpo"), ("lora", "sft+kto"), ("qlora", "dpo"), ("dora", "sft+dpo"), ("lora", "kto")]
+
+
+def test_the_runs_cover_every_adapter_kind_and_every_method():
+    from tunegate.methods import METHODS
+
+    assert {kind for kind, _ in RUNS} == set(ADAPTERS)
+    assert {method for _, method in RUNS} | {"sft"} == set(METHODS)  # sft: the default run
+
+
+@pytest.mark.parametrize("kind, method", RUNS, ids=[f"{k}-{m}" for k, m in RUNS])
+def test_each_adapter_kind_and_method_is_registered_fetched_and_loaded_elsewhere(
+    project, tmp_path, kind, method, default_run_after
+):
     from tunegate.registry import client, fetch, model_files, resolve_version
 
     original = (project / "params.yaml").read_text()
-    name = f"kind-{kind}"
+    name = f"kind-{kind}-{method}".replace("+", "-")
     uri = f"sqlite:///{project / 'mlflow.db'}"
     base, away = project / "models/base", project / "models/base-away"
     try:
-        edit_params(project, **SHORT, **{"train.adapter": kind, "register.model_name": name})
+        edit_params(project, **SHORT, **{"train.adapter": kind, "train.method": method, "register.model_name": name})
         sh(project, "dvc", "repro")
         result = json.loads((project / "reports/register.json").read_text())
         assert result["model_name"] == name and result["version"] == "1"
         assert (result["champion"] == "1") is result["gate_passed"]
         trained = json.loads((project / "models/candidate/train_config.json").read_text())
-        assert trained["adapter"] == kind
+        assert trained["adapter"] == kind and trained["method"] == method
 
         c = client(uri)
         v = resolve_version(c, name, "1")
         tags = v.tags
         mix = json.loads((project / "data/mix/manifest.json").read_text())
         manifest = json.loads((project / "models/base/base.json").read_text())
-        assert tags["adapter"] == kind and tags["method"] == "sft" and tags["base_model"] == "demo"
+        assert tags["adapter"] == kind and tags["method"] == method and tags["base_model"] == "demo"
         assert tags["base_revision"] == manifest["resolved_revision"] and tags["train_sha256"] == mix["train_sha256"]
         assert tags["hp.args.max_steps"] == "16" and len(tags["adapter_sha256"]) == 64
         # a full model is stored whole and needs no base; an adapter's base is stored once beside it
@@ -100,8 +114,6 @@ def test_each_adapter_kind_is_registered_fetched_and_loaded_elsewhere(project, t
         got = fetch(c, name, "1", teammate / "again")
         assert got["kind"] == kind and str(project) not in json.dumps(got)
         assert (got["base"] is None) is (got["adapter"] is None) is (not ADAPTERS[kind].peft)
-        loaded = json.loads(sh(teammate, sys.executable, "-c", load_script(), json.dumps(got)).stdout.splitlines()[-1])
-        assert loaded["peft"] is ADAPTERS[kind].peft and loaded["new_tokens"] >= 1
 
         # every kind ships merged weights that answer exactly like the candidate, checked by the gate
         verdict = json.loads((project / "reports/gate/verdict.json").read_text())
@@ -111,7 +123,9 @@ def test_each_adapter_kind_is_registered_fetched_and_loaded_elsewhere(project, t
         assert tags["exports"] == "merged" and len(tags["export_sha256"]) == 64
         out = sh(teammate, "tunegate", "fetch", "1", "--format", "merged", "--to", "shipped").stdout
         assert "sha256 checked" in out and 'from_pretrained("shipped/merged")' in out, out
-        assert int(sh(teammate, sys.executable, "-c", MERGED_SCRIPT, "shipped/merged").stdout.split()[-1]) >= 1
+        loaded = sh(teammate, sys.executable, "-c", load_script(), json.dumps(got), "shipped/merged").stdout
+        loaded = json.loads(loaded.splitlines()[-1])
+        assert loaded["peft"] is ADAPTERS[kind].peft and loaded["new_tokens"] >= 1 and loaded["merged_tokens"] >= 1
     finally:
         if away.exists():
             away.rename(base)

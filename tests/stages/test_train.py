@@ -260,24 +260,32 @@ if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
 prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] if r["chosen"] != r["rejected"]][:32]
 args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, \
 "logging_steps": 1, "save_steps": 5, "max_length": 64}
-if sys.argv[4] == "sft+dpo":
-    cfg = Train(truncate=True, method="sft+dpo", lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
-dpo_args={"max_steps": 20, "beta": 0.1})
+method = sys.argv[4]
+if method.startswith("sft+"):  # a chain: a short SFT phase, then its second method (its own overrides)
+    second = method.split("+")[1]
+    cfg = Train(truncate=True, method=method, lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
+**{f"{second}_args": {"max_steps": 20, "beta": 0.1}})
 else:
-    cfg = Train(truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+    cfg = Train(truncate=True, method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
 train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 """
 
 
 @pytest.mark.parametrize(
     "method, kill_at",
-    [("sft", "checkpoint-10"), ("sft", "checkpoint-1[05]/trainer_state.json"), ("sft+dpo", "dpo/checkpoint-10")],
+    [
+        ("sft", "checkpoint-10"),
+        ("sft", "checkpoint-1[05]/trainer_state.json"),
+        ("sft+dpo", "dpo/checkpoint-10"),
+        ("orpo", "checkpoint-10"),
+        ("sft+kto", "kto/checkpoint-10"),
+    ],
 )
 @pytest.mark.heavy
 def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
-    """SIGKILL mid-run (also while a checkpoint is being written, and in the DPO phase of the SFT -> DPO
-    chain), run again: it resumes from the last complete checkpoint and ends byte-identical to an
-    uninterrupted run."""
+    """SIGKILL mid-run (also while a checkpoint is being written, in ORPO, and in the second phase of the
+    SFT -> DPO and SFT -> KTO chains), run again: it resumes from the last complete checkpoint and ends
+    byte-identical to an uninterrupted run."""
     import signal
     import subprocess
     import sys
@@ -312,7 +320,7 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-2000:]
     assert "resuming from" in err
-    if method == "sft+dpo":
+    if "+" in method:
         assert "SFT phase already complete" in err
     assert sha256_tree(tmp_path / "killed" / train.ADAPTER, "*.safetensors") == sha256_tree(
         tmp_path / "straight" / train.ADAPTER, "*.safetensors"
@@ -404,7 +412,7 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
         ({"method": "dpo", "probe_max_rise": 0.25}, "train.probe_max_rise: .*SFT only"),
         ({"dpo_args": {"beta": 0.1}}, "train.dpo_args: .*only used when train.method is dpo or sft\\+dpo"),
         ({"method": "sft+dpo", "dpo_args": [0.1]}, "train.dpo_args: Input should be a valid dictionary"),
-        ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo' or 'sft\\+dpo'"),
+        ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo', 'orpo', .* or 'sft\\+kto'"),
         ({"method": "sft+dpo", "dpo": {"beta": 0.1}}, "train.dpo: Extra inputs are not permitted"),
     ],
 )

@@ -1,0 +1,91 @@
+"""The preference methods beyond DPO on a tiny demo base: ORPO (no reference model), KTO (unpaired rows, from the
+demo's pairs) and the SFT -> KTO chain each move the answers the way their data says, log their own metrics, and
+read the rows exactly as tokenised for DPO."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stages import train
+from tests.stages.test_train import ARGS, _dpo_margin, base, rows  # noqa: F401 - module fixtures, shared
+from tunegate.config import Lora, Train
+
+
+@pytest.fixture(scope="module")
+def zero_margin(base, rows, tmp_path_factory):  # noqa: F811
+    """The chosen-over-rejected margin of the base itself (an adapter that has not moved)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model
+
+    folder = tmp_path_factory.mktemp("untrained")
+    get_peft_model(load_model(base), LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM")).save_pretrained(folder)
+    return _dpo_margin(base, rows[1], folder)
+
+
+@pytest.mark.parametrize(
+    "method, logged",
+    [
+        ("orpo", {"orpo_reward_margin", "orpo_reward_accuracy", "orpo_log_odds_ratio"}),
+        ("kto", {"kto_reward_chosen", "kto_reward_rejected"}),
+        ("sft+kto", {"kto_reward_chosen", "kto_reward_rejected"}),
+    ],
+)
+def test_each_method_moves_the_margin_towards_chosen(base, rows, tmp_path, zero_margin, method, logged):  # noqa: F811
+    sft_rows, prefs = rows
+    cfg = Train(
+        truncate=True, method=method, lora=Lora(r=8, alpha=16), args={**ARGS, "max_steps": 12, "learning_rate": 1e-2}
+    )
+    metrics = train.run(
+        cfg,
+        1,
+        train.Inputs(base, sft_rows, prefs, []),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"),
+    )
+    assert metrics["method"] == method and metrics["steps"] == 12 and logged <= set(metrics), metrics
+    if method != "orpo":  # KTO: desirable answers rewarded above undesirable ones
+        assert metrics["kto_reward_chosen"] > metrics["kto_reward_rejected"]
+    assert _dpo_margin(base, prefs, tmp_path / "out" / train.ADAPTER) > zero_margin + 1.0
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["method"] == method
+    adapter = tmp_path / "out" / train.ADAPTER
+    assert [p.name for p in adapter.iterdir() if p.is_dir()] == []  # no reference adapter left behind
+
+
+def test_kto_reads_each_pair_as_one_desirable_and_one_undesirable_row_in_a_seeded_order():
+    pairs = [{"prompt_ids": [i], "chosen_ids": [100 + i], "rejected_ids": [200 + i]} for i in range(40)]
+    unpaired = train.unpaired_examples(pairs, seed=1)
+    assert len(unpaired) == 80
+    for pair in pairs:
+        mine = [r for r in unpaired if r["prompt_ids"] == pair["prompt_ids"]]
+        assert sorted((r["completion_ids"], r["label"]) for r in mine) == [
+            (pair["chosen_ids"], True),
+            (pair["rejected_ids"], False),
+        ]
+    assert unpaired == train.unpaired_examples(pairs, seed=1) and unpaired != train.unpaired_examples(pairs, seed=2)
+    first_batch = {r["label"] for r in unpaired[:8]}
+    assert first_batch == {True, False}  # KTO reads in order: batches mix both labels
+
+
+def test_orpo_trains_on_the_answer_tokens_only_and_cuts_answers_not_prompts(base):  # noqa: F811
+    from tunegate.methods import METHODS
+
+    _, trainer_cls = METHODS["orpo"].classes()
+    trainer = trainer_cls.__new__(trainer_cls)  # tokenize_row reads max_length only
+    trainer.max_length = 8
+    row = trainer.tokenize_row({"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9, 10, 11]})
+    assert row["chosen_input_ids"] == [1, 2, 3, 4, 5] and row["chosen_labels"] == [-100, -100, -100, 4, 5]
+    assert row["rejected_input_ids"] == [1, 2, 3, 6, 7, 8, 9, 10]  # cut to max_length from the answer's end
+    assert row["rejected_labels"] == [-100, -100, -100, 6, 7, 8, 9, 10]
+    assert row["prompt_input_ids"] == [1, 2, 3] and row["chosen_attention_mask"] == [1] * 5
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto"])
+def test_a_typo_in_the_methods_own_overrides_is_named_before_any_weights_load(method, tmp_path):
+    field = f"{method}_args"
+    cfg = Train(truncate=True, method=method, args=ARGS, **{field: {"bta": 0.1}})
+    from tunegate.errors import UserError
+
+    with pytest.raises(UserError, match=rf"train.args / train.{field}: .*bta"):
+        train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path, False))
