@@ -65,6 +65,16 @@ class Inputs:
     probe_rows: list[dict[str, Any]] = field(default_factory=list)
     trust_remote_code: bool = False
     base_ref: str | None = None  # how the saved adapter names its base (hub id or project-relative path)
+    rewards: list = field(default_factory=list)  # GRPO: tunegate.rewards.Reward, built from train.grpo.rewards
+    domain_sources: frozenset[str] | None = None  # GRPO's prompts come from these sources' rows; None: every row
+
+    def rows_for(self, method: MethodKind) -> list[dict[str, Any]]:
+        """The rows the method trains on: preference pairs, the domain rows GRPO prompts with, or the mixed set."""
+        if method.preference:
+            return self.pref_rows
+        if method.rewarded and self.domain_sources is not None:
+            return [r for r in self.train_rows if r.get("source") in self.domain_sources]
+        return self.train_rows
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class Outputs:
     plot_path: Path
     speed_path: Path | None = None
     step_offset: int = 0  # where this run's steps start in the plot files (after an earlier phase's)
+    plot_fields: tuple[str, ...] = PLOT_FIELDS  # the plot's columns: the loss's, then what the method logs
 
 
 def sft_examples(rows: list[dict[str, Any]], tokenizer) -> tuple[list[dict[str, list[int]]], int]:
@@ -132,6 +143,24 @@ def unpaired_examples(pairs: list[dict[str, list[int]]], seed: int) -> list[dict
     return rows
 
 
+def prompt_examples(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Rows -> GRPO's prompts: each conversation up to its last assistant turn as the prompt, that turn's text as
+    the reference the rewards compare with. Returns them and how many rows had no text answer to compare with
+    (the last turn a tool call, or no assistant turn), which are left out."""
+    from tunegate.chat import template_messages
+
+    out, skipped = [], 0
+    for row in rows:
+        messages = row["messages"]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        answer = messages[last].get("content") if last is not None else None
+        if last is None or not isinstance(answer, str) or not answer.strip() or row.get("tools"):
+            skipped += 1
+            continue
+        out.append({"prompt": template_messages(messages[:last]), "reference": answer})
+    return out, skipped
+
+
 def peft_config(cfg: Train):
     kind = ADAPTERS[cfg.adapter]
     if not kind.peft:
@@ -149,7 +178,9 @@ def peft_config(cfg: Train):
     )
 
 
-def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int = 0):
+def _plot_callback(
+    path: Path, speed_path: Path | None = None, step_offset: int = 0, plot_fields: tuple[str, ...] = PLOT_FIELDS
+):
     from transformers import TrainerCallback
 
     class PlotRows(TrainerCallback):
@@ -163,7 +194,7 @@ def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int 
             if not state.is_world_process_zero:  # one writer when several processes train
                 return
             start = step_offset + state.global_step
-            for p, fields in ((path, PLOT_FIELDS), (speed_path, SPEED_FIELDS)):
+            for p, fields in ((path, plot_fields), (speed_path, SPEED_FIELDS)):
                 if p is None:
                     continue
                 p.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +231,7 @@ def _plot_callback(path: Path, speed_path: Path | None = None, step_offset: int 
                 logs.get("learning_rate", ""),
                 logs.get("grad_norm", ""),
                 logs.get("eval_loss", ""),
+                *(logs.get(name, "") for name in plot_fields[len(PLOT_FIELDS) :]),
             ]
             with path.open("a", newline="") as fh:
                 csv.writer(fh).writerow(row)
@@ -343,12 +375,29 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
     # TRL's SFTConfig turns gradient checkpointing and bf16 on by default; the device decides here
     # (both slow CPU training down; bf16 and TF32 on a GPU that has them), train.args overrides.
     args = {**common, **resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())}
+    for key in _not_for(method, cfg.args):
+        del args[key]
     if with_probe and method.probe:  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
         args.setdefault("eval_steps", args.get("save_steps", 50))
     else:
         args["eval_strategy"] = "no"
     return args
+
+
+def _not_for(method: MethodKind, args: dict[str, Any]) -> list[str]:
+    """Keys of train.args that SFT's config has and this method's does not (GRPO has no max_length: it cuts
+    completions at max_completion_length): left out for it, as a chain's second phase leaves them out. A key no
+    config has is kept, for TRL to name."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    if method.classes is None:
+        return []
+    fields = {f.name for f in dataclasses.fields(method.classes()[0])}
+    sft = {f.name for f in dataclasses.fields(SFTConfig)}
+    return [k for k in args if k not in fields and k in sft]
 
 
 def _trainer_config(cfg: Train, args: dict[str, Any]):
@@ -370,6 +419,11 @@ def _datasets(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any] 
     from datasets import Dataset
 
     args = args or {}
+    if method.rewarded:
+        prompts, skipped = prompt_examples(data.rows_for(method))
+        if skipped:
+            log.warning("train: %d rows have no text answer for the rewards to compare with: left out", skipped)
+        return Dataset.from_list(prompts), None
     if method.preference:
         examples = preference_examples(data.pref_rows, tokenizer)
         _check_lengths(
@@ -429,18 +483,24 @@ def run(
     trainer, tokenizer, probe_state = _setup(cfg, data, out, args, trainer_args, init_adapter)
     resume, result, seconds = _train(trainer, out)
     _save(cfg, seed, data, out, trainer, tokenizer, recorded)
-    return _metrics(cfg, trainer, result, out, resume, probe_state, estimate, seconds)
+    metrics = _metrics(cfg, trainer, result, out, resume, probe_state, estimate, seconds)
+    if METHODS[cfg.method].rewarded:  # what it was trained toward, and the completions a reward raised on
+        from tunegate.rewards import report_errors
+
+        metrics["reward_code"] = {r.name: r.code_sha256 for r in data.rewards}
+        metrics["reward_errors"] = report_errors(data.rewards)
+    return metrics
 
 
 def enough_rows(cfg: Train, data: Inputs) -> None:
     """Each method of the run has at least its `min_rows` training rows (pairs for a preference method), or the
     stage stops before any weights load, naming the sources the rows came from and the settings that decide."""
     for method in METHODS[cfg.method].needs():
-        rows = data.pref_rows if method.preference else data.train_rows
+        rows = data.rows_for(method)
         need = cfg.min_rows or method.min_rows
         if len(rows) >= need:
             continue
-        what = "preference pairs" if method.preference else "training rows"
+        what = "preference pairs" if method.preference else "domain prompts" if method.rewarded else "training rows"
         sources = Counter(str(r.get("source", "?")) for r in rows)
         from_ = ", ".join(f"{n} from {s}" for s, n in sources.most_common()) or "none from any source"
         raise UserError(
@@ -461,7 +521,7 @@ def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str,
     """(trainer settings, TRL's config, the memory estimate): a typo in train.args, an empty training set
     or a run that cannot fit ends here, before the base is loaded."""
     method = METHODS[cfg.method]
-    if not (data.pref_rows if method.preference else data.train_rows):
+    if not data.rows_for(method):
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
     if cfg.probe_max_rise and method.probe and not data.probe_rows:
         log.warning(
@@ -498,9 +558,13 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
     _, trainer_cls = method.classes()
     train_ds, probe_ds = _datasets(method, data, tokenizer, args, cfg.truncate)
     probe_state: dict[str, Any] = {}
-    callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset)]
+    callbacks = [_plot_callback(out.plot_path, out.speed_path, out.step_offset, out.plot_fields)]
     if cfg.probe_max_rise and probe_ds is not None:
         callbacks.append(_probe_stop_callback(cfg.probe_max_rise, probe_state))
+    extra = {}
+    if method.rewarded:  # GRPO: the rewards, weighted as train.grpo.rewards says
+        extra["reward_funcs"] = [r.batch() for r in data.rewards]
+        trainer_args.reward_weights = [r.weight for r in data.rewards]
     with _quiet_datasets():  # TRL's bookkeeping maps over rows tokenised here: no bars of their own
         trainer = trainer_cls(
             model=model,
@@ -510,6 +574,7 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
             processing_class=tokenizer,
             peft_config=None if init_adapter is not None else peft_config(cfg),
             callbacks=callbacks,
+            **extra,
         )
     route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
     return trainer, tokenizer, probe_state
@@ -611,6 +676,7 @@ def _metrics(
         "resumed_from": Path(resume).name if resume else None,
         "stopped_early_at": probe_state.get("stopped_at"),
         **_preference_rewards(METHODS[cfg.method].last.name, history),
+        **_grpo_rewards(cfg, history),
         "preflight_peak_gib": round(estimate["total"] / 2**30, 3),
         "processes": max(1, trainer_args.world_size),
         "device": _device_name(),
@@ -638,6 +704,30 @@ PREFERENCE_LOGS = {
     "rewards/rejected": "reward_rejected",
     "log_odds_ratio": "log_odds_ratio",
 }
+
+
+def _grpo_rewards(cfg: Train, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """GRPO's reward: its first and last logged mean (the run's direction), its spread, each reward function's
+    last mean, and the KL to the reference when beta > 0."""
+    if not METHODS[cfg.method].rewarded:
+        return {}
+    logged = [h for h in history if "reward" in h]
+    if not logged:
+        return {}
+    first, last = logged[0], logged[-1]
+    found = {
+        "grpo_reward_first": round(float(first["reward"]), 4),
+        "grpo_reward_last": round(float(last["reward"]), 4),
+        "grpo_reward_std": round(float(last.get("reward_std", 0.0)), 4),
+        "grpo_rewards": {
+            k.removeprefix("rewards/").removesuffix("/mean"): round(float(v), 4)
+            for k, v in last.items()
+            if k.startswith("rewards/") and k.endswith("/mean")
+        },
+    }
+    if "kl" in last:
+        found["grpo_kl"] = round(float(last["kl"]), 4)
+    return found
 
 
 def _preference_rewards(method: str, history: list[dict[str, Any]]) -> dict[str, float]:
@@ -675,16 +765,19 @@ def _chain(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
         sft = run(sft_cfg, seed, replace(data, pref_rows=[]), replace(out, out_dir=sft_dir, ckpt_dir=sft_ckpt))
         if is_main_process():
             write_json(done, sft)
+    phase = METHODS[name]
+    what = "preference pairs" if phase.preference else "domain prompts"
     log.info(
-        "train: %s, phase 2 of 2: %s on %d preference pairs, from and against the SFT adapter",
+        "train: %s, phase 2 of 2: %s on %d %s, from the SFT adapter",
         cfg.method,
         name.upper(),
-        len(data.pref_rows),
+        len(data.rows_for(phase)),
+        what,
     )
     second = run(
         pref_cfg,
         seed,
-        replace(data, train_rows=[], probe_rows=[]),
+        replace(data, train_rows=[] if phase.preference else data.train_rows, probe_rows=[]),
         replace(out, ckpt_dir=pref_ckpt, step_offset=sft["steps"]),
         init_adapter=sft_dir / ADAPTER,
         recorded=cfg,
@@ -722,10 +815,10 @@ def _chain_phases(cfg: Train, data: Inputs) -> tuple[Train, Train]:
     second = chain.last
     if chain.needs_adapter and not ADAPTERS[cfg.adapter].peft:
         raise UserError(f"train.method {cfg.method}: needs an adapter (train.adapter lora, qlora or dora), not full")
-    if not data.pref_rows:
+    if not data.rows_for(second):
         raise UserError(
-            f"train.method {cfg.method}: no preference rows for the {second.name.upper()} phase "
-            "(add a source with role: preference)"
+            f"train.method {cfg.method}: no {'preference' if second.preference else 'domain'} rows for the "
+            f"{second.name.upper()} phase (add a source with role: {'preference' if second.preference else 'domain'})"
         )
     if not data.train_rows:
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
@@ -781,9 +874,15 @@ def main() -> None:
             if not path.exists():
                 raise UserError(f"{path}: missing; run the mix stage first (dvc repro mix)")
         manifest = load_manifest(layout.base)
-        checkpoints = checkpoint_folder(
-            cfg.train, cfg.seed, (layout.mix_train, layout.mix_preferences), manifest["weights_sha256"]
-        )
+        method = METHODS[cfg.train.method]
+        rewards = []
+        if method.last.rewarded:  # checked now: a wrong task, metric or import costs nothing
+            from tunegate.rewards import build
+
+            rewards = build(cfg.train.grpo.rewards, layout.eval_tasks)
+        keyed = manifest["weights_sha256"]  # the checkpoints' key: with GRPO, the rewards' code too
+        keyed = [keyed, [r.code_sha256 for r in rewards]] if rewards else keyed
+        checkpoints = checkpoint_folder(cfg.train, cfg.seed, (layout.mix_train, layout.mix_preferences), keyed)
         data = Inputs(
             manifest=manifest,
             train_rows=read_jsonl(layout.mix_train),
@@ -791,12 +890,15 @@ def main() -> None:
             probe_rows=read_jsonl(layout.mix_probe),
             trust_remote_code=cfg.base.trust_remote_code,
             base_ref=cfg.paths.base if cfg.base.is_demo else cfg.base.model,
+            rewards=rewards,
+            domain_sources=frozenset(name for name, s in cfg.data.sources.items() if s.role == "domain"),
         )
         out = Outputs(
             layout.train,
             layout.checkpoints / checkpoints,
             layout.train_plot,
             speed_path=layout.throughput,
+            plot_fields=PLOT_FIELDS + method.last.plot_fields,
         )
         enough_rows(cfg.train, data)
         metrics = run(cfg.train, cfg.seed, data, out)

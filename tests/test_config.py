@@ -59,7 +59,8 @@ def test_flatten_nested():
 def test_config_defaults_are_the_shipped_params(root):
     """params.yaml and the typed defaults cannot drift apart: every value params.yaml sets (other than the
     pass-through trainer settings) is also the default, so a section left out behaves as shipped. The project's
-    own task names (eval, baselines.tasks) have no default: a params.yaml without baselines runs none."""
+    own task names (eval, baselines.tasks, the scorers in train.grpo.rewards) have no default: a params.yaml
+    without baselines runs none, and GRPO asks for its rewards."""
     import yaml
 
     from tunegate.config import flatten, parse_config
@@ -67,6 +68,7 @@ def test_config_defaults_are_the_shipped_params(root):
     raw = yaml.safe_load((root / "params.yaml").read_text())
     shipped = flatten(parse_config(raw))
     own = {"data": raw["data"], "eval": raw["eval"], "baselines": {"tasks": raw["baselines"]["tasks"]}}
+    own["train"] = {"grpo": raw["train"]["grpo"]}
     defaults = flatten(parse_config(own))
     differ = {
         k: (v, defaults.get(k)) for k, v in shipped.items() if not k.startswith("train.args.") and defaults.get(k) != v

@@ -4,6 +4,7 @@ stage's data, the trainer arguments, the preflight's memory terms and the config
 from __future__ import annotations
 
 import typing
+from dataclasses import replace
 
 import pytest
 
@@ -16,13 +17,21 @@ def test_the_config_accepts_exactly_the_methods_of_the_table():
 
 
 def test_each_row_says_what_it_trains_on_and_what_it_holds_in_memory():
-    sft, dpo, orpo, kto = (METHODS[m] for m in ("sft", "dpo", "orpo", "kto"))
+    sft, dpo, orpo, kto, grpo = (METHODS[m] for m in ("sft", "dpo", "orpo", "kto", "grpo"))
     assert (sft.preference, sft.probe, sft.sequences_per_row, sft.logits_factor) == (False, True, 1, 1.0)
     assert (dpo.preference, dpo.probe, dpo.sequences_per_row, dpo.logits_factor) == (True, False, 2, 1.5)
     assert orpo.preference and not orpo.reference and not orpo.unpaired  # no reference model: ORPO's point
     assert kto.preference and kto.reference and kto.unpaired  # pairs read as desirable / undesirable rows
-    assert [m.args_field for m in (sft, dpo, orpo, kto)] == [None, "dpo_args", "orpo_args", "kto_args"]
-    for name, second in (("sft+dpo", dpo), ("sft+kto", kto)):
+    assert grpo.rewarded and not grpo.preference and not grpo.reference  # its reference: only with beta > 0
+    assert grpo.plot_fields == ("reward", "reward_std") and not any(m.rewarded for m in (sft, dpo, orpo, kto))
+    assert [m.args_field for m in (sft, dpo, orpo, kto, grpo)] == [
+        None,
+        "dpo_args",
+        "orpo_args",
+        "kto_args",
+        "grpo_args",
+    ]
+    for name, second in (("sft+dpo", dpo), ("sft+kto", kto), ("sft+grpo", grpo)):
         chain = METHODS[name]
         assert chain.phases == ("sft", second.name) and chain.classes is None and chain.needs_adapter
         assert chain.first() is sft and chain.last is second  # plans its memory as SFT, finishes as the second
@@ -81,3 +90,38 @@ def test_preflight_holds_a_frozen_reference_copy_only_for_a_full_model_scored_ag
     lora = estimate(LLAMA_8B, Plan("lora", 40_000_000, 1, 512, weights_16bit=True, method=method))
     one = estimate(LLAMA_8B, Plan("full", LLAMA_8B.params, 1, 512, weights_16bit=True, method="sft"))["weights"]
     assert full["weights"] == pytest.approx(copies * one) and lora["weights"] == pytest.approx(one)
+
+
+def test_preflight_counts_grpos_generation_batch_and_its_reference_only_with_kl():
+    from tests.test_preflight import LLAMA_8B
+    from tunegate.preflight import Plan, estimate
+
+    base = Plan("lora", 40_000_000, 8, 512 + 256, weights_16bit=True, method="grpo")
+    sampled = estimate(LLAMA_8B, Plan("lora", 40_000_000, 8, 512 + 256, weights_16bit=True, method="grpo", generated=8))
+    more = estimate(LLAMA_8B, Plan("lora", 40_000_000, 8, 512 + 256, weights_16bit=True, method="grpo", generated=16))
+    cache = sampled["activations"] - estimate(LLAMA_8B, base)["activations"]
+    _, kv, dim = LLAMA_8B._heads()
+    assert cache == pytest.approx(8 * 768 * LLAMA_8B.layers * 2 * kv * dim * 2 * 1.10)  # K and V, bf16, margin
+    assert more["activations"] - sampled["activations"] == pytest.approx(cache)
+    full = Plan("full", LLAMA_8B.params, 1, 512, weights_16bit=True, method="grpo")
+    assert estimate(LLAMA_8B, replace(full, kl=True))["weights"] == pytest.approx(
+        2 * estimate(LLAMA_8B, full)["weights"]
+    )
+
+
+def test_the_plan_of_a_grpo_chain_is_its_larger_phase():
+    from tests.test_preflight import LLAMA_8B
+    from tunegate.preflight import estimate
+    from tunegate.training import largest_plan, plan
+
+    cfg = Train.model_validate(
+        {
+            "method": "sft+grpo",
+            "args": {"per_device_train_batch_size": 8, "max_length": 512},
+            "grpo_args": {"max_completion_length": 1024, "num_generations": 8},
+            "grpo": {"rewards": [{"format": "json"}]},
+        }
+    )
+    chosen = largest_plan(cfg, dict(cfg.args), LLAMA_8B)
+    assert chosen.method == "grpo" and chosen.seq == 512 + 1024 and chosen.generated == 8
+    assert estimate(LLAMA_8B, chosen)["total"] > estimate(LLAMA_8B, plan(cfg, dict(cfg.args), LLAMA_8B))["total"]

@@ -180,6 +180,36 @@ class Lora(_Section):
     use_rslora: bool = False
 
 
+class Reward(_Section):
+    """One reward GRPO trains toward (tunegate.rewards): exactly one of scorer, format, function."""
+
+    scorer: str | None = Field(
+        None, description="<task>/<metric>: the task's own scorer (its process_results in evals/tasks), the gate's"
+    )
+    format: Literal["json"] | None = Field(
+        None, description="json: 1 when the answer parses as a JSON object with every key of the reference"
+    )
+    function: str | None = Field(
+        None, description="module:function importable from the project root: f(prompt, completion, reference) -> float"
+    )
+    weight: float = Field(1.0, description="its weight in the sum GRPO maximises")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Reward:
+        named = [k for k in ("scorer", "format", "function") if getattr(self, k) is not None]
+        if len(named) != 1:
+            raise ValueError(f"a reward names exactly one of scorer, format, function (got {named or 'none'})")
+        if self.scorer is not None and self.scorer.count("/") != 1:
+            raise ValueError(f"scorer {self.scorer!r}: expected <task>/<metric>, e.g. support_gen/json_fields")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function {self.function!r}: expected module:function, e.g. my_rewards:refund_policy")
+        return self
+
+
+class Grpo(_Section):
+    rewards: list[Reward] = Field([], description="what GRPO maximises: their weighted sum per completion")
+
+
 class Launch(_Section):
     """Multi-process training: the train stage re-runs itself under `accelerate launch`."""
 
@@ -188,7 +218,7 @@ class Launch(_Section):
 
 
 class Train(_Section):
-    method: Literal["sft", "dpo", "orpo", "kto", "sft+dpo", "sft+kto"] = Field(
+    method: Literal["sft", "dpo", "orpo", "kto", "grpo", "sft+dpo", "sft+kto", "sft+grpo"] = Field(
         "sft",
         description="the training method (tunegate.methods); sft+dpo, sft+kto: SFT on the mixed set, then DPO or KTO "
         "from that adapter with it as the reference",
@@ -213,6 +243,12 @@ class Train(_Section):
         description="kto and sft+kto: overrides of `args` for KTO training "
         "(beta, desirable_weight, undesirable_weight, loss_type, learning_rate, ...)",
     )
+    grpo_args: dict[str, Any] = Field(
+        {},
+        description="grpo and sft+grpo: overrides of `args` for GRPO training "
+        "(num_generations, max_completion_length, beta, loss_type, temperature, learning_rate, use_vllm, ...)",
+    )
+    grpo: Grpo = Field(Grpo(), validate_default=True, description="grpo and sft+grpo: the rewards")
     merge: bool = Field(False, description="also write a merged full model (safetensors)")
     truncate: bool = Field(
         False,
@@ -236,7 +272,7 @@ class Train(_Section):
     )
 
     # A setting the chosen method would ignore is reported, not skipped silently.
-    @field_validator("dpo_args", "orpo_args", "kto_args")
+    @field_validator("dpo_args", "orpo_args", "kto_args", "grpo_args")
     @classmethod
     def _method_args_need_their_method(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         method = METHODS.get(info.data.get("method"))
@@ -244,6 +280,17 @@ class Train(_Section):
             users = " or ".join(name for name, m in METHODS.items() if info.field_name in m.args_fields)
             raise ValueError(f"only used when train.method is {users} (remove it, or move these keys to train.args)")
         return value
+
+    @field_validator("grpo")
+    @classmethod
+    def _grpo_needs_rewards(cls, value: Grpo, info: ValidationInfo) -> Grpo:
+        method = METHODS.get(info.data.get("method"))
+        if method is not None and method.last.rewarded and not value.rewards:
+            raise ValueError(
+                f"train.method {method.name} needs at least one reward in train.grpo.rewards, e.g. "
+                "[{scorer: support_gen/json_fields}, {format: json}]"
+            )
+        return value  # rewards kept for another method are fine: `-S train.method=sft+grpo` finds them ready
 
     @field_validator("probe_max_rise")
     @classmethod

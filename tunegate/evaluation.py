@@ -114,16 +114,26 @@ def _text(path: Path) -> str:
         raise UserError(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
 
 
+class FunctionTag(str):
+    """`!function module.name` in a task YAML: the dotted name, relative to the YAML's folder."""
+
+
 def task_yaml(path: Path) -> dict[str, Any]:
-    """One lm-eval task YAML as a mapping (lm-eval's own tags, `!function utils.score`, read as nothing; a
-    SafeLoader: no arbitrary objects). A file lm-eval could not read (not UTF-8, not YAML, not a mapping)
-    ends in one line naming it. The one reader of task files: the eval stages and the consistency checks."""
+    """One lm-eval task YAML as a mapping (lm-eval's own tags read as nothing, except `!function utils.score`,
+    read as the FunctionTag "utils.score", never imported here; a SafeLoader: no arbitrary objects). A file
+    lm-eval could not read (not UTF-8, not YAML, not a mapping) ends in one line naming it. The one reader of
+    task files: the eval stages, the consistency checks and the rewards (tunegate.rewards)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         """Accepts lm-eval's own tags without resolving them."""
 
-    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    def tag(loader, suffix: str, node):
+        if suffix == "function" and isinstance(node, yaml.ScalarNode):
+            return FunctionTag(loader.construct_scalar(node))
+        return None
+
+    Loader.add_multi_constructor("!", tag)
     try:
         doc = yaml.load(_text(path), Loader=Loader)
     except yaml.YAMLError as err:

@@ -7,8 +7,11 @@ orpo     odds-ratio preference optimisation: SFT on the chosen answer and a pref
          reference model (TRL's ORPOTrainer, in TRL's experimental package in the pinned TRL 1.16)
 kto      Kahneman-Tversky optimisation on unpaired answers labelled desirable or not, against a frozen
          reference; preference pairs give one desirable and one undesirable row each (TRL's KTOTrainer)
+grpo     group relative policy optimisation: completions sampled per prompt, rewarded by train.grpo.rewards (the
+         gate's own scorers among them), the policy pushed toward the better ones of each group (TRL's GRPOTrainer)
 sft+dpo  a chain: SFT, then DPO from (and against) that adapter, as one stage run
 sft+kto  a chain: SFT, then KTO from (and against) that adapter
+sft+grpo a chain: SFT, then GRPO from that adapter (the usual order: RL needs a model that already answers)
 """
 
 from __future__ import annotations
@@ -92,6 +95,12 @@ def _kto_classes() -> tuple[type, type]:
     return KTOConfig, PreTokenizedKTOTrainer
 
 
+def _grpo_classes() -> tuple[type, type]:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return GRPOConfig, GRPOTrainer
+
+
 @dataclass(frozen=True)
 class MethodKind:
     """One trainer method: TRL's config and trainer classes and what data it trains on; or a chain of them."""
@@ -101,6 +110,7 @@ class MethodKind:
     preference: bool = False  # trains on the preference pairs (prompt/chosen/rejected) instead of the mixed set
     unpaired: bool = False  # reads the pairs as unpaired rows: the chosen answer desirable, the rejected not
     reference: bool = False  # scores against a frozen reference model (the base, or the adapter it starts from)
+    rewarded: bool = False  # samples completions of the domain prompts and trains toward train.grpo.rewards
     args_field: str | None = None  # the train.<field> of overrides of train.args for this method (dpo_args, ...)
     probe: bool = False  # the held-out general probe loss (an SFT-style loss) applies
     phases: tuple[str, ...] = ()  # a chain: the methods it runs, in order, each a row of this table
@@ -109,6 +119,7 @@ class MethodKind:
     sequences_per_row: int = 1  # sequences forwarded per training row (DPO, ORPO: chosen and rejected; KTO: the
     # answer and its mismatched KL answer)
     logits_factor: float = 1.0  # logits kept alive per forwarded token, relative to SFT (the log-probabilities too)
+    plot_fields: tuple[str, ...] = ()  # what it logs, besides the loss, as columns of the training plot
 
     @property
     def args_fields(self) -> tuple[str, ...]:
@@ -136,12 +147,15 @@ class MethodKind:
 
 
 PAIRS = {"preference": True, "sequences_per_row": 2, "logits_factor": 1.5}  # chosen and rejected, with log-probs
+SAMPLED = {"rewarded": True, "plot_fields": ("reward", "reward_std")}  # completions sampled, rewarded
 
 METHODS: dict[str, MethodKind] = {
     "sft": MethodKind("sft", _sft_classes, probe=True),
     "dpo": MethodKind("dpo", _dpo_classes, reference=True, args_field="dpo_args", **PAIRS),
     "orpo": MethodKind("orpo", _orpo_classes, args_field="orpo_args", **PAIRS),
     "kto": MethodKind("kto", _kto_classes, unpaired=True, reference=True, args_field="kto_args", **PAIRS),
+    "grpo": MethodKind("grpo", _grpo_classes, args_field="grpo_args", **SAMPLED),
     "sft+dpo": MethodKind("sft+dpo", None, phases=("sft", "dpo"), needs_adapter=True),
     "sft+kto": MethodKind("sft+kto", None, phases=("sft", "kto"), needs_adapter=True),
+    "sft+grpo": MethodKind("sft+grpo", None, phases=("sft", "grpo"), needs_adapter=True),
 }

@@ -17,7 +17,10 @@ The estimate (bytes, per device) for a decoder-only transformer:
     logits       tokens x vocab x (value bytes + 8): the logits, their fp32 copy in the loss and its
                  gradient; preference methods hold the log-probabilities too (x 1.5)
     reference    DPO and KTO of a full model keep a frozen copy of the weights as the reference (an
-                 adapter's reference is the base with the adapter switched off: no copy)
+                 adapter's reference is the base with the adapter switched off: no copy); GRPO only
+                 with beta > 0
+    generation   GRPO samples its generation batch (num_generations completions per prompt) with a KV
+                 cache: completions x (prompt + max_completion_length) x layers x 2 x kv heads x head dim
     sharding     FSDP / ZeRO-3 divide weights, gradients and optimizer states by the processes
                  (DDP keeps a whole replica per process); activations stay per device
 
@@ -139,6 +142,8 @@ class Plan:
     method: str = "sft"  # a row of tunegate.methods: its sequences per row, logits and reference model
     processes: int = 1
     sharded: bool = False  # FSDP / DeepSpeed ZeRO-3: weights, grads and optimizer states split over processes
+    generated: int = 0  # GRPO: completions sampled at once (the generation batch), each seq tokens in the KV cache
+    kl: bool = False  # GRPO with beta > 0: a reference model scores the completions
 
 
 def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
@@ -157,7 +162,7 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     else:  # the loaded weights train: their gradient and optimizer states, at their precision
         trainable = plan.trainable * (loaded + (2 if eight_bit else 2 * loaded))
     method = METHODS[plan.method]
-    if method.reference and not kind.peft:  # DPO / KTO of a full model: a frozen copy of it as the reference
+    if (method.reference or plan.kl) and not kind.peft:  # DPO / KTO / GRPO with KL of a full model: a frozen copy
         weights *= 2
     if plan.sharded and plan.processes > 1:
         weights /= plan.processes
@@ -173,7 +178,9 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     if kind.quantize_4bit:
         activations *= QLORA_ACTIVATIONS
     logits = tokens * shape.vocab * (value + 8) * method.logits_factor
-    parts = {"weights": weights, "trainable": trainable, "activations": activations + logits}
+    _, kv, dim = shape._heads()
+    cache = plan.generated * plan.seq * shape.layers * 2 * kv * dim * (2 if plan.weights_16bit or plan.bf16 else 4)
+    parts = {"weights": weights, "trainable": trainable, "activations": activations + logits + cache}
     return {**{k: v * MARGIN for k, v in parts.items()}, "total": sum(parts.values()) * MARGIN}
 
 

@@ -132,13 +132,22 @@ def record(
             for m, v in metrics.items():
                 if m != "n":
                     tags[f"eval.{side}.{task}.{m}"] = v
+    tags.update(_baseline_and_reward_tags(verdict, trained))
+    tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
+    return tags
+
+
+def _baseline_and_reward_tags(verdict: dict, trained: dict) -> dict[str, Any]:
+    """The baselines' scores and prompt costs, and (GRPO) the code each reward was computed by."""
+    tags: dict[str, Any] = {}
     costs = verdict.get("costs") or {}
     for name, by_check in (verdict.get("baselines") or {}).items():
         for check, value in by_check.items():
             tags[f"eval.baseline.{name}.{check.replace('/', '.')}"] = value
         if name in costs:
             tags[f"eval.baseline.{name}.prompt_tokens"] = costs[name]["prompt_tokens"]
-    tags.update({f"hp.{k}": v for k, v in flatten(cfg.train).items()})
+    for name, code in (trained.get("reward_code") or {}).items():  # what the model was trained toward
+        tags[f"reward.{name}.code_sha256"] = code
     return tags
 
 

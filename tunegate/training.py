@@ -70,7 +70,19 @@ def preflight(
         args = resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
     shape = read_shape(model_dir)
     device, free = budget or available_bytes()
-    return check(shape, plan(cfg, args, shape), device, free), device, free
+    return check(shape, largest_plan(cfg, args, shape), device, free), device, free
+
+
+def largest_plan(cfg: Train, args: dict[str, Any], shape: Shape) -> Plan:
+    """The plan of the phase that needs the most memory: the method itself, or the larger of a chain's phases
+    (each with its own overrides: a GRPO phase's generation batch can outgrow the SFT phase)."""
+    from tunegate.preflight import estimate
+
+    plans = []
+    for phase in METHODS[cfg.method].needs():
+        own = getattr(cfg, phase.args_field) if phase.args_field and phase is not METHODS[cfg.method] else {}
+        plans.append(plan(cfg, {**args, **own}, shape, phase.name))
+    return max(plans, key=lambda p: estimate(shape, p)["total"])
 
 
 # GPU memory as torch reports it (GiB), for `tunegate check --memory <name>`: hardware a user does not have yet
@@ -196,20 +208,30 @@ def read_shape(model_dir: str | Path) -> Shape:
 
 
 def plan(cfg: Train, args: dict[str, Any], shape: Shape, method: str | None = None) -> Plan:
-    """The memory plan of one training phase with its resolved trainer settings."""
+    """The memory plan of one training phase with its resolved trainer settings (a chain: the phase named, or
+    its first)."""
     kind = ADAPTERS[cfg.adapter]
     launch = cfg.launch
     processes = launch.processes if launch else 1
+    phase = METHODS[method or cfg.method].first()
+    batch, seq = int(args.get("per_device_train_batch_size", 8)), int(args.get("max_length", 1024))
+    generated, kl = 0, False
+    if phase.rewarded:  # GRPO: the prompt and a completion of up to max_completion_length (TRL's default 512)
+        seq += int(args.get("max_completion_length", 512))
+        generated = batch * int(args.get("steps_per_generation") or args.get("gradient_accumulation_steps", 1))
+        kl = float(args.get("beta", 0.0)) > 0
     return Plan(
         adapter=cfg.adapter,
         trainable=shape.lora_params(cfg.lora.r, cfg.lora.target_modules) if kind.peft else shape.params,
-        batch=int(args.get("per_device_train_batch_size", 8)),
-        seq=int(args.get("max_length", 1024)),
+        batch=batch,
+        seq=seq,
+        generated=generated,
+        kl=kl,
         gradient_checkpointing=bool(args.get("gradient_checkpointing")),
         optim=str(args.get("optim", "adamw_torch")),
         bf16=bool(args.get("bf16") or args.get("fp16")),
         weights_16bit=shape.weights_16bit,
-        method=METHODS[method or cfg.method].first().name,
+        method=phase.name,
         processes=processes,
         sharded=sharded(launch.config) if launch else False,
     )

@@ -261,13 +261,22 @@ prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] 
 args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, \
 "logging_steps": 1, "save_steps": 5, "max_length": 64}
 method = sys.argv[4]
+second, rewards, extra = method.split("+")[-1], [], {}
+own = {"max_steps": 20, "beta": 0.1}
+if second == "grpo":  # 4 sampled completions per prompt, the shorter ones rewarded (the tiny base writes no JSON)
+    from tunegate.config import Reward
+    from tunegate.rewards import build
+    spec = {"function": "tests.stages.test_train_methods:short_reward"}
+    extra = {"grpo": {"rewards": [spec]}}
+    rewards = build([Reward(**spec)], Path("evals/tasks"))
+    own = {"max_steps": 20, "num_generations": 4, "max_completion_length": 12}
 if method.startswith("sft+"):  # a chain: a short SFT phase, then its second method (its own overrides)
-    second = method.split("+")[1]
     cfg = Train(truncate=True, method=method, lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
-**{f"{second}_args": {"max_steps": 20, "beta": 0.1}})
+**{f"{second}_args": own}, **extra)
 else:
     cfg = Train(truncate=True, method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
-train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
+train.run(cfg, 1, train.Inputs(base, rows, prefs, [], rewards=rewards), \
+train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 """
 
 
@@ -279,12 +288,13 @@ train.run(cfg, 1, train.Inputs(base, rows, prefs, []), train.Outputs(out, ckpt, 
         ("sft+dpo", "dpo/checkpoint-10"),
         ("orpo", "checkpoint-10"),
         ("sft+kto", "kto/checkpoint-10"),
+        ("sft+grpo", "grpo/checkpoint-10"),
     ],
 )
 @pytest.mark.heavy
 def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
     """SIGKILL mid-run (also while a checkpoint is being written, in ORPO, and in the second phase of the
-    SFT -> DPO and SFT -> KTO chains), run again: it resumes from the last complete checkpoint and ends
+    SFT -> DPO, SFT -> KTO and SFT -> GRPO chains), run again: it resumes from the last complete checkpoint and ends
     byte-identical to an uninterrupted run."""
     import signal
     import subprocess

@@ -4,11 +4,13 @@ read the rows exactly as tokenised for DPO."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
 
 from stages import train
+from tests.conftest import ROOT
 from tests.stages.test_train import ARGS, _dpo_margin, base, rows  # noqa: F401 - module fixtures, shared
 from tunegate.config import Lora, Train
 
@@ -89,3 +91,60 @@ def test_a_typo_in_the_methods_own_overrides_is_named_before_any_weights_load(me
 
     with pytest.raises(UserError, match=rf"train.args / train.{field}: .*bta"):
         train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path, False))
+
+
+def short_reward(prompt, completion, reference) -> float:
+    """A reward the tiny base can earn (it writes no JSON): shorter completions, up to 60 characters."""
+    return 1.0 - min(len(completion), 60) / 60
+
+
+def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
+    """12 GRPO steps, 4 completions sampled per prompt: the logged mean reward of the last third of the steps is
+    above the first third's (CPU training is deterministic: the same numbers every run)."""
+    from tunegate.config import Reward
+    from tunegate.rewards import build
+
+    spec = {"function": "tests.stages.test_train_methods:short_reward"}
+    cfg = Train(
+        truncate=True,
+        method="grpo",
+        lora=Lora(r=8, alpha=16),
+        args={**ARGS, "max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
+        grpo_args={"num_generations": 4, "max_completion_length": 16},
+        grpo={"rewards": [spec]},
+    )
+    plot = tmp_path / "p.csv"
+    metrics = train.run(
+        cfg,
+        1,
+        train.Inputs(base, rows[0], [], [], rewards=build([Reward(**spec)], ROOT / "evals/tasks")),
+        train.Outputs(
+            tmp_path / "out", tmp_path / "ckpt", plot, plot_fields=train.PLOT_FIELDS + ("reward", "reward_std")
+        ),
+    )
+    logged = [float(r["reward"]) for r in csv.DictReader(plot.open())]
+    assert len(logged) == 12 and metrics["grpo_reward_first"] == pytest.approx(logged[0], abs=1e-4)
+    assert sum(logged[-4:]) / 4 > sum(logged[:4]) / 4 + 0.02, logged
+    assert set(metrics["grpo_rewards"]) == {spec["function"]} and metrics["reward_errors"] == {}
+    assert len(metrics["reward_code"][spec["function"]]) == 64
+
+
+def test_grpo_prompts_are_the_conversation_before_its_last_answer_and_that_answer_the_reference():
+    conversations = [
+        {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+                {"role": "user", "content": "q3"},
+                {"role": "assistant", "content": "a3"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [{}]}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}], "tools": [{}]},
+    ]
+    prompts, skipped = train.prompt_examples(conversations)
+    assert skipped == 2  # a tool call for an answer, and a row with tools: no text to compare with
+    assert [p["reference"] for p in prompts] == ["a1", "a3"]
+    assert [m["content"] for m in prompts[1]["prompt"]] == ["s", "q2", "a2", "q3"]
