@@ -5,8 +5,11 @@
     python -m benchmarks.train memory       # ~100M-parameter Llama: lora fp32 / lora bf16 / qlora / full
     python -m benchmarks.train packing      # padding share of the batches, and one epoch of the train stage
                                             # on the same rows with packing off and on (same tokens)
+    python -m benchmarks.train grpo         # GRPO steps/s (transformers generation) beside SFT steps/s on the
+                                            # same domain prompts, demo base; then GRPO's memory plans for
+                                            # Llama-3.2-1B and Llama-3-8B shapes (config.json only)
 
-`overhead` and `packing` need the demo base and mixed data (`make demo` first). `memory` builds a
+`overhead`, `packing` and `grpo` need the demo base and mixed data (`make demo` first). `memory` builds a
 random ~100M-parameter Llama (no download) and runs each configuration in a fresh process so that
 each peak RSS is its own; timings are interleaved, median of --repeat.
 """
@@ -351,9 +354,85 @@ def packed_epoch(repeat: int) -> None:
     print(f"packing on trains the same tokens {off / on:.2f}x as fast")
 
 
+def grpo(repeat: int, steps: int) -> None:
+    """SFT and GRPO from the demo base on the same domain rows, `steps` steps each, interleaved, median of `repeat`:
+    GRPO samples `num_generations` completions per prompt with transformers' generate, scores them with the
+    demo's rewards (the support_gen scorer and the JSON format) and trains on them; SFT trains on the answers."""
+    from stages import train
+    from tunegate.rewards import build
+
+    cfg, manifest, rows = _demo()
+    domain = [r for r in rows if r.get("source") == "domain"]
+    rewards = build(cfg.train.grpo.rewards, ROOT / cfg.paths.evals / "tasks")
+    batch, generations = 16, 8
+    common = {"max_steps": steps, "per_device_train_batch_size": batch, "save_steps": 10_000, "logging_steps": 10}
+    settings = {
+        "sft": cfg.train.model_copy(update={"method": "sft", "args": {**common, "max_length": 256}}),
+        f"grpo ({generations} completions per prompt, up to 48 tokens)": cfg.train.model_copy(
+            update={
+                "method": "grpo",
+                "args": common,
+                "grpo_args": {"num_generations": generations, "max_completion_length": 48},
+            }
+        ),
+    }
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeat):
+        for name, train_cfg in settings.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                metrics = train.run(
+                    train_cfg,
+                    cfg.seed,
+                    train.Inputs(manifest, domain, rewards=rewards),
+                    train.Outputs(out / "model", out / "ckpt", out / "plots.csv"),
+                )
+            times[name].append(metrics["seconds"])
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"{steps} steps of batch {batch} on {len(domain)} domain rows, demo base, median of {repeat} interleaved")
+    print("| method | seconds | steps/s |\n|---|---|---|")
+    for name, seconds in median.items():
+        print(f"| {name} | {seconds:.1f} | {steps / seconds:.2f} |")
+    sft, rl = median.values()
+    print(f"a GRPO step costs {rl / sft:.1f}x an SFT step here (generation dominates)")
+    grpo_memory()
+
+
+def grpo_memory() -> None:
+    """`tunegate check`'s estimate for SFT and SFT -> GRPO on Llama-3.2-1B and Llama-3-8B shapes (bf16 weights,
+    LoRA and QLoRA, batch 8, max_length 1024, gradient checkpointing; GRPO: 8 completions per prompt of up to
+    512 tokens), from config.json values alone."""
+    from tests.test_preflight import LLAMA_8B_CONFIG
+    from tunegate.preflight import GIB, Shape, estimate
+    from tunegate.training import largest_plan, resolved_args
+
+    one_b = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "tie_word_embeddings": True}
+    shapes = {
+        "Llama-3.2-1B": Shape.from_config({**LLAMA_8B_CONFIG, **one_b}),
+        "Llama-3-8B": Shape.from_config(LLAMA_8B_CONFIG),
+    }
+    print("| base | method | adapter | planned phase | GiB per device (weights / activations, logits, KV cache) |")
+    print("|---|---|---|---|---|")
+    for name, shape in shapes.items():
+        for method, adapter in (("sft", "lora"), ("sft+grpo", "lora"), ("sft+grpo", "qlora")):
+            cfg = Train.model_validate(
+                {
+                    "method": method,
+                    "adapter": adapter,
+                    "args": {"per_device_train_batch_size": 8, "max_length": 1024, "gradient_checkpointing": True},
+                    "grpo_args": {"num_generations": 8, "max_completion_length": 512} if "grpo" in method else {},
+                    "grpo": {"rewards": [{"format": "json"}]},
+                }
+            )
+            plan = largest_plan(cfg, resolved_args(cfg, True, True), shape)
+            est = estimate(shape, plan)
+            print(f"| {name} | {method} | {adapter} | {plan.method} | {est['total'] / GIB:.1f} "
+                  f"({est['weights'] / GIB:.1f} / {est['activations'] / GIB:.1f}) |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["overhead", "memory", "packing", "memory-child"])
+    parser.add_argument("what", choices=["overhead", "memory", "packing", "grpo", "memory-child"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
@@ -365,6 +444,8 @@ def main() -> None:
         memory()
     elif opts.what == "memory-child":
         memory_child(*opts.args)
+    elif opts.what == "grpo":
+        grpo(opts.repeat, opts.steps)
     else:
         packing()
         packed_epoch(opts.repeat)

@@ -489,6 +489,9 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     train.update(method="sft+dpo" if preferences else "sft", packing="auto")  # auto: where exact and it pays
     train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
     train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
+    # ready for `-S train.method=sft+grpo`: rewarded by the held-out task's own scorer, answers as long as its eval's
+    train["grpo_args"] = {}
+    train["grpo"] = {"rewards": [{"scorer": f"{held.task}/{held.metric}"}]}
     train["args"] = {
         "learning_rate": 2.0e-4,
         "lr_scheduler_type": "cosine",

@@ -1,7 +1,7 @@
 """Every adapter kind of the table (lora, qlora, dora, full) and every training method (sft, dpo, orpo, kto,
 sft+dpo, sft+kto) reaches the registry through `dvc repro` and loads from another folder, with the project's
 base moved away: a kind or a method that cannot be registered, fetched or loaded fails here, not at a user's
-last stage. The runs pair each kind with a method, so both tables are covered in five runs (sft with lora is
+last stage. The runs pair each kind with a method, so both tables are covered in seven runs (sft with lora is
 the default run's, tests/e2e/test_pipeline.py); a test below holds the pairing to both tables.
 
 Each kind trains briefly (the pipeline is the same; the gate's verdict does not matter here, only that the
@@ -59,7 +59,18 @@ def default_run_after(project):
 
 # (adapter kind, method): every kind and every method at least once (a chain needs an adapter; full fine-tuning
 # with ORPO keeps no frozen reference copy)
-RUNS = [("full", "orpo"), ("lora", "sft+kto"), ("qlora", "dpo"), ("dora", "sft+dpo"), ("lora", "kto")]
+RUNS = [
+    ("full", "orpo"),
+    ("lora", "sft+kto"),
+    ("qlora", "dpo"),
+    ("dora", "sft+dpo"),
+    ("lora", "kto"),
+    ("lora", "grpo"),
+    ("dora", "sft+grpo"),
+]
+# GRPO: 8 completions per prompt (2 prompts a step at batch 16), as long as the demo's answers; the demo's own
+# rewards (params.yaml: the support_gen scorer and the JSON format)
+SAMPLED = {"train.grpo_args": {"num_generations": 8, "max_completion_length": 48}}
 
 
 def test_the_runs_cover_every_adapter_kind_and_every_method():
@@ -80,7 +91,10 @@ def test_each_adapter_kind_and_method_is_registered_fetched_and_loaded_elsewhere
     uri = f"sqlite:///{project / 'mlflow.db'}"
     base, away = project / "models/base", project / "models/base-away"
     try:
-        edit_params(project, **SHORT, **{"train.adapter": kind, "train.method": method, "register.model_name": name})
+        own = SAMPLED if method.endswith("grpo") else {}
+        edit_params(
+            project, **SHORT, **own, **{"train.adapter": kind, "train.method": method, "register.model_name": name}
+        )
         sh(project, "dvc", "repro")
         result = json.loads((project / "reports/register.json").read_text())
         assert result["model_name"] == name and result["version"] == "1"
