@@ -485,27 +485,7 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     params["base"].update(model=model, revision=revision)
     params["data"] = {"sources": sources}
     params["validate"]["max_tokens"] = max_tokens
-    train = params["train"]
-    train.update(method="sft+dpo" if preferences else "sft", packing="auto")  # auto: where exact and it pays
-    train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
-    train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
-    # ready for `-S train.method=sft+grpo`: rewarded by the held-out task's own scorer, answers as long as its eval's
-    train["grpo_args"] = {}
-    train["grpo"] = {"rewards": [{"scorer": f"{held.task}/{held.metric}"}]}
-    train["args"] = {
-        "learning_rate": 2.0e-4,
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.03,  # a share of the steps (transformers >= 5)
-        "num_train_epochs": 2,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 4,
-        "max_length": max_tokens,
-        "logging_steps": 10,
-        "save_steps": 200,
-        "eval_steps": 200,
-        "per_device_eval_batch_size": 8,
-        **({"gradient_checkpointing": True} if _parameters(model) > BIG_MODEL else {}),
-    }
+    _train_params(params["train"], model, max_tokens, preferences, held)
     params["eval"].update(
         tasks=[held.task, *(t for t, _ in general_checks)],
         max_gen_toks=_round_up(answer_tokens + 8, 16),
@@ -526,6 +506,30 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
         f"lengths: longest row {longest} tokens under {model}'s chat template -> validate.max_tokens and "
         f"train.args.max_length {max_tokens}; eval.max_gen_toks {params['eval']['max_gen_toks']}"
     )
+
+
+def _train_params(train: dict[str, Any], model: str, max_tokens: int, preferences: bool, held: _HeldOut) -> None:
+    """train: a real model's settings (SFT, or SFT then DPO with preferences), lengths from the data."""
+    train.update(method="sft+dpo" if preferences else "sft", packing="auto")  # auto: where exact and it pays
+    train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
+    train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
+    # ready for `-S train.method=sft+grpo`: rewarded by the held-out task's own scorer
+    train["grpo_args"] = {}
+    train["grpo"] = {"rewards": [{"scorer": f"{held.task}/{held.metric}"}]}
+    train["args"] = {
+        "learning_rate": 2.0e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,  # a share of the steps (transformers >= 5)
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 4,
+        "max_length": max_tokens,
+        "logging_steps": 10,
+        "save_steps": 200,
+        "eval_steps": 200,
+        "per_device_eval_batch_size": 8,
+        **({"gradient_checkpointing": True} if _parameters(model) > BIG_MODEL else {}),
+    }
 
 
 def _tokenizer(model: str, revision: str, params: dict[str, Any]):
