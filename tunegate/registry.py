@@ -380,8 +380,9 @@ def _retrain(project: Path, workdir: Path, share_cache: bool) -> None:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     dvc = lambda *args: subprocess.run([f"{bin_dir}/dvc", *args], cwd=workdir, env=env, capture_output=True, text=True)  # noqa: E731
-    if share_cache:
-        dvc("cache", "dir", "--local", str((project / ".dvc" / "cache").resolve()))
+    if share_cache:  # the project's cache, wherever its DVC config puts it (a team's shared cache dir included)
+        here = subprocess.run([f"{bin_dir}/dvc", "cache", "dir"], cwd=project, env=env, capture_output=True, text=True)
+        dvc("cache", "dir", "--local", here.stdout.strip() or str((project / ".dvc" / "cache").resolve()))
     # Data kept out of git (`dvc add`, a .dvc file in the commit) comes back from the DVC cache, or from the
     # project's DVC remote when the cache lacks it; anything still missing ends in DVC's own line below.
     if dvc("checkout", "--quiet").returncode and dvc("remote", "list").stdout.strip():

@@ -138,9 +138,9 @@ def configure(level: int = logging.INFO, stage: str | None = None) -> Path | Non
 
 
 def route_trainer_logs(trainer) -> None:
-    """Keep the trainer's progress bar but send the metric dicts it prints at every logging step
-    (`{'loss': ...}`) to the log file: plots/train.csv and the MLflow run hold the same numbers.
-    With TUNEGATE_VERBOSE=1 the trainer prints them as usual."""
+    """Keep the trainer's progress bar, showing the last logged loss (and GRPO's mean reward) beside it, but send
+    the metric dicts it prints at every logging step (`{'loss': ...}`) to the log file: plots/train.csv and the
+    MLflow run hold the same numbers. With TUNEGATE_VERBOSE=1 the trainer prints them as usual."""
     if verbose():
         return
     from transformers.trainer_callback import ProgressCallback
@@ -149,8 +149,12 @@ def route_trainer_logs(trainer) -> None:
 
     class LoggedProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero:
-                log.info("step %d: %s", state.global_step, logs, extra=FILE_ONLY)
+            if not state.is_world_process_zero:
+                return
+            log.info("step %d: %s", state.global_step, logs, extra=FILE_ONLY)
+            shown = {k: f"{v:.3f}" for k in ("loss", "reward") if isinstance(v := (logs or {}).get(k), int | float)}
+            if shown and getattr(self, "training_bar", None) is not None:
+                self.training_bar.set_postfix(shown, refresh=False)
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LoggedProgress)
