@@ -1,15 +1,17 @@
-"""train: fine-tune the base on the mixed training set with TRL + PEFT (SFT, DPO, ORPO, KTO; LoRA, QLoRA, DoRA, full).
+"""train: fine-tune the base with TRL + PEFT (SFT, DPO, ORPO, KTO, GRPO; LoRA, QLoRA, DoRA, full).
 
     python -m stages.train        # what dvc.yaml runs
 
 A thin wrapper: the trainer is TRL's, adapters are PEFT's, 4-bit is bitsandbytes' NF4. `train.args` is
-passed to the method's TRL config (SFTConfig, DPOConfig, ORPOConfig, KTOConfig) unchanged, so every TRL knob
-is available and TRL validates it; train.dpo_args / orpo_args / kto_args override it for that method.
+passed to the method's TRL config (SFTConfig, DPOConfig, ORPOConfig, KTOConfig, GRPOConfig) unchanged, so every
+TRL knob is available and TRL validates it; train.dpo_args / orpo_args / kto_args / grpo_args override it for
+that method. GRPO samples completions of the domain prompts and is rewarded by train.grpo.rewards
+(tunegate.rewards: the gate's own scorers among them).
 SFT rows are given to TRL as conversational prompt/completion pairs, so the loss is on the
 assistant's answer only, whatever the base's chat template. A small held-out general set is
 evaluated every `eval_steps` as a cheap forgetting probe (`eval_loss` beside the training loss);
-`train.probe_max_rise` stops the run when that loss climbs. `train.method: sft+dpo` (sft+kto) runs SFT,
-then DPO (KTO) from the SFT adapter against a frozen copy of it, and still writes one adapter.
+`train.probe_max_rise` stops the run when that loss climbs. `train.method: sft+dpo` (sft+kto, sft+grpo) runs
+SFT, then DPO (KTO, GRPO) from the SFT adapter, and still writes one adapter.
 Checkpoints go to a persistent folder; a killed run resumes from the last one on the next repro.
 """
 
@@ -355,8 +357,8 @@ def _last_checkpoint(ckpt_dir: Path, clean: bool = False) -> str | None:
 
 
 def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> dict[str, Any]:
-    """The keyword arguments for the method's TRL config: the stage's fixed settings, then train.args, then the
-    method's overrides (train.dpo_args, orpo_args, kto_args)."""
+    """The keyword arguments for the method's TRL config: the stage's fixed settings, then train.args (less the
+    SFT-only keys the method's config lacks), then the method's overrides (train.dpo_args, orpo_args, ...)."""
     import torch
 
     cuda = torch.cuda.is_available()

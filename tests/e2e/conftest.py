@@ -129,30 +129,6 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
     return dest
 
 
-# The end-to-end tier runs on two workers (`pytest -m slow -n 2 --dist loadgroup`, as `make test` does): most of
-# it is one Python thread at a time (imports, DVC, MLflow, lm-eval's request loop, a tiny model's steps), so a
-# second worker uses the second core. Each group is one worker's: "demo" holds the tests that read the first run's
-# console and the pipeline's own runs; "servers" starts with the tests that need no demo, then the servers.
-GROUPS = {
-    "test_adapter_kinds": "demo",
-    "test_copy_project": "demo",
-    "test_export": "demo",
-    "test_pipeline": "demo",
-    "test_portable": "demo",
-    "test_own_model": "servers",
-    "test_retrain": "servers",
-    "test_servers": "servers",
-    "test_team": "servers",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = GROUPS.get(Path(str(item.fspath)).stem)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 def _shared(tmp_path_factory) -> Path:
     """A folder both workers of this session see (their own temp folders' parent under xdist)."""
     base = tmp_path_factory.getbasetemp()
