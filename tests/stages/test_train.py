@@ -422,7 +422,7 @@ def test_probe_rise_stops_training_early(base, rows, tmp_path, caplog):
         ({"method": "dpo", "probe_max_rise": 0.25}, "train.probe_max_rise: .*SFT only"),
         ({"dpo_args": {"beta": 0.1}}, "train.dpo_args: .*only used when train.method is dpo or sft\\+dpo"),
         ({"method": "sft+dpo", "dpo_args": [0.1]}, "train.dpo_args: Input should be a valid dictionary"),
-        ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo', 'orpo', .* or 'sft\\+kto'"),
+        ({"method": "dpo+sft"}, "train.method: Input should be 'sft', 'dpo', 'orpo', .* or 'sft\\+grpo'"),
         ({"method": "sft+dpo", "dpo": {"beta": 0.1}}, "train.dpo: Extra inputs are not permitted"),
     ],
 )
