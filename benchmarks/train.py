@@ -394,7 +394,7 @@ def grpo(repeat: int, steps: int) -> None:
     for name, seconds in median.items():
         print(f"| {name} | {seconds:.1f} | {steps / seconds:.2f} |")
     sft, rl = median.values()
-    print(f"a GRPO step costs {rl / sft:.1f}x an SFT step here (generation dominates)")
+    print(f"a GRPO step costs {rl / sft:.1f}x an SFT step of the same batch here")
     grpo_memory()
 
 
