@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tunegate import rewards
-from tunegate.config import Reward as Spec
+from tunegate.config import RewardSpec as Spec
 from tunegate.config import Train
 from tunegate.errors import UserError
 

@@ -180,7 +180,7 @@ class Lora(_Section):
     use_rslora: bool = False
 
 
-class Reward(_Section):
+class RewardSpec(_Section):
     """One reward GRPO trains toward (tunegate.rewards): exactly one of scorer, format, function."""
 
     scorer: str | None = Field(
@@ -195,7 +195,7 @@ class Reward(_Section):
     weight: float = Field(1.0, description="its weight in the sum GRPO maximises")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> Reward:
+    def _exactly_one(self) -> RewardSpec:
         named = [k for k in ("scorer", "format", "function") if getattr(self, k) is not None]
         if len(named) != 1:
             raise ValueError(f"a reward names exactly one of scorer, format, function (got {named or 'none'})")
@@ -207,7 +207,7 @@ class Reward(_Section):
 
 
 class Grpo(_Section):
-    rewards: list[Reward] = Field([], description="what GRPO maximises: their weighted sum per completion")
+    rewards: list[RewardSpec] = Field([], description="what GRPO maximises: their weighted sum per completion")
 
 
 class Launch(_Section):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunegate.config import Reward as RewardSpec
+from tunegate.config import RewardSpec
 from tunegate.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,6 @@ def build(specs: list[RewardSpec], tasks_dir: Path) -> list[Reward]:
         reward.weight = spec.weight
         rewards.append(reward)
     return rewards
-
-
-def provenance(rewards: list[Reward]) -> dict[str, str]:
-    """What the model was trained toward: each reward's name -> weight and the sha256 of its code."""
-    return {r.name: f"weight {r.weight:g}, code sha256 {r.code_sha256}" for r in rewards}
 
 
 def report_errors(rewards: list[Reward]) -> dict[str, int]:

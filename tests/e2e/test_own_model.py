@@ -125,10 +125,10 @@ def test_init_writes_an_eval_a_policy_and_params_for_the_model_and_data(own):
     assert params["train"]["args"]["learning_rate"] == 2.0e-4 and params["train"]["lora"]["dropout"] == 0.05
     # GRPO is one setting away, rewarded by the held-out task's own scorer (the reward is built as the stage would)
     assert params["train"]["grpo"] == {"rewards": [{"scorer": "my_tickets_gen/json_fields"}]}
-    from tunegate.config import Reward
+    from tunegate.config import RewardSpec
     from tunegate.rewards import build
 
-    (reward,) = build([Reward(scorer="my_tickets_gen/json_fields")], project / "evals/tasks")
+    (reward,) = build([RewardSpec(scorer="my_tickets_gen/json_fields")], project / "evals/tasks")
     assert (
         reward.one(
             [], held_reference := read_jsonl(project / "evals/data/my_tickets_gen.jsonl")[0]["answer"], held_reference

@@ -264,11 +264,11 @@ method = sys.argv[4]
 second, rewards, extra = method.split("+")[-1], [], {}
 own = {"max_steps": 20, "beta": 0.1}
 if second == "grpo":  # 4 sampled completions per prompt, the shorter ones rewarded (the tiny base writes no JSON)
-    from tunegate.config import Reward
+    from tunegate.config import RewardSpec
     from tunegate.rewards import build
     spec = {"function": "tests.stages.test_train_methods:short_reward"}
     extra = {"grpo": {"rewards": [spec]}}
-    rewards = build([Reward(**spec)], Path("evals/tasks"))
+    rewards = build([RewardSpec(**spec)], Path("evals/tasks"))
     own = {"max_steps": 20, "num_generations": 4, "max_completion_length": 12}
 if method.startswith("sft+"):  # a chain: a short SFT phase, then its second method (its own overrides)
     cfg = Train(truncate=True, method=method, lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \

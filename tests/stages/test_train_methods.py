@@ -101,7 +101,7 @@ def short_reward(prompt, completion, reference) -> float:
 def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
     """12 GRPO steps, 4 completions sampled per prompt: the logged mean reward of the last third of the steps is
     above the first third's (CPU training is deterministic: the same numbers every run)."""
-    from tunegate.config import Reward
+    from tunegate.config import RewardSpec
     from tunegate.rewards import build
 
     spec = {"function": "tests.stages.test_train_methods:short_reward"}
@@ -117,7 +117,7 @@ def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
     metrics = train.run(
         cfg,
         1,
-        train.Inputs(base, rows[0], [], [], rewards=build([Reward(**spec)], ROOT / "evals/tasks")),
+        train.Inputs(base, rows[0], [], [], rewards=build([RewardSpec(**spec)], ROOT / "evals/tasks")),
         train.Outputs(
             tmp_path / "out", tmp_path / "ckpt", plot, plot_fields=train.PLOT_FIELDS + ("reward", "reward_std")
         ),
