@@ -377,7 +377,7 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
     # TRL's SFTConfig turns gradient checkpointing and bf16 on by default; the device decides here
     # (both slow CPU training down; bf16 and TF32 on a GPU that has them), train.args overrides.
     args = {**common, **resolved_args(cfg, cuda, cuda and torch.cuda.is_bf16_supported())}
-    for key in _not_for(method, cfg.args):
+    for key in _not_for(method, cfg):
         del args[key]
     if with_probe and method.probe:  # the forgetting probe is an SFT-style held-out loss
         args.setdefault("eval_strategy", "steps")
@@ -387,19 +387,20 @@ def _trainer_args(cfg: Train, seed: int, ckpt_dir: Path, with_probe: bool) -> di
     return args
 
 
-def _not_for(method: MethodKind, args: dict[str, Any]) -> list[str]:
-    """Keys of train.args that SFT's config has and this method's does not (GRPO has no max_length: it cuts
-    completions at max_completion_length): left out for it, as a chain's second phase leaves them out. A key no
-    config has is kept, for TRL to name."""
+def _not_for(method: MethodKind, cfg: Train) -> list[str]:
+    """Keys of train.args that SFT's config has and this method's does not (packing and completion_only_loss for
+    DPO, max_length for GRPO, which cuts completions at max_completion_length): left out for it, unless the
+    method's own overrides set them (then TRL names them). A key no config has is kept, for TRL to name."""
     import dataclasses
 
     from trl import SFTConfig
 
     if method.classes is None:
         return []
+    own = getattr(cfg, method.args_field) if method.args_field else {}
     fields = {f.name for f in dataclasses.fields(method.classes()[0])}
     sft = {f.name for f in dataclasses.fields(SFTConfig)}
-    return [k for k in args if k not in fields and k in sft]
+    return [k for k in cfg.args if k not in fields and k in sft and k not in own]
 
 
 def _trainer_config(cfg: Train, args: dict[str, Any]):
@@ -811,7 +812,6 @@ def _chain_phases(cfg: Train, data: Inputs) -> tuple[Train, Train]:
     """The SFT and preference phases' settings of a chain (sft+dpo, sft+kto), or one line saying why it cannot
     run: the second phase gets train.args without SFT-only keys (packing, completion_only_loss, ...), then its
     own overrides."""
-    import dataclasses
 
     chain = METHODS[cfg.method]
     second = chain.last
@@ -824,17 +824,10 @@ def _chain_phases(cfg: Train, data: Inputs) -> tuple[Train, Train]:
         )
     if not data.train_rows:
         raise UserError(f"train.method {cfg.method}: the training set is empty (check the mix stage's manifest)")
-    config_cls, _ = second.classes()
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     no_overrides = {name: {} for name in chain.args_fields}
     sft_cfg = cfg.model_copy(update={"method": "sft", **no_overrides, "merge": False})
-    pref_cfg = cfg.model_copy(
-        update={
-            "method": second.name,
-            "args": {k: v for k, v in cfg.args.items() if k in fields},
-            "probe_max_rise": None,
-        }
-    )
+    # the SFT-only keys of train.args are left out when the second phase's settings are made (_not_for)
+    pref_cfg = cfg.model_copy(update={"method": second.name, "probe_max_rise": None})
     return sft_cfg, pref_cfg
 
 
