@@ -42,7 +42,7 @@ def _yaml(path: Path) -> dict[str, Any]:
         return {}  # tunegate.evaluation.local_tasks names unreadable task files in one line
 
 
-def _merged(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
+def merged_task(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     """A task YAML with the files it `include:`s under it (lm-eval's inheritance)."""
     merged: dict[str, Any] = {}
     seen = set()
@@ -62,7 +62,7 @@ def local_task_info(tasks_dir: Path, root: Path) -> dict[str, TaskInfo]:
         doc = _yaml(path)
         if not isinstance(doc.get("task"), str):
             continue
-        merged = _merged(path, doc)
+        merged = merged_task(path, doc)
         metrics = frozenset(
             m["metric"] for m in merged.get("metric_list") or [] if isinstance(m, dict) and "metric" in m
         )
@@ -281,7 +281,7 @@ def builtin_dataset(task: str) -> tuple[str, str | None] | None:
         doc = _yaml(path)
         if doc.get("task") != task:
             continue
-        merged = _merged(path, doc)
+        merged = merged_task(path, doc)
         if isinstance(merged.get("dataset_path"), str) and "/" in merged["dataset_path"]:
             name = merged.get("dataset_name")
             return merged["dataset_path"], name if isinstance(name, str) else None

@@ -94,6 +94,7 @@ FORMATS: dict[str, Score] = {"json": json_format}
 
 def scorer(spec: str, tasks_dir: Path) -> Reward:
     """The reward `<task>/<metric>`: the task YAML's `process_results` function, loaded from the task's folder."""
+    from tunegate.consistency import merged_task
     from tunegate.evaluation import FunctionTag, task_yaml
 
     task, metric = spec.split("/")
@@ -101,7 +102,9 @@ def scorer(spec: str, tasks_dir: Path) -> Reward:
     if not found:
         raise UserError(f"train.grpo.rewards: scorer {spec}: no task {task!r} in {tasks_dir}")
     path, doc = found[0]
-    until = _until(path, doc)
+    doc = merged_task(path, doc)  # with the files it includes, as lm-eval reads it
+    until = (doc.get("generation_kwargs") or {}).get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
     function = doc.get("process_results")
     if not isinstance(function, FunctionTag) or "." not in function:
         raise UserError(f"{path}: process_results is not `!function <module>.<name>`: no scorer to reward with")
@@ -121,17 +124,6 @@ def scorer(spec: str, tasks_dir: Path) -> Reward:
         return fn({"answer": reference}, [_cut(completion, until)])[metric]
 
     return Reward(spec, score, code_sha256=_sha256(source))
-
-
-def _until(path: Path, doc: dict[str, Any]) -> list[str]:
-    """The task's stop strings, from its generation_kwargs or those of the file it includes."""
-    from tunegate.evaluation import task_yaml
-
-    kwargs = doc.get("generation_kwargs")
-    if kwargs is None and isinstance(doc.get("include"), str):
-        kwargs = task_yaml(path.parent / doc["include"]).get("generation_kwargs")
-    until = (kwargs or {}).get("until") or []
-    return [until] if isinstance(until, str) else list(until)
 
 
 def _cut(text: str, until: list[str]) -> str:
