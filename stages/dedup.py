@@ -5,9 +5,10 @@
 Order matters and is deliberate:
 1. contamination: a row containing an eval item's prompt (word n-grams; whole text for short items)
    is dropped, naming the eval task and item, so no eval item leaks into training;
-2. contradictions: the same normalised prompt with materially different answers is resolved by
-   `dedup.contradictions` (keep_majority / keep_first / drop_all) before duplicates are collapsed,
-   so the majority vote still counts every copy;
+2. contradictions: the same normalised prompt with materially different answers (for a labelled answer:
+   the same prompt and answer labelled both desirable and not) is resolved by `dedup.contradictions`
+   (keep_majority / keep_first / drop_all) before duplicates are collapsed, so the majority vote still
+   counts every copy;
 3. exact duplicates after case / whitespace / punctuation / unicode normalisation;
 4. near duplicates: MinHash LSH on word n-grams (rensa signatures), candidates verified by their exact
    Jaccard similarity, greedy leader clustering (a row is dropped only for a verified resemblance to a
@@ -52,12 +53,12 @@ def eval_items(eval_data: Path) -> list[tuple[str, str, bool]]:
 def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[str, str, str]]:
     """{row index: (reason, other row id, detail)} for rows losing a same-prompt, different-answer conflict."""
     groups: dict[str, list[int]] = defaultdict(list)
+    claims = [_claim(row) for row in rows]
     for i, row in enumerate(rows):
-        prompt, _ = prompt_and_answer(row)
-        groups[f"{row['kind']}|{exact_key(prompt)}"].append(i)
+        groups[f"{row['kind']}|{exact_key(claims[i][0])}"].append(i)
     out: dict[int, tuple[str, str, str]] = {}
     for members in groups.values():
-        answers = [exact_key(prompt_and_answer(rows[i])[1]) for i in members]
+        answers = [claims[i][1] for i in members]
         votes = Counter(answers)
         if len(votes) < 2:
             continue
@@ -72,11 +73,22 @@ def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[
         for k, i in enumerate(members):
             if answers[k] != winner:
                 other = rows[keeper]["id"] if keeper is not None else rows[members[0 if k else 1]]["id"]
-                detail = f"{len(votes)} different answers to this prompt; policy {policy}" + (
+                what = "labels of this answer" if rows[i]["kind"] == "unpaired" else "answers to this prompt"
+                detail = f"{len(votes)} different {what}; policy {policy}" + (
                     "" if winner else " (no majority: all dropped)"
                 )
                 out[i] = ("contradiction", other, detail)
     return out
+
+
+def _claim(row: dict[str, Any]) -> tuple[str, str]:
+    """(what a row is asked, what it answers), normalised: a conflict is the same question with another answer. A
+    labelled answer (KTO) is asked its prompt and answer together and answers with its label: the same answer
+    labelled both desirable and not contradicts itself, while other answers to the same prompt are what KTO needs."""
+    prompt, answer = prompt_and_answer(row)
+    if row["kind"] == "unpaired":
+        return f"{prompt}\n{answer}", str(row["label"])
+    return prompt, exact_key(answer)
 
 
 def run(
@@ -148,21 +160,29 @@ def _exact_duplicates(rows: list[dict], verdict: dict[int, tuple]) -> dict[int, 
 def _near_duplicates(
     cfg: Dedup, rows: list[dict], verdict: dict[int, tuple], seed: int, minhash: Literal["rensa", "numpy"]
 ) -> dict[int, tuple[str, str, str]]:
-    """Live rows whose verified Jaccard with their cluster's leader reaches the threshold (Ray or one machine)."""
-    live = [i for i in range(len(rows)) if i not in verdict]
-    texts = [row_text(rows[i]) for i in live]
-    if cfg.engine == "ray":
-        from tunegate.dedup_ray import near_duplicates_ray
+    """Live rows whose verified Jaccard with their cluster's leader reaches the threshold (Ray or one machine).
+    Labelled answers (KTO) are compared only with answers of the same label: a desirable and an undesirable answer
+    to one prompt share most of their words, and are the contrast KTO learns from, not a duplicate."""
+    parts: dict[Any, list[int]] = defaultdict(list)
+    for i in range(len(rows)):
+        if i not in verdict:
+            parts[rows[i]["label"] if rows[i]["kind"] == "unpaired" else None].append(i)
+    found = {}
+    for live in parts.values():
+        texts = [row_text(rows[i]) for i in live]
+        if cfg.engine == "ray":
+            from tunegate.dedup_ray import near_duplicates_ray
 
-        near = near_duplicates_ray(
-            texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
-        )
-    else:
-        near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, minhash=minhash)
-    return {
-        live[k]: ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
-        for k, (rep, sim) in near.items()
-    }
+            near = near_duplicates_ray(
+                texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, address=cfg.ray_address
+            )
+        else:
+            near = near_duplicates(texts, cfg.ngram, cfg.num_perm, cfg.bands, cfg.threshold, seed, minhash=minhash)
+        found |= {
+            live[k]: ("near_duplicate", rows[live[rep]]["id"], f"jaccard {sim:.2f} >= {cfg.threshold}")
+            for k, (rep, sim) in near.items()
+        }
+    return found
 
 
 def _metrics(sources: dict[str, list], kept: dict[str, list], dropped: list[dict]) -> dict[str, Any]:

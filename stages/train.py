@@ -71,9 +71,11 @@ class Inputs:
     domain_sources: frozenset[str] | None = None  # GRPO's prompts come from these sources' rows; None: every row
 
     def rows_for(self, method: MethodKind) -> list[dict[str, Any]]:
-        """The rows the method trains on: preference pairs, the domain rows GRPO prompts with, or the mixed set."""
+        """The rows the method trains on: preference pairs (KTO: and labelled answers), the domain rows GRPO prompts
+        with, or the mixed set."""
         if method.preference:
-            return self.pref_rows
+            kinds = (PAIR, LABELLED) if method.unpaired else (PAIR,)
+            return [r for r in self.pref_rows if r.get("kind", PAIR) in kinds]
         if method.rewarded and self.domain_sources is not None:
             return [r for r in self.train_rows if r.get("source") in self.domain_sources]
         return self.train_rows
@@ -108,10 +110,13 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer) -> tuple[list[dict[str, 
     return out, unstable
 
 
-def preference_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str, list[int]]]:
-    """Preference rows -> DPO's prompt_ids / chosen_ids / rejected_ids, exactly as TRL tokenises a
-    conversational pair (the prompt with the generation prompt; the answer starts where the prompt's and
-    the whole conversation's tokens diverge), with the row's tools and tool turns rendered."""
+PAIR, LABELLED = "preference", "unpaired"  # the row kinds of a preference source (tunegate.formats)
+
+
+def _answered(rows: list[dict[str, Any]], tokenizer, sides: tuple[str, ...]) -> list[dict[str, list[int]]]:
+    """Each row's prompt and its answers (`sides`) tokenised exactly as TRL tokenises a conversational row: the
+    prompt with the generation prompt; an answer starts where the prompt's and the whole conversation's tokens
+    diverge; the row's tools and tool turns rendered. Returns {"prompt_ids", "<side>_ids", ...} per row."""
     from tunegate.chat import Renderer, common_prefix, template_messages
 
     render = Renderer(tokenizer)
@@ -123,17 +128,29 @@ def preference_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str,
     for row in rows:
         tools, prompt = row.get("tools"), template_messages(row["prompt"])
         prompt_ids = ids(render(prompt, tools, generation=True))
-        chosen = ids(render(prompt + template_messages(row["chosen"]), tools))
-        rejected = ids(render(prompt + template_messages(row["rejected"]), tools))
-        n = min(common_prefix(prompt_ids, chosen), common_prefix(prompt_ids, rejected))
-        out.append({"prompt_ids": prompt_ids[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+        answers = {side: ids(render(prompt + template_messages(row[side]), tools)) for side in sides}
+        n = min(common_prefix(prompt_ids, answer) for answer in answers.values())
+        out.append({"prompt_ids": prompt_ids[:n], **{f"{side}_ids": a[n:] for side, a in answers.items()}})
     return out
 
 
-def unpaired_examples(pairs: list[dict[str, list[int]]], seed: int) -> list[dict[str, Any]]:
-    """Tokenised pairs -> KTO's unpaired rows: the chosen answer desirable (label true), the rejected one not, in
-    an order shuffled once with the seed (KTO reads its rows in order: each batch mixes both labels and its KL
-    answers come from other prompts)."""
+def preference_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str, list[int]]]:
+    """Preference rows -> DPO's prompt_ids / chosen_ids / rejected_ids (`_answered`)."""
+    return _answered(rows, tokenizer, ("chosen", "rejected"))
+
+
+def labelled_examples(rows: list[dict[str, Any]], tokenizer) -> list[dict[str, Any]]:
+    """Labelled answers (KTO's unpaired rows read from a file) -> prompt_ids / completion_ids / label (`_answered`)."""
+    answered = _answered(rows, tokenizer, ("completion",))
+    return [{**e, "label": bool(row["label"])} for e, row in zip(answered, rows, strict=True)]
+
+
+def unpaired_examples(
+    pairs: list[dict[str, list[int]]], seed: int, labelled: list[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
+    """Tokenised pairs and labelled answers -> KTO's unpaired rows: a pair's chosen answer desirable (label true),
+    its rejected one not, and each labelled answer as it is, in an order shuffled once with the seed (KTO reads its
+    rows in order: each batch mixes both labels and its KL answers come from other prompts)."""
     import random
 
     rows = [
@@ -141,6 +158,7 @@ def unpaired_examples(pairs: list[dict[str, list[int]]], seed: int) -> list[dict
         for pair in pairs
         for side in ("chosen", "rejected")
     ]
+    rows += labelled
     random.Random(seed).shuffle(rows)
     return rows
 
@@ -428,13 +446,7 @@ def _datasets(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any] 
             log.warning("train: %d rows have no text answer for the rewards to compare with: left out", skipped)
         return Dataset.from_list(prompts), None
     if method.preference:
-        examples = preference_examples(data.pref_rows, tokenizer)
-        _check_lengths(
-            [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples], args, truncate
-        )
-        if method.unpaired:
-            examples = unpaired_examples(examples, args.get("seed", 0))
-        return Dataset.from_list(examples), None
+        return Dataset.from_list(_preference_set(method, data, tokenizer, args, truncate)), None
     examples, unstable = sft_examples(data.train_rows, tokenizer)
     if unstable:
         log.warning(
@@ -447,6 +459,28 @@ def _datasets(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any] 
         _check_lengths([len(e["input_ids"]) for e in examples], args, truncate)
     probe = Dataset.from_list(sft_examples(data.probe_rows, tokenizer)[0]) if data.probe_rows else None
     return Dataset.from_list(examples), probe
+
+
+def _preference_set(method: MethodKind, data: Inputs, tokenizer, args: dict[str, Any], truncate: bool) -> list[dict]:
+    """A preference method's rows tokenised: pairs, and for KTO the pairs unpaired plus the labelled answers. A
+    method that reads pairs only says how many labelled answers it leaves to KTO."""
+    rows = data.rows_for(method)
+    examples = preference_examples([r for r in rows if r.get("kind", PAIR) == PAIR], tokenizer)
+    lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+    if not method.unpaired:
+        if left := sum(r.get("kind") == LABELLED for r in data.pref_rows):
+            log.warning(
+                "train: %d labelled answers (prompt, completion, label) are read by kto only: %s trains on "
+                "the %d pairs",
+                left,
+                method.name,
+                len(examples),
+            )
+        _check_lengths(lengths, args, truncate)
+        return examples
+    labelled = labelled_examples([r for r in rows if r.get("kind") == LABELLED], tokenizer)
+    _check_lengths(lengths + [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in labelled], args, truncate)
+    return unpaired_examples(examples, args.get("seed", 0), labelled)
 
 
 def _check_lengths(lengths: list[int], args: dict[str, Any], truncate: bool) -> None:
@@ -504,6 +538,7 @@ def enough_rows(cfg: Train, data: Inputs) -> None:
         if len(rows) >= need:
             continue
         what = "preference pairs" if method.preference else "domain prompts" if method.rewarded else "training rows"
+        what = "preference pairs and labelled answers" if method.unpaired else what
         sources = Counter(str(r.get("source", "?")) for r in rows)
         from_ = ", ".join(f"{n} from {s}" for s, n in sources.most_common()) or "none from any source"
         raise UserError(

@@ -93,13 +93,14 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
         if extras
         else []
     )
-    if all(row.kind == "sft" for row in rows):
-        flat = Flat([_shown(row.messages) for row in rows] if rich else [row.messages for row in rows])
+    if all(row.kind != "preference" for row in rows):  # SFT rows, or labelled answers: one conversation each
+        turns = [row.conversation() for row in rows]
+        flat = Flat([_shown(t) for t in turns] if rich else turns)
         columns["roles"] = flat.join(flat.roles, ",")
         columns["min_chars"] = flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0)
         columns["text"] = flat.join(flat.contents, "\n")
         columns["n_tokens"] = counter.count_bytes(
-            *_rich_sizes(sizes, rows, rich, flat, lambda row: (row.messages, row.tools))
+            *_rich_sizes(sizes, rows, rich, flat, lambda row: (row.conversation(), row.tools))
         )
     else:
         parts = [
@@ -205,7 +206,7 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
         (
             "wrong_role",
             E.ExpectColumnValuesToMatchRegex,
-            {"column": "roles", "regex": SFT_ROLES if kind == "sft" else PREF_ROLES},
+            {"column": "roles", "regex": PREF_ROLES if kind == "preference" else SFT_ROLES},
         ),
         ("empty_content", E.ExpectColumnValuesToBeBetween, {"column": "min_chars", "min_value": 1}),
         leftover,
@@ -427,7 +428,7 @@ def _validate_source(
     read, rows of the wrong kind and untrainable tool rows set aside, the suite run, each row judged."""
     cfg, started = checks.cfg, time.perf_counter()
     rows, problems, fmt, notes = load_rows(name, source.path, source.format, source.split)
-    expected_kind = "preference" if source.role == "preference" else "sft"
+    expected_kind = _expected_kind(source, rows)
     rows, quarantine = _of_kind(name, source, rows, expected_kind)
     quarantine = [p.as_row() for p in problems] + quarantine
     if NOTE_EXTRAS in notes and any(uses_tools(r.all_messages(), r.tools) for r in rows):
@@ -457,6 +458,15 @@ def _validate_source(
     return kept, quarantine, metrics, _too_many_invalid(cfg, source, n_in, reasons)
 
 
+def _expected_kind(source: Source, rows: list[Row]) -> str:
+    """What the source's role trains on: SFT rows, or preference pairs, or labelled answers (KTO's unpaired rows)
+    where a preference source holds more of those than pairs."""
+    if source.role != "preference":
+        return "sft"
+    kinds = Counter(row.kind for row in rows)
+    return "unpaired" if kinds["unpaired"] > kinds["preference"] else "preference"
+
+
 def _of_kind(name: str, source: Source, rows: list[Row], kind: str) -> tuple[list[Row], list[dict[str, Any]]]:
     """The rows of the kind the source's role trains on, and a quarantine row for each of the others."""
     wrong = [r for r in rows if r.kind != kind]
@@ -468,7 +478,7 @@ def _of_kind(name: str, source: Source, rows: list[Row], kind: str) -> tuple[lis
             "line": r.line,
             "id": r.id,
             "reason": "wrong_format",
-            "detail": f"{r.kind} row in a {source.role} source",
+            "detail": f"{r.kind} row in a {source.role} source of {kind} rows",
         }
         for r in wrong
     ]

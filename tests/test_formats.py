@@ -35,6 +35,21 @@ def test_preference_strings_and_message_lists():
     ]
 
 
+def test_labelled_answers_read_as_unpaired_rows_with_a_boolean_label(tmp_path):
+    row = normalise({"prompt": "q", "completion": "a", "label": "true", "tools": []}, "unpaired")
+    assert row == {
+        "kind": "unpaired",
+        "prompt": [{"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+        "label": True,
+    }
+    frame = pd.DataFrame({"prompt": ["q1", "q2"], "completion": ["a", "b"], "label": [True, False]})
+    for path in (tmp_path / "f.csv", tmp_path / "f.parquet"):  # a CSV cell is text, a Parquet column a boolean
+        frame.to_csv(path, index=False) if path.suffix == ".csv" else frame.to_parquet(path)
+        rows, problems, fmt = load_source("fb", path)
+        assert fmt == "unpaired" and not problems and [r["label"] for r in rows] == [True, False]
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json"])
 def test_table_files(tmp_path, suffix):
     rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
@@ -88,6 +103,7 @@ def test_missing_file():
         load_source("s", "data/nope.jsonl")
 
 
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 LINES = {
     "messages": [
         CHAT,
@@ -127,8 +143,27 @@ LINES = {
         },
         {"prompt": "q", "chosen": "a"},
         {"prompt": "q", "chosen": {"role": "assistant"}, "rejected": "b"},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "tools": TOOLS},
+    ],
+    "unpaired": [
+        {"prompt": "q", "completion": "a", "label": True},
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "completion": [{"role": "assistant", "content": "a"}],
+            "label": False,
+        },
+        {"prompt": "q", "completion": "a", "label": 1},  # a number or a table's text: the general path reads it
+        {"prompt": "q", "completion": "a", "label": "FALSE"},
+        {"prompt": "q", "completion": "a", "label": "maybe"},
+        {"prompt": "q", "completion": "a", "label": None},
+        {"prompt": "q", "completion": "a"},
+        {"prompt": "q", "completion": "a", "label": True, "tools": TOOLS},
+        {"prompt": "q", "completion": [{"role": "assistant", "content": "a", "weight": 1}], "label": True},
     ],
 }
+LINES["messages"].append({**CHAT, "tools": TOOLS})  # a tools list beside plain turns stays on the row
+LINES["messages"].append({**CHAT, "tools": []})
+LINES["prompt_completion"].append({"prompt": "p", "completion": "c", "tools": TOOLS})
 
 
 @pytest.mark.parametrize("fmt", sorted(LINES))

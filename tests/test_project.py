@@ -248,3 +248,22 @@ def test_check_finds_a_builtin_task_whose_data_is_not_here_before_any_stage_runs
     cached = proj / "empty-hf-home" / "hub" / "datasets--allenai--ai2_arc"
     cached.mkdir(parents=True)
     assert not any("arc_easy" in p for p in consistency.task_data_problems(load_config(proj / "params.yaml"), proj)[0])
+
+
+def test_preference_files_choose_the_method_after_sft(tmp_path):
+    """Pairs -> SFT then DPO; a file of labelled answers (prompt, completion, label) -> SFT then KTO, which reads
+    them (and any pairs beside them), with the preference learning rate in its own overrides."""
+    pairs, labelled = tmp_path / "pairs.jsonl", tmp_path / "feedback.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    labelled.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
+    plan = project.Plan()
+    assert project._preference_method([], plan) is None
+    assert project._preference_method([str(pairs)], plan) == "dpo" and not plan.lines
+    assert project._preference_method([str(pairs), str(labelled)], plan) == "kto"
+    assert plan.lines == [f"train: sft then kto: {labelled} holds labelled answers, which KTO reads (DPO needs pairs)"]
+    held = project._HeldOut("support", 10, ['{"a": 1}'], "json_fields")
+    for second, overrides in (("kto", "kto_args"), ("dpo", "dpo_args"), (None, None)):
+        train: dict = {}
+        project._train_params(train, "m", 256, second, held)
+        assert train["method"] == (f"sft+{second}" if second else "sft")
+        assert [k for k in ("dpo_args", "kto_args") if train[k]] == ([overrides] if overrides else [])

@@ -8,11 +8,14 @@ Hugging Face dataset id. Accepted record shapes:
 - prompt/completion: {"prompt": str | messages, "completion": str | messages}
 - Alpaca: {"instruction": str, "input": str (optional), "output": str}
 - preference: {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+- labelled answer (TRL's unpaired preference, what KTO reads): {"prompt": str | messages,
+  "completion": str | messages, "label": true | false}
 
 Internal schema (what `validate` writes and every later stage reads):
 
     sft:        {"id", "source", "line", "kind": "sft", "messages": [{"role", "content"}, ...]}
     preference: {"id", "source", "line", "kind": "preference", "prompt": [...], "chosen": [...], "rejected": [...]}
+    unpaired:   {"id", "source", "line", "kind": "unpaired", "prompt": [...], "completion": [...], "label": bool}
 
 `id` is stable: the source name plus a content hash (and an occurrence number for repeats), so it
 survives reordering of the input file and identifies the same row in every report.
@@ -48,12 +51,13 @@ from tunegate.layouts import NormaliseError
 from tunegate.readers import NOTE_BOM, read_bytes, read_records, shards, source_kind, utf8_bytes
 from tunegate.runtime import gc_paused
 
-FORMATS = ("messages", "prompt_completion", "alpaca", "preference", "sharegpt", "openai_preference")
+FORMATS = ("messages", "prompt_completion", "alpaca", "preference", "unpaired", "sharegpt", "openai_preference")
 REQUIRED = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),  # without `prompt`: whole conversations that share it (layouts)
+    "unpaired": ("prompt", "completion", "label"),
     "sharegpt": ("conversations",),
     "openai_preference": ("input", "preferred_output", "non_preferred_output"),
 }
@@ -112,6 +116,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "preference"
     if "instruction" in keys or "output" in keys:
         return "alpaca"
+    if "label" in keys and ("prompt" in keys or "completion" in keys):
+        return "unpaired"
     if "prompt" in keys or "completion" in keys:
         return "prompt_completion"
     return None
@@ -122,7 +128,8 @@ def infer_source_format(records: list[dict[str, Any]]) -> str:
     if not counts:
         raise UserError(
             "no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected "
-            "/ ShareGPT conversations / OpenAI preference input+preferred_output; see the README's format table)"
+            "/ prompt+completion+label / ShareGPT conversations / OpenAI preference input+preferred_output; see the "
+            "README's format table)"
         )
     return counts.most_common(1)[0][0]
 
@@ -293,7 +300,37 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
             "kind": "sft",
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
         }
+    if fmt == "unpaired":
+        return _unpaired(record, notes)
     return _preference(record, notes)
+
+
+LABELS = {"true": True, "false": False, "1": True, "0": False}  # what a table's cell holds for a boolean
+
+
+def label_value(value: Any) -> bool:
+    """An unpaired row's label: JSON true/false, 1/0, or a table cell's "true"/"false"/"1"/"0" (any case)."""
+    if type(value) is bool:
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABELS:
+        return LABELS[value.strip().lower()]
+    raise NormaliseError("bad_label", f"label must be true (a desirable answer) or false, got {value!r}")
+
+
+def _unpaired(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
+    out = {
+        "kind": "unpaired",
+        "prompt": _as_messages(record["prompt"], "prompt", "user", notes),
+        "completion": _as_messages(record["completion"], "completion", "assistant", notes),
+        "label": label_value(record["label"]),
+    }
+    if any("weight" in m for part in ("prompt", "completion") for m in out[part]):
+        raise NormaliseError("bad_weight", "weight has no meaning in a labelled answer (the label is)")
+    if tools := _tools(record):
+        out["tools"] = tools
+    return out
 
 
 def _preference(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
@@ -340,7 +377,8 @@ class RichMessage(Message):
 
 
 class Row(msgspec.Struct, gc=False, omit_defaults=True):
-    """One normalised record, as validate writes it (sft rows carry `messages`, preference rows the other three)."""
+    """One normalised record, as validate writes it (sft rows carry `messages`, preference rows prompt, chosen and
+    rejected, unpaired rows prompt, completion and label)."""
 
     id: str
     source: str
@@ -351,9 +389,17 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
     chosen: list[Message] | None = None
     rejected: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
+    completion: list[Message] | None = None
+    label: bool | None = None
 
     def all_messages(self) -> list[Message]:
-        return self.messages if self.kind == "sft" else self.prompt + self.chosen + self.rejected
+        if self.kind == "sft":
+            return self.messages
+        return self.prompt + self.completion if self.kind == "unpaired" else self.prompt + self.chosen + self.rejected
+
+    def conversation(self) -> list[Message]:
+        """The messages as one conversation: an SFT row's, or a labelled answer's prompt then its completion."""
+        return self.messages if self.kind == "sft" else self.prompt + self.completion
 
 
 # The usual shape of each format, decoded and type-checked in one C call per line. A line that does
@@ -361,13 +407,18 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
 Turns = str | list[Message]
 
 
+Tools = list[dict[str, Any]] | None  # a tools list beside the turns (OpenAI's format): kept on the row, `[]` as none
+
+
 class _Chat(msgspec.Struct, gc=False):
     messages: list[Message]
+    tools: Tools = None
 
 
 class _PromptCompletion(msgspec.Struct, gc=False):
     prompt: Turns
     completion: Turns
+    tools: Tools = None
 
 
 class _Alpaca(msgspec.Struct, gc=False):
@@ -380,18 +431,36 @@ class _Preference(msgspec.Struct, gc=False):
     prompt: Turns
     chosen: Turns
     rejected: Turns
+    tools: Tools = None
+
+
+class _Unpaired(msgspec.Struct, gc=False):
+    prompt: Turns
+    completion: Turns
+    label: bool
+    tools: Tools = None
 
 
 def _turns(value: Turns, role: str) -> list[Message]:
     return [Message(role, value)] if type(value) is str else value
 
 
+def _extras(tools: Tools, notes: Counter) -> Tools:
+    if tools:
+        notes[NOTE_EXTRAS] += 1
+        return tools
+    return None
+
+
 def _from_chat(rec: _Chat, name: str, line: int, notes: Counter) -> Row:
-    return Row("", name, line, "sft", rec.messages)
+    if rec.tools is None:
+        return Row("", name, line, "sft", rec.messages)
+    return Row("", name, line, "sft", rec.messages, tools=_extras(rec.tools, notes))
 
 
 def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int, notes: Counter) -> Row:
-    return Row("", name, line, "sft", _turns(rec.prompt, "user") + _turns(rec.completion, "assistant"))
+    messages = _turns(rec.prompt, "user") + _turns(rec.completion, "assistant")
+    return Row("", name, line, "sft", messages, tools=_extras(rec.tools, notes))
 
 
 def _from_alpaca(rec: _Alpaca, name: str, line: int, notes: Counter) -> Row:
@@ -411,7 +480,14 @@ def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> 
         [Message("user", prompt)] if type(prompt) is str else prompt,
         [Message("assistant", chosen)] if type(chosen) is str else chosen,
         [Message("assistant", rejected)] if type(rejected) is str else rejected,
+        _extras(rec.tools, notes),
     )
+
+
+def _from_unpaired(rec: _Unpaired, name: str, line: int, notes: Counter) -> Row:
+    prompt, completion = _turns(rec.prompt, "user"), _turns(rec.completion, "assistant")
+    tools = _extras(rec.tools, notes)
+    return Row("", name, line, "unpaired", prompt=prompt, completion=completion, label=rec.label, tools=tools)
 
 
 FAST = {
@@ -419,6 +495,7 @@ FAST = {
     "prompt_completion": (_PromptCompletion, _from_prompt_completion),
     "alpaca": (_Alpaca, _from_alpaca),
     "preference": (_Preference, _from_preference),
+    "unpaired": (_Unpaired, _from_unpaired),
 }
 INFER_SAMPLE = 1000  # `format: auto` on JSONL looks at the first this many records
 
@@ -429,9 +506,9 @@ def _row(record: Any, fmt: str, name: str, line: int, notes: Counter) -> Row:
     parts = {
         k: [RichMessage(**m) if len(m) > 2 else Message(m["role"], m["content"]) for m in v]
         for k, v in norm.items()
-        if k not in ("kind", "tools")
+        if k not in ("kind", "tools", "label")
     }
-    row = Row("", name, line, norm["kind"], **parts, tools=norm.get("tools"))
+    row = Row("", name, line, norm["kind"], **parts, tools=norm.get("tools"), label=norm.get("label"))
     if row.tools is not None or any(type(m) is RichMessage for m in row.all_messages()):
         notes[NOTE_EXTRAS] += 1
     for m in row.all_messages():
@@ -516,6 +593,8 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
 
 
 def _content(r: Row) -> Any:
+    if r.kind == "unpaired":
+        return r.prompt, r.completion, r.label
     return r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected)
 
 
@@ -644,15 +723,17 @@ def row_text(row: dict[str, Any]) -> str:
     checks and n-gram matching."""
     from tunegate.chat import message_text
 
-    return "\n".join(message_text(m) for key in ("messages", "prompt", "chosen", "rejected") for m in row.get(key, ()))
+    keys = ("messages", "prompt", "chosen", "rejected", "completion")
+    return "\n".join(message_text(m) for key in keys for m in row.get(key, ()))
 
 
 def prompt_and_answer(row: dict[str, Any]) -> tuple[str, str]:
     """(everything before the final assistant turn, the final answer) for SFT and preference rows, as
-    text that includes tool calls and tool results."""
+    text that includes tool calls and tool results; a labelled answer's prompt and its completion."""
     from tunegate.chat import message_text
 
-    if row["kind"] == "preference":
-        return "\n".join(map(message_text, row["prompt"])), "\n".join(map(message_text, row["chosen"]))
+    if row["kind"] in ("preference", "unpaired"):
+        answer = row["chosen"] if row["kind"] == "preference" else row["completion"]
+        return "\n".join(map(message_text, row["prompt"])), "\n".join(map(message_text, answer))
     msgs = row["messages"]
     return "\n".join(map(message_text, msgs[:-1])), message_text(msgs[-1]) if msgs else ""

@@ -330,9 +330,8 @@ def init(  # noqa: PLR0913 - one keyword per `tunegate init` option, as the CLI 
     write_text(root / policy_file, policy_yaml(held.task, held.metric, general_checks, held.size))
     plan.written.append(policy_file)
     sources = _sources(data, general, preferences, root, plan)
-    _write_params(
-        root, params, plan, model, revision, sources, tokenizer, rows, held, general_checks, bool(preferences)
-    )
+    second = _preference_method(preferences or [], plan)
+    _write_params(root, params, plan, model, revision, sources, tokenizer, rows, held, general_checks, second)
     dvc_yaml = root / DVC_YAML
     from tunegate.readers import dependency
 
@@ -463,6 +462,23 @@ def _sources(
     return sources
 
 
+def _preference_method(preferences: list[str], plan: Plan) -> str | None:
+    """The method after SFT for the preference files: DPO for pairs, KTO when any file holds labelled answers
+    (prompt, completion, label), which only KTO reads (it also reads pairs, each as two labelled answers)."""
+    if not preferences:
+        return None
+    from tunegate.formats import load_rows
+
+    formats = {path: load_rows(_slug(Path(path).stem), path)[2] for path in preferences}
+    labelled = [path for path, fmt in formats.items() if fmt == "unpaired"]
+    if not labelled:
+        return "dpo"
+    plan.lines.append(
+        f"train: sft then kto: {', '.join(labelled)} holds labelled answers, which KTO reads (DPO needs pairs)"
+    )
+    return "kto"
+
+
 def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named where it is used
     root: Path,
     params: dict[str, Any],
@@ -474,7 +490,7 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     rows: list[dict[str, Any]],
     held: _HeldOut,
     general_checks: list[tuple[str, str]],
-    preferences: bool,
+    preferences: str | None,
 ) -> None:
     """params.yaml for this model and data: lengths measured under the chat template, a real model's settings."""
     import yaml
@@ -508,11 +524,13 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     )
 
 
-def _train_params(train: dict[str, Any], model: str, max_tokens: int, preferences: bool, held: _HeldOut) -> None:
-    """train: a real model's settings (SFT, or SFT then DPO with preferences), lengths from the data."""
-    train.update(method="sft+dpo" if preferences else "sft", packing="auto")  # auto: where exact and it pays
+def _train_params(train: dict[str, Any], model: str, max_tokens: int, preferences: str | None, held: _HeldOut) -> None:
+    """train: a real model's settings (SFT, or SFT then the preference method), lengths from the data."""
+    train.update(method=f"sft+{preferences}" if preferences else "sft", packing="auto")  # auto: where exact and it pays
     train["lora"] = {**train.get("lora", {}), "r": 16, "alpha": 32, "dropout": 0.05}
-    train["dpo_args"] = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1} if preferences else {}
+    after_sft = {"learning_rate": 5.0e-6, "beta": 0.1, "num_train_epochs": 1}  # the sources' preference settings
+    train["dpo_args"] = after_sft if preferences == "dpo" else {}
+    train["kto_args"] = after_sft if preferences == "kto" else {}
     # ready for `-S train.method=sft+grpo`: rewarded by the held-out task's own scorer
     train["grpo_args"] = {}
     train["grpo"] = {"rewards": [{"scorer": f"{held.task}/{held.metric}"}]}

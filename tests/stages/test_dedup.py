@@ -83,6 +83,39 @@ def test_tie_without_majority_drops_all(cfg):
     assert kept["domain"] == [] and all("no majority" in d["detail"] for d in dropped)
 
 
+def labelled(prompt: str, answer: str, label: bool, rid: str) -> dict:
+    user, said = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}]
+    return {
+        "id": rid,
+        "source": "fb",
+        "line": int(rid[1:]),
+        "kind": "unpaired",
+        "prompt": user,
+        "completion": said,
+        "label": label,
+    }
+
+
+def test_labelled_answers_contradict_only_when_the_same_answer_has_both_labels(cfg):
+    """KTO's rows: one answer labelled desirable twice and undesirable once keeps the majority label; other answers
+    to the same prompt, of either label, stay (they are what KTO contrasts), however alike their words."""
+    prompt = "My parcel for order 12345 arrived broken and the box was open, what can you do about it?"
+    rows = [
+        labelled(prompt, "We will refund you today.", True, "r1"),
+        labelled(prompt, "We will refund you today.", False, "r2"),
+        labelled(prompt, "we will refund you today", True, "r3"),
+        labelled(prompt, "Not our problem.", False, "r4"),
+        labelled(prompt, "We will send a new one today.", True, "r5"),
+    ]
+    kept, dropped, metrics = dedup.run(cfg.dedup, {"fb": rows}, [], 0)
+    assert {d["id"]: d["reason"] for d in dropped} == {"r2": "contradiction", "r3": "exact_duplicate"}
+    assert "2 different labels of this answer" in next(d["detail"] for d in dropped if d["id"] == "r2")
+    assert [r["id"] for r in kept["fb"]] == ["r1", "r4", "r5"] and metrics["conserved"]
+    # the same rows read as SFT answers to one prompt are contradictions of each other
+    as_sft = [sft(prompt, r["completion"][0]["content"], r["id"]) for r in rows]
+    assert len(dedup.run(cfg.dedup, {"domain": as_sft}, [], 0)[0]["domain"]) < 3
+
+
 @pytest.mark.heavy
 def test_ray_engine_drops_the_same_rows(cfg, validated, result):
     """dedup.engine: ray (a real local Ray) gives the single-machine result, row for row."""

@@ -13,6 +13,7 @@ from stages import train
 from tests.conftest import ROOT
 from tests.stages.test_train import ARGS, _dpo_margin, base, rows  # noqa: F401 - module fixtures, shared
 from tunegate.config import Lora, Train
+from tunegate.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,35 @@ def test_kto_reads_each_pair_as_one_desirable_and_one_undesirable_row_in_a_seede
     assert unpaired == train.unpaired_examples(pairs, seed=1) and unpaired != train.unpaired_examples(pairs, seed=2)
     first_batch = {r["label"] for r in unpaired[:8]}
     assert first_batch == {True, False}  # KTO reads in order: batches mix both labels
+
+
+def test_labelled_answers_from_a_file_train_exactly_the_model_the_pairs_train(base, rows, tmp_path):  # noqa: F811
+    """KTO's own layout (TRL's prompt/completion/label rows, read through tunegate.formats like any source) is the
+    pairs' unpaired rows written out: the same examples in the same seeded order, so the same adapter, byte for
+    byte. DPO given the same file trains on no labelled answer (it needs pairs)."""
+    from safetensors.torch import load_file
+
+    from tunegate.formats import load_source
+
+    _, prefs = rows
+    lines = [
+        json.dumps({"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"})
+        for pair in prefs
+        for side in ("chosen", "rejected")
+    ]
+    (tmp_path / "feedback.jsonl").write_text("\n".join(lines) + "\n")
+    labelled, problems, fmt = load_source("feedback", tmp_path / "feedback.jsonl")
+    assert fmt == "unpaired" and not problems and {r["kind"] for r in labelled} == {"unpaired"}
+    cfg = Train(truncate=True, method="kto", lora=Lora(r=8, alpha=16), args={**ARGS, "max_steps": 6})
+    adapters = []
+    for name, pref_rows in (("pairs", prefs), ("labelled", labelled)):
+        out = tmp_path / name
+        train.run(cfg, 1, train.Inputs(base, [], pref_rows, []), train.Outputs(out, out / "ckpt", out / "p.csv"))
+        adapters.append(load_file(out / train.ADAPTER / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[0][k].equal(adapters[1][k]) for k in adapters[0])
+    both = train.Inputs(base, [], prefs + labelled, [])
+    assert both.rows_for(METHODS["dpo"]) == prefs and both.rows_for(METHODS["kto"]) == prefs + labelled
 
 
 def test_orpo_trains_on_the_answer_tokens_only_and_cuts_answers_not_prompts(base):  # noqa: F811

@@ -217,7 +217,7 @@ def test_pii_checked_in_one_pass_named_per_pattern(tmp_path, tokenizer, mode):
         assert "ann@example.com" in (tmp_path / "out" / "s.jsonl").read_text()  # reported, not masked
 
 
-@pytest.mark.parametrize("kind", ["sft", "preference"])
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired"])
 def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
     """The Arrow-built columns equal what a plain loop over rows computes, edge cases included
     (empty parts, padded and unicode content, chosen == rejected up to whitespace, odd roles)."""
@@ -247,6 +247,10 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
                     ),
                 )
             )
+        elif kind == "unpaired":
+            prompt = msgs(rng.choice([("user",), (), ("system", "user")]))
+            completion = msgs(rng.choice([("assistant",), (), ("assistant", "assistant")]))
+            rows.append(Row(f"u-{i}", "u", i, "unpaired", prompt=prompt, completion=completion, label=i % 2 == 0))
         else:
             chosen = msgs(rng.choice([("assistant",), (), ("assistant", "assistant")]))
             rejected = [Message(m.role, f" {m.content}\n") for m in chosen] if i % 5 == 0 else msgs(("assistant",))
@@ -274,12 +278,12 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
         )
 
     for row, got in zip(rows, frame.to_dict(orient="records"), strict=True):
-        parts = [row.messages] if kind == "sft" else [row.prompt, row.chosen, row.rejected]
+        parts = [row.prompt, row.chosen, row.rejected] if kind == "preference" else [row.conversation()]
         every = [m for part in parts for m in part]
         assert got["roles"] == "|".join(",".join(m.role for m in part) for part in parts)
         assert got["text"] == "\n".join(m.content for m in every)
         assert got["min_chars"] == min((len(m.content.strip()) for m in every), default=0)
-        convs = [row.messages] if kind == "sft" else [row.prompt + row.chosen, row.prompt + row.rejected]
+        convs = [row.prompt + row.chosen, row.prompt + row.rejected] if kind == "preference" else [row.conversation()]
         exact = max(tokens(c) for c in convs)
         assert (low <= got["n_tokens"] <= high) == (low <= exact <= high), row
         if kind == "preference":
@@ -288,9 +292,9 @@ def test_table_columns_equal_a_row_by_row_reference(kind, tokenizer):
             )
 
 
-@pytest.mark.parametrize("kind", ["sft", "preference"])
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired"])
 def test_rows_outside_the_token_bounds_are_quarantined_as_length(tmp_path, tokenizer, kind):
-    """The token-length check runs for both kinds: too long and too short rows leave with `length`,
+    """The token-length check runs for every kind: too long and too short rows leave with `length`,
     rows inside the bounds stay (with the chat template counted)."""
     long_text = " ".join(["the parcel arrived broken and nobody answers"] * 60)  # far past max_tokens
     texts = [
@@ -301,9 +305,13 @@ def test_rows_outside_the_token_bounds_are_quarantined_as_length(tmp_path, token
     path = tmp_path / "d.jsonl"
     if kind == "sft":
         path.write_text("".join(json.dumps({"prompt": t, "completion": "Sorry about that."}) + "\n" for t in texts))
-    else:
+    elif kind == "preference":
         path.write_text(
             "".join(json.dumps({"prompt": t, "chosen": "We will refund you.", "rejected": "No."}) + "\n" for t in texts)
+        )
+    else:
+        path.write_text(
+            "".join(json.dumps({"prompt": t, "completion": "We will refund you.", "label": True}) + "\n" for t in texts)
         )
     cfg = Validate(min_tokens=30, max_tokens=120, max_invalid_share=1.0)
     role = "domain" if kind == "sft" else "preference"
@@ -311,3 +319,30 @@ def test_rows_outside_the_token_bounds_are_quarantined_as_length(tmp_path, token
     q = {r["line"]: r["reason"] for r in read_jsonl(tmp_path / "out" / validate.QUARANTINE)}
     assert q == {1: "length", 2: "length"}, q
     assert metrics["sources"]["s"]["kept"] == 1
+
+
+def test_a_preference_source_of_labelled_answers_keeps_them_and_sets_pairs_aside(tmp_path, tokenizer):
+    """KTO's unpaired rows (TRL's prompt/completion/label) in a preference source: read, checked like a
+    conversation, kept with their label; a pair among them (a source is read in one format) and a label that
+    is not a boolean are quarantined with the field they lack or get wrong."""
+    rows = [
+        {
+            "prompt": f"Where is order {10000 + i}? It has not arrived yet.",
+            "completion": "It ships today.",
+            "label": i % 2,
+        }
+        for i in range(6)
+    ]
+    rows.append({"prompt": "Refund order 12345", "chosen": "Refunded.", "rejected": "No."})
+    rows.append({"prompt": "Refund order 12346", "completion": "Refunded.", "label": "maybe"})
+    path = tmp_path / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Validate(min_tokens=1, max_invalid_share=1.0)
+    metrics = validate.run(cfg, {"fb": Source(path=str(path), role="preference")}, tokenizer, tmp_path / "out")
+    kept = read_jsonl(tmp_path / "out" / "fb.jsonl")
+    assert [r["kind"] for r in kept] == ["unpaired"] * 6 and [r["label"] for r in kept] == [False, True] * 3
+    assert kept[0]["completion"] == [{"role": "assistant", "content": "It ships today."}]
+    q = {r["line"]: (r["reason"], r["detail"]) for r in read_jsonl(tmp_path / "out" / validate.QUARANTINE)}
+    assert q[7] == ("missing_field", "completion, label")
+    assert q[8][0] == "bad_label" and "'maybe'" in q[8][1]
+    assert metrics["sources"]["fb"]["format"] == "unpaired" and metrics["sources"]["fb"]["in"] == 8
