@@ -1,6 +1,6 @@
-"""The layouts other tools export (ShareGPT, OpenAI preference, implicit-prompt and HH pairs, the developer role,
-legacy function calls): a generated corpus in each layout reads as exactly the rows of the same corpus in OpenAI's
-format, and each malformed variant is quarantined with its reason."""
+"""The layouts other tools export (ShareGPT, OpenAI preference, implicit-prompt and HH pairs, KTO's labelled
+answers, the developer role, legacy function calls): a generated corpus in each layout reads as exactly the rows of
+the same corpus in OpenAI's format, and each malformed variant is quarantined with its reason."""
 
 from __future__ import annotations
 
@@ -124,6 +124,34 @@ def test_preference_layouts_read_as_the_same_pairs_as_prompt_chosen_rejected(tmp
     assert fmt == ("openai_preference" if layout is to_openai_preference else "preference")
 
 
+def to_labelled(pair: dict) -> list[dict]:
+    """A pair as KTO's two labelled answers (TRL's unpaired layout), tools kept."""
+    extra = {"tools": pair["tools"]} if "tools" in pair else {}
+    return [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen", **extra}
+        for side in ("chosen", "rejected")
+    ]
+
+
+def test_labelled_answers_read_as_the_pairs_answers_with_their_labels(tmp_path):
+    """A generated corpus of pairs written as labelled answers: every row is read, each with its pair's prompt,
+    one of its answers and the label saying which, on the fast path and the general path (tools) alike."""
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    records = [{**p, "tools": tools} if i % 4 == 0 else p for i, p in enumerate(pairs())]
+    want, _, _ = read(write(tmp_path / "explicit.jsonl", records))
+    got, problems, fmt = read(write(tmp_path / "labelled.jsonl", [r for p in records for r in to_labelled(p)]))
+    assert fmt == "unpaired" and problems == [] and len(got) == 2 * N
+    for pair, desirable, undesirable in zip(want, got[::2], got[1::2], strict=True):
+        for row, side, label in ((desirable, "chosen", True), (undesirable, "rejected", False)):
+            assert row["kind"] == "unpaired" and row["label"] is label
+            assert (row["prompt"], row["completion"], row.get("tools")) == (
+                pair["prompt"],
+                pair[side],
+                pair.get("tools"),
+            )
+    assert any("tools" in r for r in got)
+
+
 def test_developer_role_and_legacy_function_calls_become_system_and_tool_turns(tmp_path):
     from tunegate.formats import load_rows
 
@@ -190,6 +218,11 @@ MALFORMED = [
     ("preference", {"chosen": "plain text", "rejected": "other text"}, "missing_field"),  # text, no prompt
     ("preference", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "no transcript"}, "wrong_type"),
     ("preference", {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": 3}, "missing_field"),
+    ("unpaired", {"prompt": "q", "completion": "a", "label": "maybe"}, "bad_label"),
+    ("unpaired", {"prompt": "q", "completion": "a", "label": 2}, "bad_label"),
+    ("unpaired", {"prompt": "q", "completion": "a"}, "missing_field"),
+    ("unpaired", {"prompt": "q", "completion": {"role": "assistant"}, "label": True}, "wrong_type"),
+    ("unpaired", {"prompt": "q", "completion": [{**bot("a"), "weight": 0}], "label": False}, "bad_weight"),
 ]  # fmt: skip
 
 
@@ -200,6 +233,7 @@ def test_each_malformed_variant_is_quarantined_with_its_reason(tmp_path, fmt, re
         "sharegpt": [to_sharegpt(r) for r in corpus()[:5]],
         "openai_preference": [to_openai_preference(p) for p in pairs()[:5]],
         "preference": [to_implicit(p) for p in pairs()[:5]],
+        "unpaired": [r for p in pairs()[:3] for r in to_labelled(p)][:5],
     }[fmt]
     rows, problems, got_fmt = load_source("src", write(tmp_path / "mixed.jsonl", [*valid, record]))
     assert got_fmt == fmt and len(rows) == 5
