@@ -42,12 +42,11 @@ demo: setup
 demo-gguf: setup-export
 	dvc exp run -S 'export.formats=[merged,gguf,ollama]'
 
-# The unit tier on every core (a file's tests stay on one worker, so its fixtures are built once), then the
-# end-to-end tier on two workers, each a group of test files (tests/e2e/conftest.py: GROUPS) with its own demo
-# project; the demo base is pretrained once and shared through DVC's cache.
+# The whole suite in one pytest on two workers: the end-to-end files in groups, each group one worker's with its
+# own demo project (the demo is built once and shared through DVC's run cache), and the unit test files, each on
+# one worker (its fixtures built once), filling every wait (tests/conftest.py: E2E_GROUPS).
 test: setup setup-export postgres
-	pytest -m "not slow" -n $(shell nproc 2>/dev/null || echo 2) --dist loadfile
-	pytest -m slow -n 2 --dist loadgroup
+	pytest -n 2 --dist loadgroup
 
 # The edit loop: unit tests only (no pipeline runs, no servers, no Ray or multi-process training), a few minutes.
 test-fast: setup setup-export

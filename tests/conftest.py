@@ -26,34 +26,64 @@ for key, value in {
     os.environ[key] = value
 
 
-# The end-to-end tier runs on two workers (`pytest -m slow -n 2 --dist loadgroup`, as `make test` does): most of
-# it is one Python thread at a time (imports, DVC, MLflow, lm-eval's request loop, a tiny model's steps), so a
-# second worker uses the second core. Each group of files is one worker's, in this order: "demo" holds the tests
-# that read the first run's console and the pipeline's own runs; "servers" starts with your own model (no demo
-# needed), then the retraining loop and the servers. Each worker builds its own demo project (tests/e2e/conftest.py).
+# The whole suite runs in one pytest on two workers (`make test`: `pytest -n 2 --dist loadgroup`). Most of the
+# end-to-end tier is one Python thread at a time (imports, DVC, MLflow, lm-eval's request loop, a tiny model's
+# steps), so each group of its files below is one worker's, while the unit test files fill every wait:
+# - "demo" (first, on the first worker): the tests that read the first run's console and the pipeline's own runs.
+#   Its worker builds the demo project: it pretrains the demo base and runs the whole pipeline once
+#   (tests/e2e/conftest.py), which every other project copies from DVC's run cache.
+# - "own" (first on the other worker): your own model and data, which needs no demo.
+# - "servers": the retraining loop, the MLflow server, the team stack. Its worker restores the demo from DVC's run
+#   cache and registers its own champion, so it starts once the first build is done (demo-project.ready); until
+#   then that worker takes unit test files.
 E2E_GROUPS = {
     "test_adapter_kinds": "demo",
     "test_export": "demo",
     "test_pipeline": "demo",
     "test_portable": "demo",
-    "test_own_model": "servers",
+    "test_own_model": "own",
     "test_retrain": "servers",
     "test_servers": "servers",
     "test_team": "servers",
 }
+FIRST = ("demo", "own")  # given out before anything else, in this order
+DEMO_READY = "demo-project.ready"  # written beside the workers' temp folders once the demo project is built
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadgroup`: whole files of the table above to one worker per group (xdist's own loadgroup reads
-    `xdist_group` marks into test ids, which pytest 9 no longer lets it rewrite); other files by file."""
+    """`--dist loadgroup`: whole groups of the table above, then each other file, to one worker at a time; "servers"
+    only once the demo project is built, unit test files before it (xdist's own loadgroup reads `xdist_group`
+    marks into test ids, which pytest 9 no longer lets it rewrite)."""
     if config.getoption("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    ready = config._tmp_path_factory.getbasetemp() / DEMO_READY  # the workers' basetemp is <this>/popen-gwN
+    groups = set(E2E_GROUPS.values())
+
     class FileGroups(LoadScopeScheduling):
+        demo_runs: bool | None = None  # whether the "demo" group is in this run at all
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
             return E2E_GROUPS.get(Path(path).stem, path)
+
+        def _assign_work_unit(self, node) -> None:
+            scope = self._next_scope()
+            self.workqueue.move_to_end(scope, last=False)  # the base class gives out the first unit of the queue
+            super()._assign_work_unit(node)
+
+        def _next_scope(self) -> str:
+            queue = list(self.workqueue)
+            if self.demo_runs is None:
+                self.demo_runs = "demo" in queue
+            first = [scope for scope in FIRST if scope in queue]
+            if first:
+                return first[0]
+            files = [scope for scope in queue if scope not in groups]
+            if "servers" in queue and (ready.exists() or not files or not self.demo_runs):
+                return "servers"
+            return files[0] if files else queue[0]
 
     return FileGroups(config, log)
 

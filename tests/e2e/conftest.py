@@ -146,13 +146,16 @@ def _shared(tmp_path_factory) -> Path:
 def project(tmp_path_factory) -> Path:
     """The demo pipeline after one full `dvc repro` with the default params.
 
-    Each worker has its own copy (its own MLflow store and registry), but the copies share one DVC cache: the
-    demo base is pretrained once, by the first worker to get here, and the other restores it from DVC's run
-    cache; every other stage runs in each copy (`--no-run-cache`), so each registers its own champion.
+    Each worker has its own copy (its own MLflow store and registry), but the copies share one DVC cache: the first
+    worker to get here pretrains the demo base and runs every stage; the other waits on a file lock, restores all of
+    it from DVC's run cache, and runs `register` (which has no output DVC could restore), so each registers its own
+    champion. The scheduler (tests/conftest.py) gives the other worker unit test files until the first build is done.
 
     TUNEGATE_TEST_PROJECT=<folder> reuses a copy already built there (copy_project + `dvc repro`) while
     working on one end-to-end test; the tests change it, and put back what they change."""
     import fcntl
+
+    from tests.conftest import DEMO_READY
 
     reuse = os.environ.get("TUNEGATE_TEST_PROJECT")
     if reuse:
@@ -162,9 +165,10 @@ def project(tmp_path_factory) -> Path:
     sh(path, "dvc", "config", "--local", "cache.dir", str(shared / "dvc-cache"))
     started = time.time()
     with (shared / "demo-base.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the second worker waits for the first one's base, then restores it
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the second worker waits for the first one's build, then restores it
         base = sh(path, "dvc", "repro", "base")
-    proc = sh(path, "dvc", "repro", "--no-run-cache")
+        proc = sh(path, "dvc", "repro")
+        (shared / DEMO_READY).touch()
     (path / "first_repro.log").write_text(base.stdout + base.stderr + proc.stdout + proc.stderr)
     (path / "first_repro.seconds").write_text(f"{time.time() - started:.0f}")
     return path
