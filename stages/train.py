@@ -805,6 +805,7 @@ def _chain(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
             write_json(done, sft)
     phase = METHODS[name]
     what = "preference pairs" if phase.preference else "domain prompts"
+    what = "preference pairs and labelled answers" if phase.unpaired else what
     log.info(
         "train: %s, phase 2 of 2: %s on %d %s, from the SFT adapter",
         cfg.method,

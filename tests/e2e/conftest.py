@@ -21,7 +21,7 @@ from tunegate.runtime import free_port  # noqa: F401 - the e2e tests import it f
 
 BIN = Path(sys.executable).parent
 
-# On two workers (`-n 2`, as `make test` runs this tier) each process computes on one thread: two workers with
+# On two workers (`-n 2`, as `make test` runs the suite) each process computes on one thread: two workers with
 # torch's default of one thread per core would run four busy threads on two cores, and OpenMP's spinning threads
 # then slow both down several times over. Set before torch loads here; every stage and server inherits it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
