@@ -8,10 +8,12 @@
     python -m benchmarks.train grpo         # GRPO steps/s (transformers generation) beside SFT steps/s on the
                                             # same domain prompts, demo base; then GRPO's memory plans for
                                             # Llama-3.2-1B and Llama-3-8B shapes (config.json only)
+    python -m benchmarks.train grpo-held-out --steps 40   # held-out json_fields of a 40-step SFT adapter and of
+                                            # GRPO from it in eight settings (docs/training.md)
 
-`overhead`, `packing` and `grpo` need the demo base and mixed data (`make demo` first). `memory` builds a
-random ~100M-parameter Llama (no download) and runs each configuration in a fresh process so that
-each peak RSS is its own; timings are interleaved, median of --repeat.
+`overhead`, `packing`, `grpo` and `grpo-held-out` need the demo base and mixed data (`make demo` first). `memory`
+builds a random ~100M-parameter Llama (no download) and runs each configuration in a fresh process so that each
+peak RSS is its own; timings are interleaved, median of --repeat.
 """
 
 from __future__ import annotations
@@ -398,6 +400,55 @@ def grpo(repeat: int, steps: int) -> None:
     grpo_memory()
 
 
+GRPO_AFTER_SFT = [  # (steps, learning rate, completions per prompt): the settings docs/training.md tabulates
+    (30, 1e-5, 8),
+    (60, 1e-4, 8),
+    (60, 5e-4, 8),
+    (60, 2e-3, 8),
+    (100, 2e-4, 4),
+    (100, 4e-4, 4),
+    (200, 2e-4, 8),
+    (200, 2e-4, 4),
+]
+
+
+def grpo_held_out(sft_steps: int) -> None:
+    """Held-out support_gen json_fields (the 150 eval items, greedy, as the gate scores) of a short SFT adapter
+    (`sft_steps` steps, the demo's settings) and of GRPO from it in each setting of GRPO_AFTER_SFT, with the demo's
+    rewards: what GRPO adds on held-out prompts, not on the ones it trains on."""
+    from stages import train
+    from tunegate.evaluation import evaluate
+    from tunegate.paths import Layout
+    from tunegate.rewards import build
+
+    cfg, manifest, rows = _demo()
+    layout = Layout.of(cfg.paths)
+    rewards = build(cfg.train.grpo.rewards, layout.eval_tasks)
+    domain = frozenset(name for name, s in cfg.data.sources.items() if s.role == "domain")
+    data = train.Inputs(manifest, rows, [], [], rewards=rewards, domain_sources=domain)
+    held_out = cfg.eval.model_copy(update={"tasks": ["support_gen"]})
+    args = {**cfg.train.args, "max_steps": sft_steps, "save_steps": 10_000, "eval_steps": 10_000}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+
+        def score(adapter: Path) -> float:
+            result = evaluate(held_out, manifest, layout.eval_tasks, root / "eval", cfg.seed, adapter=adapter)
+            return result["scores"]["support_gen"]["json_fields"]
+
+        sft = cfg.train.model_copy(update={"method": "sft", "args": args, "probe_max_rise": None})
+        train.run(sft, cfg.seed, data, train.Outputs(root / "sft", root / "sft-ckpt", root / "sft.csv"))
+        print(f"| GRPO after {sft_steps} SFT steps | held-out json_fields |\n|---|---|")
+        print(f"| none (the SFT adapter) | {score(root / 'sft' / train.ADAPTER):.3f} |")
+        for steps, lr, generations in GRPO_AFTER_SFT:
+            grpo_args = {"max_steps": steps, "learning_rate": lr, "num_generations": generations}
+            grpo_args |= {"max_completion_length": 48}
+            rl = cfg.train.model_copy(update={"method": "grpo", "args": args, "grpo_args": grpo_args})
+            out = root / f"grpo-{steps}-{lr}-{generations}"
+            train.run(rl, cfg.seed, data, train.Outputs(out, out / "ckpt", out / "p.csv"),
+                      init_adapter=root / "sft" / train.ADAPTER)  # fmt: skip
+            print(f"| {steps} steps, lr {lr:g}, {generations} completions | {score(out / train.ADAPTER):.3f} |")
+
+
 def grpo_memory() -> None:
     """`tunegate check`'s estimate for SFT and SFT -> GRPO on Llama-3.2-1B and Llama-3-8B shapes (bf16 weights,
     LoRA and QLoRA, batch 8, max_length 1024, gradient checkpointing; GRPO: 8 completions per prompt of up to
@@ -432,7 +483,7 @@ def grpo_memory() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["overhead", "memory", "packing", "grpo", "memory-child"])
+    parser.add_argument("what", choices=["overhead", "memory", "packing", "grpo", "grpo-held-out", "memory-child"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
@@ -446,6 +497,8 @@ def main() -> None:
         memory_child(*opts.args)
     elif opts.what == "grpo":
         grpo(opts.repeat, opts.steps)
+    elif opts.what == "grpo-held-out":
+        grpo_held_out(opts.steps)
     else:
         packing()
         packed_epoch(opts.repeat)
