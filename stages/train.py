@@ -566,10 +566,34 @@ def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str,
             "train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop"
         )
     args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
+    if method.rewarded and args.get("use_vllm"):
+        vllm_ready()
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
     estimate = _preflight(cfg, data.manifest, args)  # from config.json: a run that cannot fit costs nothing either
     seed_everything(seed, deterministic=bool(args["full_determinism"]))
     return args, trainer_args, estimate
+
+
+def vllm_ready() -> None:
+    """GRPO generating with vLLM (`train.grpo_args.use_vllm`) needs a CUDA device and vLLM installed: said in one
+    line before the base loads, not by TRL's trainer after it."""
+    import importlib.util
+
+    import torch
+
+    missing = [
+        what
+        for what, there in (
+            ("a CUDA device", torch.cuda.is_available()),
+            ("vLLM installed (pip install vllm)", importlib.util.find_spec("vllm") is not None),
+        )
+        if not there
+    ]
+    if missing:
+        raise UserError(
+            f"train.grpo_args.use_vllm: generating with vLLM needs {' and '.join(missing)}; set use_vllm: false to "
+            "generate with transformers"
+        )
 
 
 def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer_args, init_adapter: Path | None):

@@ -5,6 +5,7 @@ read the rows exactly as tokenised for DPO."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -178,3 +179,49 @@ def test_grpo_prompts_are_the_conversation_before_its_last_answer_and_that_answe
     assert skipped == 2  # a tool call for an answer, and a row with tools: no text to compare with
     assert [p["reference"] for p in prompts] == ["a1", "a3"]
     assert [m["content"] for m in prompts[1]["prompt"]] == ["s", "q2", "a2", "q3"]
+
+
+def test_grpo_with_vllm_is_refused_in_one_line_where_it_cannot_run(base, rows, tmp_path):  # noqa: F811
+    import torch
+
+    from tunegate.errors import UserError
+
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm"):
+        pytest.skip("a CUDA device and vLLM are here: test_grpo_generates_with_vllm_on_cuda runs instead")
+    grpo = {"rewards": [{"format": "json"}]}
+    cfg = Train(truncate=True, method="grpo", args=ARGS, grpo_args={"use_vllm": True, "num_generations": 4}, grpo=grpo)
+    out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
+    with pytest.raises(UserError, match=r"train.grpo_args.use_vllm: generating with vLLM needs .*use_vllm: false"):
+        train._check(cfg, 1, train.Inputs(base, rows[0], []), out)
+
+
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("vllm") and __import__("torch").cuda.is_available()),
+    reason="GRPO generating with vLLM needs a CUDA device and vLLM installed (none here; run on a GPU machine)",
+)
+def test_grpo_generates_with_vllm_on_cuda(base, rows, tmp_path):  # noqa: F811
+    """`use_vllm` with vLLM colocated in the training process: the steps run and the reward is logged."""
+    cfg = Train(
+        method="grpo",
+        grpo={"rewards": [{"function": "tests.stages.test_train_methods:short_reward"}]},
+        truncate=True,
+        args={**ARGS, "max_steps": 4, "per_device_train_batch_size": 8},
+        grpo_args={
+            "use_vllm": True,
+            "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": 0.2,
+            "num_generations": 4,
+            "max_completion_length": 12,
+        },
+    )
+    from tunegate.config import RewardSpec
+    from tunegate.rewards import build
+
+    rewards = build([RewardSpec(function="tests.stages.test_train_methods:short_reward")], ROOT / "evals/tasks")
+    metrics = train.run(
+        cfg,
+        1,
+        train.Inputs(base, rows[0], [], [], rewards=rewards),
+        train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv"),
+    )
+    assert metrics["steps"] == 4 and "grpo_reward_last" in metrics
