@@ -541,9 +541,11 @@ def enough_rows(cfg: Train, data: Inputs) -> None:
         what = "preference pairs and labelled answers" if method.unpaired else what
         sources = Counter(str(r.get("source", "?")) for r in rows)
         from_ = ", ".join(f"{n} from {s}" for s, n in sources.most_common()) or "none from any source"
+        labelled = sum(r.get("kind") == LABELLED for r in data.pref_rows) if method.preference else 0
+        unread = f"; the {labelled} labelled answers are read by kto only" if labelled and not method.unpaired else ""
         raise UserError(
-            f"train.method {cfg.method}: {method.name} has {len(rows)} {what} ({from_}), fewer than min_rows {need}: "
-            "too few to learn from; see data/dedup/report.md for what dedup removed (dedup.threshold, "
+            f"train.method {cfg.method}: {method.name} has {len(rows)} {what} ({from_}), fewer than min_rows {need}"
+            f"{unread}: too few to learn from; see data/dedup/report.md for what dedup removed (dedup.threshold, "
             "dedup.contamination_ngram) and add data, or set train.min_rows"
         )
 

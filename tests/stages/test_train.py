@@ -732,6 +732,19 @@ def test_too_few_rows_for_the_method_stop_the_stage_naming_the_sources(method, s
     assert loss_line({"final_loss": 0.25, "train_loss": 0.4}) == "loss 0.250"
 
 
+def test_labelled_answers_count_for_kto_and_are_named_when_dpo_lacks_pairs():
+    from stages.train import Inputs, enough_rows
+    from tunegate.config import Train
+    from tunegate.errors import UserError
+
+    labelled = [{"source": "feedback", "kind": "unpaired", "label": i % 2 == 0} for i in range(40)]
+    data = Inputs(manifest={}, train_rows=[], pref_rows=[*labelled, {"source": "prefs", "kind": "preference"}])
+    enough_rows(Train(method="kto"), data)  # 41: 40 labelled answers and one pair
+    with pytest.raises(UserError, match=r"dpo has 1 preference pairs \(1 from prefs\).*the 40 labelled answers are "
+                       r"read by kto only"):  # fmt: skip
+        enough_rows(Train(method="dpo"), data)
+
+
 def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_path):
     """`train.args.packing: true` (TRL's best-fit-decreasing, padding-free): a packed batch computes, for each row
     in it, exactly the logits of that row alone (no row attends to another: transformers builds the document mask
