@@ -70,6 +70,11 @@ class Inputs:
     rewards: list = field(default_factory=list)  # GRPO: tunegate.rewards.Reward, built from train.grpo.rewards
     domain_sources: frozenset[str] | None = None  # GRPO's prompts come from these sources' rows; None: every row
 
+    @property
+    def labelled(self) -> int:
+        """How many of the preference rows are labelled answers (which only KTO reads)."""
+        return sum(r.get("kind") == LABELLED for r in self.pref_rows)
+
     def rows_for(self, method: MethodKind) -> list[dict[str, Any]]:
         """The rows the method trains on: preference pairs (KTO: and labelled answers), the domain rows GRPO prompts
         with, or the mixed set."""
@@ -468,7 +473,7 @@ def _preference_set(method: MethodKind, data: Inputs, tokenizer, args: dict[str,
     examples = preference_examples([r for r in rows if r.get("kind", PAIR) == PAIR], tokenizer)
     lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     if not method.unpaired:
-        if left := sum(r.get("kind") == LABELLED for r in data.pref_rows):
+        if left := data.labelled:
             log.warning(
                 "train: %d labelled answers (prompt, completion, label) are read by kto only: %s trains on "
                 "the %d pairs",
@@ -529,6 +534,13 @@ def run(
     return metrics
 
 
+def rows_named(method: MethodKind) -> str:
+    """What the method's training rows are called in the stage's lines."""
+    if method.unpaired:
+        return "preference pairs and labelled answers"
+    return "preference pairs" if method.preference else "domain prompts" if method.rewarded else "training rows"
+
+
 def enough_rows(cfg: Train, data: Inputs) -> None:
     """Each method of the run has at least its `min_rows` training rows (pairs for a preference method), or the
     stage stops before any weights load, naming the sources the rows came from and the settings that decide."""
@@ -537,11 +549,10 @@ def enough_rows(cfg: Train, data: Inputs) -> None:
         need = cfg.min_rows or method.min_rows
         if len(rows) >= need:
             continue
-        what = "preference pairs" if method.preference else "domain prompts" if method.rewarded else "training rows"
-        what = "preference pairs and labelled answers" if method.unpaired else what
+        what = rows_named(method)
         sources = Counter(str(r.get("source", "?")) for r in rows)
         from_ = ", ".join(f"{n} from {s}" for s, n in sources.most_common()) or "none from any source"
-        labelled = sum(r.get("kind") == LABELLED for r in data.pref_rows) if method.preference else 0
+        labelled = data.labelled if method.preference else 0
         unread = f"; the {labelled} labelled answers are read by kto only" if labelled and not method.unpaired else ""
         raise UserError(
             f"train.method {cfg.method}: {method.name} has {len(rows)} {what} ({from_}), fewer than min_rows {need}"
@@ -830,8 +841,7 @@ def _chain(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
         if is_main_process():
             write_json(done, sft)
     phase = METHODS[name]
-    what = "preference pairs" if phase.preference else "domain prompts"
-    what = "preference pairs and labelled answers" if phase.unpaired else what
+    what = rows_named(phase)
     log.info(
         "train: %s, phase 2 of 2: %s on %d %s, from the SFT adapter",
         cfg.method,
