@@ -71,6 +71,8 @@ bench: setup
 	python -m benchmarks.dedup_memory
 	@test -d models/candidate/adapter && python -m benchmarks.eval_cost --repeat 3 \
 	  || echo "benchmarks.eval_cost (eval and baseline cost): run \`make demo\` first"
+	@test -d models/candidate/adapter && python -m benchmarks.allocator --repeat 3 \
+	  || echo "benchmarks.allocator (the train stage with malloc as it comes vs freed memory kept): run \`make demo\` first"
 
 # Mutation testing of the pure core modules ([tool.mutmut] in pyproject.toml names them and the fast tests),
 # then the score per module: mutants killed (or timed out) / mutants, as mutmut's own badge counts them.

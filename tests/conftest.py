@@ -25,6 +25,10 @@ for key, value in {
 }.items():
     os.environ[key] = value
 
+# The unit tests train in this process: freed memory kept for reuse, as every stage process keeps it.
+from tunegate.runtime import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
 
 # The whole suite runs in one pytest on two workers (`make test`: `pytest -n 2 --dist loadgroup`). Most of the
 # end-to-end tier is one Python thread at a time (imports, DVC, MLflow, lm-eval's request loop, a tiny model's

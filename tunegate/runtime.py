@@ -37,6 +37,12 @@ FILE_ONLY = {"console": False}  # `extra=` for an own line that belongs in the l
 # Off unless verbose: datasets' per-step bars (tokenising, labelling, generating splits) are internal steps.
 QUIET = {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# glibc's malloc hands freed memory at the top of its heap back to the OS at once, so a training or generation
+# loop, which frees and allocates the same few MB of tensors at every step, faults every page of them in again:
+# the train stage on CPU spent 40% of its time in the kernel doing that (docs/performance.md). Keeping up to
+# this much freed memory for reuse removes it; a process holds at most this much more than it uses.
+KEEP_FREED = 1 << 30
+M_TOP_PAD = -2  # glibc malloc.h
 
 
 def verbose() -> bool:
@@ -95,11 +101,26 @@ def _transformers_to_root(module) -> None:
     module.enable_propagation()
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse (KEEP_FREED). Not glibc, or the user set
+    MALLOC_TOP_PAD_ themselves: nothing changes."""
+    if not sys.platform.startswith("linux") or "MALLOC_TOP_PAD_" in os.environ:
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this interpreter runs on
+    except (OSError, AttributeError):
+        return
+    mallopt(M_TOP_PAD, KEEP_FREED)
+
+
 def configure(level: int = logging.INFO, stage: str | None = None) -> Path | None:
-    """Telemetry off, and logging as the module docstring says. With `stage`, the log file is
-    reports/logs/<stage>.log (returned), rewritten by every run."""
+    """Telemetry off, freed memory kept for reuse, and logging as the module docstring says. With `stage`, the
+    log file is reports/logs/<stage>.log (returned), rewritten by every run."""
     from tunegate.paths import LOGS
 
+    keep_freed_memory()
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
     loud = verbose()
