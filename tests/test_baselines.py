@@ -57,6 +57,53 @@ def test_retrieval_puts_the_most_similar_row_nearest_the_question_and_never_the_
     assert retriever.nearest("lamp money", 3) == baselines.Retriever(pool).nearest("lamp money", 3)
 
 
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory, manifest):
+    """An embedding model whose text embedding is the mean of its tokens' (random, nearly orthogonal) vectors: no
+    layer, the final norm only, so cosine similarity follows the tokens two texts share. The base's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    folder = tmp_path_factory.mktemp("embedder")
+    tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=64, num_hidden_layers=0, num_attention_heads=4
+    )
+    LlamaModel(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_embedding_retrieval_ranks_by_the_embedder_and_never_returns_the_question_itself(embedder):
+    pool = [baselines.example_turns(r) for r in POOL_ROWS]
+    retriever = baselines.EmbeddingRetriever(pool, str(embedder))
+    nearest = retriever.nearest("My lamp is broken, I want my money back, order 9.", 2)
+    assert nearest[-1] == pool[0] and len(nearest) == 2  # the row sharing the most tokens, nearest the question
+    assert retriever.nearest("Where is my kettle? Not arrived yet.", 1) == [pool[1]]
+    assert pool[2] not in retriever.nearest("please CANCEL my chair, order 3", 5)  # the item itself, up to case
+    assert len(retriever.nearest("please CANCEL my chair, order 3", 5)) == 4
+    assert retriever.nearest("lamp money", 3) == baselines.EmbeddingRetriever(pool, str(embedder)).nearest(
+        "lamp money", 3
+    )
+    identity = retriever.identity
+    assert identity["ranking"] == "embedding" and identity["embedder"] == str(embedder)
+    assert len(identity["sha256"]) == 64 and identity["revision"]  # which embedder, down to its files
+    assert baselines.Retriever(pool).identity == {"ranking": "bm25"}
+
+
+def test_an_embedder_that_cannot_be_loaded_is_one_line_naming_the_setting(tmp_path, monkeypatch):
+    pool = [baselines.example_turns(r) for r in POOL_ROWS]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^baselines.embedder 'acme/no-such-embedder' \(revision 'main'\): cannot"):
+        baselines.EmbeddingRetriever(pool, "acme/no-such-embedder")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(UserError, match=r"^baselines.embedder .*: no .safetensors weights .*pickle-based"):
+        baselines.EmbeddingRetriever(pool, str(pickled))
+
+
 def test_few_shot_draw_is_seeded_and_skips_the_item_itself():
     pool = [baselines.example_turns(r) for r in POOL_ROWS]
     settings = Baselines(tasks=["support_gen"], few_shot=3, retrieval=0)
@@ -154,6 +201,34 @@ def test_baselines_score_the_base_with_examples_from_training_rows_only_and_trim
     assert few["prompt_tokens"] + 16 <= 256 and few["prompt_tokens"] > costs["prompt"]["prompt_tokens"]
     assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
     assert costs["prompt"]["items_trimmed"] == 0
+
+
+def test_retrieval_by_an_embedder_shows_training_rows_only_and_records_the_embedder(
+    manifest, embedder, tmp_path, monkeypatch
+):
+    from tunegate.paths import RESULTS, SAMPLES, Layout
+
+    monkeypatch.chdir(ROOT)
+    every_eval = read_jsonl(ROOT / "evals/data/support_gen.jsonl")
+    eval_items = every_eval[:6]
+    training = [r for r in map(_parsed, (ROOT / "data/raw/domain.jsonl").read_text().splitlines()[:60]) if r]
+    training = [r for r in training if baselines.example_turns(r)]
+    training = [r for r in training if not any(e["message"] in json.dumps(r) for e in every_eval)][:30]
+    planted = [row(e["message"], e["answer"]) for e in eval_items[:3]]  # eval items that slipped into the data
+    (tmp_path / "dedup").mkdir()
+    write_jsonl(tmp_path / "dedup" / "domain.jsonl", [*training, *planted])
+    write_jsonl(tmp_path / "dedup" / "general.jsonl", [row("What is the capital of Zyxland?", "Qorvath")])
+    cfg = _config(tmp_path, prompt=False, few_shot=0, retrieval=2, embedder=str(embedder))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 6})})
+    costs = baselines.run(cfg, manifest, Layout.of(cfg.paths), tmp_path / "out")
+
+    assert list(costs) == ["retrieval-2"] and costs["retrieval-2"]["examples_shown"] > 0
+    results = json.loads((tmp_path / "out/retrieval-2" / RESULTS).read_text())
+    assert results["retriever"]["ranking"] == "embedding" and len(results["retriever"]["sha256"]) == 64
+    for s in read_jsonl(tmp_path / "out/retrieval-2" / SAMPLES / "support_gen.jsonl"):
+        head = s["prompt"][: s["prompt"].rindex(eval_items[s["doc_id"]]["message"])]
+        assert not any(other["message"] in head for other in eval_items), s["doc_id"]
+        assert "Qorvath" not in head
 
 
 def test_a_missing_prompt_file_is_one_line(tmp_path, manifest):

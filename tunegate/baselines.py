@@ -6,7 +6,8 @@ baseline is one lm-eval run of the base on the target tasks, with the prompt bui
 - `prompt`: the user's instructions (paths.prompt, e.g. evals/prompt.md) as a system turn;
 - `few_shot-k`: the instructions and k training rows, drawn once with the seed, as earlier turns;
 - `retrieval-k`: the instructions and, per eval item, the k training rows most similar to its prompt
-  (BM25 over the rows' user turns, through bm25s), most similar last (nearest the question).
+  (BM25 over the rows' user turns, through bm25s; or, with `baselines.embedder`, the cosine similarity of an
+  embedding model's mean-pooled hidden states), most similar last (nearest the question).
 
 Examples come from the deduplicated domain rows (data/dedup), which hold no eval item (the dedup stage
 removed every row leaked from the eval sets); a training row whose prompt equals the item's is skipped
@@ -81,6 +82,8 @@ def training_examples(cfg: Config, layout: Layout) -> list[Turns]:
 class Retriever:
     """BM25 over the pool's user turns (bm25s); ties broken by pool order, so results are deterministic."""
 
+    identity: dict[str, str] = {"ranking": "bm25"}  # noqa: RUF012 - read only
+
     def __init__(self, pool: list[Turns]) -> None:
         import bm25s
 
@@ -103,6 +106,62 @@ class Retriever:
         return [self.pool[i] for i in reversed(picked)]
 
 
+class EmbeddingRetriever:
+    """The pool's user turns ranked by cosine similarity to the query under an embedding model (`baselines.embedder`:
+    a local folder or hub id, safetensors only, no remote code): the last hidden states mean-pooled over the tokens,
+    unit length. The pool is embedded once; ties are broken by pool order, as for BM25."""
+
+    BATCH = 64
+
+    def __init__(self, pool: list[Turns], embedder: str) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        from tunegate.models import describe, snapshot
+
+        path, resolved = snapshot(embedder, "main", setting="baselines.embedder")
+        described = describe(path, embedder, "main", resolved, setting="baselines.embedder")
+        self.identity = {"ranking": "embedding", "embedder": embedder, "revision": resolved, **_weights(described)}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        self.model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False).eval()
+        self.pool = pool
+        self.keys = [_key(_user_text(turns)) for turns in pool]
+        self.matrix = self.embed([_user_text(turns) for turns in pool], progress=True)
+
+    def embed(self, texts: list[str], progress: bool = False):
+        import numpy as np
+        import torch
+        from tqdm import tqdm
+
+        out = []
+        starts = range(0, len(texts), self.BATCH)
+        for start in tqdm(starts, desc="embed training rows", unit="batch", disable=not progress, mininterval=2):
+            batch = self.tokenizer(
+                texts[start : start + self.BATCH], padding=True, truncation=True, max_length=512, return_tensors="pt"
+            )
+            with torch.no_grad():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def nearest(self, query: str, k: int) -> list[Turns]:
+        import numpy as np
+
+        scores = self.matrix @ self.embed([query])[0]
+        order = np.lexsort((np.arange(len(scores)), -scores))  # most similar first; ties: pool order
+        query_key = _key(query)
+        picked = [int(i) for i in order[: k + 8] if self.keys[i] != query_key][:k]
+        return [self.pool[i] for i in reversed(picked)]
+
+
+def _weights(described: dict[str, Any]) -> dict[str, str]:
+    """One sha256 over an embedding model's weight and tokenizer files (provenance of the retrieval baseline)."""
+    from tunegate.io import sha256_of
+
+    return {"sha256": sha256_of({**described["weights_sha256"], **described["tokenizer_sha256"]})}
+
+
 @dataclass
 class Prompter:
     """How one baseline builds its prompt around an eval item's turns, and what it cost."""
@@ -110,6 +169,7 @@ class Prompter:
     name: str
     system: str | None
     examples: Callable[[str], list[Turns]]
+    retriever: dict[str, str] | None = None  # how the examples were ranked (retrieval only), for provenance
     tokens: list[int] = field(default_factory=list)
     plain_tokens: list[int] = field(default_factory=list)
     shown: list[int] = field(default_factory=list)
@@ -152,8 +212,9 @@ def prompters(settings: Baselines, system: str | None, pool: list[Turns], seed: 
                 )
             )
         else:
-            retriever = Retriever(pool)
-            out.append(Prompter(name, system, lambda query, r=retriever: r.nearest(query, settings.retrieval)))
+            retriever = EmbeddingRetriever(pool, settings.embedder) if settings.embedder else Retriever(pool)
+            ranked = retriever.identity
+            out.append(Prompter(name, system, lambda query, r=retriever: r.nearest(query, settings.retrieval), ranked))
     return out
 
 
@@ -258,6 +319,7 @@ def run(cfg: Config, manifest: dict[str, Any], layout: Layout, out: Path) -> dic
         started = time.perf_counter()
         lm.prompter = prompter
         extra = {"baseline": prompter.name, "examples_in_pool": len(pool), "left_out_as_eval_items": left_out}
+        extra |= {"retriever": prompter.retriever} if prompter.retriever else {}
         evaluate_lm(
             eval_cfg, lm, tasks, manifest, out / prompter.name, cfg.seed, f"baseline {prompter.name}", extra, started
         )

@@ -339,13 +339,19 @@ class Baselines(_Section):
 
     Each is one lm-eval run of the base: `prompt` (the instructions in paths.prompt as a system turn), `few_shot`
     (k training rows drawn once, seeded), `retrieval` (per eval item, the k training rows most similar to its
-    prompt, BM25). The examples come from the deduplicated domain rows, never from the eval sets.
+    prompt: BM25, or by an embedding model's cosine similarity when `embedder` names one). The examples come from the
+    deduplicated domain rows, never from the eval sets.
     """
 
     tasks: list[str] = Field([], description="the target tasks to run the baselines on; [] turns them off")
     prompt: bool = Field(True, description="run the prompt baseline, and start every baseline with the prompt")
     few_shot: int = Field(5, ge=0, description="examples drawn from the training rows; 0: no few-shot baseline")
     retrieval: int = Field(5, ge=0, description="most similar training rows per item; 0: no retrieval baseline")
+    embedder: str | None = Field(
+        None,
+        description="a text embedding model (local folder or hub id; safetensors) ranking the retrieval baseline's "
+        "rows by cosine similarity of mean-pooled hidden states; null: BM25",
+    )
 
     def names(self) -> list[str]:
         """The baselines this section runs, by the name the gate's lines use."""

@@ -36,12 +36,12 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def snapshot(model: str, revision: str, root: str | Path = ".") -> tuple[Path, str]:
+def snapshot(model: str, revision: str, root: str | Path = ".", setting: str = "base.model") -> tuple[Path, str]:
     """A local folder with the model's files and the commit sha it came from (downloads if needed).
-    A relative local folder is taken relative to the project `root`."""
+    A relative local folder is taken relative to the project `root`; errors name `setting`."""
     local = _local(model, root)
     if local.is_dir():
-        return local_snapshot(local, model, revision)
+        return local_snapshot(local, model, revision, setting)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -50,17 +50,18 @@ def snapshot(model: str, revision: str, root: str | Path = ".") -> tuple[Path, s
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
         if isinstance(err, RepositoryNotFoundError):
             raise UserError(
-                f"base.model {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)"
+                f"{setting} {model!r}: no such model on the Hugging Face hub (or it is private: set HF_TOKEN)"
             ) from None
         raise UserError(
-            f"base.model {model!r} (revision {revision!r}): cannot reach the Hugging Face hub "
+            f"{setting} {model!r} (revision {revision!r}): cannot reach the Hugging Face hub "
             f"and it is not in the local cache ({type(err).__name__}); "
-            "download it once with network access, or set base.model to a local folder or 'demo'"
+            f"download it once with network access, or set {setting} to a local folder"
+            + (" or 'demo'" if setting == "base.model" else "")
         ) from None
     return path, path.name  # snapshot folders are named by the resolved commit sha
 
 
-def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, Any]:
+def describe(path: Path, model: str, revision: str, resolved: str, setting: str = "base.model") -> dict[str, Any]:
     """The manifest: identity of the base model down to the sha256 of every weight and tokenizer file."""
     weights = sorted(p for g in WEIGHT_GLOBS for p in path.glob(g))
     if not weights:
@@ -70,10 +71,10 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
             if found
             else ""
         )
-        raise UserError(f"base.model {model!r}: no .safetensors weights in {path}{hint}")
+        raise UserError(f"{setting} {model!r}: no .safetensors weights in {path}{hint}")
     tokenizer = {name: sha256_file(path / name) for name in TOKENIZER_FILES if (path / name).exists()}
     if not tokenizer:
-        raise UserError(f"base.model {model!r}: no tokenizer files in {path}")
+        raise UserError(f"{setting} {model!r}: no tokenizer files in {path}")
     try:
         cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         template = cfg.get("chat_template") or (
@@ -82,7 +83,7 @@ def describe(path: Path, model: str, revision: str, resolved: str) -> dict[str, 
             else ""
         )
     except (UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"base.model {model!r}: a tokenizer file in {path} cannot be read ({err})") from None
+        raise UserError(f"{setting} {model!r}: a tokenizer file in {path} cannot be read ({err})") from None
     return {
         "model": model,
         "revision": revision,
@@ -205,7 +206,7 @@ def content_revision(folder: Path) -> str:
     return sha256_of({p.name: sha256_file(p) for p in files})[:40]
 
 
-def local_snapshot(folder: Path, model: str, revision: str) -> tuple[Path, str]:
+def local_snapshot(folder: Path, model: str, revision: str, setting: str = "base.model") -> tuple[Path, str]:
     """(files, commit) of a local base. In a model repository (refs/ + snapshots/, as `tunegate demo-base`
     publishes) `revision` is a branch under refs/ or a commit under snapshots/, as on the hub, so a branch
     follows new revisions and a commit pins one; a plain folder is its one revision, named by its content."""
@@ -217,7 +218,7 @@ def local_snapshot(folder: Path, model: str, revision: str) -> tuple[Path, str]:
     if not (snapshots / commit).is_dir():
         branches = sorted(p.name for p in (folder / REPO_REFS).glob("*")) or ["none"]
         raise UserError(
-            f"base.model {model!r}: no revision {revision!r} in {folder} "
+            f"{setting} {model!r}: no revision {revision!r} in {folder} "
             f"(branches: {', '.join(branches)}; or a commit under {REPO_SNAPSHOTS}/); set base.revision"
         )
     return (snapshots / commit).resolve(), commit
