@@ -201,6 +201,24 @@ def test_baselines_score_the_base_with_examples_from_training_rows_only_and_trim
     assert few["prompt_tokens"] + 16 <= 256 and few["prompt_tokens"] > costs["prompt"]["prompt_tokens"]
     assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
     assert costs["prompt"]["items_trimmed"] == 0
+    assert costs["retrieval-3"]["retriever"] == "bm25" and "retriever" not in costs["few_shot-4"]
+
+
+def test_the_baselines_scores_costs_and_retriever_are_tags_of_the_version():
+    from tunegate.provenance import _baseline_and_reward_tags
+
+    ranked = "embedding models/embedder@0123456789ab sha256:ba98"
+    verdict = {
+        "baselines": {"prompt": {"support_gen/json_fields": 0.5}, "retrieval-5": {"support_gen/json_fields": 0.6}},
+        "costs": {"prompt": {"prompt_tokens": 40.0}, "retrieval-5": {"prompt_tokens": 300.0, "retriever": ranked}},
+    }
+    assert _baseline_and_reward_tags(verdict, {}) == {
+        "eval.baseline.prompt.support_gen.json_fields": 0.5,
+        "eval.baseline.prompt.prompt_tokens": 40.0,
+        "eval.baseline.retrieval-5.support_gen.json_fields": 0.6,
+        "eval.baseline.retrieval-5.prompt_tokens": 300.0,
+        "eval.baseline.retrieval-5.retriever": ranked,
+    }
 
 
 def test_retrieval_by_an_embedder_shows_training_rows_only_and_records_the_embedder(
@@ -225,6 +243,7 @@ def test_retrieval_by_an_embedder_shows_training_rows_only_and_records_the_embed
     assert list(costs) == ["retrieval-2"] and costs["retrieval-2"]["examples_shown"] > 0
     results = json.loads((tmp_path / "out/retrieval-2" / RESULTS).read_text())
     assert results["retriever"]["ranking"] == "embedding" and len(results["retriever"]["sha256"]) == 64
+    assert costs["retrieval-2"]["retriever"].startswith(f"embedding {embedder}@")  # the registry's tag
     for s in read_jsonl(tmp_path / "out/retrieval-2" / SAMPLES / "support_gen.jsonl"):
         head = s["prompt"][: s["prompt"].rindex(eval_items[s["doc_id"]]["message"])]
         assert not any(other["message"] in head for other in eval_items), s["doc_id"]

@@ -155,6 +155,13 @@ class EmbeddingRetriever:
         return [self.pool[i] for i in reversed(picked)]
 
 
+def ranking(identity: dict[str, str]) -> str:
+    """How a retrieval baseline ranked its rows, in one line: `bm25`, or `embedding <model>@<revision> sha256:<12>`."""
+    if identity["ranking"] != "embedding":
+        return identity["ranking"]
+    return f"embedding {identity['embedder']}@{identity['revision'][:12]} sha256:{identity['sha256'][:12]}"
+
+
 def _weights(described: dict[str, Any]) -> dict[str, str]:
     """One sha256 over an embedding model's weight and tokenizer files (provenance of the retrieval baseline)."""
     from tunegate.io import sha256_of
@@ -195,7 +202,7 @@ class Prompter:
             "examples_shown_total": sum(self.shown),
             "items_trimmed": self.trimmed,
             "examples_dropped": self.dropped,
-        }
+        } | ({"retriever": ranking(self.retriever)} if self.retriever else {})
 
 
 def prompters(settings: Baselines, system: str | None, pool: list[Turns], seed: int) -> list[Prompter]:

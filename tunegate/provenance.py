@@ -146,6 +146,8 @@ def _baseline_and_reward_tags(verdict: dict, trained: dict) -> dict[str, Any]:
             tags[f"eval.baseline.{name}.{check.replace('/', '.')}"] = value
         if name in costs:
             tags[f"eval.baseline.{name}.prompt_tokens"] = costs[name]["prompt_tokens"]
+            if "retriever" in costs[name]:  # how the retrieval baseline ranked its rows
+                tags[f"eval.baseline.{name}.retriever"] = costs[name]["retriever"]
     for name, code in (trained.get("reward_code") or {}).items():  # what the model was trained toward
         tags[f"reward.{name}.code_sha256"] = code
     return tags

@@ -133,6 +133,7 @@ def test_candidate_beats_every_baseline_and_the_examples_are_never_eval_items(pr
         cost = costs[name]  # every example either shown or counted as dropped
         assert cost["examples_shown_total"] + cost["examples_dropped"] == k * cost["items"]
     assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
+    assert costs["retrieval-5"]["retriever"] == "bm25"  # the default ranking, as the version's tags record it
     for task in ("support_mc", "support_gen"):
         items = read_jsonl(project / f"evals/data/{task}.jsonl")
         messages = [item["message"] for item in items]
