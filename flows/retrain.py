@@ -52,7 +52,8 @@ def outcome(result: dict, base: str, ran: bool) -> tuple[str, str]:
     if not result["gate_passed"]:
         failed = [line for line in result.get("lines", []) if line.startswith("FAIL")] or [result["champion_check"]]
         why = "; ".join(failed)
-        return "Rejected", f"gate rejected {name} v{version} (base {base}): {why}; {stays}"
+        cheaper = f". {result['recommendation']}" if result.get("recommendation") else ""
+        return "Rejected", f"gate rejected {name} v{version} (base {base}): {why}; {stays}{cheaper}"
     notes = "; ".join(result.get("notes", [])) or "see reports/register.json"
     return "Completed", f"not promoted: {name} v{version} passed the gate (base {base}) but {notes}"
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from tunegate.config import Dedup, load_config
 from tunegate.dedup import ContaminationIndex, exact_key, near_duplicates
-from tunegate.formats import prompt_and_answer, row_text
+from tunegate.formats import LABELLED, prompt_and_answer, row_text
 from tunegate.io import read_jsonl, write_json, write_jsonl, write_text
 from tunegate.paths import DROPPED, REPORT, Layout
 from tunegate.runtime import stage_main
@@ -73,7 +73,7 @@ def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[
         for k, i in enumerate(members):
             if answers[k] != winner:
                 other = rows[keeper]["id"] if keeper is not None else rows[members[0 if k else 1]]["id"]
-                what = "labels of this answer" if rows[i]["kind"] == "unpaired" else "answers to this prompt"
+                what = "labels of this answer" if rows[i]["kind"] == LABELLED else "answers to this prompt"
                 detail = f"{len(votes)} different {what}; policy {policy}" + (
                     "" if winner else " (no majority: all dropped)"
                 )
@@ -86,7 +86,7 @@ def _claim(row: dict[str, Any]) -> tuple[str, str]:
     labelled answer (KTO) is asked its prompt and answer together and answers with its label: the same answer
     labelled both desirable and not contradicts itself, while other answers to the same prompt are what KTO needs."""
     prompt, answer = prompt_and_answer(row)
-    if row["kind"] == "unpaired":
+    if row["kind"] == LABELLED:
         return f"{prompt}\n{answer}", str(row["label"])
     return prompt, exact_key(answer)
 
@@ -166,7 +166,7 @@ def _near_duplicates(
     parts: dict[Any, list[int]] = defaultdict(list)
     for i in range(len(rows)):
         if i not in verdict:
-            parts[rows[i]["label"] if rows[i]["kind"] == "unpaired" else None].append(i)
+            parts[rows[i]["label"] if rows[i]["kind"] == LABELLED else None].append(i)
     found = {}
     for live in parts.values():
         texts = [row_text(rows[i]) for i in live]

@@ -418,6 +418,7 @@ def _decide(c, cfg: Config, cand: Candidate, version: str) -> dict[str, Any]:
         "lines": lines,
         "notes": notes,
         "baselines": baseline_summary(cand.verdict),
+        "recommendation": cand.verdict.get("recommendation"),  # the cheaper path, when a baseline won
     }
 
 
@@ -529,6 +530,8 @@ def description(cfg: Config, base: dict, mix: dict, result: dict[str, Any], tags
             "**Baselines** (the base given the cheaper alternatives; the report lists the items that flipped):",
         ]
         lines += [f"- {line}" for line in result["baselines"]]
+    if result.get("recommendation"):
+        lines += ["", f"**{result['recommendation']}**"]
     if tags.get(EXPORTS):
         lines += [
             "",

@@ -31,6 +31,7 @@ from typing import Any
 from tunegate.adapters import ADAPTERS
 from tunegate.config import Train, load_config
 from tunegate.errors import UserError
+from tunegate.formats import LABELLED, PAIR
 from tunegate.io import publish, read_jsonl, sha256_file, sha256_of, sha256_tree, write_json
 from tunegate.methods import METHODS, MethodKind
 from tunegate.paths import (
@@ -113,9 +114,6 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer) -> tuple[list[dict[str, 
         unstable += not stable
         out.append({"input_ids": ids, "assistant_masks": mask})
     return out, unstable
-
-
-PAIR, LABELLED = "preference", "unpaired"  # the row kinds of a preference source (tunegate.formats)
 
 
 def _answered(rows: list[dict[str, Any]], tokenizer, sides: tuple[str, ...]) -> list[dict[str, list[int]]]:

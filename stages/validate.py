@@ -31,7 +31,7 @@ import msgspec
 from tunegate.chat import message_text, tool_support, uses_tools
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
-from tunegate.formats import NOTE_EXTRAS, Message, Row, load_rows
+from tunegate.formats import LABELLED, NOTE_EXTRAS, PAIR, SFT, Message, Row, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
@@ -93,7 +93,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
         if extras
         else []
     )
-    if all(row.kind != "preference" for row in rows):  # SFT rows, or labelled answers: one conversation each
+    if all(row.kind != PAIR for row in rows):  # SFT rows, or labelled answers: one conversation each
         turns = [row.conversation() for row in rows]
         flat = Flat([_shown(t) for t in turns] if rich else turns)
         columns["roles"] = flat.join(flat.roles, ",")
@@ -206,7 +206,7 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
         (
             "wrong_role",
             E.ExpectColumnValuesToMatchRegex,
-            {"column": "roles", "regex": PREF_ROLES if kind == "preference" else SFT_ROLES},
+            {"column": "roles", "regex": PREF_ROLES if kind == PAIR else SFT_ROLES},
         ),
         ("empty_content", E.ExpectColumnValuesToBeBetween, {"column": "min_chars", "min_value": 1}),
         leftover,
@@ -216,7 +216,7 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
             {"column": "n_tokens", "min_value": cfg.min_tokens, "max_value": cfg.max_tokens},
         ),
     ]
-    if kind == "preference":
+    if kind == PAIR:
         checks.append(
             (
                 "chosen_equals_rejected",
@@ -462,9 +462,9 @@ def _expected_kind(source: Source, rows: list[Row]) -> str:
     """What the source's role trains on: SFT rows, or preference pairs, or labelled answers (KTO's unpaired rows)
     where a preference source holds more of those than pairs."""
     if source.role != "preference":
-        return "sft"
+        return SFT
     kinds = Counter(row.kind for row in rows)
-    return "unpaired" if kinds["unpaired"] > kinds["preference"] else "preference"
+    return LABELLED if kinds[LABELLED] > kinds[PAIR] else PAIR
 
 
 def _of_kind(name: str, source: Source, rows: list[Row], kind: str) -> tuple[list[Row], list[dict[str, Any]]]:

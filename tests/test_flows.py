@@ -241,6 +241,17 @@ def test_retrain_rejected_by_the_gate_names_the_failed_checks(harness, project, 
     assert state.message == f"gate rejected {MODEL} v2 (base {base}): {fail}; champion stays at v1"
 
 
+def test_retrain_that_lost_to_a_baseline_says_the_cheaper_path(harness, project, monkeypatch):
+    from flows.retrain import retrain
+
+    fail = "FAIL target  support_gen/json_fields vs retrieval-5: 0.812 -> 0.806 (...); fine-tuning does not beat ..."
+    cheaper = "The cheaper path: prompting with retrieval of 5 examples gets 0.812 on support_gen/json_fields ..."
+    result = {**RESULT, "gate_passed": False, "champion": "1", "previous_champion": None, "lines": [fail]}
+    _fake_pipeline(monkeypatch, project, {**result, "champion_check": "not run", "recommendation": cheaper})
+    state = retrain(root=str(project["root"]), revision="c" * 40, return_state=True)
+    assert state.name == "Rejected" and state.message.endswith(f"{fail}; champion stays at v1. {cheaper}")
+
+
 def test_retrain_failure_says_which_stage_and_why(harness, project, monkeypatch):
     from flows.retrain import retrain
 

@@ -223,6 +223,11 @@ MALFORMED = [
     ("unpaired", {"prompt": "q", "completion": "a"}, "missing_field"),
     ("unpaired", {"prompt": "q", "completion": {"role": "assistant"}, "label": True}, "wrong_type"),
     ("unpaired", {"prompt": "q", "completion": [{**bot("a"), "weight": 0}], "label": False}, "bad_weight"),
+    # two problems in one row: the first in reading order is named (the label is read before any weight)
+    ("unpaired", {"prompt": "q", "completion": [{**bot("a"), "weight": 0}], "label": "maybe"}, "bad_label"),
+    ("unpaired", {"prompt": [{**user("q"), "weight": 1}], "completion": "a", "label": True}, "bad_weight"),
+    ("preference", {"prompt": "q", "chosen": [{**bot("a"), "weight": 1}], "rejected": "b"}, "bad_weight"),
+    ("preference", {"prompt": "q", "chosen": [{**bot("a"), "weight": 1}], "rejected": {"x": 1}}, "wrong_type"),
 ]  # fmt: skip
 
 

@@ -51,6 +51,8 @@ from tunegate.layouts import NormaliseError
 from tunegate.readers import NOTE_BOM, read_bytes, read_records, shards, source_kind, utf8_bytes
 from tunegate.runtime import gc_paused
 
+# The kinds of normalised row (the internal schema above), named once: what every later stage asks a row.
+SFT, PAIR, LABELLED = "sft", "preference", "unpaired"
 FORMATS = ("messages", "prompt_completion", "alpaca", "preference", "unpaired", "sharegpt", "openai_preference")
 REQUIRED = {
     "messages": ("messages",),
@@ -297,7 +299,7 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
                 raise NormaliseError("wrong_type", f"{f} must be a string")
         user = alpaca_user(record["instruction"], record.get("input"), notes)
         return {
-            "kind": "sft",
+            "kind": SFT,
             "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}],
         }
     if fmt == "unpaired":
@@ -319,41 +321,41 @@ def label_value(value: Any) -> bool:
     raise NormaliseError("bad_label", f"label must be true (a desirable answer) or false, got {value!r}")
 
 
-def _unpaired(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
-    out = {
-        "kind": "unpaired",
-        "prompt": _as_messages(record["prompt"], "prompt", "user", notes),
-        "completion": _as_messages(record["completion"], "completion", "assistant", notes),
-        "label": label_value(record["label"]),
-    }
-    if any("weight" in m for part in ("prompt", "completion") for m in out[part]):
-        raise NormaliseError("bad_weight", "weight has no meaning in a labelled answer (the label is)")
+def _prompt_and_answers(record: dict[str, Any], kind: str, answers: tuple[str, ...], notes: Counter | None) -> dict:
+    """A pair's or a labelled answer's fields as turns: the prompt as user turns, each answer as assistant turns."""
+    out = {"kind": kind, "prompt": _as_messages(record["prompt"], "prompt", "user", notes)}
+    for part in answers:
+        out[part] = _as_messages(record[part], part, "assistant", notes)
+    return out
+
+
+def _unweighted(record: dict[str, Any], out: dict[str, Any], what: str) -> dict[str, Any]:
+    """`out` with the record's tools list; a weight on any turn is refused (what is learnt from is `what`)."""
+    if any("weight" in m for part, turns in out.items() if part != "kind" and isinstance(turns, list) for m in turns):
+        raise NormaliseError("bad_weight", f"weight has no meaning in {what}")
     if tools := _tools(record):
         out["tools"] = tools
     return out
+
+
+def _unpaired(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
+    out = _prompt_and_answers(record, LABELLED, ("completion",), notes)
+    out["label"] = label_value(record["label"])  # a bad label is reported before a weight
+    return _unweighted(record, out, "a labelled answer (the label is)")
 
 
 def _preference(record: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
     if record.get("prompt") is None:  # TRL's implicit prompt, or an HH text pair
         record = layouts.implicit_pair(record, notes)
-    out = {
-        "kind": "preference",
-        "prompt": _as_messages(record["prompt"], "prompt", "user", notes),
-        "chosen": _as_messages(record["chosen"], "chosen", "assistant", notes),
-        "rejected": _as_messages(record["rejected"], "rejected", "assistant", notes),
-    }
-    if any("weight" in m for part in ("prompt", "chosen", "rejected") for m in out[part]):
-        raise NormaliseError("bad_weight", "weight has no meaning in a preference row (chosen vs rejected is)")
-    if tools := _tools(record):
-        out["tools"] = tools
-    return out
+    out = _prompt_and_answers(record, PAIR, ("chosen", "rejected"), notes)
+    return _unweighted(record, out, "a preference row (chosen vs rejected is)")
 
 
 def _sft(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
     trained = [m for m in messages if m["role"] == "assistant"]
     if trained and all(m.get("weight") == 0 for m in trained):
         raise NormaliseError("no_trained_turn", "every assistant turn has weight 0: nothing to train on")
-    out: dict[str, Any] = {"kind": "sft", "messages": messages}
+    out: dict[str, Any] = {"kind": SFT, "messages": messages}
     if tools:
         out["tools"] = tools
     return out
@@ -393,13 +395,13 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
     label: bool | None = None
 
     def all_messages(self) -> list[Message]:
-        if self.kind == "sft":
+        if self.kind == SFT:
             return self.messages
-        return self.prompt + self.completion if self.kind == "unpaired" else self.prompt + self.chosen + self.rejected
+        return self.prompt + self.completion if self.kind == LABELLED else self.prompt + self.chosen + self.rejected
 
     def conversation(self) -> list[Message]:
         """The messages as one conversation: an SFT row's, or a labelled answer's prompt then its completion."""
-        return self.messages if self.kind == "sft" else self.prompt + self.completion
+        return self.messages if self.kind == SFT else self.prompt + self.completion
 
 
 # The usual shape of each format, decoded and type-checked in one C call per line. A line that does
@@ -454,18 +456,18 @@ def _extras(tools: Tools, notes: Counter) -> Tools:
 
 def _from_chat(rec: _Chat, name: str, line: int, notes: Counter) -> Row:
     if rec.tools is None:
-        return Row("", name, line, "sft", rec.messages)
-    return Row("", name, line, "sft", rec.messages, tools=_extras(rec.tools, notes))
+        return Row("", name, line, SFT, rec.messages)
+    return Row("", name, line, SFT, rec.messages, tools=_extras(rec.tools, notes))
 
 
 def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int, notes: Counter) -> Row:
     messages = _turns(rec.prompt, "user") + _turns(rec.completion, "assistant")
-    return Row("", name, line, "sft", messages, tools=_extras(rec.tools, notes))
+    return Row("", name, line, SFT, messages, tools=_extras(rec.tools, notes))
 
 
 def _from_alpaca(rec: _Alpaca, name: str, line: int, notes: Counter) -> Row:
     user = alpaca_user(rec.instruction, rec.input, notes)
-    return Row("", name, line, "sft", [Message("user", user), Message("assistant", rec.output)])
+    return Row("", name, line, SFT, [Message("user", user), Message("assistant", rec.output)])
 
 
 def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> Row:
@@ -475,7 +477,7 @@ def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> 
         "",
         name,
         line,
-        "preference",
+        PAIR,
         None,
         [Message("user", prompt)] if type(prompt) is str else prompt,
         [Message("assistant", chosen)] if type(chosen) is str else chosen,
@@ -487,7 +489,7 @@ def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> 
 def _from_unpaired(rec: _Unpaired, name: str, line: int, notes: Counter) -> Row:
     prompt, completion = _turns(rec.prompt, "user"), _turns(rec.completion, "assistant")
     tools = _extras(rec.tools, notes)
-    return Row("", name, line, "unpaired", prompt=prompt, completion=completion, label=rec.label, tools=tools)
+    return Row("", name, line, LABELLED, prompt=prompt, completion=completion, label=rec.label, tools=tools)
 
 
 FAST = {
@@ -593,9 +595,9 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
 
 
 def _content(r: Row) -> Any:
-    if r.kind == "unpaired":
+    if r.kind == LABELLED:
         return r.prompt, r.completion, r.label
-    return r.messages if r.kind == "sft" else (r.prompt, r.chosen, r.rejected)
+    return r.messages if r.kind == SFT else (r.prompt, r.chosen, r.rejected)
 
 
 def _infer(path: str | Path, records: Iterable[Any]) -> str:
@@ -732,8 +734,8 @@ def prompt_and_answer(row: dict[str, Any]) -> tuple[str, str]:
     text that includes tool calls and tool results; a labelled answer's prompt and its completion."""
     from tunegate.chat import message_text
 
-    if row["kind"] in ("preference", "unpaired"):
-        answer = row["chosen"] if row["kind"] == "preference" else row["completion"]
+    if row["kind"] in (PAIR, LABELLED):
+        answer = row["chosen"] if row["kind"] == PAIR else row["completion"]
         return "\n".join(map(message_text, row["prompt"])), "\n".join(map(message_text, answer))
     msgs = row["messages"]
     return "\n".join(map(message_text, msgs[:-1])), message_text(msgs[-1]) if msgs else ""

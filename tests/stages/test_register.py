@@ -103,6 +103,10 @@ def test_the_version_description_says_why_and_from_what():
     assert "**Base**: `demo` at revision `seed-1234` (stored as `runs:/r/base`)" in text
     assert "| domain | domain | 1500 | `cdcdcdcdcdcd` |" in text and "tunegate reproduce 3" in text
     assert text.endswith("Note: a note")
+    cheaper = "The cheaper path: prompting with retrieval of 5 examples gets 0.812 on t/m (the candidate 0.806) ..."
+    lost = {**result, "baselines": ["retrieval-5: t/m 0.812"], "recommendation": cheaper}
+    text = description(cfg, base, mix, lost, {})
+    assert f"- retrieval-5: t/m 0.812\n\n**{cheaper}**" in text  # the cheaper path under the baselines
 
 
 def test_with_no_champion_yet_the_banner_and_description_say_so():
