@@ -5,6 +5,7 @@ plain TRL script on the same GPU, same model, same rows.
     python -m benchmarks.gpu build --model /tmp/llama1b  # a random-init model of Llama-3.2-1B's shape
     python -m benchmarks.gpu memory --model /tmp/llama1b
     python -m benchmarks.gpu throughput --model /tmp/llama1b --steps 30 --repeat 2
+    python -m benchmarks.gpu eval --model /tmp/llama1b    # lm-eval's hf backend vs vllm on the demo's eval tasks
 
 The model is a random-init Llama of Llama-3.2-1B's shape (hidden 2048, 16 layers, GQA 32/8,
 intermediate 8192) with the demo tokenizer (1,024 tokens), saved as a local bf16 safetensors folder:
@@ -346,9 +347,55 @@ def throughput(model: str, steps: int, repeat: int, batch: int, seq: int, out: P
     return summary
 
 
+def eval_backends(model: str, repeat: int, out: Path | None) -> dict[str, Any]:
+    """The demo's four eval tasks (700 items) scored by the base of `model` through `eval.backend: hf` and `vllm`,
+    interleaved, median wall time of --repeat (the model's load included, as the stage pays it); the share of
+    per-sample outcomes that agree (greedy on both)."""
+    from tunegate.config import Eval
+    from tunegate.errors import UserError
+    from tunegate.evaluation import evaluate
+    from tunegate.io import read_jsonl
+    from tunegate.models import describe, require_vllm
+
+    try:
+        require_vllm("eval.backend", "this benchmark needs a GPU machine with vLLM")
+    except UserError as err:
+        print(f"eval backends: not measured here ({err})")
+        return {}
+    tasks = ["general_mc", "general_gen", "support_mc", "support_gen"]
+    manifest = {**describe(Path(model), "llama-1b-shape", "local", "local"), "path": model}
+    seconds: dict[str, list[float]] = {"hf": [], "vllm": []}
+    samples: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeat):
+            for backend in seconds:
+                folder = Path(tmp) / f"{backend}-{r}"
+                started = time.perf_counter()
+                evaluate(Eval(tasks=tasks, backend=backend, batch_size=64), manifest, ROOT / "evals/tasks", folder, 1)
+                seconds[backend].append(time.perf_counter() - started)
+                samples[backend] = [s for t in tasks for s in read_jsonl(folder / "samples" / f"{t}.jsonl")]
+    keep = ("prompt", "output")
+    same = sum(
+        {k: v for k, v in a.items() if k not in keep} == {k: v for k, v in b.items() if k not in keep}
+        for a, b in zip(samples["hf"], samples["vllm"], strict=True)
+    )
+    result = {
+        "device": device(),
+        "versions": versions(),
+        "items": len(samples["hf"]),
+        "seconds": {k: round(statistics.median(v), 1) for k, v in seconds.items()},
+        "speedup": round(statistics.median(seconds["hf"]) / statistics.median(seconds["vllm"]), 2),
+        "same_outcomes": round(same / len(samples["hf"]), 4),
+    }
+    print(json.dumps(result, indent=1))
+    if out:
+        (out / "eval_backends.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["all", "build", "memory", "throughput", "child"])
+    parser.add_argument("what", choices=["all", "build", "memory", "throughput", "eval", "child"])
     parser.add_argument("args", nargs="*")
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -390,6 +437,8 @@ def main() -> None:
             128 if opts.tiny else opts.seq,
             opts.out,
         )
+    if opts.what in ("all", "eval"):
+        eval_backends(model, 1 if opts.tiny else opts.repeat, opts.out)
 
 
 if __name__ == "__main__":

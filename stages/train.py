@@ -586,25 +586,11 @@ def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str,
 
 
 def vllm_ready() -> None:
-    """GRPO generating with vLLM (`train.grpo_args.use_vllm`) needs a CUDA device and vLLM installed: said in one
-    line before the base loads, not by TRL's trainer after it."""
-    import importlib.util
+    """GRPO generating with vLLM (`train.grpo_args.use_vllm`): refused in one line before the base loads when vLLM
+    cannot run here, not by TRL's trainer after it."""
+    from tunegate.models import require_vllm
 
-    import torch
-
-    missing = [
-        what
-        for what, there in (
-            ("a CUDA device", torch.cuda.is_available()),
-            ("vLLM installed (pip install vllm)", importlib.util.find_spec("vllm") is not None),
-        )
-        if not there
-    ]
-    if missing:
-        raise UserError(
-            f"train.grpo_args.use_vllm: generating with vLLM needs {' and '.join(missing)}; set use_vllm: false to "
-            "generate with transformers"
-        )
+    require_vllm("train.grpo_args.use_vllm", "set use_vllm: false to generate with transformers")
 
 
 def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer_args, init_adapter: Path | None):

@@ -152,3 +152,57 @@ def test_a_task_whose_data_file_is_missing_names_it(manifest, tmp_path, monkeypa
         evaluate(Eval(tasks=["general_mc"], limit=2), manifest, tasks, tmp_path / "out", 1)
     assert "nope.jsonl" in str(err.value) and "dataset_kwargs.data_files" in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+VLLM_HERE = __import__("importlib").util.find_spec("vllm") is not None and __import__("torch").cuda.is_available()
+
+
+@pytest.mark.skipif(VLLM_HERE, reason="vLLM can run here: the refusal is for machines where it cannot")
+def test_the_vllm_backend_where_vllm_cannot_run_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    from tunegate import baselines
+    from tunegate.config import parse_config
+
+    monkeypatch.chdir(ROOT)
+    nowhere = {"model": "demo", "path": str(tmp_path / "no-model-here")}  # loading it would fail otherwise
+    expected = r"^eval.backend: vLLM needs a CUDA device.*; set eval.backend: hf$"
+    with pytest.raises(UserError, match=expected):
+        evaluate(Eval(tasks=["support_gen"], backend="vllm"), nowhere, ROOT / "evals/tasks", tmp_path / "out", 1)
+    assert not (tmp_path / "out").exists()
+    sources = {"domain": {"path": "d.jsonl", "role": "domain"}}
+    cfg = parse_config({"data": {"sources": sources}, "eval": {"tasks": ["support_gen"], "backend": "vllm"}})
+    with pytest.raises(UserError, match=expected):  # the baselines run on the same backend as the evals
+        baselines.prompted_model(cfg, nowhere)
+
+
+def test_an_unknown_backend_is_named_at_load():
+    with pytest.raises(ValueError, match="backend"):
+        Eval(tasks=["t"], backend="tpu")
+
+
+@pytest.mark.skipif(not VLLM_HERE, reason="the vLLM backend needs a CUDA device and vLLM installed (none here)")
+def test_the_vllm_backend_gives_the_outcomes_of_the_hf_backend_on_cuda(manifest, tmp_path, monkeypatch):
+    """Greedy on both: at least 99% of the per-sample outcomes the gate pairs are the same (the kernels differ, so
+    a near tie may break the other way), for the base and for base + adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunegate.models import load_model, load_tokenizer
+
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(manifest), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    load_tokenizer(manifest).save_pretrained(tmp_path / "adapter")
+    tasks = ["general_mc", "general_gen", "support_gen"]
+    for adapter in (None, tmp_path / "adapter"):
+        outcomes = {}
+        for backend in ("hf", "vllm"):
+            out = tmp_path / f"{backend}-{bool(adapter)}"
+            evaluate(Eval(tasks=tasks, backend=backend), manifest, ROOT / "evals/tasks", out, 1, adapter=adapter)
+            outcomes[backend] = [s for t in tasks for s in read_jsonl(out / "samples" / f"{t}.jsonl")]
+        same = sum(
+            {k: v for k, v in a.items() if k not in ("prompt", "output")}
+            == {k: v for k, v in b.items() if k not in ("prompt", "output")}
+            for a, b in zip(outcomes["hf"], outcomes["vllm"], strict=True)
+        )
+        assert same >= 0.99 * len(outcomes["hf"]), (adapter, same, len(outcomes["hf"]))

@@ -120,6 +120,23 @@ def test_max_length_shorter_than_validated_rows_is_a_warning_unless_truncating(p
     assert consistency.length_warnings(load_config(proj / "params.yaml")) == []
 
 
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is not None, reason="vLLM installed: no warning to see here"
+)
+def test_vllm_asked_for_where_it_cannot_run_is_a_warning_of_check(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    assert consistency.runtime_warnings(load_config(proj / "params.yaml")) == []
+    params["eval"]["backend"] = "vllm"
+    params["train"] |= {"method": "grpo", "grpo_args": {"use_vllm": True}}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    lines = consistency.runtime_warnings(load_config(proj / "params.yaml"))
+    assert [line.split(":")[0] for line in lines] == ["eval.backend", "train.grpo_args.use_vllm"]
+    assert all("vLLM installed (pip install vllm)" in line and "another machine" not in line for line in lines)
+    assert lines[0].endswith(
+        "set eval.backend: hf (the stage stops here unless the pipeline runs on a machine that has them)"
+    )
+
+
 def test_init_refuses_to_overwrite_a_set_up_project(proj):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["base"]["model"] = "org/model"

@@ -237,47 +237,56 @@ def eval_queries(tasks, names: list[str]) -> set[str]:
     return out
 
 
+class Prompting:
+    """What a baseline adds to lm-eval's model (hf or vllm): its chat rendering puts the current Prompter's
+    instructions and examples around each item, trimmed to the context by whole examples; `prompter` is set per
+    baseline, `reserve` is the answer's room."""
+
+    prompter: Prompter | None = None
+    reserve: int = 256
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
+        render = super().apply_chat_template
+        prompter = self.prompter
+        if prompter is None:
+            return render(chat_history, add_generation_prompt)
+        examples = prompter.examples(_user_text(chat_history[-1:]) or _user_text(chat_history))
+        text = render(prompter.messages(chat_history, examples), add_generation_prompt)
+        kept = len(examples)
+        while kept and len(self.tok_encode(text)) + self.reserve > self.max_length:
+            kept -= 1  # the least similar (first) example goes first
+            text = render(prompter.messages(chat_history, examples[len(examples) - kept :]), add_generation_prompt)
+        if kept < len(examples):
+            prompter.trimmed += 1
+            prompter.dropped += len(examples) - kept
+        prompter.shown.append(kept)
+        prompter.tokens.append(len(self.tok_encode(text)))
+        prompter.plain_tokens.append(len(self.tok_encode(render(chat_history, add_generation_prompt))))
+        return text
+
+
 def prompted_model(cfg: Config, manifest: dict[str, Any]):
-    """lm-eval's HF model of the base whose chat rendering puts the current Prompter's instructions and examples
-    around each item, trimmed to the context; `lm.prompter` is set per baseline."""
+    """lm-eval's model of the base (eval.backend) with the baselines' chat rendering (Prompting)."""
     import torch
-    from lm_eval.models.huggingface import HFLM
 
-    from tunegate.evaluation import base_tokenizer
+    from tunegate.evaluation import base_tokenizer, vllm_model
 
-    reserve = cfg.eval.max_gen_toks or 256
+    if cfg.eval.backend == "vllm":
+        lm = vllm_model(cfg.eval, manifest, None, None, cfg.base.trust_remote_code, mixin=Prompting)
+    else:
+        from lm_eval.models.huggingface import HFLM
 
-    class PromptedLM(HFLM):
-        prompter: Prompter | None = None
-
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
-            render = super().apply_chat_template
-            prompter = self.prompter
-            if prompter is None:
-                return render(chat_history, add_generation_prompt)
-            examples = prompter.examples(_user_text(chat_history[-1:]) or _user_text(chat_history))
-            text = render(prompter.messages(chat_history, examples), add_generation_prompt)
-            kept = len(examples)
-            while kept and len(self.tok_encode(text)) + reserve > self.max_length:
-                kept -= 1  # the least similar (first) example goes first
-                text = render(prompter.messages(chat_history, examples[len(examples) - kept :]), add_generation_prompt)
-            if kept < len(examples):
-                prompter.trimmed += 1
-                prompter.dropped += len(examples) - kept
-            prompter.shown.append(kept)
-            prompter.tokens.append(len(self.tok_encode(text)))
-            prompter.plain_tokens.append(len(self.tok_encode(render(chat_history, add_generation_prompt))))
-            return text
-
-    pretrained = manifest["path"]
-    return PromptedLM(
-        pretrained=pretrained,
-        tokenizer=base_tokenizer(pretrained, manifest, cfg.base.trust_remote_code),
-        batch_size=cfg.eval.batch_size,
-        max_length=None,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        trust_remote_code=cfg.base.trust_remote_code,
-    )
+        pretrained = manifest["path"]
+        lm = type("PromptingHFLM", (Prompting, HFLM), {})(
+            pretrained=pretrained,
+            tokenizer=base_tokenizer(pretrained, manifest, cfg.base.trust_remote_code),
+            batch_size=cfg.eval.batch_size,
+            max_length=None,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            trust_remote_code=cfg.base.trust_remote_code,
+        )
+    lm.reserve = cfg.eval.max_gen_toks or 256
+    return lm
 
 
 def read_prompt(settings: Baselines, path: Path) -> str | None:

@@ -311,6 +311,12 @@ class Eval(_Section):
     merge_adapter: bool = Field(
         True, description="score base + adapter with the adapter merged in memory (faster); false: lm-eval's peft="
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="lm-eval's model: hf (transformers, any device) or vllm (CUDA, vLLM installed)"
+    )
+    data_parallel: int | None = Field(
+        None, ge=1, description="vllm: model copies, one per GPU, each scoring a share of the items; null: every GPU"
+    )
 
 
 class Export(_Section):

@@ -355,10 +355,29 @@ def problems(cfg: Config, root: Path | str = ".") -> list[str]:
     )
 
 
+def runtime_warnings(cfg: Config) -> list[str]:
+    """vLLM asked for (eval.backend, GRPO's use_vllm) where it cannot run: a warning, not a problem (the pipeline
+    may run on another machine than `tunegate check`); the stage itself stops in the same line."""
+    from tunegate.errors import UserError
+    from tunegate.models import require_vllm
+
+    asked = [("eval.backend", "set eval.backend: hf")] if cfg.eval.backend == "vllm" else []
+    if cfg.train.grpo_args.get("use_vllm"):
+        asked.append(("train.grpo_args.use_vllm", "set use_vllm: false to generate with transformers"))
+    out = []
+    for setting, instead in asked:
+        try:
+            require_vllm(setting, instead)
+        except UserError as err:
+            out.append(f"{err} (the stage stops here unless the pipeline runs on a machine that has them)")
+    return out
+
+
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
     return (
         gate_warnings(cfg, root)
         + length_warnings(cfg)
         + baseline_warnings(cfg, root)
         + task_data_problems(cfg, root)[1]
+        + runtime_warnings(cfg)
     )

@@ -220,8 +220,10 @@ def task_set(cfg: Eval, tasks_dir: Path) -> TaskSet:
 
 
 def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model: Path | None, trust_remote_code: bool):
-    """lm-eval's HF model: the base, the fully fine-tuned model, or base + adapter (merged in memory by
-    default, through lm-eval's `peft=` otherwise)."""
+    """lm-eval's model of eval.backend: the base, the fully fine-tuned model, or base + adapter (with hf: merged in
+    memory by default, through lm-eval's `peft=` otherwise; with vllm: merged, see `vllm_model`)."""
+    if cfg.backend == "vllm":
+        return vllm_model(cfg, manifest, adapter, full_model, trust_remote_code)
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -244,6 +246,52 @@ def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model
         device=device,
         trust_remote_code=trust_remote_code,
     )
+
+
+def vllm_model(  # noqa: PLR0913 - _model's inputs, plus what a baseline mixes in
+    cfg: Eval,
+    manifest: dict[str, Any],
+    adapter: Path | None,
+    full_model: Path | None,
+    trust_remote_code: bool,
+    mixin: type | None = None,
+):
+    """lm-eval's vLLM model (`eval.backend: vllm`), as many copies as eval.data_parallel says (default: one per GPU),
+    greedy as with hf, so the per-sample outcomes the gate pairs are recorded the same way. An adapter is merged into
+    a scratch folder first (vLLM's LoRA support covers neither DoRA nor every module an adapter may target; the
+    merged weights answer as base + adapter, as with hf). Refused in one line where vLLM cannot run."""
+    import tempfile
+
+    import torch
+
+    from tunegate.models import require_vllm
+
+    require_vllm("eval.backend", "set eval.backend: hf")
+    from lm_eval.models.vllm_causallms import VLLM
+
+    scratch = tempfile.TemporaryDirectory(prefix="tunegate-vllm-")
+    folder = Path(scratch.name)
+    if adapter:
+        pretrained = tokenizer = folder
+        merged_in_memory(manifest, adapter, trust_remote_code).save_pretrained(pretrained, safe_serialization=True)
+        _tokenizer(adapter, trust_remote_code).save_pretrained(pretrained)
+    elif full_model:
+        pretrained = tokenizer = full_model
+    else:  # the base, with its tokenizer as training saw it (a default chat template if it has none)
+        pretrained, tokenizer = Path(manifest["path"]), folder
+        base_tokenizer(str(pretrained), manifest, trust_remote_code).save_pretrained(tokenizer)
+    cls = type(f"{mixin.__name__}VLLM", (mixin, VLLM), {}) if mixin else VLLM
+    lm = cls(
+        pretrained=str(pretrained),
+        tokenizer=str(tokenizer),
+        dtype="auto",
+        batch_size="auto",
+        max_gen_toks=cfg.max_gen_toks,
+        data_parallel_size=cfg.data_parallel or max(1, torch.cuda.device_count()),
+        trust_remote_code=trust_remote_code,
+    )
+    lm.scratch = scratch  # the merged weights live as long as the model that reads them
+    return lm
 
 
 def _run_tasks(cfg: Eval, lm, tasks: TaskSet, seed: int, manifest: dict[str, Any]):

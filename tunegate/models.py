@@ -247,3 +247,22 @@ def revision_of(model: str, revision: str, root: str | Path = ".") -> str:
             f"base.model {model!r} (revision {revision!r}): cannot ask the Hugging Face hub for its current "
             f"revision ({type(err).__name__}); the watch needs network access (HF_HUB_OFFLINE unset)"
         ) from None
+
+
+def require_vllm(setting: str, instead: str) -> None:
+    """vLLM runs on CUDA and must be installed: what is missing is said in one line naming `setting` and what to set
+    `instead`, before any model loads."""
+    import importlib.util
+
+    import torch
+
+    missing = [
+        what
+        for what, there in (
+            ("a CUDA device", torch.cuda.is_available()),
+            ("vLLM installed (pip install vllm)", importlib.util.find_spec("vllm") is not None),
+        )
+        if not there
+    ]
+    if missing:
+        raise UserError(f"{setting}: vLLM needs {' and '.join(missing)}; {instead}")

@@ -191,7 +191,7 @@ def test_grpo_with_vllm_is_refused_in_one_line_where_it_cannot_run(base, rows, t
     grpo = {"rewards": [{"format": "json"}]}
     cfg = Train(truncate=True, method="grpo", args=ARGS, grpo_args={"use_vllm": True, "num_generations": 4}, grpo=grpo)
     out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "p.csv")
-    with pytest.raises(UserError, match=r"train.grpo_args.use_vllm: generating with vLLM needs .*use_vllm: false"):
+    with pytest.raises(UserError, match=r"train.grpo_args.use_vllm: vLLM needs .*use_vllm: false"):
         train._check(cfg, 1, train.Inputs(base, rows[0], []), out)
 
 
