@@ -122,7 +122,11 @@ class EmbeddingRetriever:
         described = describe(path, embedder, "main", resolved, setting="baselines.embedder")
         self.identity = {"ranking": "embedding", "embedder": embedder, "revision": resolved, **_weights(described)}
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False).eval()
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+        self.model = model.to(self.device).eval()
         self.pool = pool
         self.keys = [_key(_user_text(turns)) for turns in pool]
         self.matrix = self.embed([_user_text(turns) for turns in pool], progress=True)
@@ -138,11 +142,12 @@ class EmbeddingRetriever:
             batch = self.tokenizer(
                 texts[start : start + self.BATCH], padding=True, truncation=True, max_length=512, return_tensors="pt"
             )
+            batch = batch.to(self.device)
             with torch.no_grad():
                 hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).numpy())
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
     def nearest(self, query: str, k: int) -> list[Turns]:
