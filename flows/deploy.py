@@ -205,7 +205,33 @@ def main() -> None:
         return
     from prefect import serve
 
+    stop_within(STOP_GRACE)
     serve(*deployments(root, args.interval, args.cron, track))
+
+
+STOP_GRACE = 30.0  # seconds a SIGTERM'd `tunegate deploy` is given to stop its runner before the process ends
+
+
+def stop_within(grace: float) -> None:
+    """Make SIGTERM (systemd, Docker, Kubernetes stopping the process) end it within `grace` seconds. Prefect's
+    runner (3.8) stops by raising SystemExit from its signal handler; landing while a flow run is being started, the
+    exit is caught on the way and the runner serves on, unstoppable but by SIGKILL (seen in this project's tests).
+    Prefect's graceful stop still runs first; if the process is still here after `grace`, it ends (exit code 143,
+    as for SIGTERM)."""
+    import os
+    import threading
+
+    from prefect.runner.runner import Runner
+
+    graceful = Runner.handle_sigterm
+
+    def handle_sigterm(self, *args, **kwargs) -> None:
+        deadline = threading.Timer(grace, os._exit, args=(143,))
+        deadline.daemon = True  # a graceful stop that works is not held up by it
+        deadline.start()
+        graceful(self, *args, **kwargs)
+
+    Runner.handle_sigterm = handle_sigterm
 
 
 if __name__ == "__main__":

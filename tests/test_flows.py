@@ -360,3 +360,39 @@ def test_a_retrain_with_no_champion_says_so():
     assert (
         outcome(result, "demo@r", ran=False)[1] == "unchanged: nothing was stale; m has no champion yet (base demo@r)"
     )
+
+
+SIGTERMED = """
+import logging, os, signal, sys, time
+from flows.deploy import stop_within
+from prefect.runner.runner import Runner
+
+stop_within(2.0)
+runner = Runner.__new__(Runner)  # the handler needs only a logger and stop()
+runner._logger, runner.stop = logging.getLogger("runner"), lambda: None
+signal.signal(signal.SIGTERM, runner.handle_sigterm)  # as Runner.start installs it
+started, sent = time.time(), False
+while time.time() - started < 30:
+    try:
+        if not sent:
+            sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    except SystemExit:
+        if sys.argv[1] == "exit":
+            raise
+        # swallowed, as when the signal lands while Prefect starts a flow run: the runner would serve on
+"""
+
+
+@pytest.mark.parametrize("exit_reaches_the_runner, code", [(True, 0), (False, 143)])
+def test_a_sigterm_stops_deploy_even_when_prefect_loses_the_exit(root, exit_reaches_the_runner, code):
+    import subprocess
+    import sys
+    import time
+
+    started = time.time()
+    mode = "exit" if exit_reaches_the_runner else "swallow"
+    proc = subprocess.run([sys.executable, "-c", SIGTERMED, mode], cwd=root, capture_output=True, timeout=60)
+    assert proc.returncode == code, proc.stderr.decode()[-2000:]
+    assert time.time() - started < 25  # the deadline (2 s here; 30 s in `tunegate deploy`), not the 30 s loop

@@ -132,12 +132,19 @@ def loop(project, tmp_path_factory):
             )
         yield {"api": api, "port": port, "deploy": deploy, "log": log, "first": first, "tmp": tmp}
     finally:
-        for proc in (deploy, server):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
-        (project / "params.yaml").write_text(original)
+        (project / "params.yaml").write_text(original)  # first: the tests after this module read the default run
+        running = [proc for proc in (deploy, server) if proc is not None]
+        for proc in running:
+            proc.terminate()
+        stopped = []
+        for proc in running:  # `tunegate deploy` must stop on SIGTERM (within its 30 s deadline at worst)
+            try:
+                stopped.append(proc.wait(timeout=60) is not None)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stopped.append(False)
         sh(project, "dvc", "repro")  # back to the default run: restored from DVC's run cache
+        assert all(stopped), "a SIGTERM did not stop `tunegate deploy` or the Prefect server within 60 s"
         (project / "retrain_loop.seconds").write_text(f"{time.time() - started:.0f}")
 
 
