@@ -577,20 +577,14 @@ def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str,
             "train: train.probe_max_rise is set but there are no probe rows (probe.jsonl is empty): no early stop"
         )
     args = _trainer_args(cfg, seed, out.ckpt_dir, bool(data.probe_rows))
-    if method.rewarded and args.get("use_vllm"):
-        vllm_ready()
+    if method.rewarded and args.get("use_vllm"):  # refused here, before the base loads, not by TRL's trainer after it
+        from tunegate.models import require_vllm
+
+        require_vllm("train.grpo_args.use_vllm")
     trainer_args = _trainer_config(cfg, args)  # before the base is loaded: a typo costs nothing
     estimate = _preflight(cfg, data.manifest, args)  # from config.json: a run that cannot fit costs nothing either
     seed_everything(seed, deterministic=bool(args["full_determinism"]))
     return args, trainer_args, estimate
-
-
-def vllm_ready() -> None:
-    """GRPO generating with vLLM (`train.grpo_args.use_vllm`): refused in one line before the base loads when vLLM
-    cannot run here, not by TRL's trainer after it."""
-    from tunegate.models import require_vllm
-
-    require_vllm("train.grpo_args.use_vllm", "set use_vllm: false to generate with transformers")
 
 
 def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer_args, init_adapter: Path | None):

@@ -271,25 +271,11 @@ class Prompting:
 
 
 def prompted_model(cfg: Config, manifest: dict[str, Any]):
-    """lm-eval's model of the base (eval.backend) with the baselines' chat rendering (Prompting)."""
-    import torch
+    """lm-eval's model of the base (eval.backend), as eval_base loads it, with the baselines' chat rendering
+    (Prompting)."""
+    from tunegate.evaluation import lm_model
 
-    from tunegate.evaluation import base_tokenizer, vllm_model
-
-    if cfg.eval.backend == "vllm":
-        lm = vllm_model(cfg.eval, manifest, None, None, cfg.base.trust_remote_code, mixin=Prompting)
-    else:
-        from lm_eval.models.huggingface import HFLM
-
-        pretrained = manifest["path"]
-        lm = type("PromptingHFLM", (Prompting, HFLM), {})(
-            pretrained=pretrained,
-            tokenizer=base_tokenizer(pretrained, manifest, cfg.base.trust_remote_code),
-            batch_size=cfg.eval.batch_size,
-            max_length=None,
-            device="cuda" if torch.cuda.is_available() else "cpu",
-            trust_remote_code=cfg.base.trust_remote_code,
-        )
+    lm = lm_model(cfg.eval, manifest, None, None, cfg.base.trust_remote_code, mixin=Prompting)
     lm.reserve = cfg.eval.max_gen_toks or 256
     return lm
 

@@ -361,13 +361,12 @@ def runtime_warnings(cfg: Config) -> list[str]:
     from tunegate.errors import UserError
     from tunegate.models import require_vllm
 
-    asked = [("eval.backend", "set eval.backend: hf")] if cfg.eval.backend == "vllm" else []
-    if cfg.train.grpo_args.get("use_vllm"):
-        asked.append(("train.grpo_args.use_vllm", "set use_vllm: false to generate with transformers"))
+    asked = ["eval.backend"] if cfg.eval.backend == "vllm" else []
+    asked += ["train.grpo_args.use_vllm"] if cfg.train.grpo_args.get("use_vllm") else []
     out = []
-    for setting, instead in asked:
+    for setting in asked:
         try:
-            require_vllm(setting, instead)
+            require_vllm(setting)
         except UserError as err:
             out.append(f"{err} (the stage stops here unless the pipeline runs on a machine that has them)")
     return out

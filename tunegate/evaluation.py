@@ -166,7 +166,7 @@ def evaluate(
     """Evaluate and write out_dir/results.json and out_dir/samples/<task>.jsonl. Returns the scores."""
     started = time.perf_counter()  # the model's load counts, as it always has
     tasks = task_set(cfg, tasks_dir)
-    lm = _model(cfg, manifest, adapter, full_model, trust_remote_code)
+    lm = lm_model(cfg, manifest, adapter, full_model, trust_remote_code)
     label = "candidate" if adapter or full_model else "base"
     return evaluate_lm(cfg, lm, tasks, manifest, out_dir, seed, label, {"adapter": bool(adapter)}, started)
 
@@ -219,25 +219,35 @@ def task_set(cfg: Eval, tasks_dir: Path) -> TaskSet:
     return TaskSet(manager, local, tasks_dir)
 
 
-def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model: Path | None, trust_remote_code: bool):
+def lm_model(  # noqa: PLR0913 - what is scored, and what a baseline mixes in
+    cfg: Eval,
+    manifest: dict[str, Any],
+    adapter: Path | None,
+    full_model: Path | None,
+    trust_remote_code: bool,
+    mixin: type | None = None,
+):
     """lm-eval's model of eval.backend: the base, the fully fine-tuned model, or base + adapter (with hf: merged in
-    memory by default, through lm-eval's `peft=` otherwise; with vllm: merged, see `vllm_model`)."""
+    memory by default, through lm-eval's `peft=` otherwise; with vllm: merged, see `vllm_model`). `mixin` extends
+    lm-eval's class (the baselines' prompting)."""
     if cfg.backend == "vllm":
-        return vllm_model(cfg, manifest, adapter, full_model, trust_remote_code)
+        return vllm_model(cfg, manifest, adapter, full_model, trust_remote_code, mixin)
     import torch
     from lm_eval.models.huggingface import HFLM
+
+    cls = type(f"{mixin.__name__}HFLM", (mixin, HFLM), {}) if mixin else HFLM
 
     pretrained = str(full_model) if full_model else manifest["path"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if adapter and cfg.merge_adapter:
-        return HFLM(
+        return cls(
             pretrained=merged_in_memory(manifest, adapter, trust_remote_code).to(device),
             tokenizer=_tokenizer(adapter, trust_remote_code),
             batch_size=cfg.batch_size,
             max_length=None,
             trust_remote_code=trust_remote_code,
         )
-    return HFLM(
+    return cls(
         pretrained=pretrained,
         tokenizer=str(adapter) if adapter else base_tokenizer(pretrained, manifest, trust_remote_code),
         peft=str(adapter) if adapter else None,
@@ -248,7 +258,7 @@ def _model(cfg: Eval, manifest: dict[str, Any], adapter: Path | None, full_model
     )
 
 
-def vllm_model(  # noqa: PLR0913 - _model's inputs, plus what a baseline mixes in
+def vllm_model(  # noqa: PLR0913 - lm_model's inputs
     cfg: Eval,
     manifest: dict[str, Any],
     adapter: Path | None,
@@ -266,7 +276,7 @@ def vllm_model(  # noqa: PLR0913 - _model's inputs, plus what a baseline mixes i
 
     from tunegate.models import require_vllm
 
-    require_vllm("eval.backend", "set eval.backend: hf")
+    require_vllm("eval.backend")
     from lm_eval.models.vllm_causallms import VLLM
 
     scratch = tempfile.TemporaryDirectory(prefix="tunegate-vllm-")

@@ -249,9 +249,16 @@ def revision_of(model: str, revision: str, root: str | Path = ".") -> str:
         ) from None
 
 
-def require_vllm(setting: str, instead: str) -> None:
+# The settings that ask for vLLM, each with what to set instead where vLLM cannot run.
+VLLM_SETTINGS = {
+    "eval.backend": "set eval.backend: hf",
+    "train.grpo_args.use_vllm": "set use_vllm: false to generate with transformers",
+}
+
+
+def require_vllm(setting: str, instead: str | None = None) -> None:
     """vLLM runs on CUDA and must be installed: what is missing is said in one line naming `setting` and what to set
-    `instead`, before any model loads."""
+    instead (VLLM_SETTINGS, unless `instead` says otherwise), before any model loads."""
     import importlib.util
 
     import torch
@@ -265,4 +272,4 @@ def require_vllm(setting: str, instead: str) -> None:
         if not there
     ]
     if missing:
-        raise UserError(f"{setting}: vLLM needs {' and '.join(missing)}; {instead}")
+        raise UserError(f"{setting}: vLLM needs {' and '.join(missing)}; {instead or VLLM_SETTINGS[setting]}")
