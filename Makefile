@@ -66,6 +66,7 @@ postgres:
 # eval_cost and train need `make demo` first, benchmarks.gpu a GPU; see docs/performance.md.
 bench: setup
 	python -m benchmarks.dedup --repeat 5
+	python -m benchmarks.dedup_ray --repeat 3
 	python -m benchmarks.validate_cost --repeat 5
 	python -m benchmarks.validate_cost --source preferences --repeat 3
 	python -m benchmarks.dedup_memory
