@@ -247,36 +247,40 @@ def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
         )
 
 
+def resume_run(base: dict, out: Path, ckpt: Path, method: str) -> None:
+    """The run the resume test kills and resumes in processes of its own, and runs straight through in this one."""
+    from tunegate.config import Lora, RewardSpec
+    from tunegate.formats import load_source
+    from tunegate.rewards import build
+
+    rows = load_source("domain", ROOT / "data/raw/domain.jsonl")[0]
+    rows = [r for r in rows if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
+    prefs = load_source("preferences", ROOT / "data/raw/preferences.jsonl")[0]
+    prefs = [r for r in prefs if r["chosen"] != r["rejected"]][:32]
+    args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1}
+    args |= {"save_steps": 5, "max_length": 64}
+    second, rewards, extra = method.split("+")[-1], [], {}
+    own = {"max_steps": 20, "beta": 0.1}
+    if second == "grpo":  # 4 sampled completions per prompt, the shorter ones rewarded (the tiny base writes no JSON)
+        spec = {"function": "tests.stages.test_train_methods:short_reward"}
+        extra = {"grpo": {"rewards": [spec]}}
+        rewards = build([RewardSpec(**spec)], ROOT / "evals/tasks")
+        own = {"max_steps": 20, "num_generations": 4, "max_completion_length": 12}
+    if method.startswith("sft+"):  # a chain: a short SFT phase, then its second method (its own overrides)
+        phases = {f"{second}_args": own, **extra}
+        cfg = Train(truncate=True, method=method, lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, **phases)
+    else:
+        cfg = Train(truncate=True, method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+    inputs = train.Inputs(base, rows, prefs, [], rewards=rewards)
+    train.run(cfg, 1, inputs, train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
+
+
 RESUME_SCRIPT = """
 import json, logging, sys
-logging.basicConfig(level=logging.INFO)
 from pathlib import Path
-from stages import train
-from tunegate.config import Lora, Train
-from tunegate.formats import load_source
-base, out, ckpt = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-rows = [r for r in load_source("domain", "data/raw/domain.jsonl")[0] \
-if [m["role"] for m in r["messages"]] == ["user", "assistant"]][:64]
-prefs = [r for r in load_source("preferences", "data/raw/preferences.jsonl")[0] if r["chosen"] != r["rejected"]][:32]
-args = {"max_steps": 40, "per_device_train_batch_size": 4, "learning_rate": 5e-3, \
-"logging_steps": 1, "save_steps": 5, "max_length": 64}
-method = sys.argv[4]
-second, rewards, extra = method.split("+")[-1], [], {}
-own = {"max_steps": 20, "beta": 0.1}
-if second == "grpo":  # 4 sampled completions per prompt, the shorter ones rewarded (the tiny base writes no JSON)
-    from tunegate.config import RewardSpec
-    from tunegate.rewards import build
-    spec = {"function": "tests.stages.test_train_methods:short_reward"}
-    extra = {"grpo": {"rewards": [spec]}}
-    rewards = build([RewardSpec(**spec)], Path("evals/tasks"))
-    own = {"max_steps": 20, "num_generations": 4, "max_completion_length": 12}
-if method.startswith("sft+"):  # a chain: a short SFT phase, then its second method (its own overrides)
-    cfg = Train(truncate=True, method=method, lora=Lora(r=4, alpha=8), args={**args, "max_steps": 10}, \
-**{f"{second}_args": own}, **extra)
-else:
-    cfg = Train(truncate=True, method=method, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
-train.run(cfg, 1, train.Inputs(base, rows, prefs, [], rewards=rewards), \
-train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
+logging.basicConfig(level=logging.INFO)
+from tests.stages.test_train import resume_run
+resume_run(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
 """
 
 
@@ -318,7 +322,7 @@ def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at)
             text=True,
         )
 
-    assert start("straight").wait(timeout=600) == 0
+    resume_run(base, tmp_path / "straight", tmp_path / "ckpt-straight", method)  # the reference, in this process
     killed = start("killed")
     deadline = time.time() + 600
     while not list((tmp_path / "ckpt-killed").glob(kill_at)) and time.time() < deadline:
