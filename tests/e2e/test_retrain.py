@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,14 @@ def test_new_base_revision_is_announced_retrained_and_promoted_by_its_gate(proje
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["base"]["params"]["params.yaml"]["base"]["revision"] == loop["first"]  # pinned
 
-    time.sleep(25)  # a watcher run later: the champion's base is current, nothing is announced again
+    # a watcher run started after the retrain ended: the champion's base is current, nothing is announced again
+    ended = datetime.fromisoformat(run["end_time"])
+    later = lambda: [
+        r
+        for r in runs_of(loop["api"], "tunegate-watch-base")
+        if r["state_type"] == "COMPLETED" and r["start_time"] and datetime.fromisoformat(r["start_time"]) > ended
+    ]
+    wait_for("a watcher run after the retrain", later, 120, loop)
     assert len(events(loop["api"])) == 1
     started = [r for r in runs_of(loop["api"], "tunegate-retrain") if r["state_type"] != "SCHEDULED"]  # not the cron's
     assert len(started) == 1
