@@ -5,7 +5,8 @@
 The merged folder runs in transformers (lm-eval's `hf` model, loaded from the files on disk); each GGUF
 runs in llama.cpp (tunegate.gguf_lm: its own tokenizer and the chat template stored in the file). The
 per-sample outcomes are written like eval_candidate's, one folder per artifact, so the gate pairs them
-with the candidate's item by item. `export.check: false` writes an empty folder (nothing is gated).
+with the candidate's item by item. `export.check: false`, or nothing exported, writes an empty folder (nothing is
+gated) without loading a model.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def run(cfg: Config, layout: Layout) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with atomic_path(layout.eval_export()) as tmp:
         tmp.mkdir()
-        if not cfg.export.check:
+        if not cfg.export.check or not record["artifacts"]:
             return out
+        seed_everything(cfg.seed)
         tasks = task_set(cfg.eval, layout.eval_tasks)
         n_ctx = context_length(Path(manifest["path"]))
         reference = None
@@ -89,7 +91,6 @@ def main() -> None:
     def body() -> None:
         cfg = load_config()
         layout = Layout.of(cfg.paths)
-        seed_everything(cfg.seed)
         started = time.perf_counter()
         out = run(cfg, layout)
         write_json(layout.metrics("eval_export"), {name: r["scores"] for name, r in out.items()})

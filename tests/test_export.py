@@ -244,6 +244,19 @@ def test_a_full_fine_tune_is_exported_as_it_is(exported, tmp_path):
     assert not (tmp_path / "out/vllm/adapter").exists()
 
 
+def test_nothing_to_merge_loads_no_model(exported, tmp_path):
+    """No format that needs merged weights (none, or only vLLM's adapter): the model is never loaded, so a
+    base whose weights are gone does not matter; the record lists no artifact for eval_export to load."""
+    manifest = {**exported["manifest"], "path": str(tmp_path / "no-base")}
+    (tmp_path / "no-base").mkdir()
+    source = Source(manifest, exported["source"].trained, True, "tiny-demo")
+    for formats in ([], ["vllm"]):
+        out = tmp_path / f"out-{len(formats)}"
+        record = run(source, formats, ["f16"], out)
+        assert record["artifacts"] == [] and not (out / "merged").exists()
+        assert sorted(p.name for p in out.iterdir()) == (["export.json", "vllm"] if formats else ["export.json"])
+
+
 def test_commands_name_each_runtime_with_the_export_folder(exported):
     every = commands(exported["record"], "models/export")
     assert set(every) == {"transformers", "llama.cpp", "lm-studio", "ollama", "vllm"}

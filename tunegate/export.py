@@ -209,7 +209,8 @@ def run(source: Source, formats: list[str], gguf_types: list[str], out_dir: Path
     with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
         tmp.mkdir()
         merged = tmp / MERGED if MERGED in formats else Path(scratch) / MERGED
-        write_merged(source, merged)
+        if {MERGED, GGUF, OLLAMA} & set(formats):  # GGUF is converted from the merged weights; vLLM reads its own
+            write_merged(source, merged)
         if GGUF in formats or OLLAMA in formats:
             write_gguf(merged, tmp / GGUF, gguf_types, Path(scratch))
         if OLLAMA in formats:
