@@ -590,11 +590,11 @@ def _check(cfg: Train, seed: int, data: Inputs, out: Outputs) -> tuple[dict[str,
 def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer_args, init_adapter: Path | None):
     """(TRL's trainer, the tokenizer, the probe's early-stop state): the base as the adapter kind loads it,
     the datasets as the method reads them, the callbacks (plots, throughput, the forgetting probe)."""
-    from tunegate.models import load_model, load_tokenizer
+    from tunegate.models import load_tokenizer
 
     method, kind, manifest = METHODS[cfg.method], ADAPTERS[cfg.adapter], data.manifest
     tokenizer = load_tokenizer(manifest, data.trust_remote_code)
-    model = load_model(manifest, data.trust_remote_code, quantize_4bit=kind.quantize_4bit)
+    model = _load_for_training(cfg, manifest, data.trust_remote_code, trainer_args)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(
             f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model"
@@ -608,6 +608,7 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
 
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     _decide_packing(cfg, method, model, args, trainer_args)
+    _decide_kernels(cfg, model, args, trainer_args)
     _, trainer_cls = method.classes()
     train_ds, probe_ds = _datasets(method, data, tokenizer, args, cfg.truncate)
     probe_state: dict[str, Any] = {}
@@ -631,6 +632,50 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
         )
     route_trainer_logs(trainer)  # the bar stays on the console, the per-step metric dicts go to the log file
     return trainer, tokenizer, probe_state
+
+
+def _load_for_training(cfg: Train, manifest: dict[str, Any], trust_remote_code: bool, trainer_args):
+    """The base as the adapter kind trains it, with the attention `train.attn_implementation` chooses
+    (tunegate.training.attention_plan), said in one line with the implementation the model really got."""
+    import torch
+
+    from tunegate.models import load_model
+    from tunegate.training import attention_plan
+
+    cuda = torch.cuda.is_available()
+    quantize_4bit = ADAPTERS[cfg.adapter].quantize_4bit
+    sixteen_bit = bool(trainer_args.bf16 or trainer_args.fp16) or quantize_4bit
+    impl, why = attention_plan(cfg.attn_implementation, cuda, sixteen_bit)
+    try:
+        model = load_model(manifest, trust_remote_code, quantize_4bit=quantize_4bit, attn_implementation=impl)
+    except (ValueError, ImportError) as err:
+        if cfg.attn_implementation != "auto":
+            raise UserError(f"train.attn_implementation {impl}: {str(err).splitlines()[0]}") from None
+        why = f"auto: {impl} refused by this model ({str(err).splitlines()[0][:120]})"
+        model = load_model(manifest, trust_remote_code, quantize_4bit=quantize_4bit)
+    log.info("train: attention %s (%s)", attention_of(model), why)
+    return model
+
+
+def _decide_kernels(cfg: Train, model, args: dict[str, Any], trainer_args) -> None:
+    """`train.kernels` into the trainer's settings (tunegate.training.kernels_plan), said in one line;
+    `use_liger_kernel` in train.args wins."""
+    import torch
+
+    from tunegate.training import LIGER_CONFIG, kernels_plan
+
+    if "use_liger_kernel" in cfg.args:
+        return
+    on, why = kernels_plan(cfg.kernels, torch.cuda.is_available(), str(model.config.model_type))
+    log.info("train: Liger kernels %s (%s)", "on" if on else "off", why)
+    args["use_liger_kernel"] = trainer_args.use_liger_kernel = on
+    if on:
+        args["liger_kernel_config"] = trainer_args.liger_kernel_config = dict(LIGER_CONFIG)
+
+
+def attention_of(model) -> str:
+    """The attention implementation a loaded model runs (transformers' own record of it)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
 @contextlib.contextmanager
@@ -735,6 +780,8 @@ def _metrics(
         "device": _device_name(),
         "deterministic": bool(trainer_args.full_determinism),
         "packing": bool(getattr(trainer_args, "packing", False)),
+        "attn_implementation": attention_of(trainer.model),
+        "liger_kernels": bool(trainer_args.use_liger_kernel),
         "bf16": bool(trainer_args.bf16),
         "adapter_sha256": sha256_tree(out.out_dir / ADAPTER, "*.safetensors"),
         "seconds": round(seconds, 1),

@@ -137,6 +137,23 @@ def test_vllm_asked_for_where_it_cannot_run_is_a_warning_of_check(proj):
     )
 
 
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="a CUDA device: FlashAttention / Liger may run, no warning to see"
+)
+def test_flash_attention_and_liger_asked_for_where_they_cannot_run_are_warnings_of_check(proj):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"] |= {"attn_implementation": "flash_attention_2", "kernels": "liger"}
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    lines = consistency.runtime_warnings(load_config(proj / "params.yaml"))
+    assert [line.split(":")[0] for line in lines] == [
+        "train.attn_implementation flash_attention_2",
+        "train.kernels liger",
+    ]
+    assert "needs a CUDA device and flash-attn installed" in lines[0]
+    assert "Liger's kernels run on CUDA only" in lines[1]
+    assert all(line.endswith("unless the pipeline runs on a machine that has them)") for line in lines)
+
+
 def test_init_refuses_to_overwrite_a_set_up_project(proj):
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["base"]["model"] = "org/model"

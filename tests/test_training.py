@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tunegate.config import Launch, Train
+from tunegate.errors import UserError
 from tunegate.training import device_defaults, launch_command, resolved_args, sharded
 
 CONFIGS = sorted((ROOT / "infra/accelerate").glob("*.yaml"))
@@ -163,3 +164,68 @@ def test_check_answers_for_a_real_model_on_a_gpu_the_user_does_not_have(tmp_path
     assert h200.exit_code == 0 and "fits h200 (139.8 GiB)" in h200.output, h200.output
     bad = CliRunner().invoke(app, ["check", "--memory", "lots"])
     assert bad.exit_code == 2 and "--memory lots: a size (24GiB, 80GB) or one of t4" in bad.output
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """flash-attn and liger-kernel installed only once named in the returned set (whatever this machine has); a
+    pretended liger-kernel has kernels for llama and qwen2."""
+    import importlib.util
+    import sys
+    import types
+    from importlib.machinery import ModuleSpec
+
+    real = importlib.util.find_spec
+    present: set[str] = set()
+
+    def find_spec(name, package=None):
+        if name in ("flash_attn", "liger_kernel"):
+            return ModuleSpec(name, None) if name in present else None
+        return real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": print, "qwen2": print}
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", patch)
+    return present
+
+
+def test_attention_auto_takes_flash_only_where_it_runs_and_a_named_one_is_kept(installed):
+    from tunegate.training import attention_plan
+
+    assert attention_plan("auto", cuda=False, sixteen_bit=True) == (None, "auto: no CUDA device")
+    assert attention_plan("auto", cuda=True, sixteen_bit=True)[0] is None  # flash-attn not installed
+    assert "pip install flash-attn" in attention_plan("auto", cuda=True, sixteen_bit=True)[1]
+    installed.add("flash_attn")
+    assert attention_plan("auto", cuda=True, sixteen_bit=True)[0] == "flash_attention_2"
+    impl, why = attention_plan("auto", cuda=True, sixteen_bit=False)
+    assert impl is None and "float32" in why  # FlashAttention takes bf16/fp16 only
+    assert attention_plan("eager", cuda=False, sixteen_bit=False) == ("eager", "train.attn_implementation")
+    assert attention_plan("flash_attention_2", cuda=True, sixteen_bit=True)[0] == "flash_attention_2"
+    with pytest.raises(UserError, match=r"^train.attn_implementation flash_attention_2: needs a CUDA device"):
+        attention_plan("flash_attention_2", cuda=False, sixteen_bit=True)
+
+
+def test_liger_kernels_auto_only_where_they_run_and_cover_the_model(installed):
+    from tunegate.training import LIGER_CONFIG, kernels_plan
+
+    assert kernels_plan("none", cuda=True, model_type="llama") == (False, "train.kernels: none")
+    assert kernels_plan("auto", cuda=False, model_type="llama") == (
+        False,
+        "auto: Liger's kernels run on CUDA only",
+    )
+    assert "pip install liger-kernel" in kernels_plan("auto", cuda=True, model_type="llama")[1]
+    with pytest.raises(UserError, match=r"^train.kernels liger: liger-kernel is not installed"):
+        kernels_plan("liger", cuda=True, model_type="llama")
+    installed.add("liger_kernel")
+    assert kernels_plan("auto", cuda=True, model_type="qwen2") == (True, "auto: Liger has kernels for qwen2")
+    assert kernels_plan("auto", cuda=True, model_type="phi_x") == (
+        False,
+        "auto: Liger has no kernels for phi_x",
+    )
+    with pytest.raises(UserError, match="no kernels for phi_x"):
+        kernels_plan("liger", cuda=True, model_type="phi_x")
+    # the loss stays TRL's fused LM head: Liger's own loss kernels are never switched on
+    assert not LIGER_CONFIG["fused_linear_cross_entropy"] and not LIGER_CONFIG["cross_entropy"]

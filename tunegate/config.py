@@ -259,6 +259,16 @@ class Train(_Section):
         description="deterministic kernels (bit-identical reruns, slower on CUDA); None: on for CPU, off for CUDA",
     )
     launch: Launch | None = Field(None, description="run under `accelerate launch` with several processes")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="the attention kernels the model trains with; auto: FlashAttention 2 on CUDA with flash-attn and "
+        "16-bit training, else transformers' choice (sdpa); recorded with the version",
+    )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Liger's fused RMSNorm, RoPE and SwiGLU kernels; auto: on where they run (CUDA, liger-kernel "
+        "installed) and cover the architecture; recorded with the version",
+    )
     packing: Literal["auto"] | bool = Field(
         False,
         description="SFT rows packed padding-free (TRL's best-fit decreasing); auto: on where the loaded model keeps "

@@ -12,6 +12,7 @@ agree), so a mistake costs one line, not a run.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,7 +370,38 @@ def runtime_warnings(cfg: Config) -> list[str]:
             require_vllm(setting)
         except UserError as err:
             out.append(f"{err} (the stage stops here unless the pipeline runs on a machine that has them)")
+    return out + _kernel_warnings(cfg)
+
+
+def _kernel_warnings(cfg: Config) -> list[str]:
+    """FlashAttention or Liger named in train where they cannot run: the train stage's refusal, as a warning."""
+    train = cfg.train
+    if train.attn_implementation != "flash_attention_2" and train.kernels != "liger":
+        return []
+    import torch
+
+    from tunegate.training import attention_plan, kernels_plan
+
+    out = []
+    for check in (
+        lambda cuda: attention_plan(train.attn_implementation, cuda, sixteen_bit=True),
+        lambda cuda: kernels_plan(train.kernels, cuda, model_type=_model_type(cfg)),
+    ):
+        try:
+            check(torch.cuda.is_available())
+        except UserError as err:
+            out.append(f"{err} (the train stage stops here unless the pipeline runs on a machine that has them)")
     return out
+
+
+def _model_type(cfg: Config) -> str:
+    """base.model's architecture name from a local config.json; where there is none here, llama (what Liger
+    covers first), so that only a missing device or package is warned of."""
+    config = Path(cfg.base.model) / "config.json"
+    try:
+        return str(json.loads(config.read_text(encoding="utf-8")).get("model_type") or "llama")
+    except (OSError, ValueError):
+        return "llama"
 
 
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:

@@ -160,9 +160,14 @@ def load_tokenizer(manifest: dict[str, Any], trust_remote_code: bool = False):
 
 
 def load_model(
-    manifest: dict[str, Any], trust_remote_code: bool = False, quantize_4bit: bool = False, dtype: Any = None
+    manifest: dict[str, Any],
+    trust_remote_code: bool = False,
+    quantize_4bit: bool = False,
+    dtype: Any = None,
+    attn_implementation: str | None = None,
 ):
-    """Load the base causal LM from safetensors; optionally as bitsandbytes NF4 with double quantisation."""
+    """Load the base causal LM from safetensors; optionally as bitsandbytes NF4 with double quantisation, and with
+    a named attention implementation (None: transformers' choice)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -176,6 +181,8 @@ def load_model(
         )
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(manifest["path"], **kwargs)
 
 

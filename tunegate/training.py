@@ -171,6 +171,68 @@ def packing_plan(model) -> tuple[bool, str]:
     return True, f"exact for this model, with {impl}'s variable-length kernels"
 
 
+FLASH = "flash_attention_2"
+
+
+def attention_plan(choice: str, cuda: bool, sixteen_bit: bool) -> tuple[str | None, str]:
+    """(attention implementation to load the model with, why) for `train.attn_implementation`. auto: FlashAttention 2
+    on a CUDA device with flash-attn installed and 16-bit training (its kernels take bf16/fp16 only; its
+    variable-length kernels are also what makes `packing: auto` pay), else None: transformers' own choice (SDPA where
+    the model has it, else eager). A named implementation is used as it is; flash attention where it cannot run is
+    refused in one line before the model loads."""
+    from importlib.util import find_spec
+
+    flash = find_spec("flash_attn") is not None
+    if choice != "auto":
+        if choice == FLASH and not (cuda and flash):
+            raise UserError(
+                f"train.attn_implementation {FLASH}: needs a CUDA device and flash-attn installed (pip install "
+                "flash-attn); set train.attn_implementation: auto (sdpa where it cannot run)"
+            )
+        return choice, "train.attn_implementation"
+    if not cuda:
+        return None, "auto: no CUDA device"
+    if not flash:
+        return None, "auto: flash-attn is not installed (pip install flash-attn for FlashAttention 2)"
+    if not sixteen_bit:
+        return None, "auto: training in float32, and flash attention takes bf16/fp16 only"
+    return FLASH, "auto: CUDA with flash-attn, 16-bit training"
+
+
+# What Liger patches when train.kernels turns it on: the per-layer kernels, exact for the model within float
+# rounding. The loss is TRL's own fused LM head (log-probabilities in tiles, never the whole logits), so Liger's
+# fused linear cross-entropy, which would replace the model's forward, stays off (TRL refuses it too).
+LIGER_CONFIG = {"rms_norm": True, "rope": True, "swiglu": True, "cross_entropy": False}
+LIGER_CONFIG["fused_linear_cross_entropy"] = False
+
+
+def kernels_plan(choice: str, cuda: bool, model_type: str) -> tuple[bool, str]:
+    """(use Liger's kernels?, why) for `train.kernels`: auto turns them on where they can run (CUDA, liger-kernel
+    installed) and have kernels for this architecture; `liger` where they cannot is refused in one line."""
+    if choice == "none":
+        return False, "train.kernels: none"
+    problem = _liger_problem(cuda, model_type)
+    if choice == "liger":
+        if problem:
+            raise UserError(f"train.kernels liger: {problem}; set train.kernels: auto (on where Liger runs) or none")
+        return True, "train.kernels: liger"
+    return (False, f"auto: {problem}") if problem else (True, f"auto: Liger has kernels for {model_type}")
+
+
+def _liger_problem(cuda: bool, model_type: str) -> str | None:
+    from importlib.util import find_spec
+
+    if not cuda:
+        return "Liger's kernels run on CUDA only"
+    if find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"Liger has no kernels for {model_type}"
+    return None
+
+
 def is_main_process() -> bool:
     """True in a single-process run and in rank 0 of a launched one (decided from the launcher's
     environment, so it can be asked before the trainer sets up torch.distributed)."""

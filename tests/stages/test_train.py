@@ -809,6 +809,31 @@ def test_packing_auto_packs_only_where_it_is_exact_and_pays(base, rows, tmp_path
     assert metrics["packing"] is packed
 
 
+@pytest.mark.parametrize("setting, used", [("auto", "sdpa"), ("eager", "eager")])
+def test_attention_and_kernels_are_chosen_said_and_recorded(base, rows, tmp_path, caplog, setting, used):
+    """`train.attn_implementation` loads the model with that attention (auto on CPU: transformers' choice, SDPA)
+    and `train.kernels: auto` leaves Liger off on CPU; both decisions are said in one line each and recorded in the
+    metrics the registry's provenance reads."""
+    cfg = Train(attn_implementation=setting, truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=ARGS)
+    out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
+    with caplog.at_level("INFO", logger="stages.train"):
+        metrics = train.run(cfg, 1, train.Inputs(base, rows[0][:32]), out)
+    assert metrics["attn_implementation"] == used and metrics["liger_kernels"] is False
+    said = [r.getMessage() for r in caplog.records if r.name == "stages.train"]
+    assert f"train: attention {used} (" in "\n".join(said), said
+    assert "train: Liger kernels off (auto: Liger's kernels run on CUDA only)" in said
+
+
+def test_flash_attention_where_it_cannot_run_is_refused_before_the_model_loads(base, rows, tmp_path, monkeypatch):
+    from tunegate import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = Train(attn_implementation="flash_attention_2", truncate=True, adapter="lora", args=ARGS)
+    out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
+    with pytest.raises(UserError, match="^train.attn_implementation flash_attention_2: needs a CUDA device"):
+        train.run(cfg, 1, train.Inputs(base, rows[0][:32]), out)
+
+
 def load_model_for(manifest):
     from tunegate.models import load_model
 
