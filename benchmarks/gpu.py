@@ -4,15 +4,20 @@ plain TRL script on the same GPU, same model, same rows.
     python -m benchmarks.gpu all --out results/          # build the model, then memory and throughput
     python -m benchmarks.gpu build --model /tmp/llama1b  # a random-init model of Llama-3.2-1B's shape
     python -m benchmarks.gpu memory --model /tmp/llama1b
-    python -m benchmarks.gpu throughput --model /tmp/llama1b --steps 30 --repeat 2
+    python -m benchmarks.gpu throughput --model /tmp/llama1b --steps 30 --repeat 2 --lengths demo
     python -m benchmarks.gpu eval --model /tmp/llama1b    # lm-eval's hf backend vs vllm on the demo's eval tasks
 
 The model is a random-init Llama of Llama-3.2-1B's shape (hidden 2048, 16 layers, GQA 32/8,
 intermediate 8192) with the demo tokenizer (1,024 tokens), saved as a local bf16 safetensors folder:
 no download, and weights do not matter for memory or speed. Rows are built from the demo's texts to a
-chosen token length, so a batch really is batch x max_length tokens. Every configuration runs in a
-fresh process, so each peak (`torch.cuda.max_memory_allocated`) is its own; throughput runs are
-interleaved. `--tiny` shrinks everything for a CPU smoke test of this script.
+chosen token length, so a batch really is batch x max_length tokens (`--lengths long`), or are the demo's own
+rows, mostly 30-80 tokens, where padding is most of an unpacked batch (`--lengths demo`). Throughput compares a plain
+TRL script, the stage as it was before train.attn_implementation / kernels / packing, and each of them added
+(FlashAttention 2 needs flash-attn installed, Liger liger-kernel: `pip install flash-attn liger-kernel`; without
+them the rows say what ran). Memory also runs at Llama 3's vocabulary (128,256 rows), where the logits would be
+the largest term if TRL's fused LM head did not score them in tiles. Every configuration runs in a fresh process, so
+each peak (`torch.cuda.max_memory_allocated`) is its own; throughput runs are interleaved. `--tiny` shrinks
+everything for a CPU smoke test of this script.
 """
 
 from __future__ import annotations
@@ -44,9 +49,15 @@ MEMORY_CONFIGS = [
     ("lora", "dpo", True, 4, 1024),
     ("full", "sft", False, 4, 512),
 ]
+# The same shapes at Llama 3's vocabulary: what the preflight's logits term says against TRL's fused LM head, which
+# scores the vocabulary in tiles instead of holding (tokens x vocab) logits
+REAL_VOCAB = 128_256
+REAL_VOCAB_CONFIGS = [("lora", "sft", True, 4, 1024), ("qlora", "sft", True, 4, 2048), ("lora", "dpo", True, 4, 1024)]
 
 
-def build(out: Path, tiny: bool = False) -> None:
+def build(out: Path, tiny: bool = False, vocab: int | None = None) -> None:
+    """The model; `vocab` widens its embedding (and tied LM head) to a real vocabulary's size, e.g. Llama 3's
+    128,256 rows, while the demo tokenizer uses the first 1,024: memory depends on the size, not on the ids."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +77,7 @@ def build(out: Path, tiny: bool = False) -> None:
             "num_key_value_heads": 8,
         }
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab or len(tokenizer),
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
@@ -195,10 +206,20 @@ def plain_child(model: str, data: list[dict[str, Any]], steps: int, batch: int, 
     return {"seconds": seconds, "tokens": tokens[-1] if tokens else None}
 
 
-def stage_child(
-    model: str, data: list[dict[str, Any]], steps: int, batch: int, seq: int, seed: int, deterministic: bool | None
+def stage_child(  # noqa: PLR0913 - one benchmark configuration, as the payload names it
+    model: str,
+    data: list[dict[str, Any]],
+    steps: int,
+    batch: int,
+    seq: int,
+    seed: int,
+    deterministic: bool | None,
+    attn: str = "auto",
+    kernels: str = "auto",
+    packing: bool | str = False,
 ) -> dict[str, Any]:
-    """The train stage's run() with its defaults (deterministic=None) or with deterministic kernels forced."""
+    """The train stage's run() with its defaults (deterministic=None) or with deterministic kernels forced, the
+    attention implementation, Liger's kernels and packing as train.attn_implementation / kernels / packing say."""
     import csv
 
     from stages import train
@@ -208,11 +229,19 @@ def stage_child(
         "max_steps": steps,
         "per_device_train_batch_size": batch,
         "max_length": seq,
-        "logging_steps": 10,
+        "logging_steps": min(10, steps),
         "save_steps": 10_000,
         "gradient_checkpointing": True,
     }
-    cfg = Train(lora=Lora(r=16, alpha=32), args=args, deterministic=deterministic, truncate=True)
+    cfg = Train(
+        lora=Lora(r=16, alpha=32),
+        args=args,
+        deterministic=deterministic,
+        truncate=True,
+        attn_implementation=attn,
+        kernels=kernels,
+        packing=packing,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         speed = Path(tmp) / "speed.csv"
         out = train.Outputs(Path(tmp) / "out", Path(tmp) / "ckpt", Path(tmp) / "p.csv", speed_path=speed)
@@ -223,6 +252,9 @@ def stage_child(
         "tokens": int(logged[-1]["tokens"]) if logged else None,
         "deterministic": metrics["deterministic"],
         "bf16": metrics["bf16"],
+        "attention": metrics["attn_implementation"],
+        "packing": metrics["packing"],
+        "liger": metrics["liger_kernels"],
     }
 
 
@@ -257,9 +289,11 @@ def versions() -> str:
     )
 
 
-def memory(model: str, steps: int, configs: list[tuple], out: Path | None) -> list[dict[str, Any]]:
+def memory(
+    model: str, steps: int, configs: list[tuple], out: Path | None, name: str = "memory"
+) -> list[dict[str, Any]]:
     results = []
-    print(f"\nmemory: {device()}; {versions()}; {time.strftime('%Y-%m-%d')}")
+    print(f"\n{name}: {model}; {device()}; {versions()}; {time.strftime('%Y-%m-%d')}")
     print(
         "| adapter / method | gc | batch x max_length | preflight estimate GiB | measured peak GiB | est / measured |"
     )
@@ -284,7 +318,7 @@ def memory(model: str, steps: int, configs: list[tuple], out: Path | None) -> li
             flush=True,
         )
     if out:
-        (out / "memory.json").write_text(
+        (out / f"{name}.json").write_text(
             json.dumps(
                 {"device": device(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": results},
                 indent=1,
@@ -293,13 +327,37 @@ def memory(model: str, steps: int, configs: list[tuple], out: Path | None) -> li
     return results
 
 
-def throughput(model: str, steps: int, repeat: int, batch: int, seq: int, out: Path | None) -> dict[str, Any]:
+# The stage as it was before the attention / kernel / packing choices, then each of them added
+STAGE_RUNS = {
+    "train stage: sdpa, unpacked, no Liger (before)": {"attn": "sdpa", "kernels": "none", "packing": False},
+    "train stage: attention auto": {"attn": "auto", "kernels": "none", "packing": False},
+    "train stage: attention auto, packing auto": {"attn": "auto", "kernels": "none", "packing": "auto"},
+    "train stage: attention auto, packing auto, Liger (kernels auto)": {"attn": "auto", "kernels": "auto"}
+    | {"packing": "auto"},
+}
+
+
+def demo_rows(n: int) -> list[dict[str, Any]]:
+    """n chat rows of the demo's own length distribution (most of them 30-80 tokens), its domain rows repeated."""
+    from tunegate.formats import load_source
+
+    sft, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
+    good = [{"messages": r["messages"]} for r in sft if r["messages"] and r["messages"][-1]["role"] == "assistant"]
+    return [good[i % len(good)] for i in range(n)]
+
+
+def throughput(  # noqa: PLR0913 - the benchmark's command-line settings
+    model: str, steps: int, repeat: int, batch: int, seq: int, out: Path | None, lengths: str = "long"
+) -> dict[str, Any]:
+    """Side by side, interleaved: a plain TRL script, the stage before the attention / kernel / packing choices,
+    then each added; on rows of about `seq` tokens (`long`) or the demo's short rows (`demo`, where padding is most
+    of an unpacked batch)."""
     from tunegate.training import read_shape
 
-    data = rows(model, seq, batch * (steps + 1), "sft")
+    data = rows(model, seq, batch * (steps + 1), "sft") if lengths == "long" else demo_rows(batch * 8 * (steps + 1))
     runs = {
         "plain TRL script (TRL defaults)": ("plain", {}),
-        "train stage (defaults: fast kernels on CUDA)": ("stage", {"deterministic": None}),
+        **{name: ("stage", {"deterministic": None, **extra}) for name, extra in STAGE_RUNS.items()},
         "train stage, deterministic: true": ("stage", {"deterministic": True}),
     }
     times: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
@@ -312,39 +370,53 @@ def throughput(model: str, steps: int, repeat: int, batch: int, seq: int, out: P
             if "error" not in result:
                 times[name].append(result)
     shape = read_shape(model)
-    flops_per_token = 6 * (shape.linear_params + shape.vocab * shape.hidden) + 6 * shape.layers * shape.hidden * seq
+    attended = seq if lengths == "long" else 64  # the demo's rows: about 64 tokens each
+    flops_per_token = (
+        6 * (shape.linear_params + shape.vocab * shape.hidden) + 6 * shape.layers * shape.hidden * attended
+    )
     times = {name: results for name, results in times.items() if results}
-    plain = statistics.median(t["seconds"] for t in times.get("plain TRL script (TRL defaults)", [{"seconds": 0}]))
+    plain_rate = _rate(times.get("plain TRL script (TRL defaults)"))
     print(f"\nthroughput: {device()}; {versions()}; {time.strftime('%Y-%m-%d')}")
+    rows_are = f"~{seq} tokens" if lengths == "long" else f"the demo's rows (max_length {seq})"
     print(
-        f"LoRA r16 all-linear, bf16, gradient checkpointing, batch {batch} x ~{seq} tokens, {steps} steps; "
+        f"LoRA r16 all-linear, bf16, gradient checkpointing, batch {batch} x {rows_are}, {steps} steps; "
         f"median of {repeat} interleaved runs (trainer.train() time)"
     )
-    print("| run | seconds | tokens/s | vs plain TRL | MFU (6N + attention, dense bf16 peak) |\n|---|---|---|---|---|")
+    print(
+        "| run | attention / packed / Liger | seconds | tokens/s | tokens/s vs plain TRL "
+        "| MFU (6N + attention, dense bf16 peak) |\n|---|---|---|---|---|---|"
+    )
     summary = {}
     for name, results in times.items():
         seconds = statistics.median(t["seconds"] for t in results)
         tokens = results[0]["tokens"] or 0
-        rate = tokens / seconds if seconds else 0.0
+        rate = _rate(results)
+        how = "/".join(str(results[0].get(k, "-")) for k in ("attention", "packing", "liger"))
         mfu = rate * flops_per_token / H200_BF16_PEAK
         summary[name] = {
             "seconds": round(seconds, 2),
             "tokens": tokens,
             "tokens_per_s": round(rate),
-            "vs_plain": round(plain / seconds, 3),
+            "vs_plain": round(ratio := rate / plain_rate if plain_rate else 0.0, 3),  # packing: more tokens a step
             "mfu": round(mfu, 4),
+            "how": how,
         }
-        ratio = plain / seconds if seconds else 0.0
-        summary[name]["vs_plain"] = round(ratio, 3)
-        print(f"| {name} | {seconds:.1f} | {rate:,.0f} | {ratio:.2f} | {mfu:.1%} |", flush=True)
+        print(f"| {name} | {how} | {seconds:.1f} | {rate:,.0f} | {ratio:.2f} | {mfu:.1%} |", flush=True)
     if out:
-        (out / "throughput.json").write_text(
+        (out / f"throughput-{lengths}.json").write_text(
             json.dumps(
                 {"device": device(), "versions": versions(), "date": time.strftime("%Y-%m-%d"), "runs": summary},
                 indent=1,
             )
         )
     return summary
+
+
+def _rate(results: list[dict[str, Any]] | None) -> float:
+    """Median tokens per second of a run's repeats (tokens trained over trainer.train() time)."""
+    if not results:
+        return 0.0
+    return statistics.median((t["tokens"] or 0) / t["seconds"] for t in results if t["seconds"])
 
 
 def eval_backends(model: str, repeat: int, out: Path | None) -> dict[str, Any]:
@@ -403,6 +475,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1536)
+    parser.add_argument("--lengths", choices=["long", "demo", "both"], default="both", help="throughput's rows")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and short runs: a CPU smoke test")
     opts = parser.parse_args()
     from tunegate.runtime import configure
@@ -428,15 +501,22 @@ def main() -> None:
     steps = 2 if opts.tiny else opts.steps
     if opts.what in ("all", "memory"):
         memory(model, 3 if not opts.tiny else 2, configs, opts.out)
+        wide = f"{model}-vocab{REAL_VOCAB}"  # the logits' share at a real vocabulary (TRL's fused LM head)
+        if not (Path(wide) / "config.json").exists():
+            build(Path(wide), opts.tiny, vocab=REAL_VOCAB)
+        wide_configs = [(a, m, g, min(b, 2), min(s, 64)) for a, m, g, b, s in REAL_VOCAB_CONFIGS[:1]]
+        memory(wide, 3 if not opts.tiny else 2, wide_configs if opts.tiny else REAL_VOCAB_CONFIGS, opts.out, "vocab")
     if opts.what in ("all", "throughput"):
-        throughput(
-            model,
-            steps,
-            1 if opts.tiny else opts.repeat,
-            2 if opts.tiny else opts.batch,
-            128 if opts.tiny else opts.seq,
-            opts.out,
-        )
+        for lengths in ("long", "demo") if opts.lengths == "both" else (opts.lengths,):
+            throughput(
+                model,
+                steps,
+                1 if opts.tiny else opts.repeat,
+                2 if opts.tiny else opts.batch,
+                128 if opts.tiny else opts.seq,
+                opts.out,
+                lengths,
+            )
     if opts.what in ("all", "eval"):
         eval_backends(model, 1 if opts.tiny else opts.repeat, opts.out)
 
