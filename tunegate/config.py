@@ -259,7 +259,7 @@ class Train(_Section):
         description="deterministic kernels (bit-identical reruns, slower on CUDA); None: on for CPU, off for CUDA",
     )
     launch: Launch | None = Field(None, description="run under `accelerate launch` with several processes")
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto",
         description="the attention kernels the model trains with; auto: FlashAttention 2 on CUDA with flash-attn and "
         "16-bit training, else transformers' choice (sdpa); recorded with the version",
