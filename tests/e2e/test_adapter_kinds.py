@@ -20,6 +20,7 @@ import yaml
 
 from tests.e2e.conftest import edit_params, sh
 from tunegate.adapters import ADAPTERS
+from tunegate.provenance import ATTENTION, LIGER
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +147,7 @@ def test_each_adapter_kind_and_method_is_registered_fetched_and_loaded_elsewhere
         mix = json.loads((project / "data/mix/manifest.json").read_text())
         manifest = json.loads((project / "models/base/base.json").read_text())
         assert tags["adapter"] == kind and tags["method"] == method and tags["base_model"] == "demo"
+        assert tags[ATTENTION] == "sdpa" and tags[LIGER] == "false"  # how it trained: CPU, train.*: auto
         assert tags["base_revision"] == manifest["resolved_revision"] and tags["train_sha256"] == mix["train_sha256"]
         steps = {**SHORT, **own}["train.args.max_steps"]
         assert tags["hp.args.max_steps"] == str(steps) and len(tags["adapter_sha256"]) == 64
