@@ -202,8 +202,13 @@ def attention_plan(choice: str, cuda: bool, sixteen_bit: bool) -> tuple[str | No
 # What Liger patches when train.kernels turns it on: the per-layer kernels, exact for the model within float
 # rounding. The loss is TRL's own fused LM head (log-probabilities in tiles, never the whole logits), so Liger's
 # fused linear cross-entropy, which would replace the model's forward, stays off (TRL refuses it too).
-LIGER_CONFIG = {"rms_norm": True, "rope": True, "swiglu": True, "cross_entropy": False}
-LIGER_CONFIG["fused_linear_cross_entropy"] = False
+LIGER_CONFIG = {
+    "rms_norm": True,
+    "rope": True,
+    "swiglu": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
 
 
 def kernels_plan(choice: str, cuda: bool, model_type: str) -> tuple[bool, str]:
