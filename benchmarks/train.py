@@ -5,15 +5,18 @@
     python -m benchmarks.train memory       # ~100M-parameter Llama: lora fp32 / lora bf16 / qlora / full
     python -m benchmarks.train packing      # padding share of the batches, and one epoch of the train stage
                                             # on the same rows with packing off and on (same tokens)
+    python -m benchmarks.train packing-layouts  # forward + backward of the demo base over the same rows unpacked,
+                                            # padding-free (TRL's packing) and packed into 128-token rows with
+                                            # block-diagonal masks: what packing can give on CPU
     python -m benchmarks.train grpo         # GRPO steps/s (transformers generation) beside SFT steps/s on the
                                             # same domain prompts, demo base; then GRPO's memory plans for
                                             # Llama-3.2-1B and Llama-3-8B shapes (config.json only)
     python -m benchmarks.train grpo-held-out --steps 40   # held-out json_fields of a 40-step SFT adapter and of
                                             # GRPO from it in eight settings (docs/training.md)
 
-`overhead`, `packing`, `grpo` and `grpo-held-out` need the demo base and mixed data (`make demo` first). `memory`
-builds a random ~100M-parameter Llama (no download) and runs each configuration in a fresh process so that each
-peak RSS is its own; timings are interleaved, median of --repeat.
+`overhead`, `packing`, `packing-layouts`, `grpo` and `grpo-held-out` need the demo base and mixed data (`make demo`
+first). `memory` builds a random ~100M-parameter Llama (no download) and runs each configuration in a fresh process
+so that each peak RSS is its own; timings are interleaved, median of --repeat.
 """
 
 from __future__ import annotations
@@ -356,6 +359,104 @@ def packed_epoch(repeat: int) -> None:
     print(f"packing on trains the same tokens {off / on:.2f}x as fast")
 
 
+def _bins(lengths: list[int], size: int) -> list[list[int]]:
+    """Best-fit decreasing: row indices packed into sequences of at most `size` tokens (TRL's BFD, in short)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda b: room[b])
+            bins[best].append(i)
+            room[best] -= lengths[i]
+        else:
+            bins.append([i])
+            room.append(size - lengths[i])
+    return bins
+
+
+def _layout_batches(rows: list[list[int]], batch: int, size: int) -> dict[str, list[dict[str, Any]]]:
+    """The same rows in three batch layouts: padded to the longest row of each batch (unpacked); each batch's rows
+    end to end in one sequence with restarting positions (padding-free, TRL's packing: the document mask spans the
+    whole batch); rows packed into `size`-token sequences kept as separate batch rows, each with its own
+    block-diagonal causal mask (block packing)."""
+    import torch
+
+    def padded(chunk: list[list[int]]) -> dict[str, Any]:
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for k, r in enumerate(chunk):
+            ids[k, : len(r)], mask[k, : len(r)] = torch.tensor(r), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def blocks(seqs: list[list[list[int]]]) -> dict[str, Any]:
+        width = max(sum(len(r) for r in seq) for seq in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        pos, doc = torch.zeros_like(ids), torch.zeros_like(ids)
+        for k, seq in enumerate(seqs):
+            at = 0
+            for d, r in enumerate(seq, 1):
+                ids[k, at : at + len(r)], pos[k, at : at + len(r)] = torch.tensor(r), torch.arange(len(r))
+                doc[k, at : at + len(r)] = d
+                at += len(r)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] > 0) & causal
+        mask |= torch.eye(width, dtype=torch.bool)  # a padding position sees itself: no row of the mask is empty
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": mask[:, None]}
+
+    unpacked = [padded(rows[i : i + batch]) for i in range(0, len(rows), batch)]
+    free = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i : i + batch]
+        free.append(
+            {
+                "input_ids": torch.tensor([t for r in chunk for t in r])[None],
+                "position_ids": torch.cat([torch.arange(len(r)) for r in chunk])[None],
+            }
+        )
+    seqs = [[rows[i] for i in b] for b in _bins([len(r) for r in rows], size)]
+    packed = [blocks(seqs[i : i + batch]) for i in range(0, len(seqs), batch)]
+    return {"unpacked": unpacked, "padding-free (TRL's packing)": free, "block packing": packed}
+
+
+def packing_layouts(repeat: int) -> None:
+    """What packing can give on CPU at all: one epoch of forward and backward of the demo base over the demo's mixed
+    rows in each layout (_layout_batches), the model and rows alone (no trainer), interleaved, median of `repeat`."""
+    import torch
+
+    from stages import train
+    from tunegate.models import load_model, load_tokenizer
+
+    cfg, manifest, rows = _demo()
+    batch, size = cfg.train.args["per_device_train_batch_size"], cfg.train.args["max_length"]
+    ids = [r["input_ids"][:size] for r in train.sft_examples(rows, load_tokenizer(manifest))[0]]
+    layouts = _layout_batches(ids, batch, size)
+    model = load_model(manifest)
+    model.train()
+
+    def epoch(batches: list[dict[str, Any]]) -> float:
+        started = time.perf_counter()
+        for b in batches:
+            model(**b, use_cache=False).logits.float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(repeat):
+        for name, batches in layouts.items():
+            times[name].append(epoch(batches))
+    real = sum(len(r) for r in ids)
+    print(f"{len(ids)} rows ({real:,} tokens), batch {batch}, max_length {size}, {torch.get_num_threads()} threads; "
+          f"forward + backward of one epoch, median of {repeat} interleaved")  # fmt: skip
+    print("| layout | batches | token slots | seconds | vs unpacked |\n|---|---|---|---|---|")
+    base = statistics.median(times["unpacked"])
+    for name, batches in layouts.items():
+        slots = sum(b["input_ids"].numel() for b in batches)
+        seconds = statistics.median(times[name])
+        print(f"| {name} | {len(batches)} | {slots:,} | {seconds:.1f} | {base / seconds:.2f}x |")
+
+
 def grpo(repeat: int, steps: int) -> None:
     """SFT and GRPO from the demo base on the same domain rows, `steps` steps each, interleaved, median of `repeat`:
     GRPO samples `num_generations` completions per prompt with transformers' generate, scores them with the
@@ -483,7 +584,8 @@ def grpo_memory() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["overhead", "memory", "packing", "grpo", "grpo-held-out", "memory-child"])
+    choices = ["overhead", "memory", "packing", "packing-layouts", "grpo", "grpo-held-out", "memory-child"]
+    parser.add_argument("what", choices=choices)
     parser.add_argument("args", nargs="*")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--steps", type=int, default=100)
@@ -499,6 +601,8 @@ def main() -> None:
         grpo(opts.repeat, opts.steps)
     elif opts.what == "grpo-held-out":
         grpo_held_out(opts.steps)
+    elif opts.what == "packing-layouts":
+        packing_layouts(opts.repeat)
     else:
         packing()
         packed_epoch(opts.repeat)
