@@ -249,11 +249,11 @@ def stage_child(  # noqa: PLR0913 - one benchmark configuration, as the payload 
         logged = list(csv.DictReader(speed.open())) if speed.exists() else []
     return {
         "seconds": metrics["seconds"],
-        "tokens": int(logged[-1]["tokens"]) if logged else None,
+        "tokens": metrics["tokens"] or (int(logged[-1]["tokens"]) if logged else None),
         "deterministic": metrics["deterministic"],
         "bf16": metrics["bf16"],
         "attention": metrics["attn_implementation"],
-        "packing": metrics["packing"],
+        "packing": metrics["packing_layout"] or "off",
         "liger": metrics["liger_kernels"],
     }
 
@@ -331,6 +331,7 @@ def memory(
 STAGE_RUNS = {
     "train stage: sdpa, unpacked, no Liger (before)": {"attn": "sdpa", "kernels": "none", "packing": False},
     "train stage: attention auto": {"attn": "auto", "kernels": "none", "packing": False},
+    "train stage: sdpa, packed in rows": {"attn": "sdpa", "kernels": "none", "packing": True},
     "train stage: attention auto, packing auto": {"attn": "auto", "kernels": "none", "packing": "auto"},
     "train stage: attention auto, packing auto, Liger (kernels auto)": {"attn": "auto", "kernels": "auto"}
     | {"packing": "auto"},

@@ -4,7 +4,8 @@
     python -m benchmarks.train overhead     # tunegate's train stage vs a plain TRL script, demo model
     python -m benchmarks.train memory       # ~100M-parameter Llama: lora fp32 / lora bf16 / qlora / full
     python -m benchmarks.train packing      # padding share of the batches, and one epoch of the train stage
-                                            # on the same rows with packing off and on (same tokens)
+                                            # on the same rows unpacked, packed in rows (block-diagonal masks)
+                                            # and padding-free (same tokens)
     python -m benchmarks.train packing-layouts  # forward + backward of the demo base over the same rows unpacked,
                                             # padding-free (TRL's packing) and packed into 128-token rows with
                                             # block-diagonal masks: what packing can give on CPU
@@ -281,82 +282,103 @@ def memory() -> None:
 
 
 def packing() -> None:
-    """Share of padding in the batches TRL's own data pipeline builds, packing off vs on."""
+    """Share of padding in the batches the trainer builds: unpacked, TRL's padding-free packing, and the rows
+    layout the stage packs in without flash attention (sequences as long as the longest row)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from stages import train
+    from tunegate.methods import METHODS
 
     cfg, manifest, rows = _demo()
     tokenizer = AutoTokenizer.from_pretrained(manifest["path"])
-    data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
-    batch = cfg.train.args["per_device_train_batch_size"]
-    print(f"demo mixed training set: {len(rows)} rows, batch {batch}, max_length {cfg.train.args['max_length']}")
+    examples = [{"input_ids": e["input_ids"]} for e in train.sft_examples(rows, tokenizer)[0]]  # as the stage trains
+    data = Dataset.from_list(examples)
+    batch, max_length = cfg.train.args["per_device_train_batch_size"], cfg.train.args["max_length"]
+    longest = max(len(e["input_ids"]) for e in examples)
+    print(
+        f"demo mixed training set: {len(rows)} rows (longest {longest} tokens), batch {batch}, max_length {max_length}"
+    )
     print("| packing | batches per epoch | tokens in batches | real tokens | padding share |\n|---|---|---|---|---|")
-    for packing_on in (False, True):
+    layouts = {
+        "off": (False, False, max_length),
+        "one padding-free sequence (TRL's)": (True, False, max_length),
+        f"rows, packed to the longest row ({longest})": (True, True, longest),
+    }
+    for name, (packing_on, rows_packed, length) in layouts.items():
         with tempfile.TemporaryDirectory() as tmp:
             args = SFTConfig(
                 output_dir=tmp,
                 report_to=[],
                 use_cpu=True,
                 per_device_train_batch_size=batch,
-                max_length=cfg.train.args["max_length"],
+                max_length=length,
                 packing=packing_on,
                 gradient_checkpointing=False,
                 bf16=False,
                 dataloader_num_workers=0,
             )
-            trainer = SFTTrainer(
+            trainer = METHODS["sft"].classes()[1](
                 model=AutoModelForCausalLM.from_pretrained(manifest["path"]),
                 args=args,
                 train_dataset=data,
                 processing_class=tokenizer,
+                rows_packed=rows_packed,
             )
             total = real = batches = 0
             for b in trainer.get_train_dataloader():
                 batches += 1
                 total += b["input_ids"].numel()
-                real += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-        print(
-            f"| {'on (BFD, padding-free)' if packing_on else 'off'} | {batches} | {total:,} "
-            f"| {real:,} | {1 - real / total:.1%} |"
-        )
+                if "packed_tokens" in b:
+                    real += int(b["packed_tokens"])
+                else:
+                    real += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        print(f"| {name} | {batches} | {total:,} | {real:,} | {1 - real / total:.1%} |")
 
 
 def packed_epoch(repeat: int) -> None:
-    """One epoch of the train stage over the demo's mixed rows, packing off vs on: the same tokens trained, the
-    wall time and tokens per second side by side (interleaved, median of `repeat`)."""
+    """One epoch of the train stage over the demo's mixed rows: unpacked, packed in rows (`train.packing: true`
+    with SDPA, what `auto` does on CPU) and TRL's padding-free layout (`packing` in train.args, what flash attention
+    gets); the same tokens trained, wall time and tokens per second side by side (interleaved, median of
+    `repeat`)."""
     from stages import train
     from tunegate.models import load_tokenizer
 
     cfg, manifest, rows = _demo()
     tokens = sum(len(ids["input_ids"]) for ids in train.sft_examples(rows, load_tokenizer(manifest))[0])
-    base_args = {k: v for k, v in cfg.train.args.items() if k not in ("max_steps", "save_steps", "eval_steps")}
+    epoch = {k: v for k, v in cfg.train.args.items() if k not in ("max_steps", "save_steps", "eval_steps")}
+    epoch |= {"num_train_epochs": 1, "save_steps": 10_000}
     settings = {
-        "off": {**base_args, "num_train_epochs": 1, "save_steps": 10_000},
-        "on (BFD, padding-free)": {**base_args, "num_train_epochs": 1, "save_steps": 10_000, "packing": True},
+        "off": {"packing": False, "args": epoch},
+        "rows, block-diagonal masks (train.packing: true)": {"packing": True, "args": epoch},
+        "one padding-free sequence (TRL's)": {"packing": False, "args": {**epoch, "packing": True}},
     }
     times: dict[str, list[float]] = {name: [] for name in settings}
     steps: dict[str, int] = {}
+    counted: dict[str, int | None] = {}
     for _ in range(repeat):
-        for name, args in settings.items():
+        for name, update in settings.items():
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 metrics = train.run(
-                    cfg.train.model_copy(update={"args": args}),
+                    cfg.train.model_copy(update=update),
                     cfg.seed,
                     train.Inputs(manifest, rows),
                     train.Outputs(out / "model", out / "ckpt", out / "plots.csv"),
                 )
             times[name].append(metrics["seconds"])
-            steps[name] = metrics["steps"]
+            steps[name], counted[name] = metrics["steps"], metrics["tokens"]
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"one epoch of {len(rows)} rows ({tokens:,} tokens), batch {base_args['per_device_train_batch_size']}, "
-          f"median of {repeat} interleaved")  # fmt: skip
-    print("| packing | steps | seconds | tokens/s |\n|---|---|---|---|")
+    print(f"one epoch of {len(rows)} rows ({tokens:,} tokens), batch {epoch['per_device_train_batch_size']}, "
+          f"max_length {epoch['max_length']}, median of {repeat} interleaved")  # fmt: skip
+    print("| packing | steps | tokens counted | seconds | tokens/s | vs off |\n|---|---|---|---|---|---|")
+    off = median["off"]
     for name, seconds in median.items():
-        print(f"| {name} | {steps[name]} | {seconds:.1f} | {tokens / seconds:,.0f} |")
-    off, on = median.values()
-    print(f"packing on trains the same tokens {off / on:.2f}x as fast")
+        print(
+            f"| {name} | {steps[name]} | {counted[name] or 0:,} | {seconds:.1f} | {tokens / seconds:,.0f} "
+            f"| {off / seconds:.2f}x |"
+        )
 
 
 def _bins(lengths: list[int], size: int) -> list[list[int]]:

@@ -271,8 +271,9 @@ class Train(_Section):
     )
     packing: Literal["auto"] | bool = Field(
         False,
-        description="SFT rows packed padding-free (TRL's best-fit decreasing); auto: on where the loaded model keeps "
-        "packed rows apart (checked on it at the start), off where it does not",
+        description="SFT rows packed (TRL's best-fit decreasing): padding-free with flash attention, as batch rows "
+        "with block-diagonal masks otherwise; auto: on where the loaded model keeps packed rows apart (checked on it "
+        "at the start), off where it does not",
     )
     probe_max_rise: float | None = Field(
         None,

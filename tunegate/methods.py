@@ -18,12 +18,63 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+
+PACKED_TOKENS = "packed_tokens"  # the real (unpadded) tokens of a row-packed batch, for TRL's token count
+
+
+def row_packed_batch(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """A batch of TRL's packed sequences (best-fit decreasing: several rows end to end, `seq_lengths` saying where
+    each ends) kept as separate batch rows, right-padded, with position ids that restart at every row and no
+    attention mask: transformers then builds each sequence's block-diagonal causal mask from the position ids
+    (masking_utils.find_packed_sequence_indices), on SDPA and eager attention alike, so no row attends to another.
+    TRL's own padding-free layout puts a whole batch in one sequence, which pays only with flash attention's
+    variable-length kernels; this one pays without them. The first token of each row is not trained (as in the
+    row alone, where nothing precedes it)."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from trl.trainer.utils import pad
+
+    ids = [torch.tensor(e["input_ids"]) for e in examples]
+    labels = [torch.tensor(e.get("labels", e["input_ids"])) for e in examples]
+    positions = DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(
+        [e["seq_lengths"] for e in examples]
+    )
+    out = {
+        "input_ids": pad(ids, padding_value=pad_token_id, padding_side="right", pad_to_multiple_of=pad_to_multiple_of),
+        "labels": pad(labels, padding_value=-100, padding_side="right", pad_to_multiple_of=pad_to_multiple_of),
+        "position_ids": pad(positions, padding_value=0, padding_side="right", pad_to_multiple_of=pad_to_multiple_of),
+    }
+    out["labels"][out["position_ids"] == 0] = -100
+    out[PACKED_TOKENS] = torch.tensor(sum(len(i) for i in ids))
+    return out
 
 
 def _sft_classes() -> tuple[type, type]:
     from trl import SFTConfig, SFTTrainer
 
-    return SFTConfig, SFTTrainer
+    class RowPackingSFTTrainer(SFTTrainer):
+        """TRL's SFT trainer; `rows_packed=True` (with `packing`) batches the packed sequences as separate rows with
+        block-diagonal masks (`row_packed_batch`) instead of TRL's one padding-free sequence per batch, and counts
+        the tokens trained as the rows' real tokens (TRL counts a batch without an attention mask by its width)."""
+
+        def __init__(self, *args, rows_packed: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rows_packed = rows_packed and bool(self.args.packing)
+            if self.rows_packed:
+                pad_id, multiple = self.data_collator.pad_token_id, self.args.pad_to_multiple_of
+                self.data_collator = partial(row_packed_batch, pad_token_id=pad_id, pad_to_multiple_of=multiple)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            tokens = inputs.pop(PACKED_TOKENS, None)
+            counted = self._total_train_tokens
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if tokens is not None and self.model.training:
+                self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(tokens).sum())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
+
+    return SFTConfig, RowPackingSFTTrainer
 
 
 def _dpo_classes() -> tuple[type, type]:

@@ -48,7 +48,7 @@ TRAIN_DEVICE = "train_device"
 DETERMINISTIC = "deterministic_kernels"
 ATTENTION = "train_attention"  # the attention implementation the model trained with (sdpa, flash_attention_2, ...)
 LIGER = "train_liger_kernels"  # Liger's fused layer kernels on or off
-PACKED = "train_packing"  # rows packed padding-free
+PACKED = "train_packing"  # false, or the packed layout: rows (block-diagonal masks) or padding-free
 # -- what it is ------------------------------------------------------------------------------------------
 FINGERPRINT = "adapter_sha256"  # sha256 of the trained weights: idempotent registration, the tamper check
 # -- what was decided ------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def record(
         DETERMINISTIC: str(trained.get("deterministic", True)).lower(),
         ATTENTION: trained.get("attn_implementation"),
         LIGER: str(trained.get("liger_kernels", False)).lower(),
-        PACKED: str(trained.get("packing", False)).lower(),
+        PACKED: trained.get("packing_layout") or str(trained.get("packing", False)).lower(),
     }
     if not verdict["passed"]:
         tags[GATE_FAILED] = "; ".join(verdict["failed"])

@@ -749,11 +749,14 @@ def test_labelled_answers_count_for_kto_and_are_named_when_dpo_lacks_pairs():
         enough_rows(Train(method="dpo"), data)
 
 
-def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_path):
-    """`train.args.packing: true` (TRL's best-fit-decreasing, padding-free): a packed batch computes, for each row
-    in it, exactly the logits of that row alone (no row attends to another: transformers builds the document mask
-    from the restarting position ids, on CPU's SDPA too, since TRL trains with use_cache off), and every trained
-    token is an answer token of one of the rows."""
+@pytest.mark.parametrize("rows_packed", [False, True], ids=["padding-free", "rows"])
+def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_path, rows_packed):
+    """Packing (TRL's best-fit decreasing) in both layouts: one padding-free sequence per batch (TRL's, for flash
+    attention), or the packed sequences as separate, right-padded batch rows (tunegate.methods.row_packed_batch,
+    for SDPA and eager). Either way a packed batch computes, for each row in it, exactly the logits and the loss of
+    that row alone (no row attends to another: transformers builds the document mask from the restarting position
+    ids, since TRL trains with the cache off), every trained token is an answer token of that row, and the tokens
+    counted are the rows' own."""
     import torch
 
     from tunegate.models import load_model, load_tokenizer
@@ -762,51 +765,110 @@ def test_packed_batches_keep_rows_apart_and_their_answer_masks(base, rows, tmp_p
         truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args={**ARGS, "packing": True, "max_length": 256}
     )
     config = train._trainer_config(cfg, train._trainer_args(cfg, 1, tmp_path / "ckpt", with_probe=False))
-    sft_rows = rows[0][:12]
+    sft_rows = rows[0][:24]
     tokenizer = load_tokenizer(base)
     train_ds, _ = train._datasets(train.METHODS["sft"], train.Inputs(base, sft_rows), tokenizer, config.to_dict())
     _, trainer_cls = train.METHODS["sft"].classes()
-    trainer = trainer_cls(model=load_model(base), args=config, train_dataset=train_ds, processing_class=tokenizer)
-    batch = trainer.data_collator([trainer.train_dataset[0]])
-    ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"][0].tolist()
-    assert "attention_mask" not in batch and ids.shape[0] == 1
-    starts = [j for j, p in enumerate(positions[0].tolist()) if p == 0] + [ids.shape[1]]
-    assert len(starts) > 2  # several rows in one sequence
+    trainer = trainer_cls(
+        model=load_model(base), args=config, train_dataset=train_ds, processing_class=tokenizer, rows_packed=rows_packed
+    )
+    examples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(examples)
+    assert "attention_mask" not in batch
+    lengths = [e["seq_lengths"] for e in examples]
+    if rows_packed:  # one batch row per packed sequence, right-padded to the longest
+        assert batch["input_ids"].shape == (3, max(sum(n) for n in lengths))
+        assert int(batch.pop("packed_tokens")) == sum(map(sum, lengths))
+    else:  # the whole batch in one sequence
+        assert batch["input_ids"].shape[0] == 1 and "packed_tokens" not in batch
+        lengths = [[n for ns in lengths for n in ns]]
     model = trainer.model.eval()
     answers = {r["messages"][1]["content"] for r in sft_rows}
+    loss = torch.nn.CrossEntropyLoss(reduction="sum")
+    segments = 0
     with torch.no_grad():
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
-        for a, b in itertools.pairwise(starts):
-            alone = model(input_ids=ids[:, a:b], use_cache=False).logits[0]
-            assert torch.allclose(packed[a:b], alone, atol=1e-5), (a, b)
-            trained = tokenizer.decode([t for t in labels[a:b] if t != -100], skip_special_tokens=True)
-            assert trained.strip() in answers  # the row's answer, and nothing of its prompt
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row, seq_lengths in enumerate(lengths):
+            ends = list(itertools.accumulate(seq_lengths))
+            for a, b in zip([0, *ends[:-1]], ends, strict=True):
+                segments += 1
+                ids, labels = batch["input_ids"][row : row + 1, a:b], batch["labels"][row, a:b]
+                alone = model(input_ids=ids, use_cache=False).logits[0]
+                assert torch.allclose(packed[row, a:b], alone, atol=1e-5), (row, a, b)
+                row_loss = loss(alone[:-1], labels[1:]), loss(packed[row, a : b - 1], labels[1:])
+                assert torch.isclose(*row_loss, rtol=1e-5)
+                trained = tokenizer.decode([t for t in labels.tolist() if t != -100], skip_special_tokens=True)
+                assert trained.strip() in answers  # the row's answer, and nothing of its prompt
+    assert segments > 3  # several rows per packed sequence
+
+
+def test_rows_packed_by_the_stage_count_the_real_tokens_and_are_recorded(base, rows, tmp_path):
+    """`train.packing: true` on CPU (SDPA) packs in rows no longer than the longest row (short rows fill the room
+    long ones leave); an epoch's logged token count is exactly the training rows' tokens (TRL would count a batch
+    without an attention mask by its width), in fewer batches than unpacked; the layout is in the metrics and in
+    the version's provenance."""
+    from tunegate import provenance
+    from tunegate.config import load_config
+    from tunegate.models import load_tokenizer
+
+    short = [
+        {"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": "Hello."}]}
+        for i in range(16)
+    ]
+    data = rows[0][:32] + short
+    args = {k: v for k, v in ARGS.items() if k != "max_steps"} | {"num_train_epochs": 1, "max_length": 256}
+    cfg = Train(packing=True, truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args=args)
+    out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
+    metrics = train.run(cfg, 1, train.Inputs(base, data), out)
+    assert metrics["packing"] is True and metrics["packing_layout"] == "rows"
+    examples, _ = train.sft_examples(data, load_tokenizer(base))
+    assert metrics["tokens"] == sum(len(e["input_ids"]) for e in examples)
+    assert metrics["steps"] < len(examples) / ARGS["per_device_train_batch_size"]
+    base_record = {"model": "demo", "resolved_revision": "r", "weights_sha256": {}, "tokenizer_sha256": {}}
+    mix = {"train_sha256": "t", "rows": 1, "by": "tokens", "general_share_tokens": 0.2, "sources": {}}
+    passed = {"passed": True, "failed": []}
+    params = load_config(ROOT / "params.yaml")
+    assert provenance.record(params, base_record, mix, passed, {}, "f", metrics)[provenance.PACKED] == "rows"
+    unpacked = provenance.record(params, base_record, mix, passed, {}, "f", {"packing": False})
+    assert unpacked[provenance.PACKED] == "false"
+
+
+def test_rows_are_packed_no_longer_than_the_longest_row():
+    """The packed sequences' length: the longest row of the training and probe sets, within max_length."""
+    from types import SimpleNamespace
+
+    sets = [{"input_ids": [[1] * 30, [1] * 12]}, None, {"input_ids": [[1] * 41]}]
+    for limit, packed in ((256, 41), (35, 35), (None, 41)):
+        args = SimpleNamespace(max_length=limit)
+        train._pack_to_longest(args, *sets)
+        assert args.max_length == packed
 
 
 @pytest.mark.parametrize("setting, plan, packed", [("auto", True, True), ("auto", False, False), (True, False, True)])
-def test_packing_auto_packs_only_where_it_is_exact_and_pays(base, rows, tmp_path, monkeypatch, setting, plan, packed):
+def test_packing_auto_packs_only_where_it_is_exact(base, rows, tmp_path, monkeypatch, setting, plan, packed):
     """`train.packing: auto` asks the loaded model (tunegate.training.packing_plan) and says what it decided; `true`
-    packs regardless. The tiny base is exact but runs SDPA on CPU, where a packed batch costs more than its padding:
-    auto leaves it unpacked there, and packs the same model given flash attention."""
+    packs regardless. The tiny base is exact and runs SDPA on CPU: auto packs it in rows with block-diagonal
+    masks; the same model given flash attention gets one padding-free sequence per batch."""
     from tunegate import training
 
     model = load_model_for(base)
     assert training.packing_exact(model)  # the real check on the real (tiny) model
     on, why = training.packing_plan(model)
-    assert not on and "with sdpa attention" in why
+    assert on and "rows packed with block-diagonal masks for sdpa attention" in why
+    assert training.packing_layout(model) == training.ROWS
     from types import SimpleNamespace
 
     with monkeypatch.context() as patched:  # the same (exact) model with flash attention: the decision only
         patched.setattr(training, "packing_exact", lambda model: True)
         flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
-        assert training.packing_plan(flash)[0]
+        assert training.packing_plan(flash)[0] and training.packing_layout(flash) == training.PADDING_FREE
     monkeypatch.setattr(training, "packing_plan", lambda model: (plan, "decided"))
     cfg = Train(
         packing=setting, truncate=True, adapter="lora", lora=Lora(r=4, alpha=8), args={**ARGS, "max_length": 256}
     )
     out = train.Outputs(tmp_path / "out", tmp_path / "ckpt", tmp_path / "plots.csv")
     metrics = train.run(cfg, 1, train.Inputs(base, rows[0][:32]), out)
-    assert metrics["packing"] is packed
+    assert metrics["packing"] is packed and metrics["packing_layout"] == ("rows" if packed else None)
 
 
 @pytest.mark.parametrize("setting, used", [("auto", "sdpa"), ("eager", "eager")])
