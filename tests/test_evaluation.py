@@ -206,3 +206,25 @@ def test_the_vllm_backend_gives_the_outcomes_of_the_hf_backend_on_cuda(manifest,
             for a, b in zip(outcomes["hf"], outcomes["vllm"], strict=True)
         )
         assert same >= 0.99 * len(outcomes["hf"]), (adapter, same, len(outcomes["hf"]))
+
+
+def test_task_templates_are_compiled_once_and_render_as_before():
+    """lm-eval's Jinja templates compiled once per template text (evaluation._compile_templates_once): every
+    document renders exactly as lm-eval renders it uncompiled-each-time, with its own filters and strictness."""
+    import jinja2
+    from lm_eval import utils
+
+    from tunegate import evaluation
+
+    template = "Ticket: {{ text }}\nAnswer:{{ ' ' ~ (label | string | regex_replace('_', ' ')) }}"
+    docs = [{"text": f"order {i} late", "label": f"ship_{i}"} for i in range(6)]
+    each_time = getattr(utils.env.from_string, "__wrapped__", utils.env.from_string)  # lm-eval's own compilation
+    before = [each_time(template).render(**doc) for doc in docs]
+    evaluation._compile_templates_once()
+    evaluation._compile_templates_once()  # once per process, however often an eval runs
+    compiled = utils.env.from_string.cache_info().misses
+    assert [utils.apply_template(template, doc) for doc in docs] == before
+    assert before[0] == "Ticket: order 0 late\nAnswer: ship 0"
+    assert utils.env.from_string.cache_info().misses == compiled + 1  # six documents, one compilation
+    with pytest.raises(jinja2.UndefinedError):  # a missing field still fails as lm-eval's StrictUndefined says
+        utils.apply_template(template, {"text": "no label"})
