@@ -912,6 +912,8 @@ def _chain(cfg: Train, seed: int, data: Inputs, out: Outputs) -> dict[str, Any]:
     return {
         **second,
         "method": cfg.method,
+        "packing": sft.get("packing", False),  # only the SFT phase packs
+        "packing_layout": sft.get("packing_layout"),
         "sft": {k: sft.get(k) for k in CHAIN_SFT_METRICS},
         "seconds": round(sft["seconds"] + second["seconds"], 1),
     }

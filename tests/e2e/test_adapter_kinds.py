@@ -8,7 +8,7 @@ Each kind trains briefly (the pipeline is the same; the gate's verdict does not 
 version is registered with the right provenance and its files come back sha256-checked). A kind's first run also
 ships merged weights, checked by the gate, and is fetched and loaded in a teammate's folder (how a version loads
 depends on its kind, not on the method that trained it). SFT then GRPO must also raise the held-out json_fields
-over its SFT phase alone."""
+over its SFT phase alone; SFT then KTO packs its SFT phase's rows."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import yaml
 
 from tests.e2e.conftest import edit_params, sh
 from tunegate.adapters import ADAPTERS
-from tunegate.provenance import ATTENTION, LIGER
+from tunegate.provenance import ATTENTION, LIGER, PACKED
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +84,7 @@ GRPO_RISES["train.grpo_args"] = {
     "learning_rate": 4.0e-4,
     "warmup_steps": 20,
 }
+PACKED_RUN = "sft+kto"  # its SFT phase packs its rows (train.packing: true), and the version says so
 HELD_OUT_GAIN = 0.02  # the least rise of held-out json_fields (0.207 -> 0.255 measured; the gate's bounds: ~0.01)
 
 
@@ -125,6 +126,7 @@ def test_each_adapter_kind_and_method_is_registered_fetched_and_loaded_elsewhere
         own |= GRPO_RISES if method == "sft+grpo" else {}
         ships = (kind, method) in SHIPPED
         own |= {"export.formats": ["merged"] if ships else []}
+        own |= {"train.packing": True} if method == PACKED_RUN else {}
         chosen = {"train.adapter": kind, "train.method": method, "register.model_name": name}
         if method == "sft+grpo":  # the SFT phase alone, trained and scored as the chain trains it
             sft_phase = {k: v for k, v in own.items() if k != "train.grpo_args"}  # (refused with method sft)
@@ -148,6 +150,7 @@ def test_each_adapter_kind_and_method_is_registered_fetched_and_loaded_elsewhere
         manifest = json.loads((project / "models/base/base.json").read_text())
         assert tags["adapter"] == kind and tags["method"] == method and tags["base_model"] == "demo"
         assert tags[ATTENTION] == "sdpa" and tags[LIGER] == "false"  # how it trained: CPU, train.*: auto
+        assert tags[PACKED] == ("rows" if method == PACKED_RUN else "false")  # CPU: rows with block-diagonal masks
         assert tags["base_revision"] == manifest["resolved_revision"] and tags["train_sha256"] == mix["train_sha256"]
         steps = {**SHORT, **own}["train.args.max_steps"]
         assert tags["hp.args.max_steps"] == str(steps) and len(tags["adapter_sha256"]) == 64
