@@ -702,7 +702,7 @@ def _decide_packing(cfg: Train, method: MethodKind, model, args: dict[str, Any],
 
     if "packing" in cfg.args:
         return PADDING_FREE if args["packing"] else None
-    if method.preference or cfg.packing is False:
+    if method.preference or method.rewarded or cfg.packing is False:  # SFT rows only
         return None
     if cfg.packing == "auto":
         exact, why = packing_plan(model)

@@ -131,7 +131,8 @@ def short_reward(prompt, completion, reference) -> float:
 
 def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
     """12 GRPO steps, 4 completions sampled per prompt: the logged mean reward of the last third of the steps is
-    above the first third's (CPU training is deterministic: the same numbers every run)."""
+    above the first third's (CPU training is deterministic: the same numbers every run). `packing: auto` (what
+    `tunegate init` writes) packs SFT rows only: GRPO trains its sampled completions unpacked."""
     from tunegate.config import RewardSpec
     from tunegate.rewards import build
 
@@ -143,6 +144,7 @@ def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
         args={**ARGS, "max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-2},
         grpo_args={"num_generations": 4, "max_completion_length": 16},
         grpo={"rewards": [spec]},
+        packing="auto",
     )
     plot = tmp_path / "p.csv"
     metrics = train.run(
@@ -158,6 +160,7 @@ def test_grpo_raises_the_reward_it_is_given(base, rows, tmp_path):  # noqa: F811
     assert sum(logged[-4:]) / 4 > sum(logged[:4]) / 4 + 0.02, logged
     assert set(metrics["grpo_rewards"]) == {spec["function"]} and metrics["reward_errors"] == {}
     assert len(metrics["reward_code"][spec["function"]]) == 64
+    assert metrics["packing"] is False and metrics["packing_layout"] is None
 
 
 def test_grpo_prompts_are_the_conversation_before_its_last_answer_and_that_answer_the_reference():
