@@ -442,6 +442,8 @@ def test_rows_longer_than_max_length_are_counted_and_refused_unless_truncating(v
     )
     with pytest.raises(UserError, match=message):
         train.run(cfg, 1, train.Inputs(base, rows), outputs)
+    with pytest.raises(UserError, match=message):  # packed, they would be cut just the same (TRL's best-fit decreasing)
+        train.run(cfg.model_copy(update={"packing": True}), 1, train.Inputs(base, rows), outputs)
     cut = train.run(cfg.model_copy(update={"truncate": True}), 1, train.Inputs(base, rows), outputs)
     assert cut["steps"] == 1
 
