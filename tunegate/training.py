@@ -168,7 +168,7 @@ def packing_layout(model) -> str:
 
 def packing_plan(model) -> tuple[bool, str]:
     """(pack?, why) for `train.packing: auto`: only where packing is exact for this model (`packing_exact`), in the
-    layout its attention pays with (`packing_layout`). On CPU the demo trains the same tokens 1.56x as fast packed
+    layout its attention pays with (`packing_layout`). On CPU the demo trains the same tokens 1.4-1.6x as fast packed
     in rows (`python -m benchmarks.train packing`); one padding-free sequence per batch was slower there (0.3x:
     its attention spans the whole batch)."""
     if not packing_exact(model):
