@@ -47,7 +47,7 @@ from tunegate.paths import (
     run_checkpoints,
 )
 from tunegate.runtime import record_timing, route_trainer_logs, seed_everything, stage_main
-from tunegate.training import PADDING_FREE, ROWS, is_main_process, launch_command, resolved_args
+from tunegate.training import PADDING_FREE, ROWS, attention_of, is_main_process, launch_command, resolved_args
 
 log = logging.getLogger(__name__)
 
@@ -675,11 +675,6 @@ def _decide_kernels(cfg: Train, model, args: dict[str, Any], trainer_args) -> No
         args["liger_kernel_config"] = trainer_args.liger_kernel_config = dict(LIGER_CONFIG)
 
 
-def attention_of(model) -> str:
-    """The attention implementation a loaded model runs (transformers' own record of it)."""
-    return str(getattr(model.config, "_attn_implementation", None) or "eager")
-
-
 @contextlib.contextmanager
 def _quiet_datasets():
     """The datasets library's progress bars off for the block (back as they were after)."""
@@ -718,7 +713,11 @@ def _pack_to_longest(trainer_args, *datasets) -> None:
     each sequence's attention costs what that row's alone did, where packing the demo's rows (41 tokens on average,
     79 at most) to max_length 256 made an epoch 0.63x as fast as unpacked instead of 1.39x
     (`python -m benchmarks.train packing`)."""
-    longest = max(len(ids) for ds in datasets if ds is not None for ids in ds["input_ids"])
+    import pyarrow.compute as pc
+
+    longest = max(
+        pc.max(pc.list_value_length(ds.data.column("input_ids"))).as_py() for ds in datasets if ds is not None
+    )
     limit = trainer_args.max_length
     trainer_args.max_length = longest if limit is None else min(limit, longest)
 

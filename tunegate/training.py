@@ -154,6 +154,11 @@ def packing_exact(model) -> bool:
     return bool(((together[:, 6:] - alone).abs().max() / scale) < 1e-2)
 
 
+def attention_of(model) -> str:
+    """The attention implementation a loaded model runs (transformers' own record of it)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
 PADDING_FREE, ROWS = "padding-free", "rows"  # the two packed layouts (`packing_layout`)
 
 
@@ -162,8 +167,7 @@ def packing_layout(model) -> str:
     each row of one long padding-free sequence only its own attention (TRL's layout); SDPA and eager attention
     would compute the whole sequence's, so there the packed sequences stay separate batch rows, each with its
     block-diagonal mask (tunegate.methods.row_packed_batch), each as long as the longest row at most."""
-    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
-    return PADDING_FREE if impl.startswith("flash_attention") else ROWS
+    return PADDING_FREE if attention_of(model).startswith("flash_attention") else ROWS
 
 
 def packing_plan(model) -> tuple[bool, str]:
@@ -173,7 +177,7 @@ def packing_plan(model) -> tuple[bool, str]:
     its attention spans the whole batch)."""
     if not packing_exact(model):
         return False, "this model lets packed rows attend to each other"
-    impl = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    impl = attention_of(model)
     if packing_layout(model) == PADDING_FREE:
         return True, f"exact for this model, one padding-free sequence per batch for {impl}'s variable-length kernels"
     return True, f"exact for this model, rows packed with block-diagonal masks for {impl} attention"

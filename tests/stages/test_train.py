@@ -837,7 +837,9 @@ def test_rows_are_packed_no_longer_than_the_longest_row():
     """The packed sequences' length: the longest row of the training and probe sets, within max_length."""
     from types import SimpleNamespace
 
-    sets = [{"input_ids": [[1] * 30, [1] * 12]}, None, {"input_ids": [[1] * 41]}]
+    from datasets import Dataset
+
+    sets = [Dataset.from_dict({"input_ids": [[1] * 30, [1] * 12]}), None, Dataset.from_dict({"input_ids": [[1] * 41]})]
     for limit, packed in ((256, 41), (35, 35), (None, 41)):
         args = SimpleNamespace(max_length=limit)
         train._pack_to_longest(args, *sets)
