@@ -3,6 +3,7 @@
 
     tunegate demo-base      # publish a new revision of the demo base model (models/demo-hub)
     tunegate demo-data      # regenerate the embedded demo data (seeded, byte-identical)
+    tunegate demo-lookup    # turn this demo project into the lookup variant, where retrieval beats fine-tuning
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def register(app: typer.Typer) -> None:
     """The `tunegate.commands` entry point: adds the demo's commands to the app."""
     app.command("demo-base")(demo_base)
     app.command("demo-data")(demo_data)
+    app.command("demo-lookup")(demo_lookup)
 
 
 def demo_base(
@@ -69,3 +71,48 @@ def demo_data(
 
     for path, sha in write(root, seed).items():
         typer.echo(f"{sha[:12]}  {path}")
+
+
+def demo_lookup(
+    steps: int = typer.Option(400, help="pretraining steps that teach the demo base to read its context"),
+    seed: int = typer.Option(1, help="seed of those steps"),
+    params: Path | None = PARAMS,
+) -> None:
+    """Turn this demo project into the lookup variant (demo/lookup.py): a task retrieval already solves.
+
+    Writes its data, eval task, instructions and gate policy, publishes a revision of the built demo base that uses
+    its context into models/demo-hub, and points params.yaml at all of it (`git checkout params.yaml` and removing
+    the written files goes back).
+    Then `dvc repro`: the gate fails the fine-tune and names retrieval as the cheaper path."""
+    import tempfile
+
+    from demo import lookup
+    from demo.publish import continue_pretraining, publish
+    from tunegate.config import load_config
+    from tunegate.io import read_jsonl
+    from tunegate.paths import Layout
+    from tunegate.runtime import configure
+
+    configure(stage="cli")
+    try:
+        path = params or Path("params.yaml")
+        cfg = load_config(params)
+        built = Layout.of(cfg.paths).base
+        if cfg.base.model != "demo" or not (built / "config.json").is_file():
+            raise UserError(
+                f"{path}: base.model is {cfg.base.model!r}; run this in the demo project after `dvc repro base`"
+            )
+        for rel in lookup.write_files(Path("."), cfg.seed):
+            typer.echo(f"wrote {rel}")
+        general = read_jsonl(Path(cfg.paths.pretrain))
+        rows = lookup.recall_corpus(general, seed, lookup.EPISODES)
+        with tempfile.TemporaryDirectory() as scratch:
+            loss = continue_pretraining(built, rows, cfg.base.demo, steps, seed, Path(scratch), lookup.LR_SHARE)
+            commit = publish(Path(scratch), Path(lookup.HUB))
+        typer.echo(f"{steps} steps of recall episodes from {built}: loss {loss:.3f}; published {lookup.HUB}@{commit}")
+        lookup.set_params(path, lookup.PARAMS)
+    except UserError as err:
+        fail(err)
+    typer.echo(
+        f"{path}: the lookup variant (base {lookup.HUB}, target lookup_gen, model {lookup.MODEL_NAME}); now `dvc repro`"
+    )

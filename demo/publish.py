@@ -59,9 +59,12 @@ def publish(source: Path, repo: Path, branch: str = "main") -> str:
     return commit
 
 
-def continue_pretraining(source: Path, rows: list[dict], cfg: DemoBase, steps: int, seed: int, out: Path) -> float:
+def continue_pretraining(
+    source: Path, rows: list[dict], cfg: DemoBase, steps: int, seed: int, out: Path, lr_share: float = 0.1
+) -> float:
     """`steps` more pretraining steps of the model in source on `rows` (seeded), saved to out; returns the
-    mean loss of the last steps. Constant learning rate at the end of the demo schedule (10% of its peak)."""
+    mean loss of the last steps. Constant learning rate, `lr_share` of the demo schedule's peak (10%: where the
+    schedule ended)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -72,7 +75,7 @@ def continue_pretraining(source: Path, rows: list[dict], cfg: DemoBase, steps: i
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = LlamaForCausalLM.from_pretrained(source, use_safetensors=True)
     blocks = _packed_blocks(tokenizer, rows, cfg.max_position)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate * 0.1, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate * lr_share, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []

@@ -569,6 +569,7 @@ def banner(result: dict[str, Any]) -> str:
             f"!! GATE FAILED: {result['model_name']} v{result['version']} registered WITHOUT the champion alias",
             *[f"!!   {line}" for line in result["lines"] if line.startswith("FAIL")],
             *[f"!!   {note}" for note in result.get("notes", [])],
+            *([f"!! {result['recommendation']}"] if result.get("recommendation") else []),
             f"!! {_champion_now(result, 'stays at')}; see reports/gate/report.md",
             bar,
         ]

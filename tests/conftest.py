@@ -46,6 +46,7 @@ E2E_GROUPS = {
     "test_pipeline": "demo",
     "test_portable": "demo",
     "test_own_model": "own",
+    "test_lookup": "servers",  # its project restores the demo base from the first build: after it, as "servers" runs
     "test_retrain": "servers",
     "test_servers": "servers",
     "test_team": "servers",

@@ -125,6 +125,8 @@ def test_with_no_champion_yet_the_banner_and_description_say_so():
     }
     failed = banner(result)
     assert "!! no champion yet; see reports/gate/report.md" in failed and "v-" not in failed
+    cheaper = "The cheaper path: prompting with retrieval of 2 examples gets 0.973 on t/exact (the candidate 0.140) ..."
+    assert f"!! {cheaper}\n!! no champion yet" in banner({**result, "recommendation": cheaper})  # the last words
     passed = banner({**result, "gate_passed": True, "lines": []})
     assert passed.endswith("m v1 registered; no champion yet")
     assert banner({**result, "gate_passed": True, "champion": "2"}).endswith("champion stays at v2")
