@@ -13,7 +13,8 @@ The demo base cannot use its context: it was pretrained on single chats that nev
 publishes a revision of it that can, pretrained further on the general corpus interleaved with recall episodes:
 chats about made-up keys (a locker, a seat, a bare number) whose label, asked again in other words later in the
 same context, is the one given earlier. Never the warehouse task itself: what the base learns is to read its
-context, which every real base model does.
+context, which every real base model does. Its question forms include the lookup's own (with a locker or a seat
+where the order would be): a 1M-parameter model does not carry the skill to wordings it never saw.
 """
 
 from __future__ import annotations

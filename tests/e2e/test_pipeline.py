@@ -98,9 +98,9 @@ def _readme_row(label: str) -> list[float]:
 
 
 # CPU kernels differ by instruction set (AVX2, AVX-512): the demo's pretraining, training and greedy
-# generations round differently, and the scores with them (measured between two such machines: the base at most
-# 0.007 apart, the trained candidate 0.035; the verdicts the same).
-TABLE_TOLERANCE = 0.05
+# generations round differently, and the scores with them (measured on three machines: the base's support_mc,
+# near the chance of its four choices, 0.200 to 0.267, everything else at most 0.035 apart; the verdicts the same).
+TABLE_TOLERANCE = 0.07
 
 
 def test_default_run_scores_are_the_readme_table(project):
