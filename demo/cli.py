@@ -81,9 +81,9 @@ def demo_lookup(
     """Turn this demo project into the lookup variant (demo/lookup.py): a task retrieval already solves.
 
     Writes its data, eval task, instructions and gate policy, publishes a revision of the built demo base that uses
-    its context into models/demo-hub, and points params.yaml at all of it (`git checkout params.yaml` and removing
-    the written files goes back).
-    Then `dvc repro`: the gate fails the fine-tune and names retrieval as the cheaper path."""
+    its context into models/demo-hub, and points params.yaml at all of it; `git checkout params.yaml` and removing
+    the written files goes back. Then `dvc repro`: the gate fails the fine-tune and names retrieval as the cheaper
+    path."""
     import tempfile
 
     from demo import lookup
@@ -98,10 +98,13 @@ def demo_lookup(
         path = params or Path("params.yaml")
         cfg = load_config(params)
         built = Layout.of(cfg.paths).base
-        if cfg.base.model != "demo" or not (built / "config.json").is_file():
+        if cfg.base.model != "demo":
             raise UserError(
-                f"{path}: base.model is {cfg.base.model!r}; run this in the demo project after `dvc repro base`"
+                f"{path}: base.model is {cfg.base.model!r}; the lookup variant starts from the demo project "
+                "(already switched? `git checkout params.yaml` first)"
             )
+        if not (built / "config.json").is_file():
+            raise UserError(f"{built}: the demo base is not built yet; run `dvc repro base` first")
         for rel in lookup.write_files(Path("."), cfg.seed):
             typer.echo(f"wrote {rel}")
         general = read_jsonl(Path(cfg.paths.pretrain))

@@ -98,7 +98,10 @@ def test_the_command_refuses_a_project_that_is_not_the_built_demo(tmp_path, monk
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     result = CliRunner().invoke(load_plugins(), ["demo-lookup"])
     assert result.exit_code == 2, result.output
-    assert "run this in the demo project after `dvc repro base`" in result.output
+    assert "the demo base is not built yet; run `dvc repro base` first" in result.output
+    lookup.set_params(tmp_path / "params.yaml", {"base.model": lookup.HUB})  # already switched
+    result = CliRunner().invoke(load_plugins(), ["demo-lookup"])
+    assert result.exit_code == 2 and "`git checkout params.yaml` first" in " ".join(result.output.split())
     assert not (tmp_path / lookup.DATA).exists()
 
 
