@@ -47,7 +47,15 @@ from tunegate.paths import (
     run_checkpoints,
 )
 from tunegate.runtime import record_timing, route_trainer_logs, seed_everything, stage_main
-from tunegate.training import PADDING_FREE, ROWS, attention_of, is_main_process, launch_command, resolved_args
+from tunegate.training import (
+    PADDING_FREE,
+    ROWS,
+    attention_of,
+    fit_logprob_tiles,
+    is_main_process,
+    launch_command,
+    resolved_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -594,6 +602,8 @@ def _setup(cfg: Train, data: Inputs, out: Outputs, args: dict[str, Any], trainer
     method, kind, manifest = METHODS[cfg.method], ADAPTERS[cfg.adapter], data.manifest
     tokenizer = load_tokenizer(manifest, data.trust_remote_code)
     model = _load_for_training(cfg, manifest, data.trust_remote_code, trainer_args)
+    if (head := model.get_output_embeddings()) is not None:
+        fit_logprob_tiles(head.weight.shape[0])
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise UserError(
             f"tokenizer ({len(tokenizer)} tokens) does not match the base model's embeddings; check base.model"

@@ -229,3 +229,30 @@ def test_liger_kernels_auto_only_where_they_run_and_cover_the_model(installed):
         kernels_plan("liger", cuda=True, model_type="phi_x")
     # the loss stays TRL's fused LM head: Liger's own loss kernels are never switched on
     assert not LIGER_CONFIG["fused_linear_cross_entropy"] and not LIGER_CONFIG["cross_entropy"]
+
+
+def test_logprob_tiles_as_wide_as_a_small_vocabulary_give_the_same_numbers_bit_for_bit():
+    """fit_logprob_tiles narrows TRL's tile buffer to the vocabulary: log-probabilities, entropies and gradients are
+    bit-identical to TRL's own tiles (one tile either way); a vocabulary wider than a tile keeps TRL's width."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from tunegate.training import LOGPROB_TILE, fit_logprob_tiles
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 64), torch.randn(1024, 64) * 0.1
+    targets = torch.randint(0, 1024, (300,))
+
+    def scored(width: int):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logprobs, entropy, *_ = trl_utils._ChunkedLogProbFunction.apply(h, w, None, targets, 1.0, width)
+        (logprobs.sum() + entropy.sum()).backward()
+        return logprobs, entropy, h.grad, w.grad
+
+    try:
+        assert fit_logprob_tiles(1024) == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 1024
+        for ours, theirs in zip(scored(1024), scored(LOGPROB_TILE), strict=True):
+            assert torch.equal(ours, theirs)
+        assert fit_logprob_tiles(151_936) == LOGPROB_TILE  # a real model's vocabulary: TRL's tiles
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = LOGPROB_TILE
