@@ -182,10 +182,9 @@ def recall_corpus(general: list[dict], seed: int, episodes: int) -> list[dict]:
 
 def write_files(root: Path, seed: int) -> list[str]:
     """The variant's data, eval task, prompt and gate policy under root (each written atomically)."""
+    write_jsonl(root / DATA, training_rows(seed))  # the io writers make missing folders
+    write_jsonl(root / EVAL_DATA, eval_rows(seed))
     texts = {TASK: TASK_YAML, PROMPT: PROMPT_TEXT, POLICY: POLICY_YAML}
-    for rel, rows in ((DATA, training_rows(seed)), (EVAL_DATA, eval_rows(seed))):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(root / rel, rows)
     for rel, text in texts.items():
         write_text(root / rel, text)
     return [DATA, EVAL_DATA, *texts]
