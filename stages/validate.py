@@ -31,7 +31,7 @@ import msgspec
 from tunegate.chat import message_text, tool_support, uses_tools
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
-from tunegate.formats import LABELLED, NOTE_EXTRAS, PAIR, SFT, Message, Row, load_rows
+from tunegate.formats import LABELLED, NOTE_EXTRAS, PAIR, SFT, Message, Row, assign_ids, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
@@ -87,7 +87,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    columns: dict[str, Any] = {"id": pa.array([row.id for row in rows], pa.large_string())}
+    columns: dict[str, Any] = {}
     rich = (
         [i for i, row in enumerate(rows) if row.tools or any(type(m) is not Message for m in row.all_messages())]
         if extras
@@ -227,18 +227,23 @@ def _expectations(cfg: Validate, kind: str) -> list[Any]:
     return [cls(**kwargs, meta={"reason": reason}) for reason, cls, kwargs in checks + pii]
 
 
-def _narrow(frame, cfg: Validate):
+def _text_flags(frame, cfg: Validate) -> dict[str, Any]:
+    """Per regex check on the text, whether each row's text matched: computed with the very call GX's pandas
+    engine makes (`column.astype(str).str.contains(regex)`), so the same rows match."""
+    text = frame["text"].astype(str)
+    return {_matches(reason): text.str.contains(regex).to_numpy(dtype=bool) for reason, regex in _text_checks(cfg)}
+
+
+def _narrow(frame, ids: list[str], flags: dict[str, Any]):
     """The table the suite reads: no text and no id strings, which GX would hash whole for its batch
-    fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and
-    each regex check on the text a flag, computed with the very call GX's pandas engine makes
-    (`column.astype(str).str.contains(regex)`), so the same rows match."""
+    fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and each
+    regex check on the text the flag `_text_flags` made."""
     import pandas as pd
 
-    text = frame["text"].astype(str)
-    out = frame.drop(columns=["id", "text"])
-    out.insert(0, ID_NUMBER, pd.factorize(frame["id"])[0])
-    for reason, regex in _text_checks(cfg):
-        out[_matches(reason)] = text.str.contains(regex).to_numpy(dtype=bool)
+    out = frame.drop(columns=["text"])
+    out.insert(0, ID_NUMBER, pd.factorize(pd.Series(ids, dtype=object))[0])
+    for column, matched in flags.items():
+        out[column] = matched
     return out
 
 
@@ -427,18 +432,24 @@ def _validate_source(
     """(kept rows, quarantine rows, the source's metrics, the line if too many rows were invalid) of one source:
     read, rows of the wrong kind and untrainable tool rows set aside, the suite run, each row judged."""
     cfg, started = checks.cfg, time.perf_counter()
-    rows, problems, fmt, notes = load_rows(name, source.path, source.format, source.split)
-    expected_kind = _expected_kind(source, rows)
-    rows, quarantine = _of_kind(name, source, rows, expected_kind)
-    quarantine = [p.as_row() for p in problems] + quarantine
-    if NOTE_EXTRAS in notes and any(uses_tools(r.all_messages(), r.tools) for r in rows):
-        rows, refused = _trainable_tools(checks, name, rows)
-        quarantine += refused
+    read, problems, fmt, notes = load_rows(name, source.path, source.format, source.split, ids=False)
+    expected_kind = _expected_kind(source, read)
+    rows, wrong_kind = _of_kind(read, expected_kind)
+    rows, untrainable, refusal = _trainable_tools(checks, name, rows, NOTE_EXTRAS in notes)
+    table, flags = _derived(checks, rows, read, name, extras=NOTE_EXTRAS in notes)
+    quarantine = [p.as_row() for p in problems]
+    quarantine += [
+        _refused(name, r, "wrong_format", f"{r.kind} row in a {source.role} source of {expected_kind} rows")
+        for r in wrong_kind
+    ]
+    quarantine += [_refused(name, r, NO_TOOLS, refusal) for r in untrainable]
     failed, invisible = {}, {}
     if rows:
-        table = _table(rows, checks.counter, checks.sizes, extras=NOTE_EXTRAS in notes)
         frame, invisible = _invisible(rows, table, cfg.invisible, checks.counter, checks.sizes)
-        failed = _run_suite(checks.ctx, name, _narrow(frame, cfg), _expectations(cfg, expected_kind))
+        if invisible and cfg.invisible == "strip":  # the text changed: its checks run again on what will be trained
+            flags = _text_flags(frame, cfg)
+        narrow = _narrow(frame, [r.id for r in rows], flags)
+        failed = _run_suite(checks.ctx, name, narrow, _expectations(cfg, expected_kind))
     kept, judged, pii_hits = _judge(checks, name, rows, failed, invisible)
     quarantine += judged
     n_in = len(rows) + len(quarantine) - len(judged)  # every row read: kept, judged, or set aside before
@@ -467,33 +478,45 @@ def _expected_kind(source: Source, rows: list[Row]) -> str:
     return LABELLED if kinds[LABELLED] > kinds[PAIR] else PAIR
 
 
-def _of_kind(name: str, source: Source, rows: list[Row], kind: str) -> tuple[list[Row], list[dict[str, Any]]]:
-    """The rows of the kind the source's role trains on, and a quarantine row for each of the others."""
-    wrong = [r for r in rows if r.kind != kind]
-    if not wrong:
+def _derived(checks: _Checks, rows: list[Row], read: list[Row], name: str, extras: bool) -> tuple[Any, dict[str, Any]]:
+    """(the table of `rows`, its text checks' flags), and every row read given its id. The text checks run in
+    a thread while this one hashes the ids: they are Arrow's regex kernels, which release the GIL, so on two
+    cores they cost nothing beside the hashing. (The table itself is not built beside the hashing: most of its
+    time holds the GIL, and measured that way the two took as long as one after the other.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not rows:
+        assign_ids(name, read)
+        return None, {}
+    table = _table(rows, checks.counter, checks.sizes, extras=extras)  # reads no id
+    with ThreadPoolExecutor(1) as pool:
+        flags = pool.submit(_text_flags, table, checks.cfg)
+        assign_ids(name, read)  # every row read, in file order: repeats of the same content are numbered in it
+        return table, flags.result()
+
+
+def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
+    """(the rows of the kind the source's role trains on, the others)."""
+    if all(r.kind == kind for r in rows):
         return rows, []
-    refused = [
-        {
-            "source": name,
-            "line": r.line,
-            "id": r.id,
-            "reason": "wrong_format",
-            "detail": f"{r.kind} row in a {source.role} source of {kind} rows",
-        }
-        for r in wrong
-    ]
-    return [r for r in rows if r.kind == kind], refused
+    return [r for r in rows if r.kind == kind], [r for r in rows if r.kind != kind]
 
 
-def _trainable_tools(checks: _Checks, name: str, rows: list[Row]) -> tuple[list[Row], list[dict[str, Any]]]:
-    """The rows, less the tool rows when the template cannot render them (each quarantined with the reason)."""
+def _refused(name: str, row: Row, reason: str, detail: str) -> dict[str, Any]:
+    """The quarantine row of a row set aside before the suite runs."""
+    return {"source": name, "line": row.line, "id": row.id, "reason": reason, "detail": detail}
+
+
+def _trainable_tools(checks: _Checks, name: str, rows: list[Row], extras: bool) -> tuple[list[Row], list[Row], str]:
+    """(the rows, less the tool rows when the template cannot render them; those tool rows; why not)."""
+    if not extras or not any(uses_tools(r.all_messages(), r.tools) for r in rows):
+        return rows, [], ""
     refusal = checks.tool_refusal()
     if not refusal:
-        return rows, []
+        return rows, [], ""
     tool_rows = [r for r in rows if uses_tools(r.all_messages(), r.tools)]
     log.warning("validate %s: %d tool rows quarantined: %s", name, len(tool_rows), refusal)
-    refused = [{"source": name, "line": r.line, "id": r.id, "reason": NO_TOOLS, "detail": refusal} for r in tool_rows]
-    return [r for r in rows if not uses_tools(r.all_messages(), r.tools)], refused
+    return [r for r in rows if not uses_tools(r.all_messages(), r.tools)], tool_rows, refusal
 
 
 def _judge(

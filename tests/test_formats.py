@@ -74,6 +74,21 @@ def test_ids_are_stable_and_unique(tmp_path):
     assert [r["id"] for r in load_source("s", path)[0]] == [r["id"] for r in rows]
 
 
+def test_ids_left_to_the_caller_are_the_ids_load_rows_gives(tmp_path):
+    """validate hashes the ids itself (beside other work): `load_rows(ids=False)` then `assign_ids` on the same rows
+    gives each row the id `load_rows` would have, repeats numbered in file order."""
+    from tunegate.formats import assign_ids, load_rows
+
+    path = tmp_path / "d.jsonl"
+    other = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (CHAT, other, CHAT, CHAT)))
+    rows = load_rows("s", path, ids=False)[0]
+    assert {r.id for r in rows} == {""}
+    assign_ids("s", rows)
+    expected = [r.id for r in load_rows("s", path)[0]]
+    assert [r.id for r in rows] == expected and expected[2:] == [expected[0] + "-2", expected[0] + "-3"]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_ids_of_distinct_rows_survive_reordering_the_file(tmp_path, suffix):
     """An id names a row's content, not its position: shuffling distinct rows gives each row the id it had."""

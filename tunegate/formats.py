@@ -533,7 +533,7 @@ def _check_encodable(text: str) -> None:
 
 # pragma: no mutate block (loading a source line by line, below: tests/test_formats.py)
 def load_rows(
-    name: str, path: str | Path, fmt: str = "auto", split: str | None = None
+    name: str, path: str | Path, fmt: str = "auto", split: str | None = None, *, ids: bool = True
 ) -> tuple[list[Row], list[Problem], str, dict[str, int]]:
     """Read and normalise one source. Returns (rows, problems, format, notes); every input record ends in
     one of the two lists, and a source that cannot be read at all raises a one-line UserError.
@@ -541,7 +541,8 @@ def load_rows(
     A source of several files (a folder of shards, a glob) is read file by file in sorted order, in the format
     of the first; rows and problems are numbered through all of them, and a problem names its file.
     Ids are `<source>-<content hash>` (and `-<n>` for the n-th repeat of the same content), so they
-    survive reordering of the input file and name the same row in every report.
+    survive reordering of the input file and name the same row in every report. `ids=False` leaves them to the
+    caller (`assign_ids`, on the same rows in the same order), which may then do other work beside the hashing.
     """
     notes: Counter = Counter()
     with gc_paused():
@@ -552,7 +553,8 @@ def load_rows(
             rows, problems, fmt = _load_one(name, p if p.exists() else path, fmt, notes, split)
         if not rows and not problems:
             raise UserError(f"{p}: no records; add records or remove the source from data.sources")
-        _assign_ids(name, rows)
+        if ids:
+            assign_ids(name, rows)
         return rows, problems, fmt, dict(sorted(notes.items()))
 
 
@@ -580,7 +582,8 @@ def _load_shards(name: str, pattern: Path, fmt: str, notes: Counter) -> tuple[li
     return rows, problems, fmt
 
 
-def _assign_ids(name: str, rows: list[Row]) -> None:
+def assign_ids(name: str, rows: list[Row]) -> None:
+    """Each row's id: `<source>-<content hash>`, `-<n>` added for the n-th repeat of the same content."""
     # The content's JSON (msgspec.json.encode's bytes) is encoded into one reused buffer, no bytes object per row.
     encode, sha, buf, prefix = msgspec.json.Encoder().encode_into, hashlib.sha256, bytearray(), f"{name}-"
     for r in rows:
