@@ -265,6 +265,23 @@ def test_every_invisible_character(name, mode, tmp_path, tokenizer):
             assert "Where is order 012345?" in text and "It ships." in text
 
 
+@pytest.mark.parametrize("mode", ["strip", "report"])
+def test_the_text_checks_see_the_text_as_it_will_be_trained(mode, tmp_path, tokenizer):
+    """A placeholder or an address split by a zero-width space matches no check; stripped, it is what the model
+    would learn, so the checks run again on the stripped text: the placeholder is quarantined, the address masked.
+    Reported only, the text stays as it was, and so do the checks' answers."""
+    texts = ["Dear {cus\u200btomer_name}, order 12345 ships.", "Write to alice@exa\u200bmple.com about 12345."]
+    path = _sweep_file(tmp_path, texts)
+    cfg = Validate(invisible=mode, max_invalid_share=1.0)
+    metrics = _run(cfg, {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")["sources"]["s"]
+    text = _contents(tmp_path / "out" / "s.jsonl")
+    if mode == "strip":
+        assert metrics["reasons"] == {"template_leftover": 1} and metrics["pii_masked"] == {"pii_email": 1}
+        assert "Write to [EMAIL] about 12345." in text and "alice" not in text
+    else:
+        assert metrics["quarantined"] == 0 and metrics["pii_masked"] == {} and "alice@exa\u200bmple.com" in text
+
+
 def test_visible_and_joining_characters_are_left_alone(tmp_path, tokenizer):
     """Tab, newline, carriage return, the zero-width joiners of emoji and scripts, variation selectors."""
     keep = ["\t", "\n", "\r", "\u200c", "\u200d", "\ufe0f", "\u00a0", "\u2028"]
