@@ -497,9 +497,10 @@ def _derived(checks: _Checks, rows: list[Row], read: list[Row], name: str, extra
 
 def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
     """(the rows of the kind the source's role trains on, the others)."""
-    if all(r.kind == kind for r in rows):
+    wrong = [r for r in rows if r.kind != kind]
+    if not wrong:
         return rows, []
-    return [r for r in rows if r.kind == kind], [r for r in rows if r.kind != kind]
+    return [r for r in rows if r.kind == kind], wrong
 
 
 def _refused(name: str, row: Row, reason: str, detail: str) -> dict[str, Any]:
@@ -509,14 +510,15 @@ def _refused(name: str, row: Row, reason: str, detail: str) -> dict[str, Any]:
 
 def _trainable_tools(checks: _Checks, name: str, rows: list[Row], extras: bool) -> tuple[list[Row], list[Row], str]:
     """(the rows, less the tool rows when the template cannot render them; those tool rows; why not)."""
-    if not extras or not any(uses_tools(r.all_messages(), r.tools) for r in rows):
+    uses = [uses_tools(r.all_messages(), r.tools) for r in rows] if extras else []
+    if not any(uses):
         return rows, [], ""
     refusal = checks.tool_refusal()
     if not refusal:
         return rows, [], ""
-    tool_rows = [r for r in rows if uses_tools(r.all_messages(), r.tools)]
+    tool_rows = [r for r, u in zip(rows, uses, strict=True) if u]
     log.warning("validate %s: %d tool rows quarantined: %s", name, len(tool_rows), refusal)
-    return [r for r in rows if not uses_tools(r.all_messages(), r.tools)], tool_rows, refusal
+    return [r for r, u in zip(rows, uses, strict=True) if not u], tool_rows, refusal
 
 
 def _judge(
