@@ -134,7 +134,6 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
                 message_text(m).strip() for m in rows[i].rejected
             ]
         columns["chosen_equals_rejected"] = equal
-    columns["invisible"] = pc.match_substring_regex(columns["text"], INVISIBLE_RE2)
     return pa.table(columns).to_pandas()
 
 
@@ -234,6 +233,14 @@ def _text_flags(frame, cfg: Validate) -> dict[str, Any]:
     return {_matches(reason): text.str.contains(regex).to_numpy(dtype=bool) for reason, regex in _text_checks(cfg)}
 
 
+def _hidden(frame) -> Any:
+    """Whether each row's text has a character that does not show (one RE2 pass over the text column)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.match_substring_regex(pa.array(frame["text"]), INVISIBLE_RE2).to_numpy(zero_copy_only=False)
+
+
 def _narrow(frame, ids: list[str], flags: dict[str, Any]):
     """The table the suite reads: no text and no id strings, which GX would hash whole for its batch
     fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and each
@@ -283,14 +290,15 @@ def _run_suite(ctx, name: str, frame, checks: list[Any]) -> dict[int, list[str]]
 
 
 def _invisible(
-    rows: list[Row], frame, mode: str, counter: TokenCounter, sizes: RenderedSize
+    rows: list[Row], frame, hidden, mode: str, counter: TokenCounter, sizes: RenderedSize
 ) -> tuple[Any, dict[int, list[str]]]:
-    """Rows with characters that do not show, by class. `strip` removes them from the contents and
-    rebuilds those rows' table lines, so every check sees the text as it will be trained on (a message
-    of nothing but zero-width spaces is then empty). Returns the table and {row number: [invisible_<class>]}."""
+    """Rows with characters that do not show (`hidden`, per row), by class. `strip` removes them from the
+    contents and rebuilds those rows' table lines, so every check sees the text as it will be trained on (a
+    message of nothing but zero-width spaces is then empty). Returns the table and {row number:
+    [invisible_<class>]}."""
     import numpy as np
 
-    flagged = np.flatnonzero(frame.pop("invisible").to_numpy(dtype=bool))  # not a column the suite checks
+    flagged = np.flatnonzero(hidden)
     found: dict[int, list[str]] = {}
     for i in flagged.tolist():
         text = "\n".join(map(message_text, rows[i].all_messages()))
@@ -301,7 +309,7 @@ def _invisible(
             for msg in rows[i].all_messages():
                 for sub in strip:
                     _edit_text(msg, lambda text, sub=sub: sub("", text))
-        redone = _table([rows[i] for i in flagged.tolist()], counter, sizes).drop(columns="invisible")
+        redone = _table([rows[i] for i in flagged.tolist()], counter, sizes)
         for column in redone.columns:
             frame.iloc[flagged, frame.columns.get_loc(column)] = redone[column].to_numpy()
     return frame, found
@@ -436,7 +444,7 @@ def _validate_source(
     expected_kind = _expected_kind(source, read)
     rows, wrong_kind = _of_kind(read, expected_kind)
     rows, untrainable, refusal = _trainable_tools(checks, name, rows, NOTE_EXTRAS in notes)
-    table, flags = _derived(checks, rows, read, name, extras=NOTE_EXTRAS in notes)
+    table, flags, hidden = _derived(checks, rows, read, name, extras=NOTE_EXTRAS in notes)
     quarantine = [p.as_row() for p in problems]
     quarantine += [
         _refused(name, r, "wrong_format", f"{r.kind} row in a {source.role} source of {expected_kind} rows")
@@ -445,7 +453,7 @@ def _validate_source(
     quarantine += [_refused(name, r, NO_TOOLS, refusal) for r in untrainable]
     failed, invisible = {}, {}
     if rows:
-        frame, invisible = _invisible(rows, table, cfg.invisible, checks.counter, checks.sizes)
+        frame, invisible = _invisible(rows, table, hidden, cfg.invisible, checks.counter, checks.sizes)
         if invisible and cfg.invisible == "strip":  # the text changed: its checks run again on what will be trained
             flags = _text_flags(frame, cfg)
         narrow = _narrow(frame, [r.id for r in rows], flags)
@@ -478,21 +486,24 @@ def _expected_kind(source: Source, rows: list[Row]) -> str:
     return LABELLED if kinds[LABELLED] > kinds[PAIR] else PAIR
 
 
-def _derived(checks: _Checks, rows: list[Row], read: list[Row], name: str, extras: bool) -> tuple[Any, dict[str, Any]]:
-    """(the table of `rows`, its text checks' flags), and every row read given its id. The text checks run in
-    a thread while this one hashes the ids: they are Arrow's regex kernels, which release the GIL, so on two
-    cores they cost nothing beside the hashing. (The table itself is not built beside the hashing: most of its
-    time holds the GIL, and measured that way the two took as long as one after the other.)"""
+def _derived(
+    checks: _Checks, rows: list[Row], read: list[Row], name: str, extras: bool
+) -> tuple[Any, dict[str, Any], Any]:
+    """(the table of `rows`, its text checks' flags, which rows hide characters), and every row read given its
+    id. The text checks and the hidden characters' pass run in a thread while this one hashes the ids: they are
+    Arrow's regex kernels, which release the GIL, so on two cores they cost nothing beside the hashing. (The
+    table itself is not built beside the hashing: most of its time holds the GIL, and measured that way the two
+    took as long as one after the other.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     if not rows:
         assign_ids(name, read)
-        return None, {}
+        return None, {}, None
     table = _table(rows, checks.counter, checks.sizes, extras=extras)  # reads no id
     with ThreadPoolExecutor(1) as pool:
-        flags = pool.submit(_text_flags, table, checks.cfg)
+        text = pool.submit(lambda: (_text_flags(table, checks.cfg), _hidden(table)))
         assign_ids(name, read)  # every row read, in file order: repeats of the same content are numbered in it
-        return table, flags.result()
+        return table, *text.result()
 
 
 def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
