@@ -13,6 +13,7 @@
     tunegate promote VERSION       # move `champion` (gate must have passed; files must match sha256)
     tunegate rollback              # move `champion` back to the previous champion
     tunegate reproduce VERSION     # re-run a version's training from its commit + params; compare sha256
+    tunegate warm                  # keep the stages' libraries imported: `dvc repro` skips seconds per stage
     tunegate deploy                # Prefect: watch the base, retrain on a new revision (event) and on a cron
     tunegate team up               # the team setup here: PostgreSQL, MLflow (model files on disk), Prefect, a worker
     tunegate demo-base             # publish a new revision of the demo base model (models/demo-hub)
@@ -512,6 +513,18 @@ def deploy(
     path = os.environ.get("PYTHONPATH")
     os.chdir(project)
     os.execve(sys.executable, args, {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project), path]))})
+
+
+@app.command()
+def warm(
+    socket: Path = typer.Argument(Path(".tunegate-warm.sock"), help="the Unix socket to listen on"),
+) -> None:
+    """Keep the stages' libraries imported, so each stage `dvc repro` runs starts in a fraction of a second.
+
+    Run it in the background, export the TUNEGATE_WARM line it prints, then `dvc repro` as usual; Ctrl-C stops it."""
+    from tunegate.warm import main as serve_warm
+
+    serve_warm(str(socket))
 
 
 @app.command(hidden=True)

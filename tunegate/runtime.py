@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from tunegate.errors import UserError
@@ -45,8 +45,9 @@ KEEP_FREED = 1 << 30
 M_TOP_PAD = -2  # glibc malloc.h
 
 
-def verbose() -> bool:
-    return os.environ.get(VERBOSE, "").strip().lower() not in ("", "0", "false", "no", "off")
+def verbose(env: Mapping[str, str] | None = None) -> bool:
+    """TUNEGATE_VERBOSE is on, in `env` (default: this process's environment)."""
+    return (os.environ if env is None else env).get(VERBOSE, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 class _ConsoleFilter(logging.Filter):
@@ -115,20 +116,26 @@ def keep_freed_memory() -> None:
     mallopt(M_TOP_PAD, KEEP_FREED)
 
 
+def env_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a stage's set-up adds to `env` where the user has not set them: telemetry off, datasets'
+    progress bars off unless verbose, MLflow's own log handler off (its lines reach the log file instead)."""
+    added = {**TELEMETRY_OFF, **({} if verbose(env) else QUIET), "MLFLOW_CONFIGURE_LOGGING": "false"}
+    return {key: value for key, value in added.items() if key not in env}
+
+
+def configure_env() -> None:
+    """Add env_defaults to this process's environment, before the libraries that read them are imported."""
+    os.environ.update(env_defaults(os.environ))
+
+
 def configure(level: int = logging.INFO, stage: str | None = None) -> Path | None:
     """Telemetry off, freed memory kept for reuse, and logging as the module docstring says. With `stage`, the
     log file is reports/logs/<stage>.log (returned), rewritten by every run."""
     from tunegate.paths import LOGS
 
     keep_freed_memory()
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
+    configure_env()
     loud = verbose()
-    if not loud:
-        for key, value in QUIET.items():
-            os.environ.setdefault(key, value)
-    # MLflow's own handler would bypass the root logger's; without it its lines reach the log file.
-    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     _AfterImport.install("transformers.utils.logging", _transformers_to_root)
     root = logging.getLogger()
     root.setLevel(level)

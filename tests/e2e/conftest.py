@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +30,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ[_threads] = "1"
 
 
+# The warm runner (tunegate/warm.py) this worker's stages fork from, once it is up: each `python -m stages.X` then
+# skips the seconds its libraries take to import. A stage whose import-time environment differs runs cold.
+WARM: dict[str, str] = {}
+
+
 def env_for(project: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(project), **extra}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(project)}
+    env.update({"TUNEGATE_WARM": WARM["socket"]} if WARM else {}, **extra)
     env.pop("TUNEGATE_PARAMS", None)
     env.pop("TUNEGATE_VERBOSE", None)  # the console the tests read is the default one
     return env
@@ -134,6 +141,31 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
     ):
         subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
     return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_runner(tmp_path_factory):
+    """One warm runner per worker for the session's stages. Stages run cold until it has imported its libraries
+    (about 15 s) and whenever it declines; the tests read the same outputs either way."""
+    folder = Path(tempfile.mkdtemp(prefix="tg-warm-"))  # short: a Unix socket's path has a 107-byte limit
+    socket_path = folder / "runner.sock"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("TUNEGATE_VERBOSE", None)
+    env.pop("PYTHONPATH", None)
+    log = (folder / "runner.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunegate.warm", str(socket_path)], cwd=ROOT, env=env, stdout=log, stderr=log
+    )
+    WARM["socket"] = str(socket_path)
+    yield proc
+    WARM.clear()
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shared(tmp_path_factory) -> Path:
