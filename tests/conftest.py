@@ -56,6 +56,11 @@ E2E_GROUPS = {
 # about 3.5 of them)
 E2E_MOVED = {"test_adapter_kinds": {"lora-sft+grpo": "servers"}}
 FIRST = ("demo", "own")  # given out before anything else, in this order
+
+# The end-to-end tests' warm runner, once it is up: {"socket": path} (tests/e2e/conftest.py: warm_runner, env_for).
+# Kept here because tests/e2e is not a package: its conftest, imported by pytest and again by the test modules
+# (`from tests.e2e.conftest import sh`), is two modules with two copies of any state it holds.
+WARM: dict[str, str] = {}
 DEMO_READY = "demo-project.ready"  # written beside the workers' temp folders once the demo project is built
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ RUNNER = textwrap.dedent(
     """
     import sys
     from tunegate import warm
-    warm.main(sys.argv[1], modules=("colorsys",))
+    warm.main(sys.argv[1], modules=("colorsys", "sets_env"))
     """
 )
 
@@ -57,6 +58,8 @@ def project(tmp_path_factory) -> Path:
     (root / "stages").mkdir()
     (root / "stages" / "__init__.py").write_text((ROOT / "stages" / "__init__.py").read_text())
     (root / "stages" / "probe.py").write_text(PROBE)
+    # a library that sets a variable of its own when imported, as torch does with TORCHINDUCTOR_CACHE_DIR
+    (root / "sets_env.py").write_text("import os\nos.environ.setdefault('TORCH_PROBE_DIR', '/tmp/probe')\n")
     return root
 
 
@@ -65,17 +68,27 @@ def runner(project, tmp_path_factory):
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="tg-warm-test-"))
-    path = folder / "r.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, str(path)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True
-    )
-    first = proc.stdout.readline()
+    path, log = folder / "r.sock", folder / "runner.log"
+    with log.open("w") as out:
+        env = _env(PYTHONPATH=f"{ROOT}{os.pathsep}{project}")
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(path)], cwd=ROOT, env=env, stdout=out)
+    deadline = time.time() + 60
+    while len(log.read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.05)
+    first, second = log.read_text().splitlines()[:2]
     assert first.startswith("tunegate warm: libraries imported"), first
-    assert proc.stdout.readline().strip() == f"export TUNEGATE_WARM={path}"
+    assert second == f"export TUNEGATE_WARM={path}"
     yield path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
     assert not path.exists(), "the runner leaves no socket behind"
+    lines = log.read_text().splitlines()[2:]
+    assert any(line.endswith(f"stages.probe in {project}: forked") for line in lines), lines
+    declined = [line for line in lines if "declined" in line]
+    assert declined and all(("HF_HUB_OFFLINE" in line or "TORCH_PROBE_DIR" in line) for line in declined), declined
+    assert not any("=0" in line or "/elsewhere" in line for line in declined), "values are never logged"
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -194,3 +207,12 @@ def test_import_env_holds_the_variables_read_at_import_and_the_stage_defaults():
     assert "MLFLOW_TRACKING_URI" not in env and "PYTHONPATH" not in env
     assert env["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1", "a stage's own defaults count as set"
     assert "HF_DATASETS_DISABLE_PROGRESS_BARS" not in import_env({"TUNEGATE_VERBOSE": "1"})
+
+
+def test_a_variable_the_runners_imports_set_counts_as_set_for_the_caller(project, runner):
+    """torch sets TORCHINDUCTOR_CACHE_DIR when imported: a caller that has not imported it yet lacks the variable, and
+    one that has (a test process) has the same value; both are what the stage's own imports would leave. Another
+    value is not."""
+    assert _stage(project, "echo", "0", warm=runner)[1]["preloaded"]
+    assert _stage(project, "echo", "0", warm=runner, TORCH_PROBE_DIR="/tmp/probe")[1]["preloaded"]
+    assert not _stage(project, "echo", "0", warm=runner, TORCH_PROBE_DIR="/elsewhere")[1]["preloaded"]

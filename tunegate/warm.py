@@ -219,11 +219,21 @@ def preload(modules: Iterable[str] = PRELOAD) -> list[str]:
 class Runner:
     """Listens on `path`; each request is forked off to a supervisor, which forks the stage and reports how it ended."""
 
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+    def __init__(self, path: str, quiet: bool = False):
+        self.path, self.quiet = os.path.abspath(path), quiet
+        self.set_by_imports: dict[str, str] = {}
         self.env = import_env(dict(os.environ))
         self.base_path = _base_sys_path()
         self.sock: socket.socket | None = None
+
+    def preload(self, modules: Iterable[str]) -> list[str]:
+        """Import `modules` (preload), noting the variables the imports themselves set (torch's
+        TORCHINDUCTOR_CACHE_DIR, the stage defaults): a caller without them is one whose imports would set them."""
+        before = dict(os.environ)
+        missing = preload(modules)
+        self.set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
+        self.env = import_env(dict(os.environ))
+        return missing
 
     def bind(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -257,7 +267,9 @@ class Runner:
             if request is None:
                 conn.close()
                 continue
+            request["env"] = {**self.set_by_imports, **request["env"]}  # as the stage's own imports would leave it
             reason = self._decline(request)
+            self._say(request, reason)
             if reason:
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps({"cold": reason}).encode() + b"\n")
@@ -268,6 +280,13 @@ class Runner:
                 _supervise(conn, request, self.base_path)  # never returns in the supervisor; returns in the stage
                 return
             _close_all(conn, request["fds"])
+
+    def _say(self, request: dict, reason: str | None) -> None:
+        """One line per stage handed over: forked, or declined and why (names of variables, never their values)."""
+        if not self.quiet:
+            stamp = time.strftime("%H:%M:%S")
+            verdict = f"declined ({reason}): it runs cold" if reason else "forked"
+            print(f"{stamp} {request.get('module')} in {request.get('cwd')}: {verdict}", flush=True)
 
     def _read(self, conn: socket.socket) -> dict | None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -484,8 +503,8 @@ def _stop_on_signals(runner: Runner) -> Iterator[None]:
 def main(path: str = DEFAULT_SOCKET, quiet: bool = False, modules: Iterable[str] = PRELOAD) -> None:
     """Preload `modules`, listen on `path` until SIGTERM/SIGINT, then remove the socket."""
     started = time.perf_counter()
-    runner = Runner(path)
-    missing = preload(modules)
+    runner = Runner(path, quiet)
+    missing = runner.preload(modules)
     runner.bind()
     if not quiet:
         extra = f" ({', '.join(missing)} not installed)" if missing else ""

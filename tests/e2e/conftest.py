@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, WARM  # WARM: the warm runner this worker's stages fork from
 from tunegate.runtime import free_port  # noqa: F401 - the e2e tests import it from here
 
 BIN = Path(sys.executable).parent
@@ -28,11 +28,6 @@ BIN = Path(sys.executable).parent
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_threads] = "1"
-
-
-# The warm runner (tunegate/warm.py) this worker's stages fork from, once it is up: each `python -m stages.X` then
-# skips the seconds its libraries take to import. A stage whose import-time environment differs runs cold.
-WARM: dict[str, str] = {}
 
 
 def env_for(project: Path, **extra: str) -> dict[str, str]:
@@ -146,7 +141,12 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def warm_runner(tmp_path_factory):
     """One warm runner per worker for the session's stages. Stages run cold until it has imported its libraries
-    (about 15 s) and whenever it declines; the tests read the same outputs either way."""
+    (about 15 s) and whenever it declines; the tests read the same outputs either way. TUNEGATE_TEST_COLD=1 runs
+    every stage cold (no runner), as `dvc repro` does without one. The runner's log (a line per stage handed to
+    it: forked, or declined and why) is copied to the session's temp folder as warm-runner-<worker>.log."""
+    if os.environ.get("TUNEGATE_TEST_COLD"):
+        yield None
+        return
     folder = Path(tempfile.mkdtemp(prefix="tg-warm-"))  # short: a Unix socket's path has a 107-byte limit
     socket_path = folder / "runner.sock"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -165,6 +165,8 @@ def warm_runner(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    shutil.copy(folder / "runner.log", _shared(tmp_path_factory) / f"warm-runner-{worker}.log")
     shutil.rmtree(folder, ignore_errors=True)
 
 
