@@ -154,13 +154,15 @@ def hand_off() -> None:
         try:
             socket.send_fds(conn, [b"R"], [0, 1, 2])
             conn.sendall(json.dumps(request).encode() + b"\n")
+            # No time limit from here: giving up while the runner forks would leave the stage running twice.
+            # A runner that dies answers with the end of the stream, and the stage runs here.
+            conn.settimeout(None)
             reader = conn.makefile("rb")
             first = json.loads(reader.readline() or b"{}")
         except (OSError, ValueError):
             return
         if "pid" not in first:
             return  # declined (first["cold"] says why): cold
-        conn.settimeout(None)
         _wait_and_exit(first["pid"], reader)
 
 
@@ -357,15 +359,16 @@ def _supervise(conn: socket.socket, request: dict, base_path: list[str]) -> None
     _close_all(None, request["fds"])
     code = 1
     try:
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        try:
+            conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+        except OSError:  # the caller is gone before it heard of the stage: it must not run
+            os.kill(pid, signal.SIGKILL)
+            raise
         pidfd = os.pidfd_open(pid)
-        while True:
-            ready, _, _ = select.select([conn, pidfd], [], [])
-            if pidfd in ready:
-                break
-            if not conn.recv(1):  # the caller is gone (killed): so is its stage
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        ready, _, _ = select.select([conn, pidfd], [], [])  # the caller sends nothing: readable means it is gone
+        if pidfd not in ready and not _alive(conn):  # the caller was killed: so is its stage
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             report = {"signal": os.WTERMSIG(status)}
@@ -376,6 +379,14 @@ def _supervise(conn: socket.socket, request: dict, base_path: list[str]) -> None
         code = 0
     finally:
         os._exit(code)
+
+
+def _alive(conn: socket.socket) -> bool:
+    """Whether the caller still holds its end (it never writes after its request: readable means closed)."""
+    try:
+        return bool(conn.recv(1))
+    except OSError:
+        return False
 
 
 STAGE: dict = {}  # set in the forked stage: what `main()` runs after the runner's frames have returned
