@@ -32,6 +32,7 @@ from pathlib import Path
 import typer
 
 from tunegate.errors import UserError
+from tunegate.warm import DEFAULT_SOCKET
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Reproducible, gated fine-tuning: registry and project commands."
@@ -517,7 +518,7 @@ def deploy(
 
 @app.command()
 def warm(
-    socket: Path = typer.Argument(Path(".tunegate-warm.sock"), help="the Unix socket to listen on"),
+    socket: Path = typer.Argument(Path(DEFAULT_SOCKET), help="the Unix socket to listen on"),
 ) -> None:
     """Keep the stages' libraries imported, so each stage `dvc repro` runs starts in a fraction of a second.
 

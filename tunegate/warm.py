@@ -224,7 +224,7 @@ class Runner:
     def __init__(self, path: str, quiet: bool = False):
         self.path, self.quiet = os.path.abspath(path), quiet
         self.set_by_imports: dict[str, str] = {}
-        self.env = import_env(dict(os.environ))
+        self.env: dict[str, str] = {}  # import_env as the imports left it: set by preload
         self.base_path = _base_sys_path()
         self.sock: socket.socket | None = None
 
@@ -499,7 +499,7 @@ def _exit_code(code: object) -> int:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(runner: Runner) -> Iterator[None]:
+def _stop_on_signals() -> Iterator[None]:
     def stop(_signum, _frame):
         raise KeyboardInterrupt
 
@@ -524,15 +524,12 @@ def main(path: str = DEFAULT_SOCKET, quiet: bool = False, modules: Iterable[str]
         if threads() > 1:
             print(f"tunegate warm: an import left {threads() - 1} thread(s) running: every stage runs cold", flush=True)
     try:
-        with _stop_on_signals(runner):
+        with _stop_on_signals():
             runner.serve_forever()
     except KeyboardInterrupt:
         runner.close()
         return
-    if STAGE:  # this process is now a forked stage
-        _run_stage()
-        return
-    runner.close()
+    _run_stage()  # serve_forever returns only in a forked stage
 
 
 if __name__ == "__main__":

@@ -149,9 +149,8 @@ def warm_runner(tmp_path_factory):
         return
     folder = Path(tempfile.mkdtemp(prefix="tg-warm-"))  # short: a Unix socket's path has a 107-byte limit
     socket_path = folder / "runner.sock"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("TUNEGATE_VERBOSE", None)
-    env.pop("PYTHONPATH", None)
+    env = env_for(ROOT)
+    env.pop("PYTHONPATH")  # the runner imports libraries only; each stage gets its caller's PYTHONPATH
     log = (folder / "runner.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunegate.warm", str(socket_path)], cwd=ROOT, env=env, stdout=log, stderr=log
