@@ -28,10 +28,15 @@ BIN = Path(sys.executable).parent
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[_threads] = "1"
+# The environment the stages, servers and the warm runner get: this worker's as it starts. Unit tests run in the
+# same worker and their libraries set variables as they go (transformers' determinism sets PYTHONHASHSEED and
+# CUDA_LAUNCH_BLOCKING, Ray PYTHONBREAKPOINT): copied into a stage's environment, they would make the runner decline
+# it (its imports saw other values) and the stage differ from the one a user's `dvc repro` runs.
+START_ENV = dict(os.environ)
 
 
 def env_for(project: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(project)}
+    env = {**START_ENV, "PATH": f"{BIN}{os.pathsep}{START_ENV.get('PATH', '')}", "PYTHONPATH": str(project)}
     env.update({"TUNEGATE_WARM": WARM["socket"]} if WARM else {}, **extra)
     env.pop("TUNEGATE_PARAMS", None)
     env.pop("TUNEGATE_VERBOSE", None)  # the console the tests read is the default one
