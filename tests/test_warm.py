@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -84,7 +85,10 @@ def runner(project, tmp_path_factory):
     assert proc.wait(timeout=10) == 0
     assert not path.exists(), "the runner leaves no socket behind"
     lines = log.read_text().splitlines()[2:]
-    assert any(line.endswith(f"stages.probe in {project}: forked") for line in lines), lines
+    forked = [line for line in lines if line.endswith(f"stages.probe in {project}: forked")]
+    ended = [line for line in lines if re.search(f"stages.probe in {re.escape(str(project))}: (exit|signal) ", line)]
+    assert forked and len(ended) == len(forked), lines  # each forked stage's closing line: exit, seconds, CPU
+    assert any(re.search(r": exit 3 after \d+\.\d s, \d+\.\d s CPU$", line) for line in ended), ended
     declined = [line for line in lines if "declined" in line]
     assert declined and all(("HF_HUB_OFFLINE" in line or "TORCH_PROBE_DIR" in line) for line in declined), declined
     assert not any("=0" in line or "/elsewhere" in line for line in declined), "values are never logged"

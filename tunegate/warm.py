@@ -14,7 +14,8 @@ The stage runs where it would have run cold, with these differences, which decid
   interpreter options (`python -X ... -m`).
 - Processes a stage starts itself (accelerate's workers) run cold: the runner's variable is not passed on.
 - The runner forks only while it has one Python thread; if an import left one running, it declines every stage.
-Declining is never an error: the stage runs in its own process, as without the runner.
+Declining is never an error: the stage runs in its own process, as without the runner. The runner prints a line
+per stage: forked (and, when it ends, its exit status, wall and CPU seconds), or declined and why.
 
     tunegate warm &                                    # or: python -m tunegate.warm SOCKET
     export TUNEGATE_WARM=$PWD/.tunegate-warm.sock
@@ -279,7 +280,8 @@ class Runner:
                 continue
             if os.fork() == 0:  # the supervisor
                 self.sock.close()
-                _supervise(conn, request, self.base_path)  # never returns in the supervisor; returns in the stage
+                say = None if self.quiet else self._said_end
+                _supervise(conn, request, self.base_path, say)  # never returns in the supervisor; returns in the stage
                 return
             _close_all(conn, request["fds"])
 
@@ -289,6 +291,17 @@ class Runner:
             stamp = time.strftime("%H:%M:%S")
             verdict = f"declined ({reason}): it runs cold" if reason else "forked"
             print(f"{stamp} {request.get('module')} in {request.get('cwd')}: {verdict}", flush=True)
+
+    @staticmethod
+    def _said_end(request: dict, report: dict, seconds: float, cpu: float) -> None:
+        """The stage's closing line: how it ended, its wall and CPU seconds (what the fork saved shows beside a
+        cold run's)."""
+        ended = f"exit {report['exit']}" if "exit" in report else f"signal {report['signal']}"
+        stamp = time.strftime("%H:%M:%S")
+        print(
+            f"{stamp} {request.get('module')} in {request.get('cwd')}: {ended} after {seconds:.1f} s, {cpu:.1f} s CPU",
+            flush=True,
+        )
 
     def _read(self, conn: socket.socket) -> dict | None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -347,10 +360,12 @@ def _base_sys_path() -> list[str]:
     return [p for p in sys.path[1:] if os.path.abspath(p or ".") not in own]
 
 
-def _supervise(conn: socket.socket, request: dict, base_path: list[str]) -> None:
+def _supervise(conn: socket.socket, request: dict, base_path: list[str], say=None) -> None:
+    """Fork the stage, report its end to the caller (and to `say`, the runner's log), and exit."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+    started = time.monotonic()
     pid = os.fork()
     if pid == 0:
         conn.close()
@@ -361,22 +376,26 @@ def _supervise(conn: socket.socket, request: dict, base_path: list[str]) -> None
     try:
         try:
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            heard = True
         except OSError:  # the caller is gone before it heard of the stage: it must not run
             os.kill(pid, signal.SIGKILL)
-            raise
-        pidfd = os.pidfd_open(pid)
-        ready, _, _ = select.select([conn, pidfd], [], [])  # the caller sends nothing: readable means it is gone
-        if pidfd not in ready and not _alive(conn):  # the caller was killed: so is its stage
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+            heard = False
+        if heard:
+            pidfd = os.pidfd_open(pid)
+            ready, _, _ = select.select([conn, pidfd], [], [])  # the caller sends nothing: readable means it is gone
+            if pidfd not in ready and not _alive(conn):  # the caller was killed: so is its stage
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
         if os.WIFSIGNALED(status):
             report = {"signal": os.WTERMSIG(status)}
         else:
             report = {"exit": os.waitstatus_to_exitcode(status)}
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(report).encode() + b"\n")
-        code = 0
+        if say is not None:
+            say(request, report, time.monotonic() - started, usage.ru_utime + usage.ru_stime)
+        code = 0 if heard else 1
     finally:
         os._exit(code)
 

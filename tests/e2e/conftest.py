@@ -147,8 +147,9 @@ def copy_project(dest: Path, root: Path = ROOT) -> Path:
 def warm_runner(tmp_path_factory):
     """One warm runner per worker for the session's stages. Stages run cold until it has imported its libraries
     (about 15 s) and whenever it declines; the tests read the same outputs either way. TUNEGATE_TEST_COLD=1 runs
-    every stage cold (no runner), as `dvc repro` does without one. The runner's log (a line per stage handed to
-    it: forked, or declined and why) is copied to the session's temp folder as warm-runner-<worker>.log."""
+    every stage cold (no runner), as `dvc repro` does without one. The runner's log (per stage handed to it:
+    forked, then its exit with wall and CPU seconds; or declined and why) is copied to the session's temp folder
+    as warm-runner-<worker>.log."""
     if os.environ.get("TUNEGATE_TEST_COLD"):
         yield None
         return
