@@ -116,22 +116,6 @@ def test_labelled_answers_contradict_only_when_the_same_answer_has_both_labels(c
     assert len(dedup.run(cfg.dedup, {"domain": as_sft}, [], 0)[0]["domain"]) < 3
 
 
-@pytest.mark.heavy
-def test_ray_engine_drops_the_same_rows(cfg, validated, result):
-    """dedup.engine: ray (a real local Ray) gives the single-machine result, row for row."""
-    ray = pytest.importorskip("ray")  # installed by `make setup` (the `ray` extra)
-    out, _ = validated
-    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
-    try:
-        kept, dropped, metrics = dedup.run(
-            cfg.dedup.model_copy(update={"engine": "ray"}), sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed
-        )
-    finally:
-        ray.shutdown()
-    assert dropped == result[1] and metrics == result[2]
-    assert any(d["reason"] == "near_duplicate" for d in dropped)
-
-
 def test_demo_drops_the_same_rows_as_the_previous_numpy_path(cfg, validated, result):
     """rensa signatures + exact verification drop exactly the rows, with the same pointers and similarities,
     that the previous numpy-signature, string-set path dropped on the demo data."""

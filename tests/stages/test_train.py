@@ -248,7 +248,7 @@ def test_preflight_refuses_a_run_that_cannot_fit(base, rows, tmp_path):
 
 
 def resume_run(base: dict, out: Path, ckpt: Path, method: str) -> None:
-    """The run the resume test kills and resumes in processes of its own, and runs straight through in this one."""
+    """The run the resume test kills and resumes, and runs straight through, each in a process of its own."""
     from tunegate.config import Lora, RewardSpec
     from tunegate.formats import load_source
     from tunegate.rewards import build
@@ -275,13 +275,26 @@ def resume_run(base: dict, out: Path, ckpt: Path, method: str) -> None:
     train.run(cfg, 1, inputs, train.Outputs(out, ckpt, out.parent / (out.name + ".csv")))
 
 
-RESUME_SCRIPT = """
-import json, logging, sys
-from pathlib import Path
-logging.basicConfig(level=logging.INFO)
-from tests.stages.test_train import resume_run
-resume_run(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
-"""
+def _run_in_fork(base: dict, out: Path, ckpt: Path, method: str, log: Path):
+    """`resume_run` in a process of its own, forked from this one (its libraries already imported: a new
+    interpreter would spend most of the test importing them again); its log goes to `log`. The child computes on
+    one thread, as every run of this test does: GNU OpenMP's threads do not survive a fork."""
+    import multiprocessing
+
+    def child() -> None:
+        import logging
+        import sys
+
+        import torch
+
+        sys.stdout = sys.stderr = stream = log.open("a", buffering=1)  # not pytest's capture, inherited from here
+        torch.set_num_threads(1)
+        logging.basicConfig(level=logging.INFO, stream=stream, force=True)
+        resume_run(base, out, ckpt, method)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    return proc
 
 
 @pytest.mark.parametrize(
@@ -299,40 +312,28 @@ resume_run(json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.ar
 def test_killed_run_resumes_to_the_same_adapter(base, tmp_path, method, kill_at):
     """SIGKILL mid-run (also while a checkpoint is being written, in ORPO, and in the second phase of the
     SFT -> DPO, SFT -> KTO and SFT -> GRPO chains), run again: it resumes from the last complete checkpoint and ends
-    byte-identical to an uninterrupted run."""
-    import signal
-    import subprocess
-    import sys
+    byte-identical to an uninterrupted run. Each run is a process of its own."""
     import time
 
-    def start(name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                RESUME_SCRIPT,
-                json.dumps(base),
-                str(tmp_path / name),
-                str(tmp_path / f"ckpt-{name}"),
-                method,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def start(name: str):
+        return _run_in_fork(base, tmp_path / name, tmp_path / f"ckpt-{name}", method, tmp_path / f"{name}.log")
 
-    resume_run(base, tmp_path / "straight", tmp_path / "ckpt-straight", method)  # the reference, in this process
+    straight = start("straight")  # the reference, beside the run that is killed
     killed = start("killed")
     deadline = time.time() + 600
     while not list((tmp_path / "ckpt-killed").glob(kill_at)) and time.time() < deadline:
+        assert killed.is_alive(), (tmp_path / "killed.log").read_text()[-2000:]
         time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed.kill()  # SIGKILL
+    killed.join()
     assert not (tmp_path / "killed").exists()  # nothing half-written where the adapter goes
+    (tmp_path / "killed.log").unlink()
     resumed = start("killed")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err[-2000:]
+    for proc in (resumed, straight):
+        proc.join(600)
+    err = (tmp_path / "killed.log").read_text()
+    assert resumed.exitcode == 0, err[-2000:]
+    assert straight.exitcode == 0, (tmp_path / "straight.log").read_text()[-2000:]
     assert "resuming from" in err
     if "+" in method:
         assert "SFT phase already complete" in err

@@ -1,12 +1,16 @@
-"""The Ray Data near-duplicate path on a real local Ray: the same result as the single-machine path."""
+"""The Ray Data near-duplicate path on a real local Ray: the same result as the single-machine path, for the
+library call and for the dedup stage. One local cluster for the module (starting one takes most of a test's time)."""
 
 import pytest
 
 from benchmarks.dedup import make_corpus
+from stages import dedup
+from tests.conftest import ROOT
 from tunegate.dedup import near_duplicates
 from tunegate.dedup_ray import near_duplicates_ray
+from tunegate.io import read_jsonl
 
-pytestmark = pytest.mark.heavy  # a local Ray cluster per test
+pytestmark = pytest.mark.heavy  # a local Ray cluster
 
 
 def test_unreachable_cluster_is_one_line():
@@ -43,6 +47,17 @@ def test_ray_dataset_input_and_big_buckets(ray_local):
     ds = ray_local.data.from_items([{"row": i, "text": t} for i, t in enumerate(docs)]).repartition(4)
     got = near_duplicates_ray(ds, ngram=3, num_perm=64, bands=16, threshold=0.7, max_bucket=16)
     assert got == near_duplicates(docs, 3, 64, 16, 0.7) == dict.fromkeys(range(1, 80), (0, 1.0))
+
+
+def test_the_stage_with_engine_ray_drops_the_same_rows(ray_local, cfg, validated):
+    """dedup.engine: ray gives the single-machine result, row for row, metrics and all."""
+    out, _ = validated
+    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
+    evals = dedup.eval_items(ROOT / "evals/data")
+    _, expected_dropped, expected_metrics = dedup.run(cfg.dedup, sources, evals, cfg.seed)
+    _, dropped, metrics = dedup.run(cfg.dedup.model_copy(update={"engine": "ray"}), sources, evals, cfg.seed)
+    assert dropped == expected_dropped and metrics == expected_metrics
+    assert any(d["reason"] == "near_duplicate" for d in dropped)
 
 
 def test_a_list_of_texts_gets_a_block_per_cpu_and_more_only_for_many_texts():
