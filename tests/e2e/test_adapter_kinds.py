@@ -108,7 +108,7 @@ def test_the_runs_cover_every_adapter_kind_and_every_method():
     assert {kind for kind, _ in SHIPPED} == set(ADAPTERS) and len(SHIPPED) == len(ADAPTERS)
     from tests.conftest import E2E_MOVED  # runs given to the other worker name runs of this table
 
-    assert set(E2E_MOVED["test_adapter_kinds"]) <= {f"{kind}-{method}" for kind, method in RUNS}
+    assert set(E2E_MOVED.get("test_adapter_kinds", {})) <= {f"{kind}-{method}" for kind, method in RUNS}
 
 
 @pytest.mark.parametrize("kind, method", RUNS, ids=[f"{k}-{m}" for k, m in RUNS])
