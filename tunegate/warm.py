@@ -280,28 +280,16 @@ class Runner:
                 continue
             if os.fork() == 0:  # the supervisor
                 self.sock.close()
-                say = None if self.quiet else self._said_end
-                _supervise(conn, request, self.base_path, say)  # never returns in the supervisor; returns in the stage
+                _supervise(
+                    conn, request, self.base_path, self.quiet
+                )  # never returns in the supervisor; returns in the stage
                 return
             _close_all(conn, request["fds"])
 
     def _say(self, request: dict, reason: str | None) -> None:
         """One line per stage handed over: forked, or declined and why (names of variables, never their values)."""
         if not self.quiet:
-            stamp = time.strftime("%H:%M:%S")
-            verdict = f"declined ({reason}): it runs cold" if reason else "forked"
-            print(f"{stamp} {request.get('module')} in {request.get('cwd')}: {verdict}", flush=True)
-
-    @staticmethod
-    def _said_end(request: dict, report: dict, seconds: float, cpu: float) -> None:
-        """The stage's closing line: how it ended, its wall and CPU seconds (what the fork saved shows beside a
-        cold run's)."""
-        ended = f"exit {report['exit']}" if "exit" in report else f"signal {report['signal']}"
-        stamp = time.strftime("%H:%M:%S")
-        print(
-            f"{stamp} {request.get('module')} in {request.get('cwd')}: {ended} after {seconds:.1f} s, {cpu:.1f} s CPU",
-            flush=True,
-        )
+            _log(request, f"declined ({reason}): it runs cold" if reason else "forked")
 
     def _read(self, conn: socket.socket) -> dict | None:
         conn.settimeout(REQUEST_TIMEOUT)
@@ -345,6 +333,11 @@ class Runner:
                 os.unlink(self.path)
 
 
+def _log(request: dict, what: str) -> None:
+    """A line of the runner's log about one stage."""
+    print(f"{time.strftime('%H:%M:%S')} {request.get('module')} in {request.get('cwd')}: {what}", flush=True)
+
+
 def _close_all(conn: socket.socket | None, fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -360,8 +353,9 @@ def _base_sys_path() -> list[str]:
     return [p for p in sys.path[1:] if os.path.abspath(p or ".") not in own]
 
 
-def _supervise(conn: socket.socket, request: dict, base_path: list[str], say=None) -> None:
-    """Fork the stage, report its end to the caller (and to `say`, the runner's log), and exit."""
+def _supervise(conn: socket.socket, request: dict, base_path: list[str], quiet: bool) -> None:
+    """Fork the stage, report its end to the caller (and, unless quiet, its exit status, wall and CPU seconds to the
+    runner's log), and exit."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
@@ -393,8 +387,10 @@ def _supervise(conn: socket.socket, request: dict, base_path: list[str], say=Non
             report = {"exit": os.waitstatus_to_exitcode(status)}
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(report).encode() + b"\n")
-        if say is not None:
-            say(request, report, time.monotonic() - started, usage.ru_utime + usage.ru_stime)
+        if not quiet:
+            ended = f"exit {report['exit']}" if "exit" in report else f"signal {report['signal']}"
+            cpu = usage.ru_utime + usage.ru_stime
+            _log(request, f"{ended} after {time.monotonic() - started:.1f} s, {cpu:.1f} s CPU")
         code = 0 if heard else 1
     finally:
         os._exit(code)

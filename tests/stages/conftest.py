@@ -49,3 +49,15 @@ def validated(cfg, tokenizer, tmp_path_factory):
     finally:
         os.chdir(cwd)
     return out, metrics
+
+
+@pytest.fixture(scope="session")
+def result(cfg, validated):
+    """The dedup stage's (kept, dropped, metrics) on the validated demo sources, single-machine engine."""
+    from stages import dedup
+    from tests.conftest import ROOT
+    from tunegate.io import read_jsonl
+
+    out, _ = validated
+    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
+    return dedup.run(cfg.dedup, sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed)

@@ -9,13 +9,6 @@ from tunegate.formats import row_text
 from tunegate.io import read_jsonl
 
 
-@pytest.fixture(scope="module")
-def result(cfg, validated):
-    out, _ = validated
-    sources = {name: read_jsonl(out / f"{name}.jsonl") for name in cfg.data.sources}
-    return dedup.run(cfg.dedup, sources, dedup.eval_items(ROOT / "evals/data"), cfg.seed)
-
-
 @pytest.mark.parametrize("reason", ["exact_duplicate", "near_duplicate", "eval_leak", "contradiction"])
 def test_planted_drops_found_exactly(result, ledger, reason):
     kept, dropped, metrics = result
