@@ -143,7 +143,9 @@ def init(  # noqa: PLR0913 - one parameter per command-line option
     data: list[str] = typer.Option(..., "--data", help="a file of your domain data (repeat for several)"),
     general: list[str] = typer.Option(None, "--general", help="general data to mix in (default: the embedded set)"),
     preferences: list[str] = typer.Option(None, "--preferences", help="preference pairs (then sft+dpo)"),
-    task: str = typer.Option(None, help="name of the target eval task (default: <first data file>_gen)"),
+    task: str = typer.Option(
+        None, help="name of the target eval task (default: <data file>_gen, or <its folder>_gen for train.jsonl etc.)"
+    ),
     eval_size: int = typer.Option(None, help="rows held out for the target eval (default: 10%, 30..200)"),
     label: str = typer.Option(None, help="JSON key of the answers to stratify the eval by (default: detected)"),
     general_tasks: str = typer.Option(
