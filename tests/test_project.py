@@ -284,6 +284,22 @@ def test_check_finds_a_builtin_task_whose_data_is_not_here_before_any_stage_runs
     assert not any("arc_easy" in p for p in consistency.task_data_problems(load_config(proj / "params.yaml"), proj)[0])
 
 
+def test_check_accepts_every_task_lm_eval_knows_and_names_the_others():
+    """`tunegate check` names an eval task that is neither local nor lm-eval's (the stage would stop on it only after
+    the base was built). Every name lm-eval's own index holds (tasks, groups, tags) is accepted, and nearly all of
+    them from the quick index, without lm-eval's 10 s of indexing."""
+    tasks_dir = ROOT / "evals/tasks"
+    every = consistency._lm_eval_tasks(str(tasks_dir.resolve()))
+    local = consistency.local_task_info(tasks_dir, ROOT)
+    asked = [*sorted(every), "support_gen", "no_such_task", "mmlu_but_not_quite"]
+    assert consistency.unknown_tasks(asked, tasks_dir, local) == ["no_such_task", "mmlu_but_not_quite"]
+    quick = consistency._builtin_index()[1]
+    assert {"mmlu", "arc_easy", "hellaswag", "leaderboard"} <= quick  # a group, tasks, a group of groups
+    assert len(every - quick - set(local)) < 0.01 * len(every)
+    line = consistency.unknown_tasks_line(["no_such_task"], tasks_dir)
+    assert line.startswith("eval.tasks: unknown task(s) no_such_task (") and "\n" not in line
+
+
 def test_preference_files_choose_the_method_after_sft(tmp_path):
     """Pairs -> SFT then DPO; a file of labelled answers (prompt, completion, label) -> SFT then KTO, which reads
     them (and any pairs beside them), with the preference learning rate in its own overrides."""

@@ -166,6 +166,36 @@ def test_check_answers_for_a_real_model_on_a_gpu_the_user_does_not_have(tmp_path
     assert bad.exit_code == 2 and "--memory lots: a size (24GiB, 80GB) or one of t4" in bad.output
 
 
+def test_check_answers_the_memory_question_beside_the_other_problems(tmp_path, monkeypatch):
+    """A project with something else wrong (here an eval task lm-eval does not know, which `check` names) still gets
+    its memory answer: the estimate when the run fits, the refusal among the problems when it does not; exit 2."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    project = _project_with_config_only(tmp_path, {"adapter": "qlora", "args": REAL_ARGS})
+    folder = tmp_path / "models" / "llama-3-8b"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**REAL_SHAPES["llama-3-8b"], "torch_dtype": "bfloat16"}))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["base"]["model"] = str(folder)
+    params["eval"]["tasks"] = [*params["eval"]["tasks"], "no_such_task"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    fits = CliRunner().invoke(app, ["check", "--memory", "24GiB"])
+    assert fits.exit_code == 2, fits.output
+    assert "needs about" in fits.output and "fits 24GiB GPU (24.0 GiB)" in fits.output
+    assert "eval.tasks: unknown task(s) no_such_task (not built into lm-eval and not in evals/tasks)" in fits.output
+    assert fits.output.index("needs about") < fits.output.index("no_such_task")
+    params["train"]["adapter"] = "full"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    refused = CliRunner().invoke(app, ["check", "--memory", "24GiB"])
+    assert refused.exit_code == 2 and "2 problems" in refused.output, refused.output
+    assert "no_such_task" in refused.output and "estimated peak memory" in refused.output
+    assert "train.adapter: qlora" in refused.output
+
+
 @pytest.fixture
 def installed(monkeypatch):
     """flash-attn and liger-kernel installed only once named in the returned set (whatever this machine has); a

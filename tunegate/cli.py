@@ -92,7 +92,8 @@ def check(
     ),
 ) -> None:
     """Validate params.yaml, the gate policy, the eval tasks and dvc.yaml; estimate training memory from base.model's
-    config.json (no weights load), on this machine's device or the one --memory names."""
+    config.json (no weights load), on this machine's device or the one --memory names. The memory answer is given
+    whatever else is wrong: a run that cannot fit is one more problem, one that fits is said before the problems."""
     try:
         from tunegate.config import load_config
         from tunegate.gate import load_policy
@@ -104,9 +105,14 @@ def check(
         for line in consistency.warnings(cfg):
             typer.echo(f"warning: {line}")
         found = consistency.problems(cfg)
+        try:
+            line = _memory_line(cfg, memory)
+        except UserError as err:
+            found, line = [*found, str(err)], ""
         if found:
+            if line:
+                typer.echo(line)
             raise UserError("\n".join(found) if len(found) == 1 else f"{len(found)} problems:\n" + "\n".join(found))
-        line = _memory_line(cfg, memory)
     except UserError as err:
         fail(err)
     typer.echo(

@@ -258,18 +258,50 @@ def _builtin_tasks_dir() -> Path:
     return Path(lm_eval.__file__).parent / "tasks"
 
 
+# A YAML line naming a task, group or tag (`task: x`, `"task": "x"`), and a key followed by a list of names.
+_NAME = rb"['\"]?([\w.-]+)['\"]?"
+_NAME_LINE = rb"^['\"]?(task|group|tag)['\"]?:[ \t]*" + _NAME + rb"[ \t]*$"
+_NAME_LIST = rb"^['\"]?(?:task|group|tag)['\"]?:[ \t]*\n((?:[ \t]+-[ \t]*" + _NAME + rb"[ \t]*\n)+)"
+
+
 @functools.cache
-def _builtin_index() -> dict[str, Path]:
-    """{task name: its YAML} over lm-eval's built-in task files, from each file's `task:` line (one pass over the
-    files, about a second, once per process): a task whose file is not named after it."""
+def _builtin_index() -> tuple[dict[str, Path], frozenset[str]]:
+    """({task name: its YAML}, every task, group and tag name) over lm-eval's built-in task files, from their
+    `task:`, `group:` and `tag:` lines (one pass over the files, about a second, once per process): a task whose
+    file is not named after it, and the names `unknown_tasks` knows without lm-eval's own index."""
     import re
 
-    line = re.compile(rb"^task:\s*['\"]?([\w.-]+)['\"]?\s*$", re.M)
+    line, listed, item = re.compile(_NAME_LINE, re.M), re.compile(_NAME_LIST, re.M), re.compile(rb"-[ \t]*" + _NAME)
     index: dict[str, Path] = {}
-    for path in sorted(_builtin_tasks_dir().rglob("*.yaml")):
-        for name in line.findall(path.read_bytes()):
-            index.setdefault(name.decode(), path)
-    return index
+    names: set[str] = set()
+    for path in sorted(_builtin_tasks_dir().rglob("*yaml")):  # and the `_template_yaml` files tasks include
+        text = path.read_bytes()
+        for key, name in line.findall(text):
+            names.add(name.decode())
+            if key == b"task":
+                index.setdefault(name.decode(), path)
+        for block, _ in listed.findall(text):
+            names.update(n.decode() for n in item.findall(block))
+    return index, frozenset(names)
+
+
+def unknown_tasks(tasks: list[str], tasks_dir: Path, local: set[str] | dict[str, Any]) -> list[str]:
+    """The names in `tasks` that are neither local nor built into lm-eval. Names the quick index (`_builtin_index`)
+    does not know are asked of lm-eval's own index (about 10 s), so a valid name is never refused."""
+    quick = [t for t in tasks if t not in local and t not in _builtin_index()[1]]
+    return [t for t in quick if t not in _lm_eval_tasks(str(tasks_dir.resolve()))] if quick else []
+
+
+@functools.cache
+def _lm_eval_tasks(tasks_dir: str) -> frozenset[str]:
+    """Every name lm-eval's own index knows, the project's task folder included (about 10 s, once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager(include_path=tasks_dir if Path(tasks_dir).is_dir() else None).all_tasks)
+
+
+def unknown_tasks_line(unknown: list[str], tasks_dir: Path) -> str:
+    return f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})"
 
 
 def builtin_dataset(task: str) -> tuple[str, str | None] | None:
@@ -277,7 +309,8 @@ def builtin_dataset(task: str) -> tuple[str, str | None] | None:
     indexing (its file is found by name, else through `_builtin_index`); None for a group or a task whose data is
     not a hub dataset."""
     named = sorted(_builtin_tasks_dir().rglob(f"{task}.yaml"))
-    candidates = named or ([_builtin_index()[task]] if task in _builtin_index() else [])
+    index = _builtin_index()[0]
+    candidates = named or ([index[task]] if task in index else [])
     for path in candidates:
         doc = _yaml(path)
         if doc.get("task") != task:
@@ -317,14 +350,16 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def task_data_problems(cfg: Config, root: Path | str = ".") -> tuple[list[str], list[str]]:
-    """(problems, warnings) of the eval tasks' data: a local task's data file that is missing; a built-in task whose
-    dataset is not in the cache while the hub cannot be reached (eval_base would fail, after minutes of retries),
-    or, with the hub reachable, a dataset the first eval will download."""
+    """(problems, warnings) of the eval tasks and their data: a name lm-eval does not know; a local task's data file
+    that is missing; a built-in task whose dataset is not in the cache while the hub cannot be reached (eval_base
+    would fail, after minutes of retries), or, with the hub reachable, a dataset the first eval will download."""
     root = Path(root)
     layout = Layout.of(cfg.paths, root)
     local = local_task_info(layout.eval_tasks, root)
-    problems, warned = [], []
-    for task in cfg.eval.tasks:
+    unknown = unknown_tasks(cfg.eval.tasks, layout.eval_tasks, local)
+    problems = [unknown_tasks_line(unknown, layout.eval_tasks)] if unknown else []
+    warned: list[str] = []
+    for task in [t for t in cfg.eval.tasks if t not in unknown]:
         if task in local:
             data = local[task].data
             if data is not None and not data.is_file():

@@ -214,9 +214,9 @@ def task_set(cfg: Eval, tasks_dir: Path) -> TaskSet:
     manager = TaskManager(include_path=str(tasks_dir.resolve()), include_defaults=not set(cfg.tasks) <= local)
     unknown = [t for t in cfg.tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(
-            f"eval.tasks: unknown task(s) {', '.join(unknown)} (not built into lm-eval and not in {tasks_dir})"
-        )
+        from tunegate.consistency import unknown_tasks_line
+
+        raise UserError(unknown_tasks_line(unknown, tasks_dir))
     return TaskSet(manager, local, tasks_dir)
 
 
