@@ -60,8 +60,15 @@ def flipped(
 
 
 def recommendation(verdict: dict[str, Any], costs: dict[str, dict[str, Any]]) -> str | None:
-    """When the candidate did not beat a baseline, the cheaper path named with its score and its cost."""
-    lost = [c for c in verdict["checks"] if not c["passed"] and c["against"] in costs and c["n"]]
+    """When the candidate did not beat a baseline that itself did better than the base, that cheaper path named with
+    its score and its cost. A baseline no better than the base is no path to ship (when nothing moved the score, the
+    gate's lines say so)."""
+    base = {(c["task"], c["metric"]): c for c in verdict["checks"] if c["against"] == "base" and c["diff"] is not None}
+    lost = [
+        c
+        for c in verdict["checks"]
+        if not c["passed"] and c["against"] in costs and c["n"] and _beats_base(c, base.get((c["task"], c["metric"])))
+    ]
     if not lost:
         return None
     c = lost[0]
@@ -71,6 +78,15 @@ def recommendation(verdict: dict[str, Any], costs: dict[str, dict[str, Any]]) ->
         f"(the candidate {c['candidate']:.3f}) with no training, at {cost['prompt_tokens']:.0f} prompt tokens per "
         f"request against {cost['plain_prompt_tokens']:.0f}; ship that, or give the fine-tune what it lacks."
     )
+
+
+def _beats_base(against_baseline: dict[str, Any], against_base: dict[str, Any] | None) -> bool:
+    """Whether the baseline scored better than the base on the check's task and metric: both checks' differences are
+    the candidate's over the other side (in the metric's direction), so their difference is the baseline's over the
+    base. True where the base was not scored on it."""
+    if against_base is None or against_baseline["diff"] is None:
+        return True
+    return against_base["diff"] - against_baseline["diff"] > 1e-12
 
 
 def main() -> None:

@@ -356,3 +356,7 @@ def test_the_report_names_the_cheaper_path_and_lists_what_flipped(tmp_path):
     page = gate_report.page(verdict, changed, costs, tmp_path)
     assert page.count("data:image/png;base64,") == 2 and "The cheaper path" in page
     assert recommendation(decide(base, candidate, POLICY, 500, 1), {}) is None
+    # a baseline no better than the base (prompting gets nothing either) is not named as a path to ship
+    weak = decide(base, samples(np.zeros(80)), POLICY, 500, 1, baselines={"retrieval-5": samples(np.zeros(80))})
+    assert any(not c["passed"] and c["against"] == "retrieval-5" for c in weak["checks"])
+    assert recommendation(weak, costs) is None
