@@ -238,6 +238,26 @@ def test_the_task_is_named_after_the_data_not_a_generic_word(path, name):
     assert project.task_name(path) == name
 
 
+def test_every_file_given_to_init_is_a_source_of_its_own(tmp_path):
+    """Two exports both called train.jsonl, a general file and a preference file of that name too: each is a source,
+    named after what its path says (the folder when the file's name says nothing), numbered where names meet; a file
+    named twice is read once, and init says so."""
+    plan = project.Plan()
+    data = ["data/a/train.jsonl", "data/b/train.jsonl", "data/support.jsonl", "old/support.jsonl"]
+    got = project._sources(data, ["g/train.jsonl"], ["prefs/train.jsonl", "./data/a/train.jsonl"], tmp_path, plan)
+    assert got == {
+        "a": {"path": "data/a/train.jsonl", "role": "domain"},
+        "b": {"path": "data/b/train.jsonl", "role": "domain"},
+        "support": {"path": "data/support.jsonl", "role": "domain"},
+        "support_2": {"path": "old/support.jsonl", "role": "domain"},
+        "g": {"path": "g/train.jsonl", "role": "general"},
+        "prefs": {"path": "prefs/train.jsonl", "role": "preference"},
+    }
+    assert plan.lines == ["./data/a/train.jsonl: named twice; read once, as the domain source a"]
+    assert project._each_once([*data, "./data/b/train.jsonl", "data/a/../a/train.jsonl"]) == data  # the rows read
+    assert project.source_name("data/train.jsonl", {"train"}) == "train_2"  # nothing says more: the file's own name
+
+
 def test_short_label_answers_are_stratified_by_the_answer(seed=3):
     rng = random.Random(seed)
     items = [(f"q{i}", rng.choices(["billing", "shipping", "returns", "fraud"], [60, 30, 8, 2])[0]) for i in range(500)]

@@ -33,6 +33,7 @@ import math
 import random
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,14 +150,30 @@ GENERIC_NAMES = {
 }  # fmt: skip
 
 
-def task_name(path: str) -> str:
-    """`<name>_gen` from the data file's name, or from the first folder above it whose name says more than
-    `train` or `data` (data/support/train.jsonl -> support_gen); `target_gen` when none does."""
+def _telling_name(path: str) -> str | None:
+    """The data file's name, or the first folder's above it whose name says more than `train` or `data`
+    (data/support/train.jsonl -> support); None when none does."""
     p = Path(path)
     for name in (p.stem, p.parent.name, p.parent.parent.name):  # the file, its folder and the one above
         if re.search(r"[A-Za-z0-9]", name) and _slug(name) not in GENERIC_NAMES:
-            return f"{name}_gen"
-    return "target_gen"
+            return name
+    return None
+
+
+def task_name(path: str) -> str:
+    """`<name>_gen` after the data (`_telling_name`); `target_gen` when nothing in its path says what it is."""
+    name = _telling_name(path)
+    return f"{name}_gen" if name else "target_gen"
+
+
+def source_name(path: str, taken: Iterable[str]) -> str:
+    """A data.sources name for a file: what `_telling_name` finds, else the file's own name, with _2, _3, ... where
+    another source has it already (two exports both called train.jsonl are two sources, not one)."""
+    name, taken = _slug(_telling_name(path) or Path(path).stem), set(taken)
+    n = 1
+    while (unique := name if n == 1 else f"{name}_{n}") in taken:
+        n += 1
+    return unique
 
 
 def scorer(answers: list[str]) -> tuple[str, list[str], str]:
@@ -361,12 +378,20 @@ def _open_project(root: Path, force: bool) -> dict[str, Any]:
     return params
 
 
+def _each_once(paths: list[str]) -> list[str]:
+    """The paths in order, each file once (the first way it was named)."""
+    first: dict[Path, str] = {}
+    for path in paths:
+        first.setdefault(Path(path).resolve(), path)
+    return list(first.values())
+
+
 def _domain_rows(data: list[str], plan: Plan) -> list[dict[str, Any]]:
     """The domain rows, normalised as validate will read them (the eval is carved from them)."""
     from tunegate.formats import load_source, source_kind
 
     rows: list[dict[str, Any]] = []
-    for path in data:
+    for path in _each_once(data):  # a file named twice is read once (`_sources` says so)
         source_kind(path)  # a missing file or an unsupported type: one line
         got, problems, _ = load_source(_slug(Path(path).stem), path)
         rows += got
@@ -448,12 +473,14 @@ def _sources(
 ) -> dict[str, dict[str, Any]]:
     """data.sources: the domain files, the general ones (the embedded set unless named), the preference files."""
     sources: dict[str, dict[str, Any]] = {}
-    for path in data:
-        sources[_slug(Path(path).stem)] = {"path": _relative(path, root), "role": "domain"}
-    for path in general or [EMBEDDED_GENERAL]:
-        sources.setdefault(_slug(Path(path).stem), {"path": _relative(path, root), "role": "general"})
-    for path in preferences or []:
-        sources.setdefault(_slug(Path(path).stem), {"path": _relative(path, root), "role": "preference"})
+    named: dict[Path, str] = {}  # each file once, by where it is
+    roles = [(p, "domain") for p in data] + [(p, "general") for p in general or [EMBEDDED_GENERAL]]
+    for path, role in roles + [(p, "preference") for p in preferences or []]:
+        if (twice := named.get(Path(path).resolve())) is not None:
+            plan.lines.append(f"{path}: named twice; read once, as the {sources[twice]['role']} source {twice}")
+            continue
+        name = named[Path(path).resolve()] = source_name(path, sources)
+        sources[name] = {"path": _relative(path, root), "role": role}
     if not general:
         plan.lines.append(
             f"mix: your rows are mixed with the embedded general set ({EMBEDDED_GENERAL}, 20%); "
