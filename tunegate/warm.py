@@ -385,12 +385,12 @@ def _supervise(conn: socket.socket, request: dict, base_path: list[str], quiet: 
             report = {"signal": os.WTERMSIG(status)}
         else:
             report = {"exit": os.waitstatus_to_exitcode(status)}
-        with contextlib.suppress(OSError):
-            conn.sendall(json.dumps(report).encode() + b"\n")
-        if not quiet:
+        if not quiet:  # logged before the caller hears: once it goes on, the runner's log says how the stage ended
             ended = f"exit {report['exit']}" if "exit" in report else f"signal {report['signal']}"
             cpu = usage.ru_utime + usage.ru_stime
             _log(request, f"{ended} after {time.monotonic() - started:.1f} s, {cpu:.1f} s CPU")
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps(report).encode() + b"\n")
         code = 0 if heard else 1
     finally:
         os._exit(code)
