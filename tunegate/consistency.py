@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,7 @@ def _builtin_index() -> tuple[dict[str, Path], frozenset[str]]:
     return index, frozenset(names)
 
 
-def unknown_tasks(tasks: list[str], tasks_dir: Path, local: set[str] | dict[str, Any]) -> list[str]:
+def unknown_tasks(tasks: list[str], tasks_dir: Path, local: Container[str]) -> list[str]:
     """The names in `tasks` that are neither local nor built into lm-eval. Names the quick index (`_builtin_index`)
     does not know are asked of lm-eval's own index (about 10 s), so a valid name is never refused."""
     quick = [t for t in tasks if t not in local and t not in _builtin_index()[1]]

@@ -476,10 +476,11 @@ def _sources(
     named: dict[Path, str] = {}  # each file once, by where it is
     roles = [(p, "domain") for p in data] + [(p, "general") for p in general or [EMBEDDED_GENERAL]]
     for path, role in roles + [(p, "preference") for p in preferences or []]:
-        if (twice := named.get(Path(path).resolve())) is not None:
+        where = Path(path).resolve()
+        if (twice := named.get(where)) is not None:
             plan.lines.append(f"{path}: named twice; read once, as the {sources[twice]['role']} source {twice}")
             continue
-        name = named[Path(path).resolve()] = source_name(path, sources)
+        name = named[where] = source_name(path, sources)
         sources[name] = {"path": _relative(path, root), "role": role}
     if not general:
         plan.lines.append(

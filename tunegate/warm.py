@@ -280,9 +280,8 @@ class Runner:
                 continue
             if os.fork() == 0:  # the supervisor
                 self.sock.close()
-                _supervise(
-                    conn, request, self.base_path, self.quiet
-                )  # never returns in the supervisor; returns in the stage
+                # never returns in the supervisor; returns in the stage
+                _supervise(conn, request, self.base_path, self.quiet)
                 return
             _close_all(conn, request["fds"])
 
