@@ -118,10 +118,26 @@ def sft_examples(rows: list[dict[str, Any]], tokenizer) -> tuple[list[dict[str, 
     render = Renderer(tokenizer)
     out, unstable = [], 0
     for row in rows:
-        ids, mask, stable = tokenize(tokenizer, render, row["messages"], row.get("tools"))
+        with _refused(row):
+            ids, mask, stable = tokenize(tokenizer, render, row["messages"], row.get("tools"))
         unstable += not stable
         out.append({"input_ids": ids, "assistant_masks": mask})
     return out, unstable
+
+
+@contextlib.contextmanager
+def _refused(row: dict[str, Any]):
+    """A row the chat template raises on (validate quarantines such rows; a file written by hand may still hold
+    one) stops the stage in one line naming it, not with the template's traceback."""
+    from jinja2 import TemplateError
+
+    from tunegate.chat import first_line
+
+    try:
+        yield
+    except TemplateError as err:
+        where = f"{row.get('source', '?')} line {row.get('line', '?')} (id {row.get('id', '?')})"
+        raise UserError(f"the chat template refuses the row from {where}: {first_line(err)}") from None
 
 
 def _answered(rows: list[dict[str, Any]], tokenizer, sides: tuple[str, ...]) -> list[dict[str, list[int]]]:
@@ -138,8 +154,9 @@ def _answered(rows: list[dict[str, Any]], tokenizer, sides: tuple[str, ...]) -> 
     out = []
     for row in rows:
         tools, prompt = row.get("tools"), template_messages(row["prompt"])
-        prompt_ids = ids(render(prompt, tools, generation=True))
-        answers = {side: ids(render(prompt + template_messages(row[side]), tools)) for side in sides}
+        with _refused(row):
+            prompt_ids = ids(render(prompt, tools, generation=True))
+            answers = {side: ids(render(prompt + template_messages(row[side]), tools)) for side in sides}
         n = min(common_prefix(prompt_ids, answer) for answer in answers.values())
         out.append({"prompt_ids": prompt_ids[:n], **{f"{side}_ids": a[n:] for side, a in answers.items()}})
     return out

@@ -10,6 +10,8 @@ rows, and PII and secret patterns (one pass for all). The suite is handed the na
 reads (`_narrow`): ids as numbers and, per regex on the text, whether it matched, not the text
 itself, which GX would hash whole to fingerprint the batch. A row failing any expectation is
 quarantined with the first failing check as its reason; unreadable lines are quarantined with file:line.
+A chat template that refuses a system turn (Gemma's) gets it folded into the first user turn (`_fold_system`);
+a role order it refuses otherwise is quarantined as `template_refused` before the suite (`_renderable`).
 Characters that do not show (bidi overrides, zero-width and control characters) are found in the
 same Arrow pass that builds the table and reported, stripped or quarantined (`validate.invisible`).
 For every source, in = kept + quarantined, and the stage fails in one line when a source's invalid
@@ -22,13 +24,22 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from tunegate.chat import message_text, tool_support, uses_tools
+from tunegate.chat import (
+    PROBE_CONVERSATION,
+    Renderer,
+    first_line,
+    fold_system,
+    message_text,
+    system_refusal,
+    tool_support,
+    uses_tools,
+)
 from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
 from tunegate.formats import LABELLED, NOTE_EXTRAS, PAIR, SFT, Message, Row, assign_ids, load_rows
@@ -48,6 +59,8 @@ ANSWER = r"assistant(?:\+call)?"
 PREF_ROLES = rf"^(?:system,)?(?:user,{CALLS}assistant,)*user(?:,assistant\+call(?:,tool)+)*\|{ANSWER}\|{ANSWER}$"
 CALL_ROLE = "assistant+call"  # an assistant message with tool calls, in the roles column only
 NO_TOOLS = "template_no_tools"
+REFUSED = "template_refused"  # a role order the chat template raises on (its own words in the detail)
+SYSTEM_FOLDED = "system_folded"  # a read note: system turns folded into the first user turn (`fold_system`)
 ID_NUMBER = "id_number"  # the suite's id column: a number per distinct id (`_narrow`)
 WRITE_ROWS = 1024  # rows encoded per chunk while the previous one is written; small enough (~0.3 MB) that
 # the allocator reuses the chunk buffers instead of mapping (and page-faulting) fresh memory for each
@@ -424,13 +437,38 @@ class _Checks:
     counter: TokenCounter
     sizes: RenderedSize
     no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
+    no_system: str | None = None  # probed once: "" = the template takes a system turn
+    role_orders: dict[str, str] = field(default_factory=dict)  # roles column value -> why the template refuses it
+
+    def template(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "") or "the base model"
+
+    def system_refusal(self) -> str:
+        """The template's words when it refuses a system turn ("" when it takes one), asked of it once."""
+        if self.no_system is None:
+            self.no_system = system_refusal(Renderer(self.tokenizer)) or ""
+        return self.no_system
+
+    def role_refusal(self, roles: str) -> str:
+        """Why the template refuses conversations with these roles (a roles column value), "" when it renders them:
+        rendered once per distinct value, with placeholder contents."""
+        if roles not in self.role_orders:
+            render, why = Renderer(self.tokenizer), ""
+            prompt, *answers = roles.split("|")
+            for answer in answers or [""]:
+                try:
+                    render(_probe_turns(",".join(filter(None, (prompt, answer)))))
+                except Exception as err:  # raise_exception in the template, or any error rendering
+                    why = first_line(err)
+                    break
+            self.role_orders[roles] = why
+        return self.role_orders[roles]
 
     def tool_refusal(self) -> str:
         """Why the template cannot train tool rows ("" when it can), asked of the template once."""
         if self.no_tools is None:
             why = tool_support(self.tokenizer)
-            template = getattr(self.tokenizer, "name_or_path", "") or "the base model"
-            self.no_tools = "" if why is None else f"the chat template of {template} cannot train tool rows: {why}"
+            self.no_tools = f"the chat template of {self.template()} cannot train tool rows: {why}" if why else ""
         return self.no_tools
 
 
@@ -443,14 +481,17 @@ def _validate_source(
     read, problems, fmt, notes = load_rows(name, source.path, source.format, source.split, ids=False)
     expected_kind = _expected_kind(source, read)
     rows, wrong_kind = _of_kind(read, expected_kind)
+    notes = _fold_system(checks, name, rows, notes)
     rows, untrainable, refusal = _trainable_tools(checks, name, rows, NOTE_EXTRAS in notes)
     table, flags, hidden = _derived(checks, rows, read, name, extras=NOTE_EXTRAS in notes)
+    rows, table, flags, hidden, refused = _renderable(checks, name, expected_kind, rows, table, flags, hidden)
     quarantine = [p.as_row() for p in problems]
     quarantine += [
         _refused(name, r, "wrong_format", f"{r.kind} row in a {source.role} source of {expected_kind} rows")
         for r in wrong_kind
     ]
     quarantine += [_refused(name, r, NO_TOOLS, refusal) for r in untrainable]
+    quarantine += [_refused(name, r, REFUSED, why) for r, why in refused]
     failed, invisible = {}, {}
     if rows:
         frame, invisible = _invisible(rows, table, hidden, cfg.invisible, checks.counter, checks.sizes)
@@ -512,6 +553,82 @@ def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
     if not wrong:
         return rows, []
     return [r for r in rows if r.kind == kind], wrong
+
+
+def _fold_system(checks: _Checks, name: str, rows: list[Row], notes: dict[str, int]) -> dict[str, int]:
+    """Where the template refuses a system turn, each row's leading system turn folded into its first user turn
+    (`fold_system`), said once on the console; returns the source's read notes with the count (`system_folded`)."""
+    why = checks.system_refusal() if rows else ""
+    if not why:
+        return notes
+    folded = 0
+    for row in rows:
+        key = "messages" if row.kind == SFT else "prompt"
+        turns = getattr(row, key)
+        if turns is not (new := fold_system(turns)):
+            setattr(row, key, new)
+            folded += 1
+    if not folded:
+        return notes
+    log.warning(
+        "validate %s: the chat template of %s refuses a system turn (%s): folded into the first user turn in %d rows",
+        name,
+        checks.template(),
+        why,
+        folded,
+    )
+    return dict(sorted({**notes, SYSTEM_FOLDED: folded}.items()))
+
+
+def _probe_turns(roles: str) -> list[dict[str, Any]]:
+    """Placeholder messages with the roles of a roles column value (tool calls and results included)."""
+    call = PROBE_CONVERSATION[1]["tool_calls"]
+    out: list[dict[str, Any]] = []
+    for i, role in enumerate(roles.split(",") if roles else []):
+        if role == CALL_ROLE:
+            out.append({"role": "assistant", "content": "", "tool_calls": call})
+        elif role == "tool":
+            out.append({"role": "tool", "content": f"tgprobe{i}", "tool_call_id": call[0]["id"]})
+        else:
+            out.append({"role": role, "content": f"tgprobe{i}"})
+    return out
+
+
+def _renderable(checks: _Checks, name: str, kind: str, rows: list[Row], table, flags: dict[str, Any], hidden):
+    """The rows (with their table lines, flags and hidden-character marks) less those whose role order the roles
+    check accepts but the chat template refuses (one render per distinct order), which could not be trained;
+    returns them last as (row, the template's words). A role order the roles check refuses is left to it."""
+    import numpy as np
+    import pandas as pd
+
+    if table is None:
+        return rows, table, flags, hidden, []
+    allowed = re.compile(PREF_ROLES if kind == PAIR else SFT_ROLES)
+    orders = {
+        roles: why
+        for roles in pd.unique(table["roles"])
+        if allowed.match(roles) and (why := checks.role_refusal(roles))
+    }
+    if not orders:
+        return rows, table, flags, hidden, []
+    bad = table["roles"].isin(list(orders)).to_numpy()
+    refused = [
+        (rows[i], f"the chat template of {checks.template()} refuses roles {roles}: {orders[roles]}")
+        for i in np.flatnonzero(bad).tolist()
+        if (roles := table["roles"].iat[i])
+    ]
+    log.warning(
+        "validate %s: the chat template of %s refuses %d rows (%s): quarantined as %s",
+        name,
+        checks.template(),
+        len(refused),
+        "; ".join(sorted(set(orders.values()))),
+        REFUSED,
+    )
+    keep = ~bad
+    rows = [r for r, ok in zip(rows, keep.tolist(), strict=True) if ok]
+    flags = {column: matched[keep] for column, matched in flags.items()}
+    return rows, table[keep].reset_index(drop=True), flags, hidden[keep], refused
 
 
 def _refused(name: str, row: Row, reason: str, detail: str) -> dict[str, Any]:

@@ -360,3 +360,45 @@ def test_the_report_names_the_cheaper_path_and_lists_what_flipped(tmp_path):
     weak = decide(base, samples(np.zeros(80)), POLICY, 500, 1, baselines={"retrieval-5": samples(np.zeros(80))})
     assert any(not c["passed"] and c["against"] == "retrieval-5" for c in weak["checks"])
     assert recommendation(weak, costs) is None
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role'])"
+    " + '\n' + m['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_refuses_a_system_turn_is_given_the_instructions_in_the_first_user_turn(
+    manifest, tmp_path, monkeypatch
+):
+    """lm-eval's own chat path drops a system turn the template refuses, instructions and all, so the prompt
+    baseline would be the base with no prompt; the instructions go before the first user turn instead, as training
+    rows get them (a real lm-eval run of the base)."""
+    import shutil
+
+    from tunegate.paths import COSTS, SAMPLES, Layout
+
+    base = tmp_path / "gemma-like"
+    shutil.copytree(manifest["path"], base)
+    (base / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "dedup").mkdir()
+    write_jsonl(tmp_path / "dedup" / "domain.jsonl", POOL_ROWS)
+    write_jsonl(tmp_path / "dedup" / "general.jsonl", [row("What is the capital of Zyxland?", "Qorvath")])
+    (tmp_path / "prompt.md").write_text("Reply with the ticket as JSON.\n")
+    cfg = _config(tmp_path, few_shot=2, retrieval=0)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"limit": 4})})
+    out = tmp_path / "out"
+    costs = baselines.run(cfg, {**manifest, "path": str(base)}, Layout.of(cfg.paths), out)
+    items = read_jsonl(ROOT / "evals/data/support_gen.jsonl")[:4]
+    for s in read_jsonl(out / "prompt" / SAMPLES / "support_gen.jsonl"):
+        assert "<start_of_turn>system" not in s["prompt"]
+        assert f"<start_of_turn>user\nReply with the ticket as JSON.\n\n{items[s['doc_id']]['message']}" in s["prompt"]
+    for s in read_jsonl(out / "few_shot-2" / SAMPLES / "support_gen.jsonl"):  # in the first example's user turn
+        first_user = s["prompt"][s["prompt"].index("<start_of_turn>user\n") :]
+        assert first_user.startswith("<start_of_turn>user\nReply with the ticket as JSON.\n\n")
+        assert s["prompt"].count("Reply with the ticket as JSON.") == 1 and first_user.count("<start_of_turn>user") >= 2
+    assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
+    assert json.loads((out / COSTS).read_text()).keys() == costs.keys()

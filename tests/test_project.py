@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from collections import Counter
 
@@ -337,3 +338,56 @@ def test_preference_files_choose_the_method_after_sft(tmp_path):
         project._train_params(train, "m", 256, second, held)
         assert train["method"] == (f"sft+{second}" if second else "sft")
         assert [k for k in ("dpo_args", "kto_args") if train[k]] == ([overrides] if overrides else [])
+
+
+@pytest.fixture(scope="module")
+def gemma_like(tmp_path_factory):
+    """A tiny base whose chat template refuses a system turn, as Gemma's does."""
+    from tests.tiny import build_base, tiny
+
+    folder = tmp_path_factory.mktemp("gemma-like")
+    build_base(folder, tiny(max_position=256))
+    (folder / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}"
+        "{% endfor %}"
+    )
+    return folder
+
+
+def _tickets(path, n: int, system: bool) -> str:
+    lines = []
+    for i in range(n):
+        turns = [{"role": "system", "content": "Classify the ticket. " * 20}] if system and i % 2 else []
+        turns += [
+            {"role": "user", "content": f"Ticket {i}: parcel {i} is late"},
+            {"role": "assistant", "content": "late"},
+        ]
+        lines.append(json.dumps({"messages": turns}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_init_measures_rows_as_validate_will_fold_them_for_a_template_without_a_system_turn(proj, gemma_like):
+    """A template that raises on a system turn: init says validate folds it, and measures the folded rows (the long
+    system text counted), instead of stopping on the template's traceback."""
+    data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=True)
+    plan = project.init(str(gemma_like), [data], general_tasks=["general_mc"], root=proj)
+    said = project.summary(plan)
+    assert "template: the chat template refuses a system turn (System role not supported): validate folds it" in said
+    plain = _tickets(proj / "data/raw/plain.jsonl", 60, system=False)
+    other = project.init(str(gemma_like), [plain], general_tasks=["general_mc"], root=proj, force=True)
+    assert "template:" not in project.summary(other)
+    longest = [int(re.search(r"longest row (\d+) tokens", project.summary(p))[1]) for p in (plan, other)]
+    assert longest[0] > longest[1] + 20
+
+
+def test_init_on_a_template_that_refuses_every_row_is_one_line(proj, gemma_like, tmp_path):
+    import shutil
+
+    base = tmp_path / "refuses-all"
+    shutil.copytree(gemma_like, base)
+    (base / "chat_template.jinja").write_text("{{ raise_exception('This model has no chat format') }}")
+    data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=False)
+    with pytest.raises(UserError, match=r"^the chat template refuses every row of your data \(This model has no chat"):
+        project.init(str(base), [data], general_tasks=["general_mc"], root=proj)

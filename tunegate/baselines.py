@@ -3,7 +3,8 @@
 Fine-tuning is worth its pipeline only when it beats what prompting gets from the same base. Each
 baseline is one lm-eval run of the base on the target tasks, with the prompt built differently:
 
-- `prompt`: the user's instructions (paths.prompt, e.g. evals/prompt.md) as a system turn;
+- `prompt`: the user's instructions (paths.prompt, e.g. evals/prompt.md) as a system turn (folded into the first
+  user turn for a template that refuses a system turn, as training rows are: `tunegate.chat.fold_system`);
 - `few_shot-k`: the instructions and k training rows, drawn once with the seed, as earlier turns;
 - `retrieval-k`: the instructions and, per eval item, the k training rows most similar to its prompt
   (BM25 over the rows' user turns, through bm25s; or, with `baselines.embedder`, the cosine similarity of an
@@ -249,9 +250,18 @@ class Prompting:
 
     prompter: Prompter | None = None
     reserve: int = 256
+    _no_system: bool | None = None  # whether the template refuses a system turn, asked of it once
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
-        render = super().apply_chat_template
+        from tunegate.chat import Renderer, fold_system, system_refusal
+
+        if self._no_system is None:
+            self._no_system = system_refusal(Renderer(self.tokenizer)) is not None
+        base = super().apply_chat_template
+
+        def render(messages, generation):  # lm-eval's own would drop a refused system turn, instructions and all
+            return base(fold_system(messages) if self._no_system else messages, generation)
+
         prompter = self.prompter
         if prompter is None:
             return render(chat_history, add_generation_prompt)

@@ -11,6 +11,9 @@ token shares, training and the forgetting probe all see the same text:
 - `template_messages` turns internal messages into what chat templates read (weights left out);
 - `Renderer` renders with the template compiled once, with `tools` and the generation prompt;
 - `tool_support` probes whether a template renders tool calls, tool results and the tools list;
+- `system_refusal` probes whether a template refuses a system turn (Gemma's raises "System role not
+  supported"), and `fold_system` gives such a template its instructions the way its model was trained
+  to read them: the system text, a blank line, then the first user turn;
 - `tokenize` gives a conversation's token ids and a mask that is 1 exactly on the tokens of every
   assistant turn whose weight is not 0 (the turn's text and the template's end-of-turn marker).
   Each turn's span is found by rendering the conversation up to the turn with the generation prompt,
@@ -132,6 +135,50 @@ PROBE_CONVERSATION = [
     {"role": "tool", "content": "tgproberesult", "tool_call_id": "call_tgprobe"},
     {"role": "assistant", "content": "tgprobeanswer"},
 ]
+
+
+SYSTEM_PROBE = [
+    {"role": "system", "content": "tgprobesystem"},
+    {"role": "user", "content": "tgprobeuser"},
+    {"role": "assistant", "content": "tgprobeanswer"},
+]
+
+
+def system_refusal(render: Callable[..., str]) -> str | None:
+    """The template's own words when it refuses a system turn that it renders the same conversation without
+    (Gemma's "System role not supported"); None when it renders one, or refuses more than that."""
+    try:
+        render(SYSTEM_PROBE)
+        return None
+    except Exception as err:  # templates raise (raise_exception) for a role they do not take
+        try:
+            render(SYSTEM_PROBE[1:])
+        except Exception:
+            return None
+        return first_line(err)
+
+
+def first_line(err: Exception) -> str:
+    """An exception as one short line: its first line, or its type when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def fold_system(messages: Sequence[Any]) -> list[Any]:
+    """A leading system turn folded into the user turn after it (the system text, a blank line, the user's),
+    for a template that refuses a system turn. Messages may be dicts or structs; the list is returned as it
+    is (the same object) when it does not start with a system turn followed by a user turn."""
+    if len(messages) < 2 or _get(messages[0], "role") != "system" or _get(messages[1], "role") != "user":
+        return messages  # type: ignore[return-value]
+    system, user = _get(messages[0], "content"), messages[1]
+    text = f"{system}\n\n{_get(user, 'content')}" if system.strip() else _get(user, "content")
+    if isinstance(user, dict):
+        folded = {**user, "content": text}
+    else:
+        import msgspec
+
+        folded = msgspec.structs.replace(user, content=text)
+    return [folded, *messages[2:]]
 
 
 def tool_support(tokenizer) -> str | None:

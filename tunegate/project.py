@@ -297,11 +297,36 @@ def _general_checks(names: list[str], tasks_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _measure(tokenizer, rows: list[dict[str, Any]]) -> int:
-    from tunegate.chat import Renderer, token_count
+def _measure(tokenizer, rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
+    """(the longest row's tokens under the chat template, what init says of the template): a template that refuses
+    a system turn is measured as validate will train it (`fold_system`); rows it refuses otherwise are left out of
+    the measure, counted (validate quarantines them as template_refused)."""
+    from tunegate.chat import Renderer, first_line, fold_system, system_refusal, token_count
 
     render = Renderer(tokenizer)
-    return max((token_count(tokenizer, render, r["messages"], r.get("tools")) for r in rows), default=0)
+    no_system = system_refusal(render)
+    longest, refused, why = 0, 0, ""
+    for r in rows:
+        try:
+            messages = fold_system(r["messages"]) if no_system else r["messages"]
+            longest = max(longest, token_count(tokenizer, render, messages, r.get("tools")))
+        except Exception as err:  # raise_exception in the template, or any error rendering
+            refused, why = refused + 1, why or first_line(err)
+    if refused == len(rows) and rows:
+        raise UserError(
+            f"the chat template refuses every row of your data ({why}); "
+            "see docs/data.md#chat-templates-that-refuse-a-role-order"
+        )
+    said = [f"the chat template refuses a system turn ({no_system}): validate folds it into the first user turn"]
+    said = said if no_system and any(_starts_with_system(r) for r in rows) else []
+    if refused:
+        said.append(f"the chat template refuses {refused} of {len(rows)} rows ({why}): validate quarantines them")
+    return longest, said
+
+
+def _starts_with_system(row: dict[str, Any]) -> bool:
+    messages = row.get("messages") or [{}]
+    return messages[0].get("role") == "system"
 
 
 def _round_up(n: int, step: int = 64) -> int:
@@ -523,7 +548,8 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     """params.yaml for this model and data: lengths measured under the chat template, a real model's settings."""
     import yaml
 
-    longest = _measure(tokenizer, rows)
+    longest, said = _measure(tokenizer, rows)
+    plan.lines += [f"template: {line}" for line in said]
     max_tokens = max(256, _round_up(int(longest * 1.1) + 1))
     answer_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in held.answers)
     params["base"].update(model=model, revision=revision)

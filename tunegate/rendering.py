@@ -87,7 +87,7 @@ class TokenCounter:
 def renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
     """messages -> the text the trainer will see, through the one renderer training uses (`chat.Renderer`,
     the template compiled once); a template that rejects the rows' role order gives the contents joined
-    (the roles check reports those rows)."""
+    (the roles check, or validate's template_refused, reports those rows)."""
     from tunegate.chat import Renderer
 
     render = Renderer(tokenizer)
@@ -95,7 +95,7 @@ def renderer(tokenizer) -> Callable[[list[dict[str, str]]], str]:
     def safe(msgs: list[dict[str, str]]) -> str:
         try:
             return render(msgs)
-        except Exception:  # a template that rejects the role order; the roles check reports it
+        except Exception:  # a template that rejects the role order; the roles check or template_refused reports it
             return "\n".join(m["content"] for m in msgs)
 
     return safe
@@ -262,7 +262,7 @@ class RenderedSize:
             self._chat = Renderer(self.tokenizer)
         try:
             return self._chat(template_messages(conv), tools)
-        except Exception:  # a template that rejects the role order; the roles check reports it
+        except Exception:  # a template that rejects the role order; the roles check or template_refused reports it
             return "\n".join(map(message_text, conv))
 
     def sizes(self, *parts: Flat):

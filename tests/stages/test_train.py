@@ -903,3 +903,18 @@ def load_model_for(manifest):
     from tunegate.models import load_model
 
     return load_model(manifest)
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference"])
+def test_a_row_the_template_refuses_stops_train_in_one_line_naming_it(tokenizer, monkeypatch, kind):
+    """Validate quarantines such rows; one that reaches train anyway (a file edited by hand) is named, not a
+    traceback from inside the template."""
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ raise_exception('roles must alternate') }}")
+    turns = [{"role": "user", "content": "Where is my parcel?"}]
+    answer = [{"role": "assistant", "content": "On its way."}]
+    row = {"id": "domain-0a1b2c3d4e5f", "source": "domain", "line": 7}
+    with pytest.raises(UserError, match=r"^the chat template refuses the row from domain line 7 \(id domain-0a1b2c"):
+        if kind == "sft":
+            train.sft_examples([{**row, "messages": turns + answer}], tokenizer)
+        else:
+            train.preference_examples([{**row, "prompt": turns, "chosen": answer, "rejected": answer}], tokenizer)

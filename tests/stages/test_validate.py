@@ -346,3 +346,103 @@ def test_a_preference_source_of_labelled_answers_keeps_them_and_sets_pairs_aside
     assert q[7] == ("missing_field", "completion, label")
     assert q[8][0] == "bad_label" and "'maybe'" in q[8][1]
     assert metrics["sources"]["fb"]["format"] == "unpaired" and metrics["sources"]["fb"]["in"] == 8
+
+
+# Templates that refuse a system turn, as real models ship them: Gemma's raises on it; Mistral's first instruct
+# template and the "strict" one above raise on any order that does not start with the user.
+NO_SYSTEM = {
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' + m['content'] | trim"
+    " + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+    "{{ m['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}",
+    "strict": TEMPLATES["strict"],
+}
+
+
+def _system_rows(kind: str, n: int) -> list[dict]:
+    """n rows of `kind`, every other one opening with a system turn (multi-turn SFT rows among them)."""
+    rows = []
+    for i in range(n):
+        system = [{"role": "system", "content": f"You answer for shop {i % 3}."}] if i % 2 else []
+        user = {"role": "user", "content": f"Where is order {1000 + i}? It has not arrived."}
+        if kind == "sft":
+            extra = [{"role": "assistant", "content": "Which address?"}, {"role": "user", "content": "Home."}]
+            turns = [user, *(extra if i % 3 == 0 else []), {"role": "assistant", "content": f"It ships on day {i}."}]
+            rows.append({"messages": system + turns})
+        elif kind == "preference":
+            rows.append({"prompt": system + [user], "chosen": f"It ships on day {i}.", "rejected": "No idea."})
+        else:
+            rows.append({"prompt": system + [user], "completion": f"It ships on day {i}.", "label": bool(i % 2)})
+    return rows
+
+
+@pytest.mark.parametrize("template", sorted(NO_SYSTEM))
+@pytest.mark.parametrize("kind", ["sft", "preference", "unpaired"])
+def test_a_template_that_refuses_a_system_turn_gets_it_folded_into_the_first_user_turn(
+    tmp_path, tokenizer, monkeypatch, template, kind
+):
+    """Every row is kept, its system text and a blank line before its first user turn (the turn's id follows what
+    is trained), the count is in the source's read notes, and every kept row renders under the template."""
+    from tunegate.chat import Renderer, template_messages
+
+    monkeypatch.setattr(tokenizer, "chat_template", NO_SYSTEM[template])
+    rows = _system_rows(kind, 24)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Validate(min_tokens=1, max_invalid_share=0.0)
+    role = "domain" if kind == "sft" else "preference"
+    metrics = validate.run(cfg, {"s": Source(path=str(path), role=role)}, tokenizer, tmp_path / "out")
+    kept = read_jsonl(tmp_path / "out" / "s.jsonl")
+    assert len(kept) == 24 and metrics["sources"]["s"]["read"] == {"system_folded": 12}
+    render = Renderer(tokenizer)
+    for row, written in zip(rows, kept, strict=True):
+        turns = written["messages"] if kind == "sft" else written["prompt"]
+        source = row["messages"] if kind == "sft" else row["prompt"]
+        assert [t["role"] for t in turns] == [t["role"] for t in source if t["role"] != "system"]
+        folded = f"{source[0]['content']}\n\n{source[1]['content']}" if source[0]["role"] == "system" else None
+        assert turns[0]["content"] == (folded or source[0]["content"])
+        answer = [] if kind == "sft" else written["chosen" if kind == "preference" else "completion"]
+        render(template_messages(turns + answer))
+    assert len({r["id"] for r in kept}) == 24
+
+
+def test_a_template_that_takes_a_system_turn_keeps_it(tmp_path, tokenizer):
+    rows = _system_rows("sft", 6)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = validate.run(
+        Validate(min_tokens=1), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out"
+    )
+    kept = read_jsonl(tmp_path / "out" / "s.jsonl")
+    assert [r["messages"] for r in kept] == [r["messages"] for r in rows] and metrics["sources"]["s"]["read"] == {}
+
+
+def test_rows_the_template_refuses_are_quarantined_with_its_words_before_training(tmp_path, tokenizer, monkeypatch):
+    """A role order the roles check accepts but the template raises on (here: more than one turn) leaves as
+    template_refused with the template's own message; a role order the roles check refuses is still wrong_role."""
+    monkeypatch.setattr(
+        tokenizer,
+        "chat_template",
+        "{% if messages|length > 2 %}{{ raise_exception('only single-turn conversations') }}{% endif %}"
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}",
+    )
+    rows = _system_rows("sft", 12)
+    rows.append({"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Bye"}]})
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Validate(min_tokens=1, max_invalid_share=1.0)
+    metrics = validate.run(cfg, {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+    quarantine = {q["line"]: q for q in read_jsonl(tmp_path / "out" / validate.QUARANTINE)}
+    # a system turn is folded (the template takes the conversation without it); a second user turn is not
+    long = {i + 1 for i, r in enumerate(rows[:12]) if sum(m["role"] != "system" for m in r["messages"]) > 2}
+    assert {line for line, q in quarantine.items() if q["reason"] == "template_refused"} == long
+    assert all("only single-turn conversations" in quarantine[line]["detail"] for line in long)
+    assert quarantine[13]["reason"] == "wrong_role"
+    kept = read_jsonl(tmp_path / "out" / "s.jsonl")
+    assert len(kept) == 12 - len(long) and metrics["sources"]["s"]["in"] == 13 and metrics["conserved"]
