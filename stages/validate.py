@@ -439,21 +439,28 @@ class _Checks:
     no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
     no_system: str | None = None  # probed once: "" = the template takes a system turn
     role_orders: dict[str, str] = field(default_factory=dict)  # roles column value -> why the template refuses it
+    _render: Renderer | None = None
 
     def template(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "") or "the base model"
 
+    def render(self) -> Renderer:
+        """The renderer training uses (the template compiled once), for the probes below."""
+        if self._render is None:
+            self._render = Renderer(self.tokenizer)
+        return self._render
+
     def system_refusal(self) -> str:
         """The template's words when it refuses a system turn ("" when it takes one), asked of it once."""
         if self.no_system is None:
-            self.no_system = system_refusal(Renderer(self.tokenizer)) or ""
+            self.no_system = system_refusal(self.render()) or ""
         return self.no_system
 
     def role_refusal(self, roles: str) -> str:
         """Why the template refuses conversations with these roles (a roles column value), "" when it renders them:
         rendered once per distinct value, with placeholder contents."""
         if roles not in self.role_orders:
-            render, why = Renderer(self.tokenizer), ""
+            render, why = self.render(), ""
             prompt, *answers = roles.split("|")
             for answer in answers or [""]:
                 try:
