@@ -1,6 +1,6 @@
-"""The layouts other tools export (ShareGPT, OpenAI preference, implicit-prompt and HH pairs, KTO's labelled
-answers, the developer role, legacy function calls): a generated corpus in each layout reads as exactly the rows of
-the same corpus in OpenAI's format, and each malformed variant is quarantined with its reason."""
+"""The layouts other tools export (ShareGPT, OpenAI preference, Gemini / Vertex AI, implicit-prompt and HH pairs,
+KTO's labelled answers, the developer role, legacy function calls): a generated corpus in each layout reads as
+exactly the rows of the same corpus in OpenAI's format, and each malformed variant is quarantined with its reason."""
 
 from __future__ import annotations
 
@@ -86,6 +86,44 @@ def to_sharegpt(row: dict) -> dict:
     return {"conversations": turns, **out}
 
 
+def to_gemini(row: dict, snake: bool = False) -> dict:
+    """An OpenAI chat row as Gemini / Vertex AI tuning writes it (camelCase, or the Python SDK's snake_case)."""
+
+    def key(camel: str) -> str:
+        return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel) if snake else camel
+
+    out, messages = {}, row.get("messages") or row["prompt"]
+    if messages[0]["role"] == "system":
+        out[key("systemInstruction")] = {"parts": [{"text": messages[0]["content"]}]}
+        messages = messages[1:]
+    out["contents"] = [gemini_content(m, key) for m in messages]
+    if "tools" in row:
+        out["tools"] = [{key("functionDeclarations"): [t["function"] for t in row["tools"]]}]
+    return out
+
+
+def gemini_content(m: dict, key=str) -> dict:
+    if m["role"] == "tool":
+        return {
+            "role": "user",
+            "parts": [{key("functionResponse"): {"name": "lookup", "response": json.loads(m["content"])}}],
+        }
+    calls = [
+        {key("functionCall"): {"name": c["function"]["name"], "args": c["function"]["arguments"]}}
+        for c in m.get("tool_calls", [])
+    ]
+    text = [{"text": m["content"]}] if m["content"] or not calls else []
+    return {"role": "model" if m["role"] == "assistant" else m["role"], "parts": text + calls}
+
+
+def to_gemini_preference(pair: dict, chosen_first: bool = True) -> dict:
+    """A pair as Vertex AI's preference tuning writes it: the prompt's contents, then two scored completions."""
+    out = to_gemini({"messages": pair["prompt"]})
+    scored = [{"score": 1, "completion": gemini_content(pair["chosen"][0])}]
+    scored.append({"score": 0, "completion": gemini_content(pair["rejected"][0])})
+    return {**out, "completions": scored if chosen_first else scored[::-1]}
+
+
 def to_openai_preference(pair: dict) -> dict:
     return {
         "input": {"messages": pair["prompt"]},
@@ -111,6 +149,25 @@ def test_sharegpt_reads_as_the_same_rows_as_openai_chat(tmp_path):
     got, problems, fmt = read(write(tmp_path / "sharegpt.jsonl", [to_sharegpt(r) for r in rows]))
     assert fmt == "sharegpt" and problems == []
     assert got == want and any("tools" in r for r in got) and any(r["messages"][0]["role"] == "system" for r in got)
+
+
+@pytest.mark.parametrize("snake", [False, True])
+def test_gemini_reads_as_the_same_rows_as_openai_chat(tmp_path, snake):
+    """Vertex AI's tuning JSONL (and the Python SDK's snake_case dump of it): system instruction, model turns,
+    function calls and responses and the declared functions read as the OpenAI rows they came from."""
+    rows = corpus()
+    want, _, _ = read(write(tmp_path / "openai.jsonl", rows))
+    got, problems, fmt = read(write(tmp_path / "gemini.jsonl", [to_gemini(r, snake) for r in rows]))
+    assert fmt == "gemini" and problems == []
+    assert got == want and any("tools" in r for r in got) and any(r["messages"][0]["role"] == "system" for r in got)
+
+
+def test_gemini_preference_reads_as_the_same_pairs_whichever_completion_comes_first(tmp_path):
+    records = pairs()
+    want, _, _ = read(write(tmp_path / "explicit.jsonl", records))
+    layout = [to_gemini_preference(p, chosen_first=i % 2 == 0) for i, p in enumerate(records)]
+    got, problems, fmt = read(write(tmp_path / "gemini_preference.jsonl", layout))
+    assert fmt == "gemini" and problems == [] and got == want and len(got) == N
 
 
 @pytest.mark.parametrize("layout", [to_openai_preference, to_implicit, to_hh])
@@ -210,6 +267,30 @@ MALFORMED = [
     ("sharegpt", {"conversations": [{"from": "human", "value": "q"}], "tools": "[broken"}, "wrong_type"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"}},
      "missing_field"),
+    ("gemini", {"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "wrong_role"),
+    ("gemini", {"contents": [{"role": "user"}]}, "missing_field"),
+    ("gemini", {"contents": "hello"}, "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": []}]}, "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"text": 3}]}]}, "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"fileData": {"fileUri": "gs://b/x.png"}}]}]},
+     "non_text_content"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"inline_data": {"data": "AAAA"}}]}]}, "non_text_content"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"video": 1}]}]}, "wrong_type"),
+    ("gemini", {"contents": [{"role": "model", "parts": [{"functionCall": {"args": {}}}]}]}, "bad_tool_call"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"functionCall": {"name": "f"}}]}]}, "bad_tool_call"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"functionResponse": {"response": {}}}]}]},
+     "missing_field"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"text": "q"}]}], "systemInstruction": "Be brief."},
+     "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"text": "q"}]}], "tools": [{"googleSearch": {}}]},
+     "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"text": "q"}]}],
+                "completions": [{"score": 1, "completion": {"role": "model", "parts": [{"text": "a"}]}}]},
+     "wrong_type"),
+    ("gemini", {"contents": [{"role": "user", "parts": [{"text": "q"}]}],
+                "completions": [{"score": 1, "completion": {"role": "model", "parts": [{"text": "a"}]}},
+                                {"score": 0.5, "completion": {"role": "model", "parts": [{"text": "b"}]}}]},
+     "wrong_type"),
     ("openai_preference", {"input": {"messages": [user("q")]}, "preferred_output": []}, "missing_field"),
     ("openai_preference", {"input": "q", "preferred_output": [], "non_preferred_output": []}, "missing_field"),
     ("preference", {"chosen": [user("a")], "rejected": [user("b")]}, "prompt_mismatch"),
@@ -236,6 +317,7 @@ def test_each_malformed_variant_is_quarantined_with_its_reason(tmp_path, fmt, re
     """Among valid rows of the same layout, the malformed one is quarantined with its reason and the rest kept."""
     valid = {
         "sharegpt": [to_sharegpt(r) for r in corpus()[:5]],
+        "gemini": [to_gemini(r) for r in corpus()[:5]],
         "openai_preference": [to_openai_preference(p) for p in pairs()[:5]],
         "preference": [to_implicit(p) for p in pairs()[:5]],
         "unpaired": [r for p in pairs()[:3] for r in to_labelled(p)][:5],

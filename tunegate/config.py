@@ -89,7 +89,15 @@ class Source(_Section):
     role: Literal["domain", "general", "preference"]
     weight: float = Field(1.0, gt=0, description="share among sources of the same role when mixing")
     format: Literal[
-        "auto", "messages", "prompt_completion", "alpaca", "preference", "unpaired", "sharegpt", "openai_preference"
+        "auto",
+        "messages",
+        "prompt_completion",
+        "alpaca",
+        "preference",
+        "unpaired",
+        "sharegpt",
+        "openai_preference",
+        "gemini",
     ] = "auto"
     split: str | None = Field(None, description="a saved DatasetDict's split (default: train)")
 

@@ -62,6 +62,7 @@ REQUIRED = {
     "unpaired": ("prompt", "completion", "label"),
     "sharegpt": ("conversations",),
     "openai_preference": ("input", "preferred_output", "non_preferred_output"),
+    "gemini": ("contents",),
 }
 
 
@@ -112,6 +113,8 @@ def detect_format(record: dict[str, Any]) -> str | None:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
+    if "contents" in keys:
+        return "gemini"
     if "preferred_output" in keys or "non_preferred_output" in keys:
         return "openai_preference"
     if "chosen" in keys or "rejected" in keys:
@@ -130,8 +133,8 @@ def infer_source_format(records: list[dict[str, Any]]) -> str:
     if not counts:
         raise UserError(
             "no record has a known shape (messages / prompt+completion / instruction+output / prompt+chosen+rejected "
-            "/ prompt+completion+label / ShareGPT conversations / OpenAI preference input+preferred_output; see the "
-            "README's format table)"
+            "/ prompt+completion+label / ShareGPT conversations / OpenAI preference input+preferred_output / Gemini "
+            "contents; see the format table in docs/data.md)"
         )
     return counts.most_common(1)[0][0]
 
@@ -283,6 +286,8 @@ def normalise(record: Any, fmt: str, notes: Counter | None = None) -> dict[str, 
         raise NormaliseError("missing_field", ", ".join(missing))
     if fmt == "sharegpt":
         fmt, record = layouts.sharegpt(record)
+    elif fmt == "gemini":
+        fmt, record = layouts.gemini(record)
     elif fmt == "openai_preference":
         fmt, record = "preference", layouts.openai_preference(record)
     if fmt == "messages":

@@ -6,6 +6,11 @@
   observation/tool -> tool. With `chosen` and `rejected` turns beside `conversations`, a preference pair.
 - **OpenAI preference fine-tuning** (`input.messages` with optional `input.tools`, `preferred_output`,
   `non_preferred_output`): the DPO file uploaded to OpenAI, read as the same pair.
+- **Gemini / Vertex AI tuning** (`{"contents": [{"role": "user" | "model", "parts": [{"text": ...}]}]}`, with an
+  optional `systemInstruction` and `tools` of `functionDeclarations`; camelCase or the SDKs' snake_case): model ->
+  assistant, text parts joined with newlines, `functionCall` parts as tool calls, `functionResponse` parts as tool
+  results, file and inline data parts refused (`non_text_content`). With `completions` (one scored 1, one
+  scored 0: Vertex AI's preference tuning), a preference pair.
 - **Implicit-prompt pairs** (TRL's layout: `chosen` and `rejected` are whole conversations that share their
   prompt turns, no `prompt`): the shared turns are the prompt; pairs that differ before the answer are
   quarantined (`prompt_mismatch`).
@@ -41,6 +46,10 @@ SHAREGPT_ROLES = {
     "function": "tool",
 }
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+GEMINI_ROLES = {"user": "user", "model": "assistant", "system": "system", "function": "tool", "tool": "tool"}
+# Parts a text model cannot train on (camelCase as the REST API writes them, snake_case as the SDKs do).
+GEMINI_NOT_TEXT = ("inlineData", "inline_data", "fileData", "file_data", "executableCode", "executable_code",
+                   "codeExecutionResult", "code_execution_result")  # fmt: skip
 
 
 class NormaliseError(ValueError):
@@ -203,3 +212,113 @@ def legacy_message(m: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
     if role == "function":
         return {**m, "role": "tool"}
     return m
+
+
+def _field(value: dict[str, Any], camel: str) -> Any:
+    """A Gemini field under its camelCase name or the snake_case one the Python SDK writes."""
+    snake = re.sub(r"(?<!^)([A-Z])", r"_\1", camel).lower()
+    return value.get(camel, value.get(snake))
+
+
+def _gemini_turn(turn: Any, where: str) -> list[dict[str, Any]]:
+    """One Gemini content (role and parts) as OpenAI messages: text and function calls as one message, function
+    responses as one tool message each."""
+    if not isinstance(turn, dict):
+        raise NormaliseError("wrong_type", f"{where} must be an object with 'role' and 'parts'")
+    who, parts = turn.get("role"), turn.get("parts")
+    if who is None or parts is None:
+        raise NormaliseError("missing_field", f"{where} needs 'role' and 'parts'")
+    if who not in GEMINI_ROLES:
+        raise NormaliseError("wrong_role", f"{where}.role {who!r} is not a Gemini role ({', '.join(GEMINI_ROLES)})")
+    if not isinstance(parts, list) or not parts or not all(isinstance(part, dict) for part in parts):
+        raise NormaliseError("wrong_type", f"{where}.parts must be a non-empty list of objects")
+    texts, calls, results = _gemini_parts(parts, where)
+    if results and (texts or calls):
+        raise NormaliseError("wrong_type", f"{where} mixes functionResponse parts with text or calls")
+    if results:
+        return results
+    role = GEMINI_ROLES[who]
+    if calls and role != "assistant":
+        raise NormaliseError("bad_tool_call", f"{where}: a functionCall part is the model's, not the {who}'s")
+    return [{"role": role, "content": "\n".join(texts), **({"tool_calls": calls} if calls else {})}]
+
+
+def _gemini_parts(parts: list[dict[str, Any]], where: str) -> tuple[list[str], list[dict], list[dict]]:
+    """(text parts, function calls, function responses) of one content's parts."""
+    texts, calls, results = [], [], []
+    for j, part in enumerate(parts):
+        at = f"{where}.parts[{j}]"
+        if (text := part.get("text")) is not None:
+            if not isinstance(text, str):
+                raise NormaliseError("wrong_type", f"{at}.text must be a string")
+            texts.append(text)
+        elif (call := _field(part, "functionCall")) is not None:
+            calls.append(_gemini_call(call, at))
+        elif (result := _field(part, "functionResponse")) is not None:
+            results.append(_gemini_result(result, at))
+        elif kind := next((k for k in GEMINI_NOT_TEXT if k in part), None):
+            raise NormaliseError("non_text_content", f"{at} is a {kind!r} part; only text parts can be trained")
+        else:
+            raise NormaliseError("wrong_type", f"{at} has no text, functionCall or functionResponse")
+    return texts, calls, results
+
+
+def _gemini_call(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        raise NormaliseError("bad_tool_call", f"{where}.functionCall needs a name")
+    out = {"type": "function", "function": {"name": call["name"], "arguments": call.get("args") or {}}}
+    return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
+
+
+def _gemini_result(result: Any, where: str) -> dict[str, Any]:
+    if not isinstance(result, dict) or not isinstance(result.get("name"), str):
+        raise NormaliseError("missing_field", f"{where}.functionResponse needs a name and a response")
+    message = {"role": "tool", "content": json.dumps(result.get("response"), ensure_ascii=False)}
+    return {**message, "tool_call_id": result["id"]} if isinstance(result.get("id"), str) else message
+
+
+def _gemini_turns(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise NormaliseError("wrong_type", f"{where} must be a list of contents, got {type(value).__name__}")
+    return [m for i, turn in enumerate(value) for m in _gemini_turn(turn, f"{where}[{i}]")]
+
+
+def _gemini_tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise NormaliseError("wrong_type", "tools must be a list of {functionDeclarations: [...]}")
+    out = []
+    for i, tool in enumerate(tools):
+        declared = _field(tool, "functionDeclarations") if isinstance(tool, dict) else None
+        if not isinstance(declared, list):
+            raise NormaliseError(
+                "wrong_type", f"tools[{i}] has no functionDeclarations (only functions can be trained as tools)"
+            )
+        out += [{"type": "function", "function": d} for d in declared]
+    return out or None
+
+
+def gemini(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(format, record) in OpenAI's shape: `messages`, or `preference` when Vertex AI's scored `completions` are
+    given (the one scored 1 chosen, the one scored 0 rejected)."""
+    messages = _gemini_turns(record["contents"], "contents")
+    system = _field(record, "systemInstruction")
+    if system is not None:
+        if not isinstance(system, dict):
+            raise NormaliseError("wrong_type", "systemInstruction must be an object with 'parts'")
+        (said,) = _gemini_turn({**system, "role": "system"}, "systemInstruction")
+        messages.insert(0, said)
+    extra = {"tools": tools} if (tools := _gemini_tools(record)) else {}
+    completions = record.get("completions")
+    if completions is None:
+        return "messages", {"messages": messages, **extra}
+    scored = {}
+    for i, c in enumerate(completions if isinstance(completions, list) else [None]):
+        if not isinstance(c, dict) or c.get("score") not in (0, 1) or type(c.get("score")) is bool:
+            raise NormaliseError("wrong_type", f"completions[{i}] must be {{score: 0 or 1, completion: {{...}}}}")
+        scored.setdefault(c["score"], []).append(_gemini_turn(c.get("completion"), f"completions[{i}].completion"))
+    if sorted((score, len(turns)) for score, turns in scored.items()) != [(0, 1), (1, 1)]:
+        raise NormaliseError("wrong_type", "completions must be one completion scored 1 and one scored 0")
+    return "preference", {"prompt": messages, "chosen": scored[1][0], "rejected": scored[0][0], **extra}
