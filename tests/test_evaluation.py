@@ -1,5 +1,6 @@
 """lm-eval wrapper: unknown tasks and built-in tasks without cached data end in one clear line."""
 
+import json
 import os
 
 import pytest
@@ -235,3 +236,47 @@ def test_task_templates_are_compiled_once_and_render_as_before():
     assert utils.env.from_string.cache_info().misses == compiled + 1  # six documents, one compilation
     with pytest.raises(jinja2.UndefinedError):  # a missing field still fails as lm-eval's StrictUndefined says
         utils.apply_template(template, {"text": "no label"})
+
+
+GEMMA_LIKE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<start_of_turn>' + m['role'] + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["takes_system", "refuses_system"])
+def test_items_are_asked_with_their_system_turn_folded_where_the_template_refuses_one(
+    manifest, tmp_path, monkeypatch, template
+):
+    """A held-out task written by init with its rows' system turns (lm-eval's `description` naming the items'
+    field): a real lm-eval run puts each item's own system text before it, as a system turn where the template
+    takes one and before the user's text in the first user turn where it does not (lm-eval alone would drop it)."""
+    import shutil
+
+    from tunegate.project import task_yaml
+
+    base = tmp_path / "base"
+    shutil.copytree(manifest["path"], base)
+    if template == "refuses_system":
+        (base / "chat_template.jinja").write_text(GEMMA_LIKE)
+    tasks = tmp_path / "tasks"
+    shutil.copytree(ROOT / "evals/tasks", tasks)
+    items = [
+        {"id": f"t-{i}", "prompt": f"Ticket {i}: parcel late", "answer": "shipping", "system": f"You are desk {i}."}
+        for i in range(4)
+    ]
+    items[3]["system"] = ""  # a row without one is asked without one
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tasks / "tickets.yaml").write_text(
+        task_yaml("tickets", "items.jsonl", "exact", ["exact"], ["\n"], "t", system=True)
+    )
+    monkeypatch.chdir(tmp_path)
+    evaluate(Eval(tasks=["tickets"], limit=4), {**manifest, "path": str(base)}, tasks, tmp_path / "out", 1)
+    prompts = {s["doc_id"]: s["prompt"] for s in read_jsonl(tmp_path / "out" / "samples" / "tickets.jsonl")}
+    for i, item in enumerate(items[:3]):
+        if template == "refuses_system":
+            assert f"<start_of_turn>user\n{item['system']}\n\nTicket {i}: parcel late" in prompts[i]
+        else:
+            assert prompts[i].index(item["system"]) < prompts[i].index(f"Ticket {i}") and "<|system|>" in prompts[i]
+    assert "desk" not in prompts[3] and "system" not in prompts[3]

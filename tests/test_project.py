@@ -16,6 +16,7 @@ from tests.conftest import ROOT
 from tunegate import consistency, project
 from tunegate.config import load_config
 from tunegate.errors import UserError
+from tunegate.io import read_jsonl
 
 
 def answers(rng: random.Random, n: int, labels=("refund", "track", "cancel"), weights=(6, 3, 1)) -> list[str]:
@@ -361,7 +362,7 @@ def _tickets(path, n: int, system: bool) -> str:
         turns = [{"role": "system", "content": "Classify the ticket. " * 20}] if system and i % 2 else []
         turns += [
             {"role": "user", "content": f"Ticket {i}: parcel {i} is late"},
-            {"role": "assistant", "content": "late"},
+            {"role": "assistant", "content": ("late", "lost", "damaged")[i % 3]},  # a label to stratify by
         ]
         lines.append(json.dumps({"messages": turns}))
     path.write_text("\n".join(lines) + "\n")
@@ -391,3 +392,22 @@ def test_init_on_a_template_that_refuses_every_row_is_one_line(proj, gemma_like,
     data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=False)
     with pytest.raises(UserError, match=r"^the chat template refuses every row of your data \(This model has no chat"):
         project.init(str(base), [data], general_tasks=["general_mc"], root=proj)
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_held_out_items_keep_their_rows_system_turn(proj, gemma_like, system):
+    """Rows trained with a system turn are asked with it: each held-out item keeps its row's (every other row here
+    has one), and the task names the field as lm-eval's `description`; data without any writes neither."""
+    data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=system)
+    plan = project.init(str(gemma_like), [data], general_tasks=["general_mc"], root=proj, eval_size=30)
+    items = read_jsonl(proj / "evals/data/tickets_gen.jsonl")
+    task = yaml.safe_load((proj / "evals/tasks/tickets_gen.yaml").read_text().replace("!function ", ""))
+    rows = {json.loads(line)["messages"][-2]["content"]: json.loads(line) for line in open(data)}
+    if system:
+        assert task["description"] == "system" and "each asked with its system turn" in project.summary(plan)
+        for item in items:
+            turns = rows[item["prompt"]]["messages"]
+            assert item["system"] == (turns[0]["content"] if len(turns) == 3 else "")
+        assert {bool(item["system"]) for item in items} == {True, False}
+    else:
+        assert "description" not in task and all("system" not in item for item in items)

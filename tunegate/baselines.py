@@ -250,18 +250,9 @@ class Prompting:
 
     prompter: Prompter | None = None
     reserve: int = 256
-    _no_system: bool | None = None  # whether the template refuses a system turn, asked of it once
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
-        from tunegate.chat import Renderer, fold_system, system_refusal
-
-        if self._no_system is None:
-            self._no_system = system_refusal(Renderer(self.tokenizer)) is not None
-        base = super().apply_chat_template
-
-        def render(messages, generation):  # lm-eval's own would drop a refused system turn, instructions and all
-            return base(fold_system(messages) if self._no_system else messages, generation)
-
+        render = super().apply_chat_template  # tunegate.evaluation.SystemFolded's: a refused system turn is folded
         prompter = self.prompter
         if prompter is None:
             return render(chat_history, add_generation_prompt)

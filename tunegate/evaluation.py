@@ -220,6 +220,34 @@ def task_set(cfg: Eval, tasks_dir: Path) -> TaskSet:
     return TaskSet(manager, local, tasks_dir)
 
 
+class SystemFolded:
+    """What every lm-eval model here adds to lm-eval's chat path: where the chat template refuses a system turn (a
+    task's `description`, a baseline's instructions), it is folded into the first user turn
+    (`tunegate.chat.fold_system`), as validate folds the training rows'. lm-eval's own path would drop it."""
+
+    _no_system: bool | None = None  # asked of the template once
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
+        from tunegate.chat import fold_system, system_refusal
+
+        if self._no_system is None:
+            self._no_system = system_refusal(self.template_renderer()) is not None
+        chat = fold_system(chat_history) if self._no_system else chat_history
+        return super().apply_chat_template(chat, add_generation_prompt)
+
+    def template_renderer(self):
+        """The template as training renders it (the tokenizer's, compiled once), for the probe."""
+        from tunegate.chat import Renderer
+
+        return Renderer(self.tokenizer)
+
+
+def _with(mixin: type | None, cls: type) -> type:
+    """lm-eval's model class with the system fold and, for a baseline, its prompting before it."""
+    bases = (mixin, SystemFolded, cls) if mixin else (SystemFolded, cls)
+    return type(f"{mixin.__name__ if mixin else ''}{cls.__name__}", bases, {})
+
+
 def lm_model(  # noqa: PLR0913 - what is scored, and what a baseline mixes in
     cfg: Eval,
     manifest: dict[str, Any],
@@ -236,7 +264,7 @@ def lm_model(  # noqa: PLR0913 - what is scored, and what a baseline mixes in
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    cls = type(f"{mixin.__name__}HFLM", (mixin, HFLM), {}) if mixin else HFLM
+    cls = _with(mixin, HFLM)
 
     pretrained = str(full_model) if full_model else manifest["path"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,7 +319,7 @@ def vllm_model(  # noqa: PLR0913 - lm_model's inputs
     else:  # the base, with its tokenizer as training saw it (a default chat template if it has none)
         pretrained, tokenizer = Path(manifest["path"]), folder
         base_tokenizer(str(pretrained), manifest, trust_remote_code).save_pretrained(tokenizer)
-    cls = type(f"{mixin.__name__}VLLM", (mixin, VLLM), {}) if mixin else VLLM
+    cls = _with(mixin, VLLM)
     lm = cls(
         pretrained=str(pretrained),
         tokenizer=str(tokenizer),

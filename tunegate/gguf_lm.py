@@ -2,7 +2,8 @@
 
 It mirrors lm-eval's `hf` model request by request, so the per-item outcomes pair with the candidate's:
 - prompts are rendered with the chat template stored in the GGUF (`tokenizer.chat_template`), the one
-  llama.cpp's server, Ollama and LM Studio read; a template lost in conversion shows up as changed items;
+  llama.cpp's server, Ollama and LM Studio read; a template lost in conversion shows up as changed items; a
+  system turn the template refuses is folded into the first user turn, as for the other models;
 - text is tokenized by llama.cpp's tokenizer (special tokens parsed, no BOS added, as `hf` does for
   these prompts); `tokenizer_mismatches` counts contexts whose ids differ from transformers' tokenizer;
 - loglikelihood splits context and continuation as lm-eval does (trailing spaces move to the
@@ -56,6 +57,7 @@ class GGUFModel(LM):
         self.reference = reference_tokenizer
         self.tokenizer_mismatches = 0
         self._checked: set[str] = set()
+        self._no_system: bool | None = None  # whether the template refuses a system turn, asked of it once
 
     # --- text <-> ids -----------------------------------------------------------------------------
     def tokens(self, text: str) -> list[int]:
@@ -77,8 +79,17 @@ class GGUFModel(LM):
         return self.template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        from tunegate.chat import fold_system, system_refusal
+
         special = {"bos_token": self.text([self.llm.token_bos()], special=True), "eos_token": self.eos_text}
-        return render(self.template, chat_history, add_generation_prompt, **special)
+
+        def rendered(messages, tools=None, generation=False):
+            return render(self.template, messages, generation, **special)
+
+        if self._no_system is None:
+            self._no_system = system_refusal(rendered) is not None
+        chat = fold_system(chat_history) if self._no_system else chat_history
+        return rendered(chat, generation=add_generation_prompt)
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of ids, reusing the evaluated prefix shared with the previous call."""

@@ -73,8 +73,8 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "data"
 
 
-def _single_turn(row: dict[str, Any]) -> tuple[str, str] | None:
-    """(user text, answer) of a plain single-turn row ([system], user, assistant; no tools)."""
+def _single_turn(row: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(user text, answer, system text or "") of a plain single-turn row ([system], user, assistant; no tools)."""
     msgs = row.get("messages") or []
     if row.get("tools") or any(len(m) > 2 for m in msgs):
         return None
@@ -82,7 +82,8 @@ def _single_turn(row: dict[str, Any]) -> tuple[str, str] | None:
     if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
         return None
     user, answer = msgs[-2]["content"].strip(), msgs[-1]["content"].strip()
-    return (user, answer) if user and answer else None
+    system = msgs[0]["content"] if len(msgs) == 3 else ""
+    return (user, answer, system) if user and answer else None
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
@@ -125,14 +126,14 @@ def short_labels(answers: list[str]) -> bool:
     )
 
 
-def carve(items: list[tuple[str, str]], size: int, seed: int, label: str | None) -> list[int]:
-    """Indices of `size` items, seeded; proportional per label value (largest remainder) when a label
-    is given (a JSON key, or ANSWER: the answer itself), so rare classes are in the eval too."""
+def carve(items: list[tuple[str, ...]], size: int, seed: int, label: str | None) -> list[int]:
+    """Indices of `size` items ((prompt, answer, ...) each), seeded; proportional per label value (largest remainder)
+    when a label is given (a JSON key, or ANSWER: the answer itself), so rare classes are in the eval too."""
     rng = random.Random(seed)
     if not label:
         return sorted(rng.sample(range(len(items)), size))
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, (_, answer) in enumerate(items):
+    for i, (_, answer, *_) in enumerate(items):
         value = answer.strip() if label == ANSWER else json.dumps(_json_object(answer)[label], sort_keys=True)
         groups[value].append(i)
     quotas = {k: size * len(v) / len(items) for k, v in groups.items()}
@@ -199,7 +200,11 @@ def end_of_turn(tokenizer) -> str:
     return tail.strip().split()[0] if tail.strip() else ""
 
 
-def task_yaml(task: str, data: str, function: str, metrics: list[str], until: list[str], source: str) -> str:
+def task_yaml(  # noqa: PLR0913 - the settings of one lm-eval task file
+    task: str, data: str, function: str, metrics: list[str], until: list[str], source: str, *, system: bool = False
+) -> str:
+    """An lm-eval task of held-out rows: each item's prompt, and with `system` its row's system turn (lm-eval's
+    `description` naming the items' `system` field: a system message before the prompt, as in training)."""
     lines = [
         f"# Target skill: {task}, held out from {source} by `tunegate init` (prompt -> answer).",
         f"# Scored by utils.{function}.",
@@ -211,6 +216,7 @@ def task_yaml(task: str, data: str, function: str, metrics: list[str], until: li
         "output_type: generate_until",
         'doc_to_text: "{{prompt}}"',
         'doc_to_target: "{{answer}}"',
+        *(["description: system  # each item's system turn, as its row had it"] if system else []),
         'target_delimiter: ""',
         "generation_kwargs:",
         f"  until: {json.dumps(until)}",
@@ -457,14 +463,15 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
             "add data or lower --eval-size"
         )
     items = [pair for _, pair in eligible]
-    key = pick_label([a for _, a in items], label)
-    if key is None and label is None and short_labels([a for _, a in items]):
+    key = pick_label([item[1] for item in items], label)
+    if key is None and label is None and short_labels([item[1] for item in items]):
         key = ANSWER
     chosen = carve(items, size, seed, key)
     task = _slug(task or task_name(data[0]))
     answers = [items[i][1] for i in chosen]
     function, metrics, metric = scorer(answers)
     eval_file = f"{params['paths']['evals']}/data/{task}.jsonl"
+    system = any(items[i][2] for i in chosen)  # the items are asked as their rows were, system turn included
     write_jsonl(
         root / eval_file,
         [
@@ -472,6 +479,7 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
                 "id": f"{task}-{n:04d}",
                 "prompt": items[i][0],
                 "answer": items[i][1],
+                **({"system": items[i][2]} if system else {}),
                 **({"label": _json_object(items[i][1])[key]} if key and key != ANSWER else {}),
             }
             for n, i in enumerate(chosen, 1)
@@ -481,13 +489,14 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
     stop = end_of_turn(tokenizer)
     until = [s for s in (stop, "\n" if all("\n" not in a for a in answers) else "") if s]
     task_file = root / params["paths"]["evals"] / "tasks" / f"{task}.yaml"
-    write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data)))
+    write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data), system=system))
     plan.written.append(str(task_file.relative_to(root)))
     how = (
         "stratified by the answer (short labels)" if key == ANSWER else f"stratified by {key!r}" if key else "uniformly"
     )
     plan.lines.append(
-        f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}; task "
+        f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}"
+        f"{', each asked with its system turn' if system else ''}; task "
         f"{task} scored by {', '.join(metrics)}. They stay in your file: dedup drops them from training (eval_leak)"
     )
     return _HeldOut(task, size, answers, metric)

@@ -64,13 +64,16 @@ def tiny_qwen2(out: Path, texts: list[str], chat_template: str | None = CHATML) 
     return out
 
 
+OWN_SYSTEM = {"role": "system", "content": "You turn support messages into JSON tickets."}
+
+
 def own_data(path: Path, rows_wanted: int = 400) -> int:
     """The demo's support tickets as a user would have them: OpenAI chat JSONL, some with a system turn
     (400 rows: enough for a 60-row eval and a training set, few enough to train in a minute on CPU)."""
     from tunegate.formats import load_source
 
     rows, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
-    system = {"role": "system", "content": "You turn support messages into JSON tickets."}
+    system = OWN_SYSTEM
     lines = []
     for i, row in enumerate(rows):
         msgs = row["messages"]
@@ -140,6 +143,8 @@ def test_init_writes_an_eval_a_policy_and_params_for_the_model_and_data(own):
     assert "stratified by 'urgency'" in init_out  # the JSON answers' label with fewest values
     task = (project / "evals/tasks/my_tickets_gen.yaml").read_text()
     assert "utils.json_fields" in task and '"<|im_end|>"' in task  # ChatML's end of turn stops generation
+    # a third of the rows have a system turn: their held-out items are asked with it (lm-eval's description)
+    assert "description: system" in task and {r["system"] for r in held_out} == {"", OWN_SYSTEM["content"]}
     policy = yaml.safe_load((project / "evals/gates.yaml").read_text())
     assert [(c["task"], c["metric"], c["role"]) for c in policy["checks"]] == [
         ("my_tickets_gen", "json_fields", "target"),
