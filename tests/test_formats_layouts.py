@@ -249,6 +249,39 @@ def test_developer_role_and_legacy_function_calls_become_system_and_tool_turns(t
     assert got_fast[0]["messages"][0]["role"] == "system"
 
 
+RENAMED = {  # what other tools call the roles, as they write them
+    "system": ["System", "SYSTEM"],
+    "user": ["User", "human", "Human", "USER"],
+    "assistant": ["Assistant", "model", "gpt", "Chatbot", "CHATBOT"],
+    "tool": ["Tool"],
+}
+
+
+def test_other_names_for_the_roles_read_as_the_roles_and_are_counted(tmp_path):
+    """Any case of the four roles, Gemini's model, ShareGPT's human/gpt and Cohere's Chatbot inside OpenAI-shaped
+    messages read as the same rows as the OpenAI corpus (on the fast path's rows and the general path's alike), each
+    renamed message counted; a role that is none of them is left for the role check."""
+    from tunegate.formats import load_rows
+
+    rng = random.Random(5)
+    rows = corpus()
+    renamed, count = [], 0
+    for row in rows:
+        messages = []
+        for m in row["messages"]:
+            if rng.random() < 0.5:
+                m, count = {**m, "role": rng.choice(RENAMED[m["role"]])}, count + 1
+            messages.append(m)
+        renamed.append({**row, "messages": messages})
+    want, _, _ = read(write(tmp_path / "openai.jsonl", rows))
+    got, problems, _ = read(write(tmp_path / "renamed.jsonl", renamed))
+    assert problems == [] and got == want
+    _, _, _, notes = load_rows("src", tmp_path / "renamed.jsonl")
+    assert notes["role_renamed"] == count > 100
+    (other,), _, _ = read(write(tmp_path / "bot.jsonl", [{"messages": [user("q"), {"role": "bot", "content": "a"}]}]))
+    assert other["messages"][1]["role"] == "bot"  # validate's role check quarantines it as wrong_role
+
+
 def user(text: str) -> dict:
     return {"role": "user", "content": text}
 

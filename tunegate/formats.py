@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -368,9 +368,10 @@ def _sft(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> 
 
 class Message(msgspec.Struct, gc=False, omit_defaults=True, forbid_unknown_fields=True):
     """One message: role and text content. Also the fast path's shape, so a message with any other key
-    (name, tool calls, a weight, content parts) takes the general path, which checks it."""
+    (name, tool calls, a weight, content parts) or any other role (`developer`, `User`, `model`: renamed there,
+    see tunegate.layouts) takes the general path, which checks it."""
 
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
 
 
@@ -669,22 +670,12 @@ def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row]
                 continue
             row = _jsonl_line(name, number, raw, fmt, number == last_open, notes)
             (rows if isinstance(row, Row) else problems).append(row)
-    if b'"developer"' in data:  # the fast path keeps roles as written; one scan of the bytes decides whether to look
-        _developer_as_system(rows, notes)
     return rows, problems, fmt
 
 
 def _general_path(raw: bytes) -> Any:
     """The decoder of a format with no fast shape (ShareGPT, OpenAI preference): every line takes the general path."""
     raise msgspec.DecodeError("no fast shape")
-
-
-def _developer_as_system(rows: list[Row], notes: Counter) -> None:
-    for row in rows:
-        for m in row.all_messages():
-            if m.role == "developer":
-                m.role = "system"
-                notes[layouts.NOTE_DEVELOPER] += 1
 
 
 def _sample(lines: list[bytes]) -> Iterator[Any]:

@@ -21,6 +21,9 @@
   role; each row is counted (`developer_as_system`).
 - Legacy OpenAI **`function_call`** on an assistant message and role **`function`** become a tool call and a
   tool result (`legacy_function_call`).
+- **Other names for a role** in OpenAI-shaped messages: any case of system / user / assistant / tool (`User`,
+  `Assistant`), Gemini's `model`, ShareGPT's `human` and `gpt`, Cohere's `Chatbot`; each message is counted
+  (`role_renamed`). Any other role is left for the role check (`wrong_role`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ NOTE_DEVELOPER = "developer_as_system"
 NOTE_LEGACY_FUNCTION = "legacy_function_call"
 NOTE_IMPLICIT = "implicit_prompt"  # preference pairs whose prompt is the turns chosen and rejected share
 NOTE_HH = "hh_text_pair"
+NOTE_ROLE_ALIAS = "role_renamed"  # messages whose role was another tool's name for it (`role_alias`)
+ROLES = ("system", "user", "assistant", "tool")
+# Other names for the roles in files people export: Gemini's model, ShareGPT's human and gpt inside OpenAI
+# messages, Cohere's Chatbot (and User / System: any case of the four roles is read as that role).
+ROLE_ALIASES = {"model": "assistant", "human": "user", "gpt": "assistant", "chatbot": "assistant"}
 
 SHAREGPT_ROLES = {
     "human": "user",
@@ -195,14 +203,27 @@ def implicit_pair(record: dict[str, Any], notes: Counter | None) -> dict[str, An
     return {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def role_alias(role: str) -> str | None:
+    """The role a common other name stands for (`ROLE_ALIASES`, and any case of the four roles), else None."""
+    low = role.lower()
+    if low in ROLES:
+        return low if low != role else None
+    return ROLE_ALIASES.get(low)
+
+
 def legacy_message(m: dict[str, Any], notes: Counter | None) -> dict[str, Any]:
     """OpenAI's older fields in today's shape: `developer` as system, `function_call` as a tool call, role
-    `function` as a tool result (its `name` kept)."""
+    `function` as a tool result (its `name` kept); another tool's name for a role as the role (`role_alias`)."""
     role = m.get("role")
-    if role == "developer":
+    if isinstance(role, str) and role.lower() == "developer":
         if notes is not None:
             notes[NOTE_DEVELOPER] += 1
         return {**m, "role": "system"}
+    if isinstance(role, str) and (alias := role_alias(role)):
+        if notes is not None:
+            notes[NOTE_ROLE_ALIAS] += 1
+        m = {**m, "role": alias}
+        role = alias
     if role == "assistant" and isinstance(m.get("function_call"), dict):
         if notes is not None:
             notes[NOTE_LEGACY_FUNCTION] += 1
