@@ -522,7 +522,7 @@ def _validate_source(
         "read": notes,
     }
     _log_source(cfg, name, metrics, time.perf_counter() - started)
-    return kept, quarantine, metrics, _too_many_invalid(cfg, source, n_in, reasons)
+    return kept, quarantine, metrics, _too_many_invalid(cfg, source, n_in, reasons, quarantine)
 
 
 def _expected_kind(source: Source, rows: list[Row]) -> str:
@@ -683,9 +683,8 @@ def _judge(
         hits = [r for r in reasons if r.startswith(PII)]
         blocking = [r for r in reasons if not r.startswith(PII) or cfg.pii == "quarantine"]
         if blocking:
-            quarantine.append(
-                {"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": ", ".join(reasons)}
-            )
+            detail = ", ".join(f"{r} ({_roles(row)})" if r == "wrong_role" else r for r in reasons)
+            quarantine.append({"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": detail})
             if cfg.pii == "quarantine":
                 pii_hits.update(hits)
             continue
@@ -694,14 +693,26 @@ def _judge(
     return kept + rows[after:], quarantine, pii_hits
 
 
-def _too_many_invalid(cfg: Validate, source: Source, n_in: int, reasons: Counter) -> str | None:
-    """The line that stops the stage when a source's invalid share is above validate.max_invalid_share."""
+def _roles(row: Row) -> str:
+    """A row's role order as the role check reads it, for a wrong_role detail (a pair: prompt | chosen | rejected)."""
+    parts = [row.prompt, row.chosen, row.rejected] if row.kind == PAIR else [row.conversation()]
+    return " | ".join(",".join(m.role for m in _shown(part)) for part in parts)
+
+
+def _too_many_invalid(
+    cfg: Validate, source: Source, n_in: int, reasons: Counter, quarantine: list[dict[str, Any]]
+) -> str | None:
+    """The line that stops the stage when a source's invalid share is above validate.max_invalid_share: the top
+    reasons, and the first row of the most common one with its detail (what to look for in the file)."""
     n_quarantined = sum(reasons.values())
     share = n_quarantined / n_in if n_in else 1.0
     if share <= cfg.max_invalid_share:
         return None
     top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
     hint = "; not UTF-8 throughout: convert the file (e.g. iconv -f LATIN1 -t UTF-8)" if reasons["encoding"] else ""
+    if not hint and quarantine:
+        first = min((q for q in quarantine if q["reason"] == reasons.most_common(1)[0][0]), key=lambda q: q["line"])
+        hint = f"; e.g. line {first['line']}: {first['detail']}"[:300]
     return (
         f"{source.path}: {n_quarantined}/{n_in} rows invalid "
         f"({share:.0%} > validate.max_invalid_share {cfg.max_invalid_share:.0%}; {top}{hint})"

@@ -446,3 +446,17 @@ def test_rows_the_template_refuses_are_quarantined_with_its_words_before_trainin
     assert quarantine[13]["reason"] == "wrong_role"
     kept = read_jsonl(tmp_path / "out" / "s.jsonl")
     assert len(kept) == 12 - len(long) and metrics["sources"]["s"]["in"] == 13 and metrics["conserved"]
+
+
+def test_a_source_with_too_many_invalid_rows_names_the_first_row_of_its_main_reason(tmp_path, tokenizer):
+    """The stopping line says what to look for: the first row of the most common reason with its detail (for
+    wrong_role, the row's role order), and each wrong_role row's detail names its order."""
+    bot = [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]
+    rows = [{"messages": [{**m, "content": f"{m['content']} {i}"} for m in bot]} for i in range(9)]
+    rows.insert(0, {"prompt": "Where is order 12345?", "chosen": "Today.", "rejected": "No."})  # missing_field
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError) as err:
+        validate.run(Validate(min_tokens=1), {"s": Source(path=str(path), role="domain")}, tokenizer, tmp_path / "out")
+    assert "10/10 rows invalid" in str(err.value) and "wrong_role 9, missing_field 1" in str(err.value)
+    assert "e.g. line 2: wrong_role (user,bot)" in str(err.value) and "\n" not in str(err.value)
