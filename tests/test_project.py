@@ -329,9 +329,11 @@ def test_preference_files_choose_the_method_after_sft(tmp_path):
     pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     labelled.write_text(json.dumps({"prompt": "q", "completion": "a", "label": True}) + "\n")
     plan = project.Plan()
-    assert project._preference_method([], plan) is None
-    assert project._preference_method([str(pairs)], plan) == "dpo" and not plan.lines
-    assert project._preference_method([str(pairs), str(labelled)], plan) == "kto"
+    assert project._preference_method([], plan) == (None, [])
+    method, answered = project._preference_method([str(pairs)], plan)
+    assert method == "dpo" and not plan.lines
+    assert [[m["content"] for m in c["messages"]] for c in answered] == [["q", "a"], ["q", "b"]]
+    assert project._preference_method([str(pairs), str(labelled)], plan)[0] == "kto"
     assert plan.lines == [f"train: sft then kto: {labelled} holds labelled answers, which KTO reads (DPO needs pairs)"]
     held = project._HeldOut("support", 10, ['{"a": 1}'], "json_fields")
     for second, overrides in (("kto", "kto_args"), ("dpo", "dpo_args"), (None, None)):
@@ -411,3 +413,25 @@ def test_held_out_items_keep_their_rows_system_turn(proj, gemma_like, system):
         assert {bool(item["system"]) for item in items} == {True, False}
     else:
         assert "description" not in task and all("system" not in item for item in items)
+
+
+def test_lengths_hold_the_preference_rows_so_validate_keeps_them(proj, gemma_like):
+    """validate.max_tokens is sized from the preference rows too (each answer after its prompt): pairs whose answers
+    are longer than any domain row are kept by the validate that init configured, not quarantined as `length`."""
+    from stages import validate
+    from tunegate.config import load_config
+    from tunegate.models import load_tokenizer
+
+    data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=False)
+    long = " ".join(["the parcel was left at the wrong door and the driver did not ring"] * 12)
+    prefs = proj / "data/raw/prefs.jsonl"
+    prefs.write_text(
+        "".join(json.dumps({"prompt": f"Ticket {i}", "chosen": long, "rejected": "No."}) + "\n" for i in range(20))
+    )
+    plan = project.init(str(gemma_like), [data], preferences=[str(prefs)], general_tasks=["general_mc"], root=proj)
+    assert "(preference rows included)" in project.summary(plan)
+    cfg = load_config(proj / "params.yaml")
+    tokenizer = load_tokenizer({"path": str(gemma_like)}, False)
+    source = {"prefs": cfg.data.sources["prefs"].model_copy(update={"path": str(prefs)})}
+    metrics = validate.run(cfg.validate_, source, tokenizer, proj / "out")
+    assert metrics["sources"]["prefs"]["kept"] == 20 and cfg.validate_.max_tokens > 256

@@ -378,8 +378,9 @@ def init(  # noqa: PLR0913 - one keyword per `tunegate init` option, as the CLI 
     write_text(root / policy_file, policy_yaml(held.task, held.metric, general_checks, held.size))
     plan.written.append(policy_file)
     sources = _sources(data, general, preferences, root, plan)
-    second = _preference_method(preferences or [], plan)
-    _write_params(root, params, plan, model, revision, sources, tokenizer, rows, held, general_checks, second)
+    second, answered = _preference_method(preferences or [], plan)
+    measured = rows + answered  # validate.max_tokens must hold the preference rows too, each answer after its prompt
+    _write_params(root, params, plan, model, revision, sources, tokenizer, measured, held, general_checks, second)
     dvc_yaml = root / DVC_YAML
     from tunegate.readers import dependency
 
@@ -524,21 +525,27 @@ def _sources(
     return sources
 
 
-def _preference_method(preferences: list[str], plan: Plan) -> str | None:
-    """The method after SFT for the preference files: DPO for pairs, KTO when any file holds labelled answers
-    (prompt, completion, label), which only KTO reads (it also reads pairs, each as two labelled answers)."""
+def _preference_method(preferences: list[str], plan: Plan) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the method after SFT for the preference files, their conversations as validate measures them: each answer
+    after its prompt). DPO for pairs, KTO when any file holds labelled answers (prompt, completion, label), which
+    only KTO reads (it also reads pairs, each as two labelled answers)."""
     if not preferences:
-        return None
-    from tunegate.formats import load_rows
+        return None, []
+    from tunegate.formats import PAIR, load_source
 
-    formats = {path: load_rows(_slug(Path(path).stem), path)[2] for path in preferences}
+    formats, answered = {}, []
+    for path in _each_once(preferences):
+        rows, _, formats[path] = load_source(_slug(Path(path).stem), path)
+        for row in rows:
+            answers = [row["chosen"], row["rejected"]] if row["kind"] == PAIR else [row["completion"]]
+            answered += [{"messages": row["prompt"] + answer, "tools": row.get("tools")} for answer in answers]
     labelled = [path for path, fmt in formats.items() if fmt == "unpaired"]
     if not labelled:
-        return "dpo"
+        return "dpo", answered
     plan.lines.append(
         f"train: sft then kto: {', '.join(labelled)} holds labelled answers, which KTO reads (DPO needs pairs)"
     )
-    return "kto"
+    return "kto", answered
 
 
 def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named where it is used
@@ -582,7 +589,8 @@ def _write_params(  # noqa: PLR0913 - what params.yaml is sized from, each named
     )
     plan.written.append(str(PARAMS))
     plan.lines.append(
-        f"lengths: longest row {longest} tokens under {model}'s chat template -> validate.max_tokens and "
+        f"lengths: longest row {longest} tokens under {model}'s chat template"
+        f"{' (preference rows included)' if preferences else ''} -> validate.max_tokens and "
         f"train.args.max_length {max_tokens}; eval.max_gen_toks {params['eval']['max_gen_toks']}"
     )
 
