@@ -618,12 +618,11 @@ def _renderable(checks: _Checks, name: str, kind: str, rows: list[Row], table, f
     }
     if not orders:
         return rows, table, flags, hidden, []
+    details = {
+        roles: f"the chat template of {checks.template()} refuses roles {roles}: {why}" for roles, why in orders.items()
+    }
     bad = table["roles"].isin(list(orders)).to_numpy()
-    refused = [
-        (rows[i], f"the chat template of {checks.template()} refuses roles {roles}: {orders[roles]}")
-        for i in np.flatnonzero(bad).tolist()
-        if (roles := table["roles"].iat[i])
-    ]
+    refused = [(rows[i], details[table["roles"].iat[i]]) for i in np.flatnonzero(bad).tolist()]
     log.warning(
         "validate %s: the chat template of %s refuses %d rows (%s): quarantined as %s",
         name,
@@ -711,7 +710,8 @@ def _too_many_invalid(
     top = ", ".join(f"{r} {c}" for r, c in reasons.most_common(3))
     hint = "; not UTF-8 throughout: convert the file (e.g. iconv -f LATIN1 -t UTF-8)" if reasons["encoding"] else ""
     if not hint and quarantine:
-        first = min((q for q in quarantine if q["reason"] == reasons.most_common(1)[0][0]), key=lambda q: q["line"])
+        main = reasons.most_common(1)[0][0]
+        first = min((q for q in quarantine if q["reason"] == main), key=lambda q: q["line"])
         hint = f"; e.g. line {first['line']}: {first['detail']}"[:300]
     return (
         f"{source.path}: {n_quarantined}/{n_in} rows invalid "

@@ -228,12 +228,15 @@ class SystemFolded:
     _no_system: bool | None = None  # asked of the template once
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True):  # noqa: FBT002 - lm-eval's signature
+        return super().apply_chat_template(self.folded(chat_history), add_generation_prompt)
+
+    def folded(self, chat_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat as the template takes it: a leading system turn folded in where the template refuses one."""
         from tunegate.chat import fold_system, system_refusal
 
         if self._no_system is None:
             self._no_system = system_refusal(self.template_renderer()) is not None
-        chat = fold_system(chat_history) if self._no_system else chat_history
-        return super().apply_chat_template(chat, add_generation_prompt)
+        return fold_system(chat_history) if self._no_system else chat_history
 
     def template_renderer(self):
         """The template as training renders it (the tokenizer's, compiled once), for the probe."""

@@ -23,6 +23,7 @@ from lm_eval.api.model import LM
 from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 from tqdm import tqdm
 
+from tunegate.evaluation import SystemFolded
 from tunegate.llamacpp import open_gguf, render
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-class GGUFModel(LM):
+class GGUFModel(SystemFolded, LM):
     def __init__(  # noqa: PLR0913 - the file, the reference tokenizer and lm-eval's limits
         self, path: Path, reference_tokenizer: Any, max_length: int | None, max_gen_toks: int, seed: int = 0
     ):
@@ -57,7 +58,6 @@ class GGUFModel(LM):
         self.reference = reference_tokenizer
         self.tokenizer_mismatches = 0
         self._checked: set[str] = set()
-        self._no_system: bool | None = None  # whether the template refuses a system turn, asked of it once
 
     # --- text <-> ids -----------------------------------------------------------------------------
     def tokens(self, text: str) -> list[int]:
@@ -79,17 +79,12 @@ class GGUFModel(LM):
         return self.template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from tunegate.chat import fold_system, system_refusal
+        return self.template_renderer()(self.folded(chat_history), generation=add_generation_prompt)
 
+    def template_renderer(self):
+        """The GGUF's own template, rendered as llama.cpp's server renders it (`SystemFolded` probes it too)."""
         special = {"bos_token": self.text([self.llm.token_bos()], special=True), "eos_token": self.eos_text}
-
-        def rendered(messages, tools=None, generation=False):
-            return render(self.template, messages, generation, **special)
-
-        if self._no_system is None:
-            self._no_system = system_refusal(rendered) is not None
-        chat = fold_system(chat_history) if self._no_system else chat_history
-        return rendered(chat, generation=add_generation_prompt)
+        return lambda messages, tools=None, generation=False: render(self.template, messages, generation, **special)
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of ids, reusing the evaluated prefix shared with the previous call."""

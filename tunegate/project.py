@@ -311,10 +311,11 @@ def _measure(tokenizer, rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
 
     render = Renderer(tokenizer)
     no_system = system_refusal(render)
-    longest, refused, why = 0, 0, ""
+    longest, folded, refused, why = 0, 0, 0, ""
     for r in rows:
+        messages = fold_system(r["messages"]) if no_system else r["messages"]
+        folded += messages is not r["messages"]
         try:
-            messages = fold_system(r["messages"]) if no_system else r["messages"]
             longest = max(longest, token_count(tokenizer, render, messages, r.get("tools")))
         except Exception as err:  # raise_exception in the template, or any error rendering
             refused, why = refused + 1, why or first_line(err)
@@ -323,16 +324,14 @@ def _measure(tokenizer, rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
             f"the chat template refuses every row of your data ({why}); "
             "see docs/data.md#chat-templates-that-refuse-a-role-order"
         )
-    said = [f"the chat template refuses a system turn ({no_system}): validate folds it into the first user turn"]
-    said = said if no_system and any(_starts_with_system(r) for r in rows) else []
+    said = []
+    if folded:
+        said.append(
+            f"the chat template refuses a system turn ({no_system}): validate folds it into the first user turn"
+        )
     if refused:
         said.append(f"the chat template refuses {refused} of {len(rows)} rows ({why}): validate quarantines them")
     return longest, said
-
-
-def _starts_with_system(row: dict[str, Any]) -> bool:
-    messages = row.get("messages") or [{}]
-    return messages[0].get("role") == "system"
 
 
 def _round_up(n: int, step: int = 64) -> int:
