@@ -254,11 +254,13 @@ def _gemini_turn(turn: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(parts, list) or not parts or not all(isinstance(part, dict) for part in parts):
         raise NormaliseError("wrong_type", f"{where}.parts must be a non-empty list of objects")
     texts, calls, results = _gemini_parts(parts, where)
+    role = GEMINI_ROLES[who]
     if results and (texts or calls):
         raise NormaliseError("wrong_type", f"{where} mixes functionResponse parts with text or calls")
+    if results and role not in ("user", "tool"):  # they answer the model's calls; a system or model turn holds none
+        raise NormaliseError("wrong_type", f"{where}: functionResponse parts belong in a user turn, not a {who} one")
     if results:
         return results
-    role = GEMINI_ROLES[who]
     if calls and role != "assistant":
         raise NormaliseError("bad_tool_call", f"{where}: a functionCall part is the model's, not the {who}'s")
     return [{"role": role, "content": "\n".join(texts), **({"tool_calls": calls} if calls else {})}]
