@@ -106,7 +106,7 @@ def _sharegpt_tools(record: dict[str, Any]) -> Any:
             raise NormaliseError("wrong_type", "tools is text but not JSON (a list of tool definitions)") from None
     if isinstance(tools, list):  # bare function definitions become OpenAI tool entries
         tools = [
-            t if "function" in t or not isinstance(t, dict) else {"type": "function", "function": t} for t in tools
+            t if not isinstance(t, dict) or "function" in t else {"type": "function", "function": t} for t in tools
         ]
     return tools
 
@@ -197,6 +197,10 @@ def implicit_pair(record: dict[str, Any], notes: Counter | None) -> dict[str, An
         )
     if not all(isinstance(m, dict) for m in chosen + rejected):
         raise NormaliseError("wrong_type", "chosen and rejected must be lists of messages")
+    for side, turns in (("chosen", chosen), ("rejected", rejected)):
+        missing = next((i for i, m in enumerate(turns) if "role" not in m), None)
+        if missing is not None:
+            raise NormaliseError("missing_field", f"{side}[{missing}] needs 'role' and 'content'")
     prompt, chosen, rejected = split_implicit(chosen, rejected)
     if notes is not None:
         notes[NOTE_IMPLICIT] += 1
@@ -249,6 +253,8 @@ def _gemini_turn(turn: Any, where: str) -> list[dict[str, Any]]:
     who, parts = turn.get("role"), turn.get("parts")
     if who is None or parts is None:
         raise NormaliseError("missing_field", f"{where} needs 'role' and 'parts'")
+    if not isinstance(who, str):
+        raise NormaliseError("wrong_type", f"{where}.role must be a string")
     if who not in GEMINI_ROLES:
         raise NormaliseError("wrong_role", f"{where}.role {who!r} is not a Gemini role ({', '.join(GEMINI_ROLES)})")
     if not isinstance(parts, list) or not parts or not all(isinstance(part, dict) for part in parts):
