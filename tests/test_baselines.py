@@ -402,3 +402,21 @@ def test_a_template_that_refuses_a_system_turn_is_given_the_instructions_in_the_
         assert s["prompt"].count("Reply with the ticket as JSON.") == 1 and first_user.count("<start_of_turn>user") >= 2
     assert costs["prompt"]["prompt_tokens"] > costs["prompt"]["plain_prompt_tokens"]
     assert json.loads((out / COSTS).read_text()).keys() == costs.keys()
+
+
+def test_examples_go_before_an_items_own_earlier_turns():
+    """An item held out of a multi-turn conversation comes with its earlier turns (utils.EarlierTurns): a baseline's
+    instructions and the item's system text lead, the examples follow, then the item's conversation as it was."""
+    example = [{"role": "user", "content": "Ticket 9: lost"}, {"role": "assistant", "content": "lost"}]
+    chat = [
+        {"role": "system", "content": "Desk 3."},
+        {"role": "user", "content": "Ticket 3: late"},
+        {"role": "assistant", "content": "late"},
+        {"role": "user", "content": "And now?"},
+    ]
+    prompter = baselines.Prompter("few_shot-1", "Reply with one word.", lambda query: [example])
+    assert prompter.messages(chat, [example]) == [
+        {"role": "system", "content": "Reply with one word.\n\nDesk 3."},
+        *example,
+        *chat[1:],
+    ]

@@ -245,16 +245,10 @@ GEMMA_LIKE = (
 )
 
 
-@pytest.mark.parametrize("template", ["takes_system", "refuses_system"])
-def test_items_are_asked_with_their_system_turn_folded_where_the_template_refuses_one(
-    manifest, tmp_path, monkeypatch, template
-):
-    """A held-out task written by init with its rows' system turns (lm-eval's `description` naming the items'
-    field): a real lm-eval run puts each item's own system text before it, as a system turn where the template
-    takes one and before the user's text in the first user turn where it does not (lm-eval alone would drop it)."""
+def _base_and_tasks(manifest, tmp_path, template: str):
+    """A copy of the tiny base (with a Gemma-like template that refuses a system turn, or its own) and of the
+    project's lm-eval tasks, for a task written into it."""
     import shutil
-
-    from tunegate.project import task_yaml
 
     base = tmp_path / "base"
     shutil.copytree(manifest["path"], base)
@@ -262,6 +256,20 @@ def test_items_are_asked_with_their_system_turn_folded_where_the_template_refuse
         (base / "chat_template.jinja").write_text(GEMMA_LIKE)
     tasks = tmp_path / "tasks"
     shutil.copytree(ROOT / "evals/tasks", tasks)
+    return base, tasks
+
+
+@pytest.mark.parametrize("template", ["takes_system", "refuses_system"])
+def test_items_are_asked_with_their_system_turn_folded_where_the_template_refuses_one(
+    manifest, tmp_path, monkeypatch, template
+):
+    """A held-out task written by init with its rows' system turns (lm-eval's `description` naming the items'
+    field): a real lm-eval run puts each item's own system text before it, as a system turn where the template
+    takes one and before the user's text in the first user turn where it does not (lm-eval alone would drop it)."""
+
+    from tunegate.project import task_yaml
+
+    base, tasks = _base_and_tasks(manifest, tmp_path, template)
     items = [
         {"id": f"t-{i}", "prompt": f"Ticket {i}: parcel late", "answer": "shipping", "system": f"You are desk {i}."}
         for i in range(4)
@@ -280,3 +288,52 @@ def test_items_are_asked_with_their_system_turn_folded_where_the_template_refuse
         else:
             assert prompts[i].index(item["system"]) < prompts[i].index(f"Ticket {i}") and "<|system|>" in prompts[i]
     assert "desk" not in prompts[3] and "system" not in prompts[3]
+
+
+@pytest.mark.parametrize("template", ["takes_system", "refuses_system"])
+def test_items_held_out_of_conversations_are_asked_after_their_own_earlier_turns(
+    manifest, tmp_path, monkeypatch, template
+):
+    """A held-out task written by init for multi-turn rows (each item's `history`, drawn by utils.EarlierTurns): a
+    real lm-eval run renders each item as the chat template renders its conversation up to the last user turn, its
+    own earlier exchanges and system turn included (folded into the first user turn where the template refuses
+    one, as validate folds the training rows), and no other item's."""
+
+    from transformers import AutoTokenizer
+
+    from tunegate.chat import Renderer, fold_system
+    from tunegate.project import task_yaml
+
+    base, tasks = _base_and_tasks(manifest, tmp_path, template)
+    items = [
+        {
+            "id": f"t-{i}",
+            "prompt": f"And parcel {i}, where is it now?",
+            "answer": "shipping",
+            "system": f"You are desk {i}." if i != 2 else "",
+            "history": [
+                {"user": f"Ticket {i}.{k}: my order {k} is late", "assistant": f"Sorry, order {k} is on its way."}
+                for k in range(i)
+            ],
+        }
+        for i in range(4)
+    ]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tasks / "tickets.yaml").write_text(
+        task_yaml("tickets", "items.jsonl", "exact", ["exact"], ["\n"], "t", system=True, earlier=3)
+    )
+    monkeypatch.chdir(tmp_path)
+    evaluate(Eval(tasks=["tickets"], limit=4), {**manifest, "path": str(base)}, tasks, tmp_path / "out", 1)
+    prompts = {s["doc_id"]: s["prompt"] for s in read_jsonl(tmp_path / "out" / "samples" / "tickets.jsonl")}
+    render = Renderer(AutoTokenizer.from_pretrained(base))
+    for i, item in enumerate(items):
+        turns = [{"role": "system", "content": item["system"]}] if item["system"] else []
+        for exchange in item["history"]:
+            turns += [
+                {"role": "user", "content": exchange["user"]},
+                {"role": "assistant", "content": exchange["assistant"]},
+            ]
+        turns.append({"role": "user", "content": item["prompt"]})
+        expected = render(fold_system(turns) if template == "refuses_system" else turns, generation=True)
+        assert prompts[i] == expected
+        assert all(f"Ticket {j}." not in prompts[i] for j in range(4) if j != i)  # no other item's turns

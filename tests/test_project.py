@@ -415,6 +415,52 @@ def test_held_out_items_keep_their_rows_system_turn(proj, gemma_like, system):
         assert "description" not in task and all("system" not in item for item in items)
 
 
+def _conversations(path, n: int) -> str:
+    """Multi-turn rows only (as a ShareGPT export of chats has them): two to four exchanges each, a system turn on
+    every other row, every turn naming its row."""
+    lines = []
+    for i in range(n):
+        turns = [{"role": "system", "content": f"Desk {i}: classify the ticket."}] if i % 2 else []
+        for k in range(2 + i % 3):
+            turns += [
+                {"role": "user", "content": f"Ticket {i}, message {k}: parcel {i} is late again"},
+                {"role": "assistant", "content": ("late", "lost", "damaged")[(i + k) % 3]},
+            ]
+        lines.append(json.dumps({"messages": turns}))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_items_are_held_out_of_multi_turn_conversations_with_their_earlier_turns(proj, gemma_like):
+    """Data of multi-turn rows only: init holds out rows' last exchanges, each item keeping its earlier exchanges and
+    system turn as its row had them, and writes a task that asks them after those turns (utils.EarlierTurns, as many
+    few-shot turns as the longest history). dedup then drops exactly the held-out conversations from training."""
+    from stages.dedup import _eval_leaks, eval_items
+    from tunegate.formats import load_source
+
+    data = _conversations(proj / "data/raw/chats.jsonl", 90)
+    plan = project.init(str(gemma_like), [data], general_tasks=["general_mc"], root=proj, eval_size=30)
+    items = read_jsonl(proj / "evals/data/chats_gen.jsonl")
+    text = (proj / "evals/tasks/chats_gen.yaml").read_text()
+    task = yaml.safe_load(text.replace("!function ", ""))
+    assert len(items) == 30 and task["num_fewshot"] == max(len(item["history"]) for item in items) == 3
+    assert task["fewshot_split"] == "test" and task["fewshot_config"]["sampler"] == "utils.EarlierTurns"
+    assert "its earlier turns (30 items)" in project.summary(plan)
+    rows = {json.loads(line)["messages"][-2]["content"]: json.loads(line)["messages"] for line in open(data)}
+    for item in items:
+        turns = rows[item["prompt"]]
+        system = turns[0]["content"] if turns[0]["role"] == "system" else ""
+        earlier = turns[1 if system else 0 : -2]
+        assert item["system"] == system and item["answer"] == turns[-1]["content"]
+        assert item["history"] == [
+            {"user": u["content"], "assistant": a["content"]} for u, a in zip(earlier[::2], earlier[1::2], strict=True)
+        ]
+    cfg = load_config(proj / "params.yaml")
+    read, _, _ = load_source("chats", data)
+    leaks = _eval_leaks(cfg.dedup, read, eval_items(proj / "evals/data"))
+    assert {read[i]["messages"][-2]["content"] for i in leaks} == {item["prompt"] for item in items}
+
+
 def test_lengths_hold_the_preference_rows_so_validate_keeps_them(proj, gemma_like):
     """validate.max_tokens is sized from the preference rows too (each answer after its prompt): pairs whose answers
     are longer than any domain row are kept by the validate that init configured, not quarantined as `length`."""

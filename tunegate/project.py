@@ -5,9 +5,10 @@
 
 What it writes, from what it reads:
 - **A held-out eval of your task**, carved from your domain data before dedup and mixing: `eval_size`
-  single-turn rows (seeded; stratified by a label where the answers have one: a JSON key with few
+  conversations (seeded; stratified by a label where the answers have one: a JSON key with few
   values, `--label`, or the answer itself when the answers are short labels), written to
-  `evals/data/<task>.jsonl` as prompt + answer. They stay in your file; `dedup` removes them from
+  `evals/data/<task>.jsonl` as the last user turn + its answer, with the row's system turn and earlier
+  exchanges where it has them (asked before the item, as in training). They stay in your file; `dedup` removes them from
   training as `eval_leak` (its decontamination reads evals/data), so they can never be trained on.
 - **An lm-eval task** `evals/tasks/<task>.yaml` with a scorer chosen from the answers: JSON objects →
   field by field against the reference's own keys (`json_fields`); short answers → `exact`; free text →
@@ -36,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tunegate.errors import UserError
 from tunegate.io import write_jsonl, write_text
@@ -73,17 +74,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "data"
 
 
-def _single_turn(row: dict[str, Any]) -> tuple[str, str, str] | None:
-    """(user text, answer, system text or "") of a plain single-turn row ([system], user, assistant; no tools)."""
+class _Item(NamedTuple):
+    """A held-out eval item: a plain conversation's last user turn and the answer to it, with the row's system text
+    ("" for none) and its earlier exchanges ({"user", "assistant"} texts, as the row had them)."""
+
+    prompt: str
+    answer: str
+    system: str
+    history: list[dict[str, str]]
+
+
+def _exchange(row: dict[str, Any]) -> _Item | None:
+    """The eval item a row gives: a plain conversation (an optional system turn, then user and assistant turns in
+    turn, text only, no tools) asked its last user turn; None for any other row."""
     msgs = row.get("messages") or []
     if row.get("tools") or any(len(m) > 2 for m in msgs):
         return None
-    roles = [m["role"] for m in msgs]
-    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else ""
+    turns = msgs[1:] if msgs and msgs[0]["role"] == "system" else msgs
+    if not turns or len(turns) % 2 or any(m["role"] != ("user", "assistant")[k % 2] for k, m in enumerate(turns)):
         return None
-    user, answer = msgs[-2]["content"].strip(), msgs[-1]["content"].strip()
-    system = msgs[0]["content"] if len(msgs) == 3 else ""
-    return (user, answer, system) if user and answer else None
+    if not all(isinstance(m["content"], str) for m in msgs):
+        return None
+    user, answer = turns[-2]["content"].strip(), turns[-1]["content"].strip()
+    users, replies = turns[:-2:2], turns[1:-2:2]
+    history = [{"user": u["content"], "assistant": a["content"]} for u, a in zip(users, replies, strict=True)]
+    return _Item(user, answer, system, history) if user and answer else None
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
@@ -201,12 +217,23 @@ def end_of_turn(tokenizer) -> str:
 
 
 def task_yaml(  # noqa: PLR0913 - the settings of one lm-eval task file
-    task: str, data: str, function: str, metrics: list[str], until: list[str], source: str, *, system: bool = False
+    task: str,
+    data: str,
+    function: str,
+    metrics: list[str],
+    until: list[str],
+    source: str,
+    *,
+    system: bool = False,
+    earlier: int = 0,
 ) -> str:
     """An lm-eval task of held-out rows: each item's prompt, and with `system` its row's system turn (lm-eval's
-    `description` naming the items' `system` field: a system message before the prompt, as in training)."""
+    `description` naming the items' `system` field: a system message before the prompt, as in training). With
+    `earlier` (the most earlier exchanges an item has), each item's `history` comes before its prompt as the turns
+    its row had: lm-eval's few-shot turns, drawn by `utils.EarlierTurns` from the item itself, not from others."""
     lines = [
-        f"# Target skill: {task}, held out from {source} by `tunegate init` (prompt -> answer).",
+        f"# Target skill: {task}, held out from {source} by `tunegate init` (prompt -> answer"
+        f"{', after the earlier turns of its conversation' if earlier else ''}).",
         f"# Scored by utils.{function}.",
         "include: _common.yaml",
         f"task: {task}",
@@ -217,6 +244,16 @@ def task_yaml(  # noqa: PLR0913 - the settings of one lm-eval task file
         'doc_to_text: "{{prompt}}"',
         'doc_to_target: "{{answer}}"',
         *(["description: system  # each item's system turn, as its row had it"] if system else []),
+        *(
+            [
+                f"num_fewshot: {earlier}  # at most this many earlier exchanges: each item's own, as its row had them",
+                "fewshot_split: test",
+                "fewshot_config:",
+                "  sampler: !function utils.EarlierTurns",
+            ]
+            if earlier
+            else []
+        ),
         'target_delimiter: ""',
         "generation_kwargs:",
         f"  until: {json.dumps(until)}",
@@ -455,51 +492,64 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
 ) -> _HeldOut:
     """Carve the held-out eval (stratified by a label when the answers have one) and write it with its task."""
     seed = int(params.get("seed", 0))
-    eligible = [(i, pair) for i, r in enumerate(rows) if (pair := _single_turn(r))]
-    size = eval_size or min(200, max(MIN_EVAL, len(eligible) // 10))
-    if len(eligible) < size + MIN_EVAL:
+    items = [item for r in rows if (item := _exchange(r))]
+    size = eval_size or min(200, max(MIN_EVAL, len(items) // 10))
+    if len(items) < size + MIN_EVAL:
         raise UserError(
-            f"--data: {len(eligible)} single-turn rows, too few to hold out {size} for the eval and train on the rest; "
-            "add data or lower --eval-size"
+            f"--data: {len(items)} rows are plain conversations (user and assistant turns in turn, text only), too few "
+            f"to hold out {size} for the eval and train on the rest; add data or lower --eval-size"
         )
-    items = [pair for _, pair in eligible]
-    key = pick_label([item[1] for item in items], label)
-    if key is None and label is None and short_labels([item[1] for item in items]):
+    key = pick_label([item.answer for item in items], label)
+    if key is None and label is None and short_labels([item.answer for item in items]):
         key = ANSWER
     chosen = carve(items, size, seed, key)
     task = _slug(task or task_name(data[0]))
-    answers = [items[i][1] for i in chosen]
+    answers = [items[i].answer for i in chosen]
     function, metrics, metric = scorer(answers)
     eval_file = f"{params['paths']['evals']}/data/{task}.jsonl"
-    system = any(items[i][2] for i in chosen)  # the items are asked as their rows were, system turn included
-    write_jsonl(
-        root / eval_file,
-        [
-            {
-                "id": f"{task}-{n:04d}",
-                "prompt": items[i][0],
-                "answer": items[i][1],
-                **({"system": items[i][2]} if system else {}),
-                **({"label": _json_object(items[i][1])[key]} if key and key != ANSWER else {}),
-            }
-            for n, i in enumerate(chosen, 1)
-        ],
-    )
+    held = [items[i] for i in chosen]
+    system, earlier = _write_items(root / eval_file, task, held, key)
     plan.written.append(eval_file)
     stop = end_of_turn(tokenizer)
     until = [s for s in (stop, "\n" if all("\n" not in a for a in answers) else "") if s]
     task_file = root / params["paths"]["evals"] / "tasks" / f"{task}.yaml"
-    write_text(task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data), system=system))
+    write_text(
+        task_file, task_yaml(task, eval_file, function, metrics, until, ", ".join(data), system=system, earlier=earlier)
+    )
     plan.written.append(str(task_file.relative_to(root)))
     how = (
         "stratified by the answer (short labels)" if key == ANSWER else f"stratified by {key!r}" if key else "uniformly"
     )
+    multi = sum(bool(item.history) for item in held)
+    asked = [*(["its system turn"] if system else []), *([f"its earlier turns ({multi} items)"] if multi else [])]
     plan.lines.append(
-        f"eval: held out {size} of {len(eligible)} single-turn rows ({how}, seed {seed}) as {eval_file}"
-        f"{', each asked with its system turn' if system else ''}; task "
+        f"eval: held out {size} of {len(items)} conversations ({how}, seed {seed}) as {eval_file}"
+        f"{', each asked with ' + ' and '.join(asked) if asked else ''}; task "
         f"{task} scored by {', '.join(metrics)}. They stay in your file: dedup drops them from training (eval_leak)"
     )
     return _HeldOut(task, size, answers, metric)
+
+
+def _write_items(path: Path, task: str, held: list[_Item], key: str | None) -> tuple[bool, int]:
+    """The eval items, asked as their rows were: with the row's system turn and earlier exchanges where any item has
+    them. Returns (whether any has a system turn, the most earlier exchanges any has)."""
+    system = any(item.system for item in held)
+    earlier = max(len(item.history) for item in held)
+    write_jsonl(
+        path,
+        [
+            {
+                "id": f"{task}-{n:04d}",
+                "prompt": item.prompt,
+                "answer": item.answer,
+                **({"system": item.system} if system else {}),
+                **({"history": item.history} if earlier else {}),
+                **({"label": _json_object(item.answer)[key]} if key and key != ANSWER else {}),
+            }
+            for n, item in enumerate(held, 1)
+        ],
+    )
+    return system, earlier
 
 
 def _sources(

@@ -8,10 +8,14 @@ same functions score the demo's tasks and the tasks `tunegate init` writes for y
   values the generation matches, `json_exact` = all of them (extra keys in the generation cost nothing).
 - `text_overlap`: free text; `chrf` (character n-gram F-score, n = 1..6, beta = 2, as sacreBLEU's chrF
   with whitespace ignored) and `rouge_l` (F-measure of the longest common subsequence of words), both 0..1.
+
+And one few-shot sampler: `EarlierTurns`, for items held out of multi-turn conversations (`doc["history"]`).
 """
 
 import json
 from collections import Counter
+
+from lm_eval.api.samplers import ContextSampler
 
 CHRF_ORDER = 6
 CHRF_BETA = 2.0
@@ -90,3 +94,15 @@ def text_overlap(doc, results):
     """chrF and ROUGE-L of the generation against the reference answer."""
     hypothesis, reference = _generation(results), str(doc["answer"]).strip()
     return {"chrf": chrf(hypothesis, reference), "rouge_l": rouge_l(hypothesis, reference)}
+
+
+class EarlierTurns(ContextSampler):
+    """An item's own earlier exchanges (`doc["history"]`: user and assistant texts, as its row had them) as the
+    few-shot turns lm-eval puts before it, so that the chat template renders the conversation the item was held
+    out of, up to its last user turn. The tasks `tunegate init` writes for multi-turn rows name it
+    (`fewshot_config.sampler`, `fewshot_split` = the test split, so lm-eval hands over the item being asked)."""
+
+    def sample(self, n, eval_doc=None, df=None, **kwargs):
+        history = (eval_doc or {}).get("history") or []
+        turns = [{"prompt": t["user"], "answer": t["assistant"]} for t in history]
+        return turns[max(0, len(turns) - n) :] if n else []

@@ -68,18 +68,21 @@ OWN_SYSTEM = {"role": "system", "content": "You turn support messages into JSON 
 
 
 def own_data(path: Path, rows_wanted: int = 400) -> int:
-    """The demo's support tickets as a user would have them: OpenAI chat JSONL, some with a system turn
-    (400 rows: enough for a 60-row eval and a training set, few enough to train in a minute on CPU)."""
+    """The demo's support tickets as a user would have them: OpenAI chat JSONL, some with a system turn, every
+    fourth a conversation of two tickets (400 rows: enough for a 60-row eval and a training set, few enough to
+    train in a minute on CPU)."""
     from tunegate.formats import load_source
 
     rows, _, _ = load_source("domain", ROOT / "data/raw/domain.jsonl")
     system = OWN_SYSTEM
-    lines = []
+    lines, earlier = [], []
     for i, row in enumerate(rows):
         msgs = row["messages"]
         if [m["role"] for m in msgs] != ["user", "assistant"] or not msgs[1]["content"].startswith("{"):
             continue
-        lines.append(json.dumps({"messages": ([system] if i % 3 == 0 else []) + msgs}))
+        turns = (earlier if len(lines) % 4 == 3 else []) + msgs
+        earlier = msgs
+        lines.append(json.dumps({"messages": ([system] if i % 3 == 0 else []) + turns}))
         if len(lines) == rows_wanted:
             break
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,9 @@ def test_init_writes_an_eval_a_policy_and_params_for_the_model_and_data(own):
     assert "utils.json_fields" in task and '"<|im_end|>"' in task  # ChatML's end of turn stops generation
     # a third of the rows have a system turn: their held-out items are asked with it (lm-eval's description)
     assert "description: system" in task and {r["system"] for r in held_out} == {"", OWN_SYSTEM["content"]}
+    # a quarter of the rows are two-ticket conversations: their items are asked after their first ticket
+    assert "sampler: !function utils.EarlierTurns" in task and {len(r["history"]) for r in held_out} == {0, 1}
+    assert re.search(r"its earlier turns \(\d+ items\)", init_out)
     policy = yaml.safe_load((project / "evals/gates.yaml").read_text())
     assert [(c["task"], c["metric"], c["role"]) for c in policy["checks"]] == [
         ("my_tickets_gen", "json_fields", "target"),
@@ -172,6 +178,17 @@ def test_dvc_repro_runs_through_register_and_the_gate_checks_both_tasks(own):
     assert all(c["n"] == 60 for c in verdict["checks"] if c["task"] == "my_tickets_gen")
     status = sh(project, "tunegate", "status").stdout
     assert re.search(r"tiny-qwen-my-tickets-gen", status)
+    # items held out of two-ticket conversations were asked after their first ticket, by the base, the candidate and
+    # every baseline (ChatML: the earlier ticket's user turn, then its answer, then the item)
+    items = read_jsonl(project / "evals/data/my_tickets_gen.jsonl")
+    runs = [project / "reports/eval_base", project / "reports/eval_candidate"]
+    runs += [project / "reports/eval_baselines" / name for name in verdict["baselines"]]
+    for run in runs:
+        for sample in read_jsonl(run / "samples/my_tickets_gen.jsonl"):
+            item = items[sample["doc_id"]]
+            for turn in item["history"]:
+                asked = sample["prompt"]
+                assert asked.index(f"<|im_start|>user\n{turn['user']}<|im_end|>") < asked.index(item["prompt"])
 
 
 def test_held_out_rows_reach_no_training_row(own):
@@ -180,7 +197,9 @@ def test_held_out_rows_reach_no_training_row(own):
     trained = [m["content"].strip() for r in read_jsonl(project / "data/mix/train.jsonl") for m in r["messages"]]
     assert not prompts & set(trained)
     leaks = [d for d in read_jsonl(project / "data/dedup/dropped.jsonl") if d["reason"] == "eval_leak"]
-    assert len({d["of"] for d in leaks if d["of"].startswith("my_tickets_gen:")}) == len(prompts)
+    # every held-out item's own row is dropped; a conversation holding two items is dropped naming one of them
+    held = [d for d in leaks if d["of"].startswith("my_tickets_gen:")]
+    assert len({d["id"] for d in held}) >= len(prompts) and len({d["of"] for d in held}) > len(prompts) * 0.9
 
 
 def test_editing_the_data_file_makes_validate_and_what_follows_stale(own):
