@@ -385,6 +385,38 @@ def test_init_measures_rows_as_validate_will_fold_them_for_a_template_without_a_
     assert longest[0] > longest[1] + 20
 
 
+def test_check_says_that_the_base_template_refuses_a_system_turn(proj, gemma_like, tmp_path):
+    """`tunegate check` reads base.model's chat template (chat_template.jinja, or tokenizer_config.json's, named
+    templates included) and says before any run that rows' system turns will be folded; a template that takes a
+    system turn, or a base whose template is not here, gets no such line."""
+    data = _tickets(proj / "data/raw/tickets.jsonl", 60, system=True)
+    project.init(str(gemma_like), [data], general_tasks=["general_mc"], root=proj)
+    cfg = load_config(proj / "params.yaml")
+    said = [w for w in consistency.warnings(cfg, proj) if "chat template" in w]
+    assert said == [
+        f"base.model {gemma_like}: its chat template refuses a system turn (System role not supported): validate "
+        "folds each row's system turn into its first user turn, and every eval asks the same way "
+        "(docs/data.md#chat-templates-that-refuse-a-role-order)"
+    ]
+    named = tmp_path / "named"
+    shutil.copytree(gemma_like, named)
+    template = (named / "chat_template.jinja").read_text()
+    (named / "chat_template.jinja").unlink()
+    config = json.loads((named / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "{{ messages }}"},
+        {"name": "default", "template": template},
+    ]
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    other = cfg.model_copy(update={"base": cfg.base.model_copy(update={"model": str(named)})})
+    assert len([w for w in consistency.warnings(other, proj) if "refuses a system turn" in w]) == 1
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (named / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not [w for w in consistency.warnings(other, proj) if "chat template" in w]
+    hub = cfg.model_copy(update={"base": cfg.base.model_copy(update={"model": "org/not-here"})})
+    assert not [w for w in consistency.warnings(hub, proj) if "chat template" in w]
+
+
 def test_init_on_a_template_that_refuses_every_row_is_one_line(proj, gemma_like, tmp_path):
     import shutil
 

@@ -440,6 +440,63 @@ def _model_type(cfg: Config) -> str:
         return "llama"
 
 
+def template_warnings(cfg: Config, root: Path | str = ".") -> list[str]:
+    """What the base's chat template will do to the data, said before any run: a template that refuses a system turn
+    (Gemma's) gets each row's folded into its first user turn, by validate and in every eval. Read from the tokenizer
+    files of base.model's folder (or of the base built from it); a hub base's are not fetched here."""
+    found = _base_template(cfg, Path(root))
+    if found is None:
+        return []
+    template, special = found
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled = _compile_jinja_template(template)
+    except Exception:  # noqa: BLE001 - a template transformers cannot compile is reported by init and the stages
+        return []
+    from tunegate.chat import system_refusal
+
+    why = system_refusal(lambda messages: compiled.render(messages=messages, add_generation_prompt=False, **special))
+    if not why:
+        return []
+    return [
+        f"base.model {cfg.base.model}: its chat template refuses a system turn ({why}): validate folds each row's "
+        "system turn into its first user turn, and every eval asks the same way "
+        "(docs/data.md#chat-templates-that-refuse-a-role-order)"
+    ]
+
+
+def _base_template(cfg: Config, root: Path) -> tuple[str, dict[str, str]] | None:
+    """(chat template, special tokens) from the folder of base.model, or of the base built from it; None when there is
+    none here (the demo before it is built, a hub id, a base without a template: init says it uses the default)."""
+    layout = Layout.of(cfg.paths, root)
+    folder: Path | None = root / cfg.base.model
+    if not (folder / "config.json").is_file():
+        try:
+            built = json.loads(layout.base_manifest.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError):
+            built = None
+        folder = layout.base if built == cfg.base.model else None
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    jinja = folder / "chat_template.jinja"
+    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one is what a chat is rendered with
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template:
+        return None
+    special = {
+        key: value if isinstance(value, str) else value.get("content", "")
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+        if isinstance(value := config.get(key), str | dict)
+    }
+    return template, special
+
+
 def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
     return (
         gate_warnings(cfg, root)
@@ -447,4 +504,5 @@ def warnings(cfg: Config, root: Path | str = ".") -> list[str]:
         + baseline_warnings(cfg, root)
         + task_data_problems(cfg, root)[1]
         + runtime_warnings(cfg)
+        + template_warnings(cfg, root)
     )
