@@ -493,6 +493,20 @@ def test_items_are_held_out_of_multi_turn_conversations_with_their_earlier_turns
     assert {read[i]["messages"][-2]["content"] for i in leaks} == {item["prompt"] for item in items}
 
 
+def test_init_on_rows_that_all_carry_tools_says_why_none_is_held_out(proj, gemma_like):
+    """Function-calling data (a tools list on every row): no row can be asked as a text prompt, and the line says so
+    instead of only counting the plain rows."""
+    tool = {"type": "function", "function": {"name": "track", "parameters": {"type": "object", "properties": {}}}}
+    path = proj / "data/raw/calls.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"Where is {i}?"}, {"role": "assistant", "content": "Here."}]}
+        for i in range(80)
+    ]
+    path.write_text("".join(json.dumps({**row, "tools": [tool]}) + "\n" for row in rows))
+    with pytest.raises(UserError, match=r"0 rows are plain .* \(80 rows have tools or tool calls, which are not held"):
+        project.init(str(gemma_like), [str(path)], general_tasks=["general_mc"], root=proj)
+
+
 def test_lengths_hold_the_preference_rows_so_validate_keeps_them(proj, gemma_like):
     """validate.max_tokens is sized from the preference rows too (each answer after its prompt): pairs whose answers
     are longer than any domain row are kept by the validate that init configured, not quarantined as `length`."""

@@ -495,9 +495,12 @@ def _hold_out(  # noqa: PLR0913 - the rows, the project, and the init options it
     items = [item for r in rows if (item := _exchange(r))]
     size = eval_size or min(200, max(MIN_EVAL, len(items) // 10))
     if len(items) < size + MIN_EVAL:
+        tools = sum(bool(r.get("tools") or any(m.get("tool_calls") for m in r.get("messages") or [])) for r in rows)
         raise UserError(
             f"--data: {len(items)} rows are plain conversations (user and assistant turns in turn, text only), too few "
-            f"to hold out {size} for the eval and train on the rest; add data or lower --eval-size"
+            f"to hold out {size} for the eval and train on the rest"
+            + (f" ({tools} rows have tools or tool calls, which are not held out)" if tools else "")
+            + "; add data or lower --eval-size"
         )
     key = pick_label([item.answer for item in items], label)
     if key is None and label is None and short_labels([item.answer for item in items]):
