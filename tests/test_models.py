@@ -1,5 +1,7 @@
 """Base model resolution: offline hub ids, pickle-only folders and tokenizer-less folders fail in one line."""
 
+import json
+
 import pytest
 
 from tunegate.errors import UserError
@@ -26,6 +28,24 @@ def test_local_folder_is_fingerprinted(tmp_path):
     path, rev = snapshot(str(tmp_path), "main")
     m = describe(path, str(tmp_path), "main", rev)
     assert len(rev) == 40 and set(m["weights_sha256"]) == {"model.safetensors"} and m["chat_template_sha256"]
+
+
+def test_the_fingerprinted_template_is_the_one_the_tokenizer_loads(tmp_path):
+    """A folder with a chat_template.jinja beside an older template in tokenizer_config.json: transformers loads the
+    .jinja file, so that is the template the provenance names."""
+    from demo.model import train_tokenizer
+    from tunegate.io import sha256_of
+    from tunegate.models import load_tokenizer
+
+    tok = train_tokenizer(["hello there", "general kenobi"] * 50, 300)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'old' }}"}))
+    (tmp_path / "chat_template.jinja").write_text("{{ 'new' }}")
+    path, rev = snapshot(str(tmp_path), "main")
+    assert load_tokenizer({"path": str(tmp_path)}).chat_template == "{{ 'new' }}"
+    assert describe(path, str(tmp_path), "main", rev)["chat_template_sha256"] == sha256_of("{{ 'new' }}")
 
 
 def test_tokenizer_without_chat_template_gets_the_documented_default(tmp_path):

@@ -483,8 +483,12 @@ def _base_template(cfg: Config, root: Path) -> tuple[str, dict[str, str]] | None
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
-    jinja = folder / "chat_template.jinja"
-    template = jinja.read_text(encoding="utf-8") if jinja.is_file() else config.get("chat_template")
+    from tunegate.models import saved_chat_template
+
+    try:
+        template = saved_chat_template(folder, config)
+    except (OSError, UnicodeDecodeError):
+        return None
     if isinstance(template, list):  # named templates: the default one is what a chat is rendered with
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not isinstance(template, str) or not template:

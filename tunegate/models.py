@@ -76,12 +76,7 @@ def describe(path: Path, model: str, revision: str, resolved: str, setting: str 
     if not tokenizer:
         raise UserError(f"{setting} {model!r}: no tokenizer files in {path}")
     try:
-        cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-        template = cfg.get("chat_template") or (
-            (path / "chat_template.jinja").read_text(encoding="utf-8")
-            if (path / "chat_template.jinja").exists()
-            else ""
-        )
+        template = saved_chat_template(path)
     except (UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
         raise UserError(f"{setting} {model!r}: a tokenizer file in {path} cannot be read ({err})") from None
     return {
@@ -93,6 +88,17 @@ def describe(path: Path, model: str, revision: str, resolved: str, setting: str 
         "tokenizer_sha256": tokenizer,
         "chat_template_sha256": sha256_of(template) if template else None,
     }
+
+
+def saved_chat_template(path: Path, config: dict[str, Any] | None = None) -> str | list[dict[str, str]] | None:
+    """The chat template the tokenizer saved in `path` loads with, as transformers reads it: chat_template.jinja first,
+    then tokenizer_config.json's `chat_template` (a string, or named templates); `config` is that file when read."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if config is None:
+        config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    return config.get("chat_template") or None
 
 
 def check_loadable(path: Path, model: str, trust_remote_code: bool = False) -> None:
