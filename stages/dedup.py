@@ -30,24 +30,49 @@ from tunegate.formats import LABELLED, prompt_and_answer, row_text
 from tunegate.io import read_jsonl, write_json, write_jsonl, write_text
 from tunegate.paths import DROPPED, REPORT, Layout
 from tunegate.runtime import stage_main
+from tunegate.text import words
 
 log = logging.getLogger(__name__)
 
+NGRAM = Dedup.model_fields["contamination_ngram"].default  # the setting's default, for callers without a config
 PROMPT_FIELDS = ("prompt", "message", "question", "query", "input", "text")
 ANSWER_FIELDS = ("answer", "target", "output")
 
 
-def eval_items(eval_data: Path) -> list[tuple[str, str, bool]]:
-    """(item id, text, is_prompt) for every prompt and correct answer in evals/data/*.jsonl."""
+def eval_items(eval_data: Path, ngram: int = NGRAM) -> list[tuple[str, str, bool]]:
+    """(item id, text, is_prompt) for every prompt and correct answer in evals/data/*.jsonl. An item held out of a
+    conversation (`history`, its earlier exchanges) is often a short follow-up ("Thanks, and the refund?"), which
+    matched whole on its own would drop every row that says as much: a prompt shorter than `ngram` words
+    (dedup.contamination_ngram) is matched with the words before it in its conversation, `ngram` words in all."""
     items = []
     for path in sorted(eval_data.glob("*.jsonl")):
         for n, row in enumerate(read_jsonl(path), 1):
             item = f"{path.stem}:{row.get('id', n)}"
-            items += [(item, row[f], True) for f in PROMPT_FIELDS if isinstance(row.get(f), str)]
+            before = _earlier_words(row.get("history"))
+            items += [
+                (item, _in_context(row[f], before, ngram), True) for f in PROMPT_FIELDS if isinstance(row.get(f), str)
+            ]
             items += [(item, row[f], False) for f in ANSWER_FIELDS if isinstance(row.get(f), str)]
             if isinstance(row.get("choices"), list) and isinstance(row.get("label"), int):
                 items.append((item, str(row["choices"][row["label"]]), False))
     return items
+
+
+def _earlier_words(history: Any) -> list[str]:
+    """The words of an item's earlier exchanges, in order ([] for none, or for a history not as init writes it)."""
+    if not isinstance(history, list):
+        return []
+    texts = [t.get(k) for t in history if isinstance(t, dict) for k in ("user", "assistant")]
+    return [w for text in texts if isinstance(text, str) for w in words(text)]
+
+
+def _in_context(prompt: str, before: list[str], ngram: int) -> str:
+    """A prompt as leak text: as it is when it has `ngram` words or more (or nothing before it), else the last `ngram`
+    words of its conversation up to and including it."""
+    said = words(prompt)
+    if len(said) >= ngram or not before:
+        return prompt
+    return " ".join((before + said)[-ngram:])
 
 
 def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[str, str, str]]:
@@ -251,7 +276,8 @@ def main() -> None:
         cfg = load_config()
         layout = Layout.of(cfg.paths)
         sources = {name: read_jsonl(layout.validated_source(name)) for name in cfg.data.sources}
-        kept, dropped, metrics = run(cfg.dedup, sources, eval_items(layout.eval_data), cfg.seed)
+        evals = eval_items(layout.eval_data, cfg.dedup.contamination_ngram)
+        kept, dropped, metrics = run(cfg.dedup, sources, evals, cfg.seed)
         for name, rows in kept.items():
             write_jsonl(layout.dedup_source(name), rows)
         write_jsonl(layout.dedup / DROPPED, dropped)

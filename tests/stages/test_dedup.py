@@ -139,3 +139,19 @@ def test_a_source_that_loses_most_of_its_rows_is_named_with_the_main_reason_and_
     assert line.startswith("dedup: source prefs lost 190 of 200 rows (95%, kept 10): near_duplicate 159, eval_leak 29")
     assert "near_duplicate is decided by dedup.threshold" in line and "dedup.warn_share 0.5" in line
     assert heavy_losses(metrics, 0.96) == [] and len(heavy_losses(metrics, 0.01)) == 2
+
+
+def test_an_item_held_out_of_a_conversation_leaks_only_with_its_conversation(cfg, tmp_path):
+    """An item held out of a multi-turn conversation is often a short follow-up ("Thanks, and the refund?"): matched
+    whole on its own, it would drop every training row that says as much. Its leak text is its conversation up to
+    that turn (its earlier exchanges, then the prompt), which the held-out row holds and other rows do not."""
+    import json
+
+    history = [{"user": "My parcel 4411 is late, where is it?", "assistant": "Parcel 4411 left the depot today."}]
+    item = {"id": "t-1", "prompt": "Thanks, and the refund?", "answer": "Soon.", "history": history}
+    (tmp_path / "t.jsonl").write_text(json.dumps(item) + "\n")
+    held = sft(history[0]["user"], history[0]["assistant"], "held", line=1)
+    held["messages"] += [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": "Soon."}]
+    other = sft("Thanks, and the refund? I returned the lamp last week.", "It is on its way to you.", "other", line=2)
+    _, dropped, _ = dedup.run(cfg.dedup, {"domain": [held, other]}, dedup.eval_items(tmp_path), cfg.seed)
+    assert [(d["id"], d["reason"], d["of"]) for d in dropped] == [("held", "eval_leak", "t:t-1")]
