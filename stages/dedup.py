@@ -43,15 +43,17 @@ def eval_items(eval_data: Path, ngram: int = NGRAM) -> list[tuple[str, str, bool
     """(item id, text, is_prompt) for every prompt and correct answer in evals/data/*.jsonl. An item held out of a
     conversation (`history`, its earlier exchanges) is often a short follow-up ("Thanks, and the refund?"), which
     matched whole on its own would drop every row that says as much: a prompt shorter than `ngram` words
-    (dedup.contamination_ngram) is matched with the words before it in its conversation, `ngram` words in all."""
+    (dedup.contamination_ngram) is matched with the words before it in its conversation, `ngram` words in all, or
+    followed by its answer."""
     items = []
     for path in sorted(eval_data.glob("*.jsonl")):
         for n, row in enumerate(read_jsonl(path), 1):
             item = f"{path.stem}:{row.get('id', n)}"
             before = _earlier_words(row.get("history"))
-            items += [
-                (item, _in_context(row[f], before, ngram), True) for f in PROMPT_FIELDS if isinstance(row.get(f), str)
-            ]
+            answer = next((row[f] for f in ANSWER_FIELDS if isinstance(row.get(f), str)), "")
+            for f in PROMPT_FIELDS:
+                if isinstance(row.get(f), str):
+                    items += [(item, text, True) for text in _leak_texts(row[f], answer, before, ngram)]
             items += [(item, row[f], False) for f in ANSWER_FIELDS if isinstance(row.get(f), str)]
             if isinstance(row.get("choices"), list) and isinstance(row.get("label"), int):
                 items.append((item, str(row["choices"][row["label"]]), False))
@@ -66,13 +68,14 @@ def _earlier_words(history: Any) -> list[str]:
     return [w for text in texts if isinstance(text, str) for w in words(text)]
 
 
-def _in_context(prompt: str, before: list[str], ngram: int) -> str:
-    """A prompt as leak text: as it is when it has `ngram` words or more (or nothing before it), else the last `ngram`
-    words of its conversation up to and including it."""
+def _leak_texts(prompt: str, answer: str, before: list[str], ngram: int) -> list[str]:
+    """A prompt's leak texts: the prompt itself when it has `ngram` words or more, or nothing before it; else the last
+    `ngram` words of its conversation up to and including it, and the prompt followed by its answer (the same
+    question and answer in another conversation)."""
     said = words(prompt)
     if len(said) >= ngram or not before:
-        return prompt
-    return " ".join((before + said)[-ngram:])
+        return [prompt]
+    return [" ".join((before + said)[-ngram:]), f"{prompt}\n{answer}"]
 
 
 def _contradictions(rows: list[dict[str, Any]], policy: str) -> dict[int, tuple[str, str, str]]:

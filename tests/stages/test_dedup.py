@@ -144,7 +144,8 @@ def test_a_source_that_loses_most_of_its_rows_is_named_with_the_main_reason_and_
 def test_an_item_held_out_of_a_conversation_leaks_only_with_its_conversation(cfg, tmp_path):
     """An item held out of a multi-turn conversation is often a short follow-up ("Thanks, and the refund?"): matched
     whole on its own, it would drop every training row that says as much. Its leak text is its conversation up to
-    that turn (its earlier exchanges, then the prompt), which the held-out row holds and other rows do not."""
+    that turn (its earlier exchanges, then the prompt), which the held-out row holds and other rows do not, or the
+    prompt followed by its answer, wherever they are."""
     import json
 
     history = [{"user": "My parcel 4411 is late, where is it?", "assistant": "Parcel 4411 left the depot today."}]
@@ -153,5 +154,11 @@ def test_an_item_held_out_of_a_conversation_leaks_only_with_its_conversation(cfg
     held = sft(history[0]["user"], history[0]["assistant"], "held", line=1)
     held["messages"] += [{"role": "user", "content": item["prompt"]}, {"role": "assistant", "content": "Soon."}]
     other = sft("Thanks, and the refund? I returned the lamp last week.", "It is on its way to you.", "other", line=2)
-    _, dropped, _ = dedup.run(cfg.dedup, {"domain": [held, other]}, dedup.eval_items(tmp_path), cfg.seed)
-    assert [(d["id"], d["reason"], d["of"]) for d in dropped] == [("held", "eval_leak", "t:t-1")]
+    # the same question and answer in another conversation is still a leak
+    copied = sft("Hello there.", "Hi, how can I help?", "copied", line=3)
+    copied["messages"] += held["messages"][-2:]
+    _, dropped, _ = dedup.run(cfg.dedup, {"domain": [held, other, copied]}, dedup.eval_items(tmp_path), cfg.seed)
+    assert [(d["id"], d["reason"], d["of"]) for d in dropped] == [
+        ("held", "eval_leak", "t:t-1"),
+        ("copied", "eval_leak", "t:t-1"),
+    ]
