@@ -469,14 +469,14 @@ def template_warnings(cfg: Config, root: Path | str = ".") -> list[str]:
 def _base_template(cfg: Config, root: Path) -> tuple[str, dict[str, str]] | None:
     """(chat template, special tokens) from the folder of base.model, or of the base built from it; None when there is
     none here (the demo before it is built, a hub id, a base without a template: init says it uses the default)."""
+    from tunegate.training import local_base_dir
+
     layout = Layout.of(cfg.paths, root)
-    folder: Path | None = root / cfg.base.model
-    if not (folder / "config.json").is_file():
-        try:
-            built = json.loads(layout.base_manifest.read_text(encoding="utf-8")).get("model")
-        except (OSError, ValueError, AttributeError):
-            built = None
-        folder = layout.base if built == cfg.base.model else None
+    try:
+        built = json.loads(layout.base_manifest.read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        built = None
+    folder = local_base_dir(cfg.base.model, layout.base, built, root)
     if folder is None:
         return None
     try:

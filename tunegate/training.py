@@ -106,15 +106,24 @@ def memory_budget(text: str) -> tuple[str, float]:
     return f"{text.strip()} GPU", float(m[1]) * scale
 
 
+def local_base_dir(base_model: str, built: Path, built_model: str | None, root: Path = Path()) -> Path | None:
+    """The folder of base.model here: itself when it is a local folder (relative to `root`), the built base only when
+    it was built from this base.model (never a stale one); None for a hub base not built yet."""
+    local = root / base_model
+    if (local / "config.json").is_file():
+        return local
+    if built_model == base_model and (built / "config.json").is_file():
+        return built
+    return None
+
+
 def base_config_dir(base_model: str, built: Path, built_model: str | None) -> tuple[Path | None, str]:
     """The folder whose config.json the memory estimate reads, and why: base.model itself when it is a local
     folder; its config.json alone from the hub (one small file) when it is a hub id; the built base only when
     it was built from this base.model (never a stale one)."""
-    local = Path(base_model)
-    if (local / "config.json").is_file():
-        return local, str(local)
-    if built_model == base_model and (built / "config.json").is_file():
-        return built, f"{base_model} (built in {built})"
+    folder = local_base_dir(base_model, built, built_model)
+    if folder is not None:
+        return folder, str(folder) if folder == Path(base_model) else f"{base_model} (built in {built})"
     if base_model == "demo":
         return None, "the demo base is not built yet (dvc repro base)"
     try:
