@@ -5,12 +5,15 @@
     python -m benchmarks.validate_cost --rows 50000 --repeat 5
 
 The file is a demo source (chat `messages` rows, or prompt/chosen/rejected rows; planted defects
-included) repeated to --rows lines, each copy made unique by a reference number. Four timings,
+included) repeated to --rows lines, each copy made unique by a reference number. These timings,
 interleaved, median of --repeat:
   floor        read the file and `json.loads` every line (try/except for the malformed ones)
   validate     stages.validate.run: read + normalise to the internal schema + content-hash ids,
                rendered sizes and token lengths, the Great Expectations suite, quarantine, PII
                masking, writing the outputs (Data Docs HTML excluded: a one-off render)
+  validate, pairs read as row objects   (preferences only) the same with the string-form pairs read as
+                                        a Row per line, not as columns (run(..., use_columns=False):
+                                        tunegate.pair_columns); its outputs are compared with validate's
   validate, template rendered per row   the same with the probed template layout off
                                         (run(..., use_layouts=False): RenderedSize)
   validate, every row rendered and tokenised   also without the byte bounds
@@ -83,6 +86,9 @@ def main() -> None:
         def run_validate(out: Path) -> None:
             validate.run(cfg, sources, tokenizer, out)
 
+        def run_rows(out: Path) -> None:
+            validate.run(cfg, sources, tokenizer, out, use_columns=False)
+
         def run_rendered(out: Path) -> None:
             validate.run(cfg, sources, tokenizer, out, use_layouts=False)
 
@@ -92,6 +98,7 @@ def main() -> None:
         runs = {
             "floor: json.loads per line": lambda out: floor(data),
             "validate": run_validate,
+            **({"validate, pairs read as row objects": run_rows} if args.source == "preferences" else {}),
             "validate, template rendered per row": run_rendered,
             "validate, every row rendered and tokenised": run_exact,
         }
@@ -103,11 +110,14 @@ def main() -> None:
                 fn(Path(tmp) / f"out-{r}-{k}")
                 times[name].append(time.perf_counter() - started)
         metrics = json.loads(json.dumps(validate.run(cfg, sources, tokenizer, Path(tmp) / "last")))
+        run_rows(Path(tmp) / "rows")
+        same = all(f.read_bytes() == (Path(tmp) / "rows" / f.name).read_bytes() for f in (Path(tmp) / "last").iterdir())
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["floor: json.loads per line"]
     print(
         f"{args.rows:,} rows; in {metrics['in']:,} = kept {metrics['kept']:,} "
-        f"+ quarantined {metrics['quarantined']:,}; median of {args.repeat} interleaved runs"
+        f"+ quarantined {metrics['quarantined']:,}; median of {args.repeat} interleaved runs; "
+        f"outputs of validate and of validate with rows as objects {'identical' if same else 'DIFFERENT'}"
     )
     print("| run | seconds | rows/s | × floor |\n|---|---|---|---|")
     for name, seconds in median.items():

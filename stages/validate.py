@@ -44,6 +44,7 @@ from tunegate.config import Source, Validate, load_config
 from tunegate.errors import UserError
 from tunegate.formats import LABELLED, NOTE_EXTRAS, PAIR, SFT, Message, Row, assign_ids, load_rows
 from tunegate.io import atomic_path, write_chunks, write_json, write_jsonl, write_text
+from tunegate.pair_columns import PairRows, read_pairs
 from tunegate.paths import QUARANTINE, REPORT, Layout, jsonl_of
 from tunegate.rendering import ROLE_SEP, Flat, RenderedSize, TokenCounter, joined
 from tunegate.runtime import gc_paused, stage_main
@@ -92,10 +93,12 @@ INVISIBLE_PY = {name: re.compile(_char_class(ranges, lambda c: f"\\U{c:08x}")) f
 DOCS_SITE = "tunegate_docs"  # an ephemeral context already owns "local_site"
 
 
-def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: bool = True) -> Any:
+def _table(
+    rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: bool = True, on_text: Any = None
+) -> Any:
     """One line per row with the derived columns the expectations check, built column-wise in Arrow.
     `extras`: whether any row may have tool calls, names or weights (`chat_extras` when read); without
-    them no row is looked at one by one."""
+    them no row is looked at one by one. `on_text` is handed the text column (Arrow) as soon as it is made."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -103,25 +106,23 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
     columns: dict[str, Any] = {}
     rich = (
         [i for i, row in enumerate(rows) if row.tools or any(type(m) is not Message for m in row.all_messages())]
-        if extras
+        if extras and not isinstance(rows, PairRows)
         else []
     )
-    if all(row.kind != PAIR for row in rows):  # SFT rows, or labelled answers: one conversation each
+    if not isinstance(rows, PairRows) and all(row.kind != PAIR for row in rows):  # SFT rows, or labelled answers
         turns = [row.conversation() for row in rows]
         flat = Flat([_shown(t) for t in turns] if rich else turns)
+        text = (on_text or _ignore)(flat.join(flat.contents, "\n"))
         columns["roles"] = flat.join(flat.roles, ",")
         columns["min_chars"] = flat.per_group(flat.lengths(trimmed=True, unit="chars"), np.minimum, 0)
-        columns["text"] = flat.join(flat.contents, "\n")
+        columns["text"] = text
         columns["n_tokens"] = counter.count_bytes(
             *_rich_sizes(sizes, rows, rich, flat, lambda row: (row.conversation(), row.tools))
         )
     else:
-        parts = [
-            Flat([_shown(row.prompt) for row in rows] if rich else [row.prompt for row in rows]),
-            Flat([_shown(row.chosen) for row in rows] if rich else [row.chosen for row in rows]),
-            Flat([_shown(row.rejected) for row in rows] if rich else [row.rejected for row in rows]),
-        ]
+        parts = _pair_parts(rows, rich)
         prompt, chosen, rejected = parts
+        text = (on_text or _ignore)(joined(parts, [part.join(part.contents, "\n") for part in parts], "\n"))
         roles = [part.join(part.roles, ",") for part in parts]
         columns["roles"] = pc.binary_join_element_wise(*roles, pa.scalar("|", pa.large_string()))
         none = np.iinfo(np.int64).max
@@ -129,7 +130,7 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
             [part.per_group(part.lengths(trimmed=True, unit="chars"), np.minimum, none) for part in parts]
         )
         columns["min_chars"] = np.where(shortest == none, 0, shortest)
-        columns["text"] = joined(parts, [part.join(part.contents, "\n") for part in parts], "\n")
+        columns["text"] = text
         columns["n_tokens"] = np.maximum(
             counter.count_bytes(
                 *_rich_sizes(sizes, rows, rich, (prompt, chosen), lambda row: (row.prompt + row.chosen, row.tools))
@@ -143,11 +144,31 @@ def _table(rows: list[Row], counter: TokenCounter, sizes: RenderedSize, extras: 
         candidates = np.flatnonzero(pc.equal(*same).to_numpy(zero_copy_only=False) & (chosen.counts == rejected.counts))
         equal = np.zeros(len(rows), bool)
         for i in candidates.tolist():
-            equal[i] = [message_text(m).strip() for m in rows[i].chosen] == [
-                message_text(m).strip() for m in rows[i].rejected
-            ]
+            equal[i] = _same_answers(rows, i)
         columns["chosen_equals_rejected"] = equal
     return pa.table(columns).to_pandas()
+
+
+def _ignore(text: Any) -> Any:
+    return text
+
+
+def _pair_parts(rows: list[Row], rich: list[int]) -> list[Flat]:
+    """The prompt, chosen and rejected parts of preference rows, laid out for the table (tool calls shown as text
+    where rows have them)."""
+    if isinstance(rows, PairRows):
+        return rows.parts()
+    return [
+        Flat([_shown(getattr(row, part)) for row in rows] if rich else [getattr(row, part) for row in rows])
+        for part in ("prompt", "chosen", "rejected")
+    ]
+
+
+def _same_answers(rows: list[Row], i: int) -> bool:
+    """Whether row i's chosen and rejected say the same, message by message, trimmed."""
+    if isinstance(rows, PairRows):
+        return rows.same_answers(i)
+    return [message_text(m).strip() for m in rows[i].chosen] == [message_text(m).strip() for m in rows[i].rejected]
 
 
 def _shown(messages: list[Message]) -> list[Message]:
@@ -258,10 +279,13 @@ def _narrow(frame, ids: list[str], flags: dict[str, Any]):
     """The table the suite reads: no text and no id strings, which GX would hash whole for its batch
     fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and each
     regex check on the text the flag `_text_flags` made."""
-    import pandas as pd
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     out = frame.drop(columns=["text"])
-    out.insert(0, ID_NUMBER, pd.factorize(pd.Series(ids, dtype=object))[0])
+    # numbered in order of first appearance, as pandas.factorize numbers them (Arrow's hashing is the quicker)
+    out.insert(0, ID_NUMBER, pc.dictionary_encode(pa.array(ids, pa.large_string())).indices.to_numpy().astype(np.int64))
     for column, matched in flags.items():
         out[column] = matched
     return out
@@ -378,13 +402,24 @@ def run(
     *,
     use_bounds: bool = True,
     use_layouts: bool = True,
+    use_columns: bool = True,
 ) -> dict[str, Any]:
     """Validate every source; write <source>.jsonl (valid rows), quarantine.jsonl and report.md to out_dir.
 
-    `use_bounds` (TokenCounter) and `use_layouts` (RenderedSize) switch the length check's shortcuts;
-    benchmarks/validate_cost.py turns them off to show what they save."""
+    `use_bounds` (TokenCounter) and `use_layouts` (RenderedSize) switch the length check's shortcuts, `use_columns`
+    string-form preference pairs held as columns (tunegate.pair_columns); benchmarks/validate_cost.py turns them off
+    to show what they save, and the outputs are the same either way."""
     with gc_paused():  # the rows stay alive throughout; collections would walk them again and again
-        return _run(cfg, sources, tokenizer, out_dir, docs_dir, use_bounds=use_bounds, use_layouts=use_layouts)
+        return _run(
+            cfg,
+            sources,
+            tokenizer,
+            out_dir,
+            docs_dir,
+            use_bounds=use_bounds,
+            use_layouts=use_layouts,
+            use_columns=use_columns,
+        )
 
 
 def _run(
@@ -396,6 +431,7 @@ def _run(
     *,
     use_bounds: bool,
     use_layouts: bool,
+    use_columns: bool,
 ) -> dict[str, Any]:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -409,6 +445,7 @@ def _run(
         {name: re.compile(p) for name, p in cfg.pii_patterns.items()},
         TokenCounter(tokenizer, cfg.min_tokens, cfg.max_tokens, use_bounds=use_bounds),
         RenderedSize(tokenizer, use_layouts=use_layouts),
+        use_columns,
     )
     metrics: dict[str, Any] = {"sources": {}}
     quarantine: list[dict[str, Any]] = []
@@ -436,6 +473,7 @@ class _Checks:
     pii: dict[str, re.Pattern]
     counter: TokenCounter
     sizes: RenderedSize
+    use_columns: bool = True  # string-form preference pairs held as columns (tunegate.pair_columns)
     no_tools: str | None = None  # probed once, when the first tool row is seen: "" = the template renders tools
     no_system: str | None = None  # probed once: "" = the template takes a system turn
     role_orders: dict[str, str] = field(default_factory=dict)  # roles column value -> why the template refuses it
@@ -485,7 +523,7 @@ def _validate_source(
     """(kept rows, quarantine rows, the source's metrics, the line if too many rows were invalid) of one source:
     read, rows of the wrong kind and untrainable tool rows set aside, the suite run, each row judged."""
     cfg, started = checks.cfg, time.perf_counter()
-    read, problems, fmt, notes = load_rows(name, source.path, source.format, source.split, ids=False)
+    read, problems, fmt, notes = _read(checks, name, source)
     expected_kind = _expected_kind(source, read)
     rows, wrong_kind = _of_kind(read, expected_kind)
     notes = _fold_system(checks, name, rows, notes)
@@ -504,7 +542,7 @@ def _validate_source(
         frame, invisible = _invisible(rows, table, hidden, cfg.invisible, checks.counter, checks.sizes)
         if invisible and cfg.invisible == "strip":  # the text changed: its checks run again on what will be trained
             flags = _text_flags(frame, cfg)
-        narrow = _narrow(frame, [r.id for r in rows], flags)
+        narrow = _narrow(frame, _ids(rows), flags)
         failed = _run_suite(checks.ctx, name, narrow, _expectations(cfg, expected_kind))
     kept, judged, pii_hits = _judge(checks, name, rows, failed, invisible)
     quarantine += judged
@@ -525,11 +563,22 @@ def _validate_source(
     return kept, quarantine, metrics, _too_many_invalid(cfg, source, n_in, reasons, quarantine)
 
 
+def _read(checks: _Checks, name: str, source: Source) -> tuple[list[Row], list[Any], str, dict[str, int]]:
+    """A source's rows (ids not yet assigned), its lines' problems, its format and read notes: a preference source of
+    string-form pairs as columns (`PairRows`, a sequence of rows), anything else as a list of rows."""
+    if checks.use_columns and source.role == "preference" and not source.split:
+        if (pairs := read_pairs(name, source.path, source.format)) is not None:
+            return pairs
+    return load_rows(name, source.path, source.format, source.split, ids=False)
+
+
 def _expected_kind(source: Source, rows: list[Row]) -> str:
     """What the source's role trains on: SFT rows, or preference pairs, or labelled answers (KTO's unpaired rows)
     where a preference source holds more of those than pairs."""
     if source.role != "preference":
         return SFT
+    if isinstance(rows, PairRows):
+        return PAIR
     kinds = Counter(row.kind for row in rows)
     return LABELLED if kinds[LABELLED] > kinds[PAIR] else PAIR
 
@@ -538,24 +587,59 @@ def _derived(
     checks: _Checks, rows: list[Row], read: list[Row], name: str, extras: bool
 ) -> tuple[Any, dict[str, Any], Any]:
     """(the table of `rows`, its text checks' flags, which rows hide characters), and every row read given its
-    id. The text checks and the hidden characters' pass run in a thread while this one hashes the ids: they are
-    Arrow's regex kernels, which release the GIL, so on two cores they cost nothing beside the hashing. (The
-    table itself is not built beside the hashing: most of its time holds the GIL, and measured that way the two
-    took as long as one after the other.)"""
+    id. The text checks and the hidden characters' pass run in a thread from the moment the table has its text
+    column, while this one builds the rest of the table and hashes the ids: they are Arrow's regex kernels, which
+    release the GIL, so on two cores they cost nothing beside the rest. (The table itself is not built beside the
+    hashing: most of its time holds the GIL, and measured that way the two took as long as one after the other.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     if not rows:
-        assign_ids(name, read)
+        _assign_ids(name, read)
         return None, {}, None
-    table = _table(rows, checks.counter, checks.sizes, extras=extras)  # reads no id
     with ThreadPoolExecutor(1) as pool:
-        text = pool.submit(lambda: (_text_flags(table, checks.cfg), _hidden(table)))
-        assign_ids(name, read)  # every row read, in file order: repeats of the same content are numbered in it
-        return table, *text.result()
+        text = []
+
+        def check(column: Any) -> Any:
+            text.append(pool.submit(_text_work, column, checks.cfg))
+            return column
+
+        table = _table(rows, checks.counter, checks.sizes, extras=extras, on_text=check)  # reads no id
+        _assign_ids(name, read)  # every row read, in file order: repeats of the same content are numbered in it
+        return table, *text[0].result()
+
+
+def _text_work(text: Any, cfg: Validate) -> tuple[dict[str, Any], Any]:
+    """(`_text_flags`, `_hidden`) of the table's text column, as Arrow hands it to `_table`'s `on_text`."""
+    frame = {"text": text.to_pandas()}
+    return _text_flags(frame, cfg), _hidden(frame)
+
+
+def _assign_ids(name: str, rows: list[Row]) -> None:
+    if isinstance(rows, PairRows):
+        rows.assign_ids()
+    else:
+        assign_ids(name, rows)
+
+
+def _ids(rows: list[Row]) -> list[str]:
+    return rows.ids if isinstance(rows, PairRows) else [r.id for r in rows]
+
+
+def _kept(rows: list[Row], keep: Any) -> list[Row]:
+    """The rows where `keep` (a numpy bool per row) is true, in order."""
+    from itertools import compress
+
+    import numpy as np
+
+    if isinstance(rows, PairRows):
+        return rows.take(np.flatnonzero(keep))
+    return list(compress(rows, keep.tolist()))
 
 
 def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
     """(the rows of the kind the source's role trains on, the others)."""
+    if isinstance(rows, PairRows):
+        return (rows, []) if kind == PAIR else ([], list(rows))
     wrong = [r for r in rows if r.kind != kind]
     if not wrong:
         return rows, []
@@ -565,7 +649,7 @@ def _of_kind(rows: list[Row], kind: str) -> tuple[list[Row], list[Row]]:
 def _fold_system(checks: _Checks, name: str, rows: list[Row], notes: dict[str, int]) -> dict[str, int]:
     """Where the template refuses a system turn, each row's leading system turn folded into its first user turn
     (`fold_system`), said once on the console; returns the source's read notes with the count (`system_folded`)."""
-    why = checks.system_refusal() if rows else ""
+    why = checks.system_refusal() if rows and not isinstance(rows, PairRows) else ""  # pairs of strings: no system turn
     if not why:
         return notes
     folded = 0
@@ -632,7 +716,7 @@ def _renderable(checks: _Checks, name: str, kind: str, rows: list[Row], table, f
         REFUSED,
     )
     keep = ~bad
-    rows = [r for r, ok in zip(rows, keep.tolist(), strict=True) if ok]
+    rows = _kept(rows, keep)
     flags = {column: matched[keep] for column, matched in flags.items()}
     return rows, table[keep].reset_index(drop=True), flags, hidden[keep], refused
 
@@ -660,18 +744,17 @@ def _judge(
 ) -> tuple[list[Row], list[dict[str, Any]], Counter]:
     """(kept rows, quarantine rows, rows per PII pattern) after the suite: only the rows something was found
     in are looked at one by one; the rest are kept as they are."""
+    import numpy as np
+
     cfg = checks.cfg
-    kept, quarantine, pii_hits = [], [], Counter()  # rows per PII pattern: masked, reported or quarantined
+    quarantine, pii_hits = [], Counter()  # rows per PII pattern: masked, reported or quarantined
+    keep = np.ones(len(rows), bool)
     suspects = sorted(failed.keys() | (invisible.keys() if cfg.invisible == "quarantine" else set()))
-    after = 0  # rows before this one, not yet kept, have nothing found
     for i in suspects:
-        kept += rows[after:i]
-        after = i + 1
         row = rows[i]
         reasons = failed.get(i)
         hidden = invisible.get(i, []) if cfg.invisible == "quarantine" else []
         if reasons is None and not hidden:
-            kept.append(row)
             continue
         reasons = reasons or []
         if reasons and reasons[-1] == PII:
@@ -684,12 +767,14 @@ def _judge(
         if blocking:
             detail = ", ".join(f"{r} ({_roles(row)})" if r == "wrong_role" else r for r in reasons)
             quarantine.append({"source": name, "line": row.line, "id": row.id, "reason": blocking[0], "detail": detail})
+            keep[i] = False
             if cfg.pii == "quarantine":
                 pii_hits.update(hits)
             continue
         pii_hits.update(hits)
-        kept.append(_mask(row, checks.pii) if cfg.pii == "mask" else row)
-    return kept + rows[after:], quarantine, pii_hits
+        if cfg.pii == "mask":
+            _mask(row, checks.pii)  # in place: the row kept is the row masked
+    return _kept(rows, keep), quarantine, pii_hits
 
 
 def _roles(row: Row) -> str:
@@ -747,9 +832,12 @@ def _write(out_dir: Path, valid: dict[str, list[Row]], quarantine: list[dict[str
     with atomic_path(out_dir) as tmp:  # all files or none: a run cut short (a full disk) leaves the last whole one
         tmp.mkdir()
         for name, kept in valid.items():
-            write_chunks(
-                tmp / jsonl_of(name), (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS))
+            chunks = (
+                kept.chunks()
+                if isinstance(kept, PairRows)
+                else (encode(kept[i : i + WRITE_ROWS]) for i in range(0, len(kept), WRITE_ROWS))
             )
+            write_chunks(tmp / jsonl_of(name), chunks)
         write_jsonl(tmp / QUARANTINE, sorted(quarantine, key=lambda q: (q["source"], q["line"])))
         write_text(tmp / REPORT, _report(metrics))
 

@@ -38,7 +38,7 @@ import hashlib
 import io
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -592,15 +592,24 @@ def assign_ids(name: str, rows: list[Row]) -> None:
     """Each row's id: `<source>-<content hash>`, `-<n>` added for the n-th repeat of the same content."""
     # The content's JSON (msgspec.json.encode's bytes) is encoded into one reused buffer, no bytes object per row.
     encode, sha, buf, prefix = msgspec.json.Encoder().encode_into, hashlib.sha256, bytearray(), f"{name}-"
+    ids = []
     for r in rows:
         encode(_content(r) if r.tools is None else (_content(r), r.tools), buf)
-        r.id = prefix + sha(buf).hexdigest()[:12]
-    if len({r.id for r in rows}) < len(rows):  # repeats of the same content: -2, -3, ... in file order
-        seen: dict[str, int] = {}
-        for r in rows:
-            n = seen[r.id] = seen.get(r.id, 0) + 1
-            if n > 1:
-                r.id = f"{r.id}-{n}"
+        ids.append(prefix + sha(buf).hexdigest()[:12])
+    for r, id_ in zip(rows, number_repeats(ids), strict=True):
+        r.id = id_
+
+
+def number_repeats(ids: list[str]) -> list[str]:
+    """The ids with `-2`, `-3`, ... added to the second, third, ... repeat of an id, in their order."""
+    if len(set(ids)) == len(ids):
+        return ids
+    seen: dict[str, int] = {}
+    out = []
+    for id_ in ids:
+        n = seen[id_] = seen.get(id_, 0) + 1
+        out.append(f"{id_}-{n}" if n > 1 else id_)
+    return out
 
 
 def _content(r: Row) -> Any:
@@ -641,6 +650,25 @@ def _load_records(
 def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row], list[Problem], str]:
     """JSONL line by line: a bad line (broken JSON, wrong encoding, a truncated tail, a wrong type) is
     reported with its line number and the rest of the file still loads."""
+    lines, fmt, last_open = jsonl_file(p, fmt, notes)
+    shape, make = FAST.get(fmt, (None, None))
+    decode = msgspec.json.Decoder(shape).decode if shape else _general_path
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    for number, raw in enumerate(lines(), 1):
+        try:
+            rows.append(make(decode(raw), name, number, notes))
+        # not the usual shape (or not UTF-8, or nested past msgspec's depth limit): the general path decides
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            row = other_line(name, number, raw, fmt, last_open, notes)
+            if row is not None:
+                (rows if isinstance(row, Row) else problems).append(row)
+    return rows, problems, fmt
+
+
+def jsonl_file(p: Path, fmt: str, notes: Counter) -> tuple[Callable[[], Iterable[bytes]], str, int]:
+    """(a JSONL file's lines, each time called; its format, inferred where `auto`; the number of its last line when
+    that line has no newline, else -1): the file read whole once, its encoding settled (tunegate.readers)."""
     data = read_bytes(p)
     if not data or data.isspace():  # isspace stops at the first other byte; strip() would copy the file
         raise UserError(f"{p}: empty file; add records or remove the source from data.sources")
@@ -655,22 +683,17 @@ def _load_jsonl(name: str, p: Path, fmt: str, notes: Counter) -> tuple[list[Row]
 
     if fmt == "auto":
         fmt = _infer(p, _sample(lines()))
-    shape, make = FAST.get(fmt, (None, None))
-    decode = msgspec.json.Decoder(shape).decode if shape else _general_path
     last_open = data.count(newline) + 1 if not data.endswith((b"\n", b"\r")) else -1
-    rows: list[Row] = []
-    problems: list[Problem] = []
-    for number, raw in enumerate(lines(), 1):
-        try:
-            rows.append(make(decode(raw), name, number, notes))
-        # not the usual shape (or not UTF-8, or nested past msgspec's depth limit): the general path decides
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-            raw = raw.removesuffix(b"\n")
-            if not raw.strip():
-                continue
-            row = _jsonl_line(name, number, raw, fmt, number == last_open, notes)
-            (rows if isinstance(row, Row) else problems).append(row)
-    return rows, problems, fmt
+    return lines, fmt, last_open
+
+
+def other_line(name: str, number: int, raw: bytes, fmt: str, last_open: int, notes: Counter) -> Row | Problem | None:
+    """A JSONL line that is not its format's usual shape, through the general path: its row, or its problem, or
+    None for a blank line."""
+    raw = raw.removesuffix(b"\n")
+    if not raw.strip():
+        return None
+    return _jsonl_line(name, number, raw, fmt, number == last_open, notes)
 
 
 def _general_path(raw: bytes) -> Any:

@@ -137,6 +137,23 @@ class Flat:
             self.contents = pa.array([m.content for g in groups for m in g], pa.large_string())
             self.roles = pa.array([m.role for g in groups for m in g], pa.large_string())
 
+    @classmethod
+    def of_strings(cls, contents: list[str], role: str) -> Flat:
+        """Groups of one message each, all of `role`, from their contents alone (string-form preference pairs held
+        as columns, tunegate.pair_columns): a group's messages are made only when asked for (`groups[i]`)."""
+        import numpy as np
+        import pyarrow as pa
+
+        flat = cls.__new__(cls)
+        n = len(contents)
+        flat.groups = _OneMessage(contents, role)
+        flat.counts = np.ones(n, np.int64)
+        flat.offsets = np.arange(n + 1, dtype=np.int64)
+        flat._sums, flat._trimmed, flat.single = {}, None, bool(n)
+        flat.contents = pa.array(contents, pa.large_string())
+        flat.roles = pa.repeat(pa.scalar(role, pa.large_string()), n)
+        return flat
+
     @property
     def trimmed(self):
         """The contents, each trimmed as str.strip() does (built once: lengths and comparisons share it)."""
@@ -181,6 +198,19 @@ class Flat:
         if trimmed not in self._sums:
             self._sums[trimmed] = self.per_group(self.lengths(trimmed), np.add, 0)
         return self._sums[trimmed]
+
+
+class _OneMessage:
+    """Groups of one message each, made from a content and a role when asked for (`Flat.of_strings`)."""
+
+    def __init__(self, contents: list[str], role: str):
+        self.contents, self.role = contents, role
+
+    def __len__(self) -> int:
+        return len(self.contents)
+
+    def __getitem__(self, i: int) -> list[Message]:
+        return [Message(self.role, self.contents[i])]
 
 
 def _conversation(parts: tuple[Flat, ...], i: int) -> list[Message]:

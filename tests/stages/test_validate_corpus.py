@@ -32,7 +32,23 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _run(cfg: Validate, sources: dict[str, Source], tokenizer, out: Path) -> dict:
-    return validate.run(cfg, sources, tokenizer, out)
+    """validate's metrics; a preference source is validated both ways it can be read (string-form pairs as columns,
+    and as row objects), which must give the same error, or the same metrics and files."""
+    if not any(source.role == "preference" for source in sources.values()):
+        return validate.run(cfg, sources, tokenizer, out)
+    results = []
+    for columns in (True, False):
+        try:
+            metrics = validate.run(cfg, sources, tokenizer, out.with_name(f"{out.name}-{columns}"), use_columns=columns)
+            files = {f.name: f.read_bytes() for f in out.with_name(f"{out.name}-{columns}").iterdir()}
+            results.append((json.loads(json.dumps(metrics)), files))
+        except UserError as err:
+            results.append(str(err).replace(f"{out.name}-{columns}", f"{out.name}"))
+    assert results[0] == results[1]
+    if isinstance(results[0], str):
+        raise UserError(results[0])
+    out.with_name(f"{out.name}-True").rename(out)
+    return results[0][0]
 
 
 def _contents(path: Path) -> str:

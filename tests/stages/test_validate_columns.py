@@ -1,0 +1,194 @@
+"""String-form preference pairs held as columns (tunegate.pair_columns) give validate's outputs byte for byte.
+
+Every test here compares the two ways of reading the same file through the stage's real `run()`: the pairs as
+columns (`use_columns=True`, the default) and as one `Row` per line (`use_columns=False`). The generated corpus
+holds what can make them differ: strings JSON must escape (quotes, backslashes, control characters, U+2028),
+non-ASCII text, characters that do not show (stripped, reported or quarantined), secrets (masked, reported or
+quarantined), placeholders, empty and blank answers, chosen equal to rejected, repeats of the same content (ids
+numbered), rows too long for the token bounds, extra keys, `tools: null`, malformed lines, blank lines, CRLF endings
+and a last line without its newline.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from stages import validate
+from tunegate.config import Source, Validate
+from tunegate.formats import assign_ids, load_rows
+from tunegate.pair_columns import PairRows, read_pairs
+
+PIECES = [
+    "Where is order 12345?",
+    "refund",
+    'a "quoted" word',
+    "back\\slash",
+    "tab\there",
+    "line\nbreak",
+    "bell\x07",
+    "del\x7f",
+    "café",
+    "注文",
+    "😀",
+    "para\u2028sep",
+    "zero\u200bwidth",
+    "bidi\u202eoverride",
+    "ann@example.com",
+    "ghp_" + "a1B2" * 9,
+    "Dear {name},",
+    "  padded  ",
+    "{{ leftover }}",
+]
+
+
+def _text(rng: random.Random) -> str:
+    return " ".join(rng.choice(PIECES) for _ in range(rng.randint(1, 6)))
+
+
+def _pair(rng: random.Random) -> dict:
+    chosen = _text(rng)
+    rejected = rng.choice([_text(rng), f" {chosen}\n", "", "   "]) if rng.random() < 0.15 else _text(rng)
+    row = {"prompt": _text(rng), "chosen": chosen, "rejected": rejected}
+    if rng.random() < 0.05:
+        row["prompt"] = "word " * 400  # past max_tokens: quarantined as length
+    if rng.random() < 0.1:
+        row["score_chosen"] = rng.random()  # a key the pair does not read
+    if rng.random() < 0.05:
+        row["tools"] = None
+    return row
+
+
+MALFORMED = [
+    '{"prompt": "Where is it?", "chosen": "Here."',  # broken JSON
+    '{"prompt": "Where is it?", "rejected": "No."}',  # a missing field
+    '{"prompt": 5, "chosen": "Here.", "rejected": "No."}',  # a number for a string
+    '{"prompt": "Where is it?", "chosen": null, "rejected": "No."}',
+    "[1, 2, 3]",
+    '"just a string"',
+]
+
+
+def write_pairs(path: Path, n: int, seed: int) -> Path:
+    """n lines of generated pairs, with malformed lines, blank lines, repeats and CRLF endings among them."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.05 and lines:
+            lines.append(rng.choice(lines))  # a repeat of an earlier line: its id gets -2, -3, ...
+        elif roll < 0.09:
+            lines.append(rng.choice(MALFORMED))
+        elif roll < 0.1:
+            lines.append("")
+        else:
+            lines.append(json.dumps(_pair(rng), ensure_ascii=rng.random() < 0.5))
+    text = "".join(line + ("\r\n" if rng.random() < 0.1 else "\n") for line in lines)
+    path.write_text(text.rstrip("\r\n"), encoding="utf-8")  # the last line without its newline
+    return path
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+
+def _both(cfg: Validate, path: Path, tokenizer, tmp_path: Path, role: str = "preference") -> tuple[dict, dict]:
+    """(metrics, outputs) of validate with the pairs as columns, checked equal to those with rows as objects."""
+    sources = {"prefs": Source(path=str(path), role=role)}
+    got = {}
+    for columns in (True, False):
+        out = tmp_path / f"out-{columns}"
+        metrics = validate.run(cfg, sources, tokenizer, out, use_columns=columns)
+        got[columns] = (json.loads(json.dumps(metrics)), _outputs(out))
+    assert got[True][0] == got[False][0]
+    for name, data in got[False][1].items():
+        assert got[True][1][name] == data, f"{name} differs"
+    return got[True]
+
+
+@pytest.mark.parametrize(
+    ("pii", "invisible", "seed"),
+    [("mask", "strip", 1), ("report", "report", 2), ("quarantine", "quarantine", 3), ("mask", "report", 4)],
+)
+def test_pairs_as_columns_write_what_rows_write(pii, invisible, seed, tmp_path, tokenizer):
+    path = write_pairs(tmp_path / "prefs.jsonl", 900, seed)
+    assert isinstance(read_pairs("prefs", path, "auto")[0], PairRows)  # the column path is the one taken
+    cfg = Validate(pii=pii, invisible=invisible, max_invalid_share=1.0, max_tokens=300)
+    metrics, outputs = _both(cfg, path, tokenizer, tmp_path)
+    source = metrics["sources"]["prefs"]
+    # the corpus reaches what it is there for: each kind of finding, and repeats
+    assert source["reasons"].get("malformed_json") and source["reasons"].get("length")
+    assert source["reasons"].get("chosen_equals_rejected") and source["reasons"].get("empty_content")
+    assert any(source[key] for key in source if key.startswith("pii_"))
+    assert any(source[key] for key in source if key.startswith("invisible_"))
+    assert b'-2"' in outputs["prefs.jsonl"] + outputs["quarantine.jsonl"]
+    assert source["in"] == source["kept"] + source["quarantined"]
+
+
+def test_a_line_of_another_shape_sends_the_file_to_the_row_path(tmp_path, tokenizer):
+    """A conversation among string pairs (or a tools list): the file is read as rows, with the same outputs."""
+    path = write_pairs(tmp_path / "prefs.jsonl", 200, 5)
+    conversation = {
+        "prompt": [{"role": "user", "content": "Where is order 12345?"}],
+        "chosen": [{"role": "assistant", "content": "It ships today."}],
+        "rejected": [{"role": "assistant", "content": "No idea."}],
+    }
+    for extra in (conversation, {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "tools": []}):
+        path.write_text(path.read_text(encoding="utf-8") + "\n" + json.dumps(extra), encoding="utf-8")
+        assert read_pairs("prefs", path, "auto") is None
+        metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path)
+        assert metrics["sources"]["prefs"]["in"] > 190
+
+
+def test_pairs_in_a_source_of_another_role_or_format_are_read_as_rows(tmp_path, tokenizer):
+    path = write_pairs(tmp_path / "prefs.jsonl", 100, 6)
+    assert read_pairs("prefs", path, "prompt_completion") is None
+    assert read_pairs("prefs", tmp_path / "missing.jsonl", "auto") is None
+    metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path, role="domain")
+    assert metrics["sources"]["prefs"]["reasons"].get("wrong_format")
+
+
+def test_a_template_that_refuses_the_pairs_quarantines_them_alike(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(
+        tokenizer,
+        "chat_template",
+        "{% if messages[0]['role'] == 'user' %}{{ raise_exception('no user turns here') }}{% endif %}",
+    )
+    path = write_pairs(tmp_path / "prefs.jsonl", 100, 7)
+    metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path)
+    assert metrics["sources"]["prefs"]["reasons"]["template_refused"] and not metrics["sources"]["prefs"]["kept"]
+
+
+def test_pair_rows_are_the_rows_the_row_path_reads(tmp_path):
+    """As a sequence, PairRows holds the very rows (ids included) `load_rows` gives for the file."""
+    path = write_pairs(tmp_path / "prefs.jsonl", 300, 8)
+    pairs, problems, fmt, notes = read_pairs("prefs", path, "auto")
+    rows, row_problems, row_fmt, row_notes = load_rows("prefs", path, ids=False)
+    assert (problems, fmt, notes) == (row_problems, row_fmt, row_notes)
+    assign_ids("prefs", rows)
+    pairs.assign_ids()
+    assert pairs.ids == [r.id for r in rows] and len(set(pairs.ids)) == len(rows) > 250
+    assert list(pairs) == rows and len(pairs) == len(rows)
+    assert pairs[-1] == rows[-1] and pairs[3] is pairs[3]  # a row is made once, then the same object
+    assert list(pairs[10:20:3]) == rows[10:20:3]
+    picked = pairs.take([0, 5, 7]).take([1, 2])
+    assert list(picked) == [rows[5], rows[7]] and picked.ids == [rows[5].id, rows[7].id]
+    with pytest.raises(IndexError):
+        pairs[len(rows)]
+    # written lines: as msgspec writes the rows, a row changed since written from the row
+    pairs[7].chosen[0].content = "changed"
+    rows[7].chosen[0].content = "changed"
+    kept = pairs.take([k for k in range(len(rows)) if k % 4])
+    expected = msgspec.json.Encoder().encode_lines([r for k, r in enumerate(rows) if k % 4])
+    assert b"".join(kept.chunks()) == expected and b"changed" in expected
+
+
+def test_the_corpus_has_pairs_read_as_columns():
+    """tests/corpus/validate holds a file the column path reads (its cases run both ways there)."""
+    from tests.corpus.validate.build import FILES
+
+    assert isinstance(read_pairs("s", FILES / "pref_strings.jsonl", "auto")[0], PairRows)
