@@ -10,6 +10,8 @@ rows, and PII and secret patterns (one pass for all). The suite is handed the na
 reads (`_narrow`): ids as numbers and, per regex on the text, whether it matched, not the text
 itself, which GX would hash whole to fingerprint the batch. A row failing any expectation is
 quarantined with the first failing check as its reason; unreadable lines are quarantined with file:line.
+A preference source of string-form pairs (three strings a row) is held as columns, not as row objects
+(tunegate.pair_columns; the same outputs byte for byte).
 A chat template that refuses a system turn (Gemma's) gets it folded into the first user turn (`_fold_system`);
 a role order it refuses otherwise is quarantined as `template_refused` before the suite (`_renderable`).
 Characters that do not show (bidi overrides, zero-width and control characters) are found in the

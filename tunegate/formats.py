@@ -413,6 +413,7 @@ class Row(msgspec.Struct, gc=False, omit_defaults=True):
 # The usual shape of each format, decoded and type-checked in one C call per line. A line that does
 # not fit (a null, a string where messages were expected, broken JSON) takes the general path below.
 Turns = str | list[Message]
+PROMPT_ROLE, ANSWER_ROLE = "user", "assistant"  # the roles of a prompt and of an answer given as a string
 
 
 Tools = list[dict[str, Any]] | None  # a tools list beside the turns (OpenAI's format): kept on the row, `[]` as none
@@ -467,7 +468,7 @@ def _from_chat(rec: _Chat, name: str, line: int, notes: Counter) -> Row:
 
 
 def _from_prompt_completion(rec: _PromptCompletion, name: str, line: int, notes: Counter) -> Row:
-    messages = _turns(rec.prompt, "user") + _turns(rec.completion, "assistant")
+    messages = _turns(rec.prompt, PROMPT_ROLE) + _turns(rec.completion, ANSWER_ROLE)
     return Row("", name, line, SFT, messages, tools=_extras(rec.tools, notes))
 
 
@@ -485,15 +486,15 @@ def _from_preference(rec: _Preference, name: str, line: int, notes: Counter) -> 
         line,
         PAIR,
         None,
-        [Message("user", prompt)] if type(prompt) is str else prompt,
-        [Message("assistant", chosen)] if type(chosen) is str else chosen,
-        [Message("assistant", rejected)] if type(rejected) is str else rejected,
+        [Message(PROMPT_ROLE, prompt)] if type(prompt) is str else prompt,
+        [Message(ANSWER_ROLE, chosen)] if type(chosen) is str else chosen,
+        [Message(ANSWER_ROLE, rejected)] if type(rejected) is str else rejected,
         _extras(rec.tools, notes),
     )
 
 
 def _from_unpaired(rec: _Unpaired, name: str, line: int, notes: Counter) -> Row:
-    prompt, completion = _turns(rec.prompt, "user"), _turns(rec.completion, "assistant")
+    prompt, completion = _turns(rec.prompt, PROMPT_ROLE), _turns(rec.completion, ANSWER_ROLE)
     tools = _extras(rec.tools, notes)
     return Row("", name, line, LABELLED, prompt=prompt, completion=completion, label=rec.label, tools=tools)
 

@@ -12,9 +12,11 @@ the work done for every row runs on the columns:
 - the written lines: `chunks` joins the same encoded strings in Arrow into the very lines msgspec writes for the
   rows, a row made and changed since (masked, stripped) written from the row.
 
-Outputs are byte for byte those of the rows (tests/test_pair_columns.py compares every output file of the two
-paths over generated corpora, malformed lines and changed rows included); a file with a line of any other shape
-(a conversation, a tools list, a byte order mark) is read as rows. What this saves is measured side by side in
+The joins run in Arrow, which releases the GIL, so they run in a thread beside the stage's own work: the contents'
+JSON while the stage builds the table, every row's line while it runs the suite. Outputs are byte for byte those of
+the rows (tests/stages/test_validate_columns.py compares every output file of the two paths over generated corpora,
+malformed lines and changed rows included); a file with a line of any other shape (a conversation, a tools list, a
+byte order mark) is read as rows. What this saves is measured side by side in
 `python -m benchmarks.validate_cost --source preferences` (docs/performance.md).
 """
 
@@ -32,13 +34,24 @@ from typing import Any
 import msgspec
 
 from tunegate.errors import UserError
-from tunegate.formats import FAST, PAIR, Message, Problem, Row, jsonl_file, number_repeats, other_line
+from tunegate.formats import (
+    ANSWER_ROLE,
+    FAST,
+    PAIR,
+    PROMPT_ROLE,
+    Message,
+    Problem,
+    Row,
+    jsonl_file,
+    number_repeats,
+    other_line,
+)
 from tunegate.readers import source_kind
 from tunegate.rendering import Flat
 from tunegate.runtime import gc_paused
 
-PROMPT_ROLE, ANSWER_ROLE = "user", "assistant"  # the roles formats gives a string prompt and string answers
 FIELDS = ("prompt", "chosen", "rejected")
+_ROLES = (PROMPT_ROLE, ANSWER_ROLE, ANSWER_ROLE)  # of each field's one message
 
 
 class _PairStrings(msgspec.Struct, gc=False):
@@ -111,7 +124,7 @@ class _Columns:
         self.fields = {f: list(map(attrgetter(f), records)) for f in FIELDS}
         self.ids: list[str] | None = None
         self.made: dict[int, Row] = {}
-        self.content = _later(self._content)  # started now: the table is built meanwhile
+        self.content: Callable[[], Any] | None = _later(self._content)  # started now: the table is built meanwhile
         self.written: Callable[[], Any] | None = None  # every row's line, started once the ids are known
 
     def row(self, k: int) -> Row:
@@ -139,15 +152,19 @@ class _Columns:
         return encoded, pc.binary_join_element_wise(*_interleave(pieces, [encoded[f] for f in FIELDS]), _bytes(b""))
 
     def assign_ids(self) -> None:
-        content = self.content()[1]
+        if self.content is None:
+            raise AssertionError("ids are assigned once")
+        encoded, content = self.content()
+        self.content = None  # the contents' JSON is freed once hashed
         view, offsets, sha, prefix = memoryview(_data(content)), _offsets(content), hashlib.sha256, f"{self.name}-"
         self.ids = number_repeats([prefix + sha(view[a:b]).hexdigest()[:12] for a, b in pairwise(offsets.tolist())])
+        del view, content
         for k, row in self.made.items():
             row.id = self.ids[k]
         ids = _json_strings(self.ids)
-        self.written = _later(lambda: self._written(ids))
+        self.written = _later(lambda: self._written(ids, encoded))
 
-    def _written(self, ids: Any) -> Any:
+    def _written(self, ids: Any, encoded: dict[str, Any]) -> Any:
         """Every row's JSON line (with its newline), as msgspec's `encode_lines` writes the row."""
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -159,7 +176,6 @@ class _Columns:
         before, line, after = pieces[1].partition(b'"line":0,')
         pieces[1:2] = [before + line[:-2], line[-1:] + after]
         numbers = pa.array(self.lines).cast(pa.large_string()).cast(pa.large_binary())
-        encoded = self.content()[0]
         return pc.binary_join_element_wise(
             *_interleave(pieces, [ids, numbers, *(encoded[f] for f in FIELDS)]), _bytes(b"")
         )
@@ -211,7 +227,7 @@ def _offsets(array: Any) -> Any:
 
 
 def _data(array: Any) -> Any:
-    return array.buffers()[2]
+    return array.buffers()[2] or b""  # an empty array may have no data buffer
 
 
 def _framing(encoded: bytes, markers: list[str]) -> list[bytes]:
@@ -316,9 +332,6 @@ class PairRows(Sequence[Row]):
                 yield msgspec.json.encode(columns.row(first)) + b"\n"
             else:
                 yield view[offsets[first] : offsets[last + 1]]
-
-
-_ROLES = (PROMPT_ROLE, ANSWER_ROLE, ANSWER_ROLE)
 
 
 def _interleave(pieces: list[bytes], values: list[Any]) -> list[Any]:

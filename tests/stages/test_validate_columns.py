@@ -96,9 +96,11 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
 
 
-def _both(cfg: Validate, path: Path, tokenizer, tmp_path: Path, role: str = "preference") -> tuple[dict, dict]:
+def _both(
+    cfg: Validate, path: Path, tokenizer, tmp_path: Path, role: str = "preference", fmt: str = "auto"
+) -> tuple[dict, dict]:
     """(metrics, outputs) of validate with the pairs as columns, checked equal to those with rows as objects."""
-    sources = {"prefs": Source(path=str(path), role=role)}
+    sources = {"prefs": Source(path=str(path), role=role, format=fmt)}
     got = {}
     for columns in (True, False):
         out = tmp_path / f"out-{columns}"
@@ -150,6 +152,15 @@ def test_pairs_in_a_source_of_another_role_or_format_are_read_as_rows(tmp_path, 
     assert read_pairs("prefs", tmp_path / "missing.jsonl", "auto") is None
     metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path, role="domain")
     assert metrics["sources"]["prefs"]["reasons"].get("wrong_format")
+
+
+def test_a_file_of_no_valid_pair_is_read_alike(tmp_path, tokenizer):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(line + "\n" for line in MALFORMED), encoding="utf-8")
+    assert isinstance(read_pairs("prefs", path, "preference")[0], PairRows)
+    cfg = Validate(max_invalid_share=1.0)
+    metrics, outputs = _both(cfg, path, tokenizer, tmp_path, fmt="preference")
+    assert metrics["sources"]["prefs"]["kept"] == 0 and outputs["prefs.jsonl"] == b""
 
 
 def test_a_template_that_refuses_the_pairs_quarantines_them_alike(tmp_path, tokenizer, monkeypatch):
