@@ -5,8 +5,8 @@ columns (`use_columns=True`, the default) and as one `Row` per line (`use_column
 holds what can make them differ: strings JSON must escape (quotes, backslashes, control characters, U+2028),
 non-ASCII text, characters that do not show (stripped, reported or quarantined), secrets (masked, reported or
 quarantined), placeholders, empty and blank answers, chosen equal to rejected, repeats of the same content (ids
-numbered), rows too long for the token bounds, extra keys, `tools: null`, malformed lines, blank lines, CRLF endings
-and a last line without its newline.
+numbered), rows too long for the token bounds, extra keys, `tools: null`, malformed lines, a line that is not UTF-8,
+a lone surrogate escape, blank lines, CRLF endings and a last line without its newline.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ MALFORMED = [
     '{"prompt": "Where is it?", "chosen": null, "rejected": "No."}',
     "[1, 2, 3]",
     '"just a string"',
+    '{"prompt": "a lone \\ud800 surrogate", "chosen": "Here.", "rejected": "No."}',
 ]
+NOT_UTF8 = b'{"prompt": "caf\xe9 in Latin-1", "chosen": "Here.", "rejected": "No."}'  # quarantined as encoding
 
 
 def write_pairs(path: Path, n: int, seed: int) -> Path:
@@ -87,8 +89,9 @@ def write_pairs(path: Path, n: int, seed: int) -> Path:
             lines.append("")
         else:
             lines.append(json.dumps(_pair(rng), ensure_ascii=rng.random() < 0.5))
-    text = "".join(line + ("\r\n" if rng.random() < 0.1 else "\n") for line in lines)
-    path.write_text(text.rstrip("\r\n"), encoding="utf-8")  # the last line without its newline
+    data = "".join(line + ("\r\n" if rng.random() < 0.1 else "\n") for line in lines).encode()
+    middle = data.index(b"\n", len(data) // 2) + 1
+    path.write_bytes(data[:middle] + NOT_UTF8 + b"\n" + data[middle:].rstrip(b"\r\n"))  # the last line: no newline
     return path
 
 
@@ -123,7 +126,7 @@ def test_pairs_as_columns_write_what_rows_write(pii, invisible, seed, tmp_path, 
     metrics, outputs = _both(cfg, path, tokenizer, tmp_path)
     source = metrics["sources"]["prefs"]
     # the corpus reaches what it is there for: each kind of finding, and repeats
-    assert source["reasons"].get("malformed_json") and source["reasons"].get("length")
+    assert source["reasons"].get("malformed_json") and source["reasons"].get("length") and source["reasons"]["encoding"]
     assert source["reasons"].get("chosen_equals_rejected") and source["reasons"].get("empty_content")
     assert any(source[key] for key in source if key.startswith("pii_"))
     assert any(source[key] for key in source if key.startswith("invisible_"))
@@ -140,7 +143,7 @@ def test_a_line_of_another_shape_sends_the_file_to_the_row_path(tmp_path, tokeni
         "rejected": [{"role": "assistant", "content": "No idea."}],
     }
     for extra in (conversation, {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away.", "tools": []}):
-        path.write_text(path.read_text(encoding="utf-8") + "\n" + json.dumps(extra), encoding="utf-8")
+        path.write_bytes(path.read_bytes() + b"\n" + json.dumps(extra).encode())
         assert read_pairs("prefs", path, "auto") is None
         metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path)
         assert metrics["sources"]["prefs"]["in"] > 190
