@@ -633,6 +633,8 @@ def _kept(rows: list[Row], keep: Any) -> list[Row]:
 
     import numpy as np
 
+    if len(keep) != len(rows):
+        raise AssertionError(f"{len(keep)} marks for {len(rows)} rows")
     if isinstance(rows, PairRows):
         return rows.take(np.flatnonzero(keep))
     return list(compress(rows, keep.tolist()))
@@ -730,7 +732,9 @@ def _refused(name: str, row: Row, reason: str, detail: str) -> dict[str, Any]:
 
 def _trainable_tools(checks: _Checks, name: str, rows: list[Row], extras: bool) -> tuple[list[Row], list[Row], str]:
     """(the rows, less the tool rows when the template cannot render them; those tool rows; why not)."""
-    uses = [uses_tools(r.all_messages(), r.tools) for r in rows] if extras else []
+    if not extras or isinstance(rows, PairRows):  # pairs of strings call no tools
+        return rows, [], ""
+    uses = [uses_tools(r.all_messages(), r.tools) for r in rows]
     if not any(uses):
         return rows, [], ""
     refusal = checks.tool_refusal()

@@ -518,11 +518,11 @@ def _row(record: Any, fmt: str, name: str, line: int, notes: Counter) -> Row:
         if k not in ("kind", "tools", "label")
     }
     row = Row("", name, line, norm["kind"], **parts, tools=norm.get("tools"), label=norm.get("label"))
-    if row.tools is not None or any(type(m) is RichMessage for m in row.all_messages()):
-        notes[NOTE_EXTRAS] += 1
     for m in row.all_messages():
         _check_encodable(m.role)
         _check_encodable(m.content)
+    if row.tools is not None or any(type(m) is RichMessage for m in row.all_messages()):
+        notes[NOTE_EXTRAS] += 1  # a row read (one quarantined for its encoding is not counted)
     return row
 
 

@@ -16,7 +16,7 @@ The joins run in Arrow, which releases the GIL, so they run in a thread beside t
 JSON while the stage builds the table, every row's line while it runs the suite. Outputs are byte for byte those of
 the rows (tests/stages/test_validate_columns.py compares every output file of the two paths over generated corpora,
 malformed lines and changed rows included); a file with a line of any other shape (a conversation, a tools list, a
-byte order mark) is read as rows. What this saves is measured side by side in
+byte order mark in the middle of the file) is read as rows. What this saves is measured side by side in
 `python -m benchmarks.validate_cost --source preferences` (docs/performance.md).
 """
 
@@ -169,9 +169,10 @@ class _Columns:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        turns = ([Message(role, f"\0{f}")] for f, role in zip(FIELDS, _ROLES, strict=True))
-        marker = Row("\0id", self.name, 0, PAIR, None, *turns)
-        pieces = _framing(msgspec.json.encode(marker) + b"\n", ["\0id", *(f"\0{f}" for f in FIELDS)])
+        tag = "\0" * (self.name.count("\0") + 1)  # markers the source's name cannot equal
+        turns = ([Message(role, f"{tag}{f}")] for f, role in zip(FIELDS, _ROLES, strict=True))
+        marker = Row(f"{tag}id", self.name, 0, PAIR, None, *turns)
+        pieces = _framing(msgspec.json.encode(marker) + b"\n", [f"{tag}id", *(f"{tag}{f}" for f in FIELDS)])
         # the line number's place, "line":0 after the source's name (JSON-encoded: it holds no bare quote)
         before, line, after = pieces[1].partition(b'"line":0,')
         pieces[1:2] = [before + line[:-2], line[-1:] + after]
@@ -312,7 +313,8 @@ class PairRows(Sequence[Row]):
 
     def chunks(self) -> Iterator[Any]:
         """The rows as JSON lines, byte for byte what msgspec's `encode_lines` gives for them: runs of every row's
-        line joined in Arrow, and a row made (and maybe changed since, masked or stripped) encoded from the row."""
+        line joined in Arrow, and the rows made (and maybe changed since, masked or stripped) encoded from the rows,
+        `MADE_PER_CHUNK` at a time."""
         import numpy as np
 
         columns = self._columns
@@ -324,14 +326,18 @@ class PairRows(Sequence[Row]):
         offsets, view = _offsets(lines), memoryview(_data(lines))
         positions = np.arange(len(columns.lines)) if self._index is None else self._index
         made = np.isin(positions, np.fromiter(columns.made, np.int64, len(columns.made)))
-        # runs of consecutive positions, none of them made: each one slice of the joined lines
-        breaks = np.flatnonzero((np.diff(positions) != 1) | made[:-1] | made[1:]) + 1
+        # runs of rows alike (all made, or none made and consecutive in the file): a slice, or rows encoded together
+        breaks = np.flatnonzero((made[1:] != made[:-1]) | (~made[1:] & (np.diff(positions) != 1))) + 1
+        encode = msgspec.json.Encoder().encode_lines
         for run in np.split(np.arange(len(positions)), breaks):
-            first, last = int(positions[run[0]]), int(positions[run[-1]])
-            if made[run[0]]:
-                yield msgspec.json.encode(columns.row(first)) + b"\n"
-            else:
-                yield view[offsets[first] : offsets[last + 1]]
+            if not made[run[0]]:
+                yield view[offsets[positions[run[0]]] : offsets[positions[run[-1]] + 1]]
+                continue
+            for at in range(0, len(run), MADE_PER_CHUNK):
+                yield encode([columns.row(k) for k in positions[run[at : at + MADE_PER_CHUNK]].tolist()])
+
+
+MADE_PER_CHUNK = 1024  # rows made, encoded per chunk (as stages.validate encodes a list of rows)
 
 
 def _interleave(pieces: list[bytes], values: list[Any]) -> list[Any]:

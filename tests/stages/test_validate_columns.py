@@ -201,6 +201,40 @@ def test_pair_rows_are_the_rows_the_row_path_reads(tmp_path):
     assert b"".join(kept.chunks()) == expected and b"changed" in expected
 
 
+def test_rows_made_are_written_in_runs_and_any_source_name_frames_the_lines(tmp_path):
+    """Most rows made (a mask on every row, say) are encoded together, not a write per row; a source's name cannot
+    clash with the markers the line framing is found with."""
+    path = write_pairs(tmp_path / "prefs.jsonl", 3000, 9)
+    for name in ("prefs", "\0prompt", "\0id", 'a "quoted"\\name'):
+        pairs = read_pairs(name, path, "auto")[0]
+        rows = load_rows(name, path, ids=False)[0]
+        pairs.assign_ids()
+        assign_ids(name, rows)
+        made = [pairs[k] for k in range(20, 2500)] + [pairs[2600]]
+        chunks = list(pairs.chunks())
+        assert len(chunks) < 10 and made[0] is pairs[20]
+        assert b"".join(chunks) == msgspec.json.Encoder().encode_lines(rows), name
+
+
+def test_a_quarantined_line_with_tools_leaves_the_pairs_as_columns(tmp_path, tokenizer):
+    """A line read and quarantined (here for a lone surrogate) is not counted as a row with tools, and the pairs stay
+    columns: no row is made for the tools check."""
+    path = write_pairs(tmp_path / "prefs.jsonl", 200, 10)
+    bad = {
+        "prompt": "\ud800",
+        "chosen": "c",
+        "rejected": "r",
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }
+    path.write_bytes(path.read_bytes() + b"\n" + json.dumps(bad).encode() + b"\n")
+    pairs, problems, _, notes = read_pairs("prefs", path, "auto")
+    assert problems[-1].reason == "encoding" and "chat_extras" not in notes
+    checks = validate._Checks(Validate(), None, tokenizer, {}, None, None)
+    assert validate._trainable_tools(checks, "prefs", pairs, True)[0] is pairs and not pairs._columns.made
+    metrics, _ = _both(Validate(max_invalid_share=1.0), path, tokenizer, tmp_path)
+    assert "chat_extras" not in metrics["sources"]["prefs"]["read"]
+
+
 def test_the_corpus_has_pairs_read_as_columns():
     """tests/corpus/validate holds a file the column path reads (its cases run both ways there)."""
     from tests.corpus.validate.build import FILES
