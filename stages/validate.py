@@ -277,7 +277,7 @@ def _hidden(frame) -> Any:
     return pc.match_substring_regex(pa.array(frame["text"]), INVISIBLE_RE2).to_numpy(zero_copy_only=False)
 
 
-def _narrow(frame, ids: list[str], flags: dict[str, Any]):
+def _narrow(frame, ids: Any, flags: dict[str, Any]):
     """The table the suite reads: no text and no id strings, which GX would hash whole for its batch
     fingerprint (most of the suite's time). The ids become numbers (equal ids, equal numbers), and each
     regex check on the text the flag `_text_flags` made."""
@@ -287,7 +287,8 @@ def _narrow(frame, ids: list[str], flags: dict[str, Any]):
 
     out = frame.drop(columns=["text"])
     # numbered in order of first appearance, as pandas.factorize numbers them (Arrow's hashing is the quicker)
-    out.insert(0, ID_NUMBER, pc.dictionary_encode(pa.array(ids, pa.large_string())).indices.to_numpy().astype(np.int64))
+    ids = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.large_string())
+    out.insert(0, ID_NUMBER, pc.dictionary_encode(ids).indices.to_numpy().astype(np.int64))
     for column, matched in flags.items():
         out[column] = matched
     return out
@@ -602,7 +603,10 @@ def _derived(
         text = []
 
         def check(column: Any) -> Any:
-            text.append(pool.submit(_text_work, column, checks.cfg))
+            # pairs held as columns join their contents' JSON in a thread of their own: the text checks wait for it,
+            # so that two threads, not three, share the two cores with this one's Python work
+            after = rows.joined if isinstance(rows, PairRows) else None
+            text.append(pool.submit(_text_work, column, checks.cfg, after))
             return column
 
         table = _table(rows, checks.counter, checks.sizes, extras=extras, on_text=check)  # reads no id
@@ -610,8 +614,11 @@ def _derived(
         return table, *text[0].result()
 
 
-def _text_work(text: Any, cfg: Validate) -> tuple[dict[str, Any], Any]:
-    """(`_text_flags`, `_hidden`) of the table's text column, as Arrow hands it to `_table`'s `on_text`."""
+def _text_work(text: Any, cfg: Validate, after: Any = None) -> tuple[dict[str, Any], Any]:
+    """(`_text_flags`, `_hidden`) of the table's text column, as Arrow hands it to `_table`'s `on_text`; once `after`
+    (a call that waits) returns, where given."""
+    if after is not None:
+        after()
     frame = {"text": text.to_pandas()}
     return _text_flags(frame, cfg), _hidden(frame)
 
@@ -623,8 +630,9 @@ def _assign_ids(name: str, rows: list[Row]) -> None:
         assign_ids(name, rows)
 
 
-def _ids(rows: list[Row]) -> list[str]:
-    return rows.ids if isinstance(rows, PairRows) else [r.id for r in rows]
+def _ids(rows: list[Row]) -> Any:
+    """The rows' ids: a list, or an Arrow array for pairs held as columns."""
+    return rows.id_array() if isinstance(rows, PairRows) else [r.id for r in rows]
 
 
 def _kept(rows: list[Row], keep: Any) -> list[Row]:

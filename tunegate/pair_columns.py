@@ -8,7 +8,8 @@ the work done for every row runs on the columns:
 
 - the table's columns: `parts` gives tunegate.rendering its three `Flat`s from the strings themselves;
 - the content ids: `assign_ids` JSON-encodes each field's strings in one msgspec call, joins them in Arrow into
-  the very bytes `formats.assign_ids` hashes for a row, and hashes those;
+  the very bytes `formats.assign_ids` hashes for a row, hashes those, and makes the ids in Arrow from the digests
+  (a Python string per id only where contents repeat and the repeats are numbered);
 - the written lines: `chunks` joins the same encoded strings in Arrow into the very lines msgspec writes for the
   rows, a row made and changed since (masked, stripped) written from the row.
 
@@ -122,16 +123,16 @@ class _Columns:
     def __init__(self, name: str, records: list[_PairStrings], lines: Any):
         self.name, self.lines = name, lines
         self.fields = {f: list(map(attrgetter(f), records)) for f in FIELDS}
-        self.ids: list[str] | None = None
+        self.ids: Any = None  # an Arrow array of the ids (UTF-8 bytes) once assigned
         self.made: dict[int, Row] = {}
-        self.content: Callable[[], Any] | None = _later(self._content)  # started now: the table is built meanwhile
+        self.content: Callable[[], Any] | None = None  # started once the table has its strings (`start`)
         self.written: Callable[[], Any] | None = None  # every row's line, started once the ids are known
 
     def row(self, k: int) -> Row:
         if k not in self.made:
             prompt, chosen, rejected = (self.fields[f][k] for f in FIELDS)
             self.made[k] = Row(
-                self.ids[k] if self.ids is not None else "",
+                self.id_of(k) if self.ids is not None else "",
                 self.name,
                 int(self.lines[k]),
                 PAIR,
@@ -141,6 +142,11 @@ class _Columns:
                 [Message(ANSWER_ROLE, rejected)],
             )
         return self.made[k]
+
+    def start(self) -> None:
+        """Start joining the contents' JSON in a thread, if not yet started."""
+        if self.content is None and self.ids is None:
+            self.content = _later(self._content)
 
     def _content(self) -> tuple[dict[str, Any], Any]:
         """(each field's strings JSON-encoded, each row's content JSON as `formats.assign_ids` hashes it)."""
@@ -152,17 +158,21 @@ class _Columns:
         return encoded, pc.binary_join_element_wise(*_interleave(pieces, [encoded[f] for f in FIELDS]), _bytes(b""))
 
     def assign_ids(self) -> None:
-        if self.content is None:
+        if self.ids is not None:
             raise AssertionError("ids are assigned once")
+        self.start()
         encoded, content = self.content()
         self.content = None  # the contents' JSON is freed once hashed
-        view, offsets, sha, prefix = memoryview(_data(content)), _offsets(content), hashlib.sha256, f"{self.name}-"
-        self.ids = number_repeats([prefix + sha(view[a:b]).hexdigest()[:12] for a, b in pairwise(offsets.tolist())])
+        view, offsets, sha = memoryview(_data(content)), _offsets(content), hashlib.sha256
+        digests = b"".join([sha(view[a:b]).digest() for a, b in pairwise(offsets.tolist())])
         del view, content
+        self.ids, ids = _ids(self.name, digests)
         for k, row in self.made.items():
-            row.id = self.ids[k]
-        ids = _json_strings(self.ids)
+            row.id = self.id_of(k)
         self.written = _later(lambda: self._written(ids, encoded))
+
+    def id_of(self, k: int) -> str:
+        return self.ids[k].as_py().decode()
 
     def _written(self, ids: Any, encoded: dict[str, Any]) -> Any:
         """Every row's JSON line (with its newline), as msgspec's `encode_lines` writes the row."""
@@ -180,6 +190,39 @@ class _Columns:
         return pc.binary_join_element_wise(
             *_interleave(pieces, [ids, numbers, *(encoded[f] for f in FIELDS)]), _bytes(b"")
         )
+
+
+def _ids(name: str, digests: bytes) -> tuple[Any, Any]:
+    """(the ids, their JSON strings), Arrow arrays, from each row's sha256 digest end to end: `<name>-` and the
+    digest's first 6 bytes in hex, as `formats.assign_ids` makes them, with no Python string per row; where some
+    digests repeat, through `formats.number_repeats` (`-2`, `-3`, ...)."""
+    import binascii
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(digests) // 32
+    short = np.frombuffer(digests, np.uint8).reshape(n, 32)[:, :6]
+    keys = np.zeros((n, 8), np.uint8)
+    keys[:, :6] = short
+    ordered = np.sort(keys.view(np.uint64).ravel())  # (np.unique is 40 times slower here)
+    if (ordered[1:] == ordered[:-1]).any():  # repeats of the same content: numbered in Python
+        hexes = binascii.hexlify(short.tobytes()).decode()
+        ids = number_repeats([f"{name}-{hexes[12 * k : 12 * k + 12]}" for k in range(n)])
+        return pa.array(ids, pa.large_string()).cast(pa.large_binary()), _json_strings(ids)
+    hexes = pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(),
+        n,
+        [
+            None,
+            pa.py_buffer(np.arange(0, 12 * n + 1, 12, dtype=np.int64)),
+            pa.py_buffer(binascii.hexlify(short.tobytes())),
+        ],
+    )
+    quoted = msgspec.json.encode(f"{name}-")  # the name as JSON escapes it, quotes included
+    ids = pc.binary_join_element_wise(_bytes(f"{name}-".encode()), hexes, _bytes(b""))
+    return ids, pc.binary_join_element_wise(_bytes(quoted[:-1]), hexes, _bytes(b'"'), _bytes(b""))
 
 
 def _later(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -289,8 +332,11 @@ class PairRows(Sequence[Row]):
         return values if self._index is None else [values[k] for k in self._index.tolist()]
 
     def parts(self) -> list[Flat]:
-        """The prompt, chosen and rejected parts as tunegate.rendering lays them out, from the strings alone."""
-        return [Flat.of_strings(self.strings(f), role) for f, role in zip(FIELDS, _ROLES, strict=True)]
+        """The prompt, chosen and rejected parts as tunegate.rendering lays them out, from the strings alone; the
+        contents' JSON starts joining in a thread once they are made (both take the GIL to read the strings)."""
+        parts = [Flat.of_strings(self.strings(f), role) for f, role in zip(FIELDS, _ROLES, strict=True)]
+        self._columns.start()
+        return parts
 
     def same_answers(self, i: int) -> bool:
         """Whether row i's chosen and rejected are equal, trimmed (the check `chosen_equals_rejected` confirms)."""
@@ -299,10 +345,21 @@ class PairRows(Sequence[Row]):
 
     @property
     def ids(self) -> list[str]:
+        return [id_.decode() for id_ in self.id_array().to_pylist()]
+
+    def id_array(self) -> Any:
+        """The rows' ids, an Arrow array (of UTF-8 bytes)."""
+        import pyarrow as pa
+
         ids = self._columns.ids
         if ids is None:
             raise AssertionError("ids read before assign_ids")
-        return ids if self._index is None else [ids[k] for k in self._index.tolist()]
+        return ids if self._index is None else ids.take(pa.array(self._index))
+
+    def joined(self) -> None:
+        """Wait until the contents' JSON is joined (or the ids assigned): the thread that joins it is then done."""
+        if (content := self._columns.content) is not None:
+            content()
 
     def assign_ids(self) -> None:
         """Every row's id, as `formats.assign_ids` gives it: `<source>-<sha256 of the content's JSON>[:12]`, repeats

@@ -75,13 +75,14 @@ MALFORMED = [
 NOT_UTF8 = b'{"prompt": "caf\xe9 in Latin-1", "chosen": "Here.", "rejected": "No."}'  # quarantined as encoding
 
 
-def write_pairs(path: Path, n: int, seed: int) -> Path:
-    """n lines of generated pairs, with malformed lines, blank lines, repeats and CRLF endings among them."""
+def write_pairs(path: Path, n: int, seed: int, repeats: bool = True) -> Path:
+    """n lines of generated pairs, with malformed lines, blank lines, repeats (unless not) and CRLF endings among
+    them."""
     rng = random.Random(seed)
     lines: list[str] = []
     for _ in range(n):
         roll = rng.random()
-        if roll < 0.05 and lines:
+        if roll < 0.05 and lines and repeats:
             lines.append(rng.choice(lines))  # a repeat of an earlier line: its id gets -2, -3, ...
         elif roll < 0.09:
             lines.append(rng.choice(MALFORMED))
@@ -120,7 +121,7 @@ def _both(
     [("mask", "strip", 1), ("report", "report", 2), ("quarantine", "quarantine", 3), ("mask", "report", 4)],
 )
 def test_pairs_as_columns_write_what_rows_write(pii, invisible, seed, tmp_path, tokenizer):
-    path = write_pairs(tmp_path / "prefs.jsonl", 900, seed)
+    path = write_pairs(tmp_path / "prefs.jsonl", 900, seed, repeats=seed != 4)  # ids without repeats, or with
     assert isinstance(read_pairs("prefs", path, "auto")[0], PairRows)  # the column path is the one taken
     cfg = Validate(pii=pii, invisible=invisible, max_invalid_share=1.0, max_tokens=300)
     metrics, outputs = _both(cfg, path, tokenizer, tmp_path)
@@ -130,7 +131,7 @@ def test_pairs_as_columns_write_what_rows_write(pii, invisible, seed, tmp_path, 
     assert source["reasons"].get("chosen_equals_rejected") and source["reasons"].get("empty_content")
     assert any(source[key] for key in source if key.startswith("pii_"))
     assert any(source[key] for key in source if key.startswith("invisible_"))
-    assert b'-2"' in outputs["prefs.jsonl"] + outputs["quarantine.jsonl"]
+    assert (b'-2"' in outputs["prefs.jsonl"] + outputs["quarantine.jsonl"]) == (seed != 4)
     assert source["in"] == source["kept"] + source["quarantined"]
 
 
@@ -177,9 +178,10 @@ def test_a_template_that_refuses_the_pairs_quarantines_them_alike(tmp_path, toke
     assert metrics["sources"]["prefs"]["reasons"]["template_refused"] and not metrics["sources"]["prefs"]["kept"]
 
 
-def test_pair_rows_are_the_rows_the_row_path_reads(tmp_path):
+@pytest.mark.parametrize("repeats", [True, False])
+def test_pair_rows_are_the_rows_the_row_path_reads(tmp_path, repeats):
     """As a sequence, PairRows holds the very rows (ids included) `load_rows` gives for the file."""
-    path = write_pairs(tmp_path / "prefs.jsonl", 300, 8)
+    path = write_pairs(tmp_path / "prefs.jsonl", 300, 8, repeats)
     pairs, problems, fmt, notes = read_pairs("prefs", path, "auto")
     rows, row_problems, row_fmt, row_notes = load_rows("prefs", path, ids=False)
     assert (problems, fmt, notes) == (row_problems, row_fmt, row_notes)
@@ -204,7 +206,7 @@ def test_pair_rows_are_the_rows_the_row_path_reads(tmp_path):
 def test_rows_made_are_written_in_runs_and_any_source_name_frames_the_lines(tmp_path):
     """Most rows made (a mask on every row, say) are encoded together, not a write per row; a source's name cannot
     clash with the markers the line framing is found with."""
-    path = write_pairs(tmp_path / "prefs.jsonl", 3000, 9)
+    path = write_pairs(tmp_path / "prefs.jsonl", 3000, 9, repeats=False)  # ids made in Arrow, names escaped
     for name in ("prefs", "\0prompt", "\0id", 'a "quoted"\\name'):
         pairs = read_pairs(name, path, "auto")[0]
         rows = load_rows(name, path, ids=False)[0]
