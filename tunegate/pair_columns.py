@@ -24,9 +24,9 @@ byte order mark in the middle of the file) is read as rows. What this saves is m
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from operator import attrgetter
 from pathlib import Path
@@ -38,9 +38,7 @@ from tunegate.errors import UserError
 from tunegate.formats import (
     ANSWER_ROLE,
     FAST,
-    PAIR,
     PROMPT_ROLE,
-    Message,
     Problem,
     Row,
     jsonl_file,
@@ -130,17 +128,9 @@ class _Columns:
 
     def row(self, k: int) -> Row:
         if k not in self.made:
-            prompt, chosen, rejected = (self.fields[f][k] for f in FIELDS)
-            self.made[k] = Row(
-                self.id_of(k) if self.ids is not None else "",
-                self.name,
-                int(self.lines[k]),
-                PAIR,
-                None,
-                [Message(PROMPT_ROLE, prompt)],
-                [Message(ANSWER_ROLE, chosen)],
-                [Message(ANSWER_ROLE, rejected)],
-            )
+            row = _pair_row(self.name, int(self.lines[k]), *(self.fields[f][k] for f in FIELDS))
+            row.id = self.id_of(k) if self.ids is not None else ""
+            self.made[k] = row
         return self.made[k]
 
     def start(self) -> None:
@@ -153,8 +143,8 @@ class _Columns:
         import pyarrow.compute as pc
 
         encoded = {f: _json_strings(self.fields[f]) for f in FIELDS}
-        turns = tuple([Message(role, f"\0{f}")] for f, role in zip(FIELDS, _ROLES, strict=True))
-        pieces = _framing(msgspec.json.encode(turns), [f"\0{f}" for f in FIELDS])
+        marker = _pair_row(self.name, 0, *(f"\0{f}" for f in FIELDS))
+        pieces = _framing(msgspec.json.encode(tuple(getattr(marker, f) for f in FIELDS)), [f"\0{f}" for f in FIELDS])
         return encoded, pc.binary_join_element_wise(*_interleave(pieces, [encoded[f] for f in FIELDS]), _bytes(b""))
 
     def assign_ids(self) -> None:
@@ -180,8 +170,8 @@ class _Columns:
         import pyarrow.compute as pc
 
         tag = "\0" * (self.name.count("\0") + 1)  # markers the source's name cannot equal
-        turns = ([Message(role, f"{tag}{f}")] for f, role in zip(FIELDS, _ROLES, strict=True))
-        marker = Row(f"{tag}id", self.name, 0, PAIR, None, *turns)
+        marker = _pair_row(self.name, 0, *(f"{tag}{f}" for f in FIELDS))
+        marker.id = f"{tag}id"
         pieces = _framing(msgspec.json.encode(marker) + b"\n", [f"{tag}id", *(f"{tag}{f}" for f in FIELDS)])
         # the line number's place, "line":0 after the source's name (JSON-encoded: it holds no bare quote)
         before, line, after = pieces[1].partition(b'"line":0,')
@@ -225,26 +215,18 @@ def _ids(name: str, digests: bytes) -> tuple[Any, Any]:
     return ids, pc.binary_join_element_wise(_bytes(quoted[:-1]), hexes, _bytes(b'"'), _bytes(b""))
 
 
+def _pair_row(name: str, line: int, prompt: str, chosen: str, rejected: str) -> Row:
+    """The row the usual preference shape makes of a pair of strings (formats.FAST), id not yet assigned."""
+    shape, make = FAST["preference"]
+    return make(shape(prompt, chosen, rejected), name, line, Counter())
+
+
 def _later(fn: Callable[[], Any]) -> Callable[[], Any]:
     """fn started in a thread now; the returned call waits for its result (and raises its error)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as err:  # handed to the caller, who sees it where it waits
-            box["error"] = err
-
-    thread = threading.Thread(target=run, name="pair-columns", daemon=True)
-    thread.start()
-
-    def result() -> Any:
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    return result
+    pool = ThreadPoolExecutor(1, thread_name_prefix="pair-columns")
+    future = pool.submit(fn)
+    pool.shutdown(wait=False)  # the thread ends once fn returns
+    return future.result
 
 
 def _json_strings(values: list[str]) -> Any:
